@@ -5,6 +5,7 @@ vocabulary of DifferentialEquations.jl / SciMLSensitivity.jl, and the implicit
 layers of DeepEquilibriumNetworks.jl.
 """
 
+from . import core, data, diffeq, interop, nn, nonlinear, training
 from .core import (
     AbstractContainerLayer,
     AbstractLayer,
@@ -18,6 +19,47 @@ from .core import (
     testmode,
     trainmode,
     tree_map,
+)
+from .diffeq import (
+    BS3,
+    DP5,
+    RK4,
+    VCAB3,
+    AbstractSensitivityAlgorithm,
+    ButcherTableau,
+    DtLessThanMinError,
+    Euler,
+    ExplicitRungeKutta,
+    Heun,
+    IController,
+    MaxItersError,
+    Midpoint,
+    ODEProblem,
+    PIController,
+    ReturnCode,
+    SemiNorm,
+    Solution,
+    SolverError,
+    SolverStats,
+    TerminateSteadyState,
+    TerminateWhen,
+    Tsit5,
+    UnstableError,
+    rms_norm,
+    solve,
+)
+from .nonlinear import (
+    Anderson,
+    Broyden,
+    ConvergenceWarning,
+    FixedPointIteration,
+    LimitedMemoryBroyden,
+    NewtonKrylov,
+    NonlinearReturnCode,
+    NonlinearSolution,
+    NonlinearSolveError,
+    gmres,
+    nlsolve,
 )
 
 __version__ = "0.1.0"

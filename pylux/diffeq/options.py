@@ -1,0 +1,291 @@
+"""``SolveOptions``: the validated, canonical form of ``solve()``'s keyword arguments.
+
+Every keyword is checked once, here, and converted to one canonical form
+(host floats for times, a tuple for ``saveat`` in the direction of
+integration, a controller object, a norm callable, a tuple of callbacks), so
+the loop never re-validates. The sensitivity algorithms receive a
+``SolveOptions`` from :func:`~pylux.diffeq.solve` and may derive new ones with
+:func:`dataclasses.replace` (e.g. a seminorm for the adjoint's augmented state)
+or build them with :func:`make_options` for a different span.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .callbacks import AbstractTerminationCallback
+from .controllers import AbstractController, IController
+from .norms import rms_norm
+from .solvers import AbstractAdaptiveSolver, AbstractSolver
+
+__all__ = ["SolveOptions", "make_options", "SOLVE_KEYWORDS", "check_keywords"]
+
+SOLVE_KEYWORDS = (
+    "dt", "adaptive", "saveat", "save_everystep", "save_start", "save_end", "dense", "reltol",
+    "abstol", "controller", "norm", "dtmin", "dtmax", "maxiters", "callback", "save_stats", "throw",
+    "sensealg",
+)
+
+
+def check_keywords(unknown: dict, where: str, known: Sequence[str] = SOLVE_KEYWORDS) -> None:
+    """Raise ``TypeError`` naming every unknown keyword (with the closest known name)."""
+    if not unknown:
+        return
+    parts = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1)
+        parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise TypeError(f"{where}() got unknown keyword argument(s): {', '.join(parts)}. "
+                    f"Known keywords: {', '.join(known)}")
+
+
+@dataclass(frozen=True)
+class SolveOptions:
+    """Canonical solve options (see :func:`pylux.diffeq.solve` for the meaning of each field).
+
+    ``dt`` is a magnitude (the initial step when ``adaptive``, the fixed step
+    otherwise, ``None`` to choose it automatically); ``saveat`` is ``None`` or a
+    tuple of host floats strictly monotone in the direction of integration,
+    inside ``tspan``; ``abstol`` is a float or a tensor broadcastable to the
+    state; ``callbacks`` a tuple of termination callbacks.
+    """
+
+    adaptive: bool
+    dt: float | None
+    saveat: tuple[float, ...] | None
+    save_everystep: bool
+    save_start: bool
+    save_end: bool
+    dense: bool
+    reltol: float
+    abstol: Any
+    controller: AbstractController | None
+    norm: Callable[[torch.Tensor], torch.Tensor]
+    dtmin: float
+    dtmax: float
+    maxiters: int
+    callbacks: tuple[AbstractTerminationCallback, ...]
+    save_stats: bool
+    throw: bool
+    time_dtype: torch.dtype = torch.float64
+
+    def replace(self, **changes) -> "SolveOptions":
+        """``dataclasses.replace`` with unknown field names rejected by name."""
+        fields = {f.name for f in dataclasses.fields(self)}
+        check_keywords({k: v for k, v in changes.items() if k not in fields}, "SolveOptions.replace",
+                       tuple(sorted(fields)))
+        return dataclasses.replace(self, **changes)
+
+
+def _positive_float(name: str, value, *, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = float(value.detach().cpu())
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"solve: {name} must be a positive number, got {type(value).__name__}")
+    value = float(value)
+    if not (value > 0) or not math.isfinite(value):
+        raise ValueError(f"solve: {name} must be finite and > 0, got {value!r}")
+    return value
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+def _check_tolerances(reltol, abstol, u0: torch.Tensor):
+    if isinstance(reltol, torch.Tensor):
+        if reltol.numel() != 1:
+            raise ValueError("solve: reltol must be a scalar (use a tensor abstol for per-component "
+                             "absolute tolerances)")
+        reltol = float(reltol.detach().cpu())
+    if isinstance(reltol, bool) or not isinstance(reltol, (int, float)):
+        raise TypeError(f"solve: reltol must be a positive number, got {type(reltol).__name__}")
+    reltol = float(reltol)
+    if not (reltol > 0 and math.isfinite(reltol)):
+        raise ValueError(f"solve: reltol must be finite and > 0, got {reltol!r}; "
+                         "a relative tolerance of 0 asks for exact arithmetic")
+    floor = 4 * _eps(u0.dtype)
+    if reltol < floor:
+        warnings.warn(f"solve: reltol={reltol:g} is below what {u0.dtype} arithmetic can resolve; "
+                      f"using reltol={floor:g} (4 machine epsilons). Use float64 for tighter "
+                      "tolerances.", RuntimeWarning, stacklevel=4)
+        reltol = floor
+    if isinstance(abstol, torch.Tensor):
+        if not abstol.dtype.is_floating_point:
+            raise TypeError(f"solve: abstol tensor must be floating point, got {abstol.dtype}")
+        if abstol.device != u0.device:
+            raise ValueError(f"solve: abstol is on {abstol.device} but u0 is on {u0.device}")
+        try:
+            fits = torch.broadcast_shapes(abstol.shape, u0.shape) == u0.shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"solve: abstol of shape {tuple(abstol.shape)} does not broadcast to u0 "
+                             f"of shape {tuple(u0.shape)}; give one tolerance per entry of u0, or a "
+                             "shape that broadcasts to it")
+        if abstol.numel() and not bool((abstol > 0).all() & torch.isfinite(abstol).all()):
+            raise ValueError("solve: every entry of abstol must be finite and > 0")
+        abstol = abstol.detach().to(u0.dtype)
+    else:
+        if isinstance(abstol, bool) or not isinstance(abstol, (int, float)):
+            raise TypeError(f"solve: abstol must be a positive number or tensor, got {type(abstol).__name__}")
+        abstol = float(abstol)
+        if not (abstol > 0 and math.isfinite(abstol)):
+            raise ValueError(f"solve: abstol must be finite and > 0, got {abstol!r}")
+    return reltol, abstol
+
+
+def _round_time(value: float, time_dtype: torch.dtype) -> float:
+    if time_dtype == torch.float32:
+        import numpy as np
+        return float(np.float32(value))
+    return value
+
+
+def _normalize_saveat(saveat, t0: float, t1: float, time_dtype: torch.dtype) -> tuple[float, ...]:
+    direction = 1.0 if t1 >= t0 else -1.0
+    if isinstance(saveat, torch.Tensor):
+        if saveat.dim() == 0:
+            saveat = float(saveat)
+        elif saveat.dim() == 1:
+            saveat = [float(x) for x in saveat.detach().cpu().tolist()]
+        else:
+            raise ValueError(f"solve: saveat must be 1-D, got shape {tuple(saveat.shape)}")
+    if isinstance(saveat, (int, float)) and not isinstance(saveat, bool):
+        spacing = float(saveat)
+        if not (spacing > 0 and math.isfinite(spacing)):
+            raise ValueError(f"solve: a scalar saveat is the spacing between saved times and must be "
+                             f"finite and > 0, got {spacing!r}")
+        span = abs(t1 - t0)
+        n = int(math.floor(span / spacing * (1 + 1e-12)))
+        times = [t0 + direction * i * spacing for i in range(n + 1)]
+        if abs(times[-1] - t1) > 1e-12 * max(1.0, abs(t1)):
+            times.append(t1)
+        else:
+            times[-1] = t1
+        return tuple(_round_time(x, time_dtype) for x in times)
+    try:
+        times = [float(x) for x in saveat]
+    except (TypeError, ValueError):
+        raise TypeError(f"solve: saveat must be a sequence or 1-D tensor of times (or a spacing), got "
+                        f"{type(saveat).__name__}") from None
+    lo, hi = min(t0, t1), max(t0, t1)
+    for i, x in enumerate(times):
+        if not math.isfinite(x):
+            raise ValueError(f"solve: saveat[{i}] = {x!r} is not finite")
+        if not (lo <= x <= hi):
+            raise ValueError(f"solve: saveat[{i}] = {x!r} is outside tspan = ({t0!r}, {t1!r}); "
+                             "every saved time must lie in tspan")
+    for i in range(1, len(times)):
+        step = direction * (times[i] - times[i - 1])
+        if step == 0:
+            raise ValueError(f"solve: saveat has a duplicated time {times[i]!r} at positions {i - 1} "
+                             f"and {i}; give each time once")
+        if step < 0:
+            order = "increasing" if direction > 0 else "decreasing (tspan runs backward)"
+            raise ValueError(f"solve: saveat must be strictly {order}, but saveat[{i - 1}] = "
+                             f"{times[i - 1]!r} and saveat[{i}] = {times[i]!r}; pass the times in the "
+                             "direction of integration (they are never sorted silently)")
+    return tuple(_round_time(x, time_dtype) for x in times)
+
+
+def make_options(solver: AbstractSolver, u0: torch.Tensor, t0: float, t1: float, *,
+                 time_dtype: torch.dtype = torch.float64, dt=None, adaptive=None, saveat=None,
+                 save_everystep=None, save_start=None, save_end=None, dense=None, reltol=1e-3,
+                 abstol=1e-6, controller=None, norm=None, dtmin=None, dtmax=None,
+                 maxiters=100_000, callback=None, save_stats=False, throw=True) -> SolveOptions:
+    """Validate ``solve()``'s keywords and return the canonical :class:`SolveOptions`.
+
+    Raises ``TypeError`` / ``ValueError`` with a message naming the keyword,
+    the value and what to pass instead.
+    """
+    if not isinstance(solver, AbstractSolver):
+        raise TypeError(f"solve: solver must be a pylux solver such as Tsit5(), got "
+                        f"{type(solver).__name__}" + (" (a class; instantiate it: Tsit5())"
+                                                      if isinstance(solver, type) else ""))
+    is_adaptive_solver = isinstance(solver, AbstractAdaptiveSolver)
+    if adaptive is None and not is_adaptive_solver and dt is None:
+        name = type(solver).__name__
+        raise ValueError(f"solve: {name}() has no embedded error estimate, so it steps with a fixed "
+                         f"dt; pass dt=... (e.g. solve(prob, {name}(), dt=0.01)) or use an adaptive "
+                         "solver such as Tsit5()")
+    if adaptive is None:
+        adaptive = is_adaptive_solver
+    elif not isinstance(adaptive, bool):
+        raise TypeError(f"solve: adaptive must be True, False or None, got {adaptive!r}")
+    if adaptive and not is_adaptive_solver:
+        raise ValueError(f"solve: {type(solver).__name__}() has no embedded error estimate, so it "
+                         "cannot step adaptively; pass adaptive=False with a dt, or use an adaptive "
+                         "solver such as Tsit5(), DP5() or BS3()")
+    dt = _positive_float("dt", dt, allow_none=True)
+    if not adaptive and dt is None:
+        raise ValueError(f"solve: adaptive=False needs a step size; pass dt=... (e.g. "
+                         f"solve(prob, {type(solver).__name__}(), dt=0.01, adaptive=False))")
+    reltol, abstol = _check_tolerances(reltol, abstol, u0)
+
+    if saveat is not None:
+        saveat = _normalize_saveat(saveat, t0, t1, time_dtype)
+    for name, value in (("save_everystep", save_everystep), ("save_start", save_start),
+                        ("save_end", save_end), ("dense", dense), ("save_stats", save_stats),
+                        ("throw", throw)):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"solve: {name} must be True or False, got {value!r}")
+    if save_everystep is None:
+        save_everystep = saveat is None
+    if save_everystep and saveat is not None:
+        raise ValueError("solve: save_everystep=True and saveat are exclusive; pass one of them")
+    if save_start is None:
+        save_start = saveat is None or t0 in saveat
+    if save_end is None:
+        save_end = saveat is None or t1 in saveat
+    if dense is None:
+        dense = saveat is None and save_everystep
+
+    if controller is None:
+        controller = solver.default_controller() if adaptive else None
+    elif not isinstance(controller, AbstractController):
+        raise TypeError(f"solve: controller must be a PIController or IController, got "
+                        f"{type(controller).__name__}")
+    if isinstance(controller, IController) and controller.error_order is None:
+        controller = dataclasses.replace(controller, error_order=solver.error_order or solver.order)
+    if norm is None:
+        norm = rms_norm
+    elif not callable(norm):
+        raise TypeError(f"solve: norm must be callable as norm(x) -> 0-d tensor (e.g. SemiNorm(mask)), "
+                        f"got {type(norm).__name__}")
+    span = abs(t1 - t0)
+    dtmax = _positive_float("dtmax", dtmax, allow_none=True)
+    if dtmax is None:
+        dtmax = span if span > 0 else math.inf
+    dtmin = _positive_float("dtmin", dtmin, allow_none=True)
+    if dtmin is None:
+        # a few ulps of the largest time: below this, t + dt cannot be told from t
+        dtmin = 4 * _eps(time_dtype) * max(abs(t0), abs(t1)) if span > 0 else 0.0
+    elif dtmin > dtmax:
+        raise ValueError(f"solve: dtmin = {dtmin!r} exceeds dtmax = {dtmax!r}")
+    if isinstance(maxiters, bool) or not isinstance(maxiters, int) or maxiters < 1:
+        raise ValueError(f"solve: maxiters must be a positive int, got {maxiters!r}")
+    if callback is None:
+        callbacks: tuple = ()
+    elif isinstance(callback, AbstractTerminationCallback):
+        callbacks = (callback,)
+    elif isinstance(callback, (list, tuple)) and all(
+            isinstance(cb, AbstractTerminationCallback) for cb in callback):
+        callbacks = tuple(callback)
+    else:
+        raise TypeError("solve: callback must be a termination callback (TerminateSteadyState, "
+                        f"TerminateWhen, ...) or a list of them, got {type(callback).__name__}")
+    return SolveOptions(
+        adaptive=adaptive, dt=dt, saveat=saveat, save_everystep=save_everystep,
+        save_start=save_start, save_end=save_end, dense=dense, reltol=reltol, abstol=abstol,
+        controller=controller, norm=norm, dtmin=dtmin, dtmax=dtmax, maxiters=maxiters,
+        callbacks=callbacks, save_stats=save_stats, throw=throw, time_dtype=time_dtype)

@@ -1,0 +1,126 @@
+"""``ODEProblem``: the initial value problem ``du/dt = f(u, p, t)``, ``u(t0) = u0``.
+
+The problem validates its inputs when it is built, so a bad ``u0`` or
+``tspan`` fails before any work with a message that says what to pass instead.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["ODEProblem"]
+
+
+def _time_value(x, which: str) -> tuple[float, torch.dtype | None]:
+    """A tspan end as a host float, and its dtype when it was a tensor."""
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"ODEProblem: tspan {which} end must be a scalar, got a tensor of shape "
+                             f"{tuple(x.shape)}")
+        if not x.dtype.is_floating_point and x.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"ODEProblem: tspan {which} end has dtype {x.dtype}; pass a real number")
+        if x.requires_grad:
+            raise ValueError(
+                "ODEProblem: tspan requires grad, but gradients with respect to the integration "
+                "interval are not supported; pass tspan detached (e.g. (float(t0), float(t1)))")
+        dtype = x.dtype if x.dtype.is_floating_point else None
+        return float(x.detach().cpu()), dtype
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        try:
+            import numpy as np
+            if isinstance(x, np.generic) and np.issubdtype(type(x), np.number):
+                dtype = torch.float32 if isinstance(x, np.float32) else None
+                return float(x), dtype
+        except ImportError:  # numpy is a dependency; guard only against odd installs
+            pass
+        raise TypeError(f"ODEProblem: tspan {which} end must be a real number, got {type(x).__name__}")
+    return float(x), None
+
+
+def check_state(u0: Any, where: str = "ODEProblem") -> torch.Tensor:
+    """Validate an initial state: a finite, real floating-point tensor."""
+    if not isinstance(u0, torch.Tensor):
+        raise TypeError(f"{where}: u0 must be a torch.Tensor, got {type(u0).__name__}; "
+                        "wrap it with torch.as_tensor(u0, dtype=torch.float32)")
+    if u0.is_complex():
+        raise TypeError(f"{where}: u0 is complex ({u0.dtype}); complex states are not supported. "
+                        "Split it into real and imaginary parts, e.g. torch.view_as_real(u0)")
+    if not u0.dtype.is_floating_point:
+        raise TypeError(f"{where}: u0 has dtype {u0.dtype}; pass a floating-point tensor, "
+                        f"e.g. u0.to(torch.float32) or u0.to(torch.float64)")
+    if u0.numel() and not bool(torch.isfinite(u0).all()):
+        bad = (~torch.isfinite(u0)).nonzero()[0].tolist()
+        raise ValueError(f"{where}: u0 contains NaN or Inf (first at index {tuple(bad)}); "
+                         "the initial state must be finite")
+    return u0
+
+
+class ODEProblem:
+    """The ODE initial value problem ``du/dt = f(u, p, t)`` on ``tspan = (t0, t1)``.
+
+    Args:
+        f: the vector field, out of place, Julia's argument order:
+            ``f(u, p, t) -> du`` with ``du`` of ``u``'s shape, dtype and device.
+            ``t`` is passed as a 0-d tensor of the state's dtype and device.
+        u0: the initial state, a real floating-point tensor of any shape; a batch
+            is part of the state (``(B, D)``, ``(B, C, H, W)``, …).
+        tspan: ``(t0, t1)``, numbers or scalar tensors; ``t1 < t0`` integrates
+            backward in time. Time is kept in its own dtype: float64, or float32
+            when both ends are float32 tensors (then each time point is rounded
+            to float32, and a step too small to change t is an error).
+        p: parameters, any tree; passed to ``f`` untouched.
+
+    Raises:
+        TypeError: ``f`` not callable; ``u0`` not a tensor, integer or complex.
+        ValueError: ``u0`` with NaN/Inf; ``tspan`` not a pair or with a
+            non-finite end, or requiring grad.
+    """
+
+    __slots__ = ("f", "u0", "tspan", "p", "time_dtype")
+
+    def __init__(self, f: Callable, u0: torch.Tensor, tspan, p: Any = None) -> None:
+        if not callable(f):
+            raise TypeError(f"ODEProblem: f must be callable as f(u, p, t), got {type(f).__name__}")
+        u0 = check_state(u0)
+        if isinstance(tspan, torch.Tensor):
+            if tspan.shape != (2,):
+                raise ValueError(f"ODEProblem: tspan must be a pair (t0, t1), got a tensor of shape "
+                                 f"{tuple(tspan.shape)}")
+            tspan = (tspan[0], tspan[1])
+        try:
+            ends = tuple(tspan)
+        except TypeError:
+            raise TypeError(f"ODEProblem: tspan must be a pair (t0, t1), got {type(tspan).__name__}") from None
+        if len(ends) != 2:
+            raise ValueError(f"ODEProblem: tspan must be a pair (t0, t1), got {len(ends)} values")
+        (t0, dtype0), (t1, dtype1) = _time_value(ends[0], "start"), _time_value(ends[1], "end")
+        for value, which in ((t0, "start"), (t1, "end")):
+            if not math.isfinite(value):
+                raise ValueError(f"ODEProblem: tspan {which} is {value!r}; both ends must be finite")
+        time_dtype = torch.float32 if (dtype0 == torch.float32 and dtype1 in (torch.float32, None)) or (
+            dtype1 == torch.float32 and dtype0 is None) else torch.float64
+        if time_dtype == torch.float32:
+            import numpy as np
+            t0, t1 = float(np.float32(t0)), float(np.float32(t1))
+        self.f = f
+        self.u0 = u0
+        self.tspan = (t0, t1)
+        self.p = p
+        self.time_dtype = time_dtype
+
+    def remake(self, *, f: Callable | None = None, u0: torch.Tensor | None = None, tspan=None,
+               p: Any = ...) -> "ODEProblem":
+        """A copy with some fields replaced (validated again), as ``remake`` in SciMLBase."""
+        if tspan is None:
+            tspan = self.tspan if self.time_dtype == torch.float64 else tuple(
+                torch.tensor(t, dtype=torch.float32) for t in self.tspan)
+        return ODEProblem(self.f if f is None else f, self.u0 if u0 is None else u0, tspan,
+                          self.p if p is ... else p)
+
+    def __repr__(self) -> str:
+        return (f"ODEProblem(f={getattr(self.f, '__name__', type(self.f).__name__)}, "
+                f"u0: {tuple(self.u0.shape)} {str(self.u0.dtype).replace('torch.', '')}, "
+                f"tspan={self.tspan})")

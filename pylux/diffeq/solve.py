@@ -1,0 +1,114 @@
+"""``solve(prob, solver, ...)``: the user entry point, and the sensitivity-algorithm hook.
+
+``solve`` validates every input once (:func:`~pylux.diffeq.options.make_options`),
+then either runs the loop directly — gradients flow by backpropagation through
+every step ("discretise-then-optimise", the ``sensealg=None`` default) — or
+hands the problem to a sensitivity algorithm's ``solve_with``.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+from .options import SOLVE_KEYWORDS, SolveOptions, check_keywords, make_options
+from .integrate import integrate
+from .problem import ODEProblem
+from .solution import Solution
+from .solvers import AbstractSolver, Tsit5
+
+__all__ = ["solve", "AbstractSensitivityAlgorithm"]
+
+
+class AbstractSensitivityAlgorithm(abc.ABC):
+    """How gradients flow through :func:`solve`; subclasses live in ``pylux.sensitivity``.
+
+    ``solve(prob, solver, sensealg=alg, ...)`` validates its inputs and then
+    returns ``alg.solve_with(prob, solver, options)``, where ``options`` is the
+    canonical :class:`~pylux.diffeq.options.SolveOptions`. An implementation
+    typically runs :func:`~pylux.diffeq.integrate.integrate` forward (often
+    under ``torch.no_grad()``) inside a ``torch.autograd.Function`` whose
+    backward solves an adjoint problem with ``integrate`` again.
+    """
+
+    @abc.abstractmethod
+    def solve_with(self, problem: ODEProblem, solver: AbstractSolver, options: SolveOptions) -> Solution:
+        """Solve ``problem`` with ``solver`` and ``options``, arranging gradients this algorithm's way."""
+
+
+def solve(prob: ODEProblem, solver: AbstractSolver | None = None, *, dt=None, adaptive=None,
+          saveat=None, save_everystep=None, save_start=None, save_end=None, dense=None,
+          reltol=1e-3, abstol=1e-6, controller=None, norm=None, dtmin=None, dtmax=None,
+          maxiters=100_000, callback=None, save_stats=False, throw=True, sensealg=None,
+          **unknown: Any) -> Solution:
+    """Solve an :class:`ODEProblem`; names and defaults follow DifferentialEquations.jl.
+
+    Args:
+        prob: the problem ``du/dt = f(u, p, t)``, ``u(t0) = u0``.
+        solver: ``Tsit5()`` (default), ``DP5()``, ``BS3()``, ``VCAB3()``,
+            ``Heun()``, ``Midpoint()`` (adaptive) or ``Euler()``, ``RK4()``
+            (fixed step only).
+        dt: step size (a positive magnitude; the direction comes from tspan).
+            Initial step when adaptive (default: Hairer's heuristic), the fixed
+            step otherwise; a ``dt`` that does not divide the span shortens the
+            last step so the solve ends exactly at ``t1``.
+        adaptive: ``None`` = adaptive iff the solver has an error estimate.
+        saveat: times to save (sequence or 1-D tensor, strictly monotone in the
+            direction of integration, inside tspan; never sorted silently), or a
+            number = spacing. Values between steps come from the dense output.
+        save_everystep: save every accepted step (default: iff ``saveat`` is None).
+        save_start, save_end: store ``t0`` / the final time. Default, as in
+            DifferentialEquations.jl: True without ``saveat``; with ``saveat``,
+            True iff ``t0`` / ``t1`` is one of the saveat times.
+        dense: keep every step's interpolant so ``sol(t)`` works (default: iff
+            saving every step without ``saveat``). Costs the stages' memory.
+        reltol, abstol: tolerances of the scaled error
+            ``err / (abstol + reltol * max(|u|, |u_new|))`` (abstol may be a tensor
+            broadcastable to ``u0``). Both must be > 0; a reltol below 4 machine
+            epsilons of the state dtype is raised to that with a warning.
+        controller: ``PIController(...)`` / ``IController(...)``; default: the
+            solver's (OrdinaryDiffEq.jl's PI defaults for its order).
+        norm: ``norm(x) -> 0-d tensor`` of the scaled error; default RMS;
+            ``SemiNorm(mask)`` to control only some entries.
+        dtmin: the solve fails (DtLessThanMin) when the step must shrink below
+            it; default: 4 ulps of max(|t0|, |t1|).
+        dtmax: largest step (default ``|t1 - t0|``).
+        maxiters: most trial steps (accepted + rejected) before MaxIters.
+        callback: a termination callback (``TerminateSteadyState``,
+            ``TerminateWhen``) or a list of them.
+        save_stats: record per-step ``t``, ``dt``, error estimate and stiffness
+            estimate in ``sol.stats`` (see :class:`SolverStats`).
+        throw: on failure raise the return code's :class:`SolverError` (default)
+            or, with ``False``, return the partial solution with ``sol.retcode``.
+        sensealg: an :class:`AbstractSensitivityAlgorithm`; ``None`` =
+            backpropagate through the solver's operations.
+
+    Returns:
+        a :class:`Solution` with ``t``, ``u`` (shape ``(len(t), *u0.shape)``),
+        ``retcode``, ``stats`` and ``sol(t)``.
+
+    Raises:
+        TypeError: an unknown keyword (named, with the closest known one), or
+            an argument of the wrong type.
+        ValueError: an invalid argument (message names it and says what to pass).
+        SolverError: ``MaxItersError``, ``DtLessThanMinError``, ``UnstableError``
+            when ``throw=True`` (the partial solution is ``err.solution``).
+    """
+    check_keywords(unknown, "solve", SOLVE_KEYWORDS)
+    if not isinstance(prob, ODEProblem):
+        raise TypeError(f"solve: the first argument must be an ODEProblem, got {type(prob).__name__}")
+    if solver is None:
+        solver = Tsit5()
+    t0, t1 = prob.tspan
+    options = make_options(
+        solver, prob.u0, t0, t1, time_dtype=prob.time_dtype, dt=dt, adaptive=adaptive,
+        saveat=saveat, save_everystep=save_everystep, save_start=save_start, save_end=save_end,
+        dense=dense, reltol=reltol, abstol=abstol, controller=controller, norm=norm, dtmin=dtmin,
+        dtmax=dtmax, maxiters=maxiters, callback=callback, save_stats=save_stats, throw=throw)
+    if sensealg is not None:
+        if not isinstance(sensealg, AbstractSensitivityAlgorithm):
+            raise TypeError(f"solve: sensealg must be a sensitivity algorithm (an "
+                            f"AbstractSensitivityAlgorithm) or None, got {type(sensealg).__name__}")
+        return sensealg.solve_with(prob, solver, options)
+    f, p = prob.f, prob.p
+    return integrate(lambda u, t: f(u, p, t), prob.u0, t0, t1, solver, options)

@@ -1,0 +1,349 @@
+"""Solvers: one generic explicit Runge–Kutta stepper driven by validated tableaus.
+
+The step contract (stable; the adjoints in ``pylux.sensitivity`` build on it)
+------------------------------------------------------------------------------
+A solver is immutable. Its two methods are pure functions of their arguments::
+
+    state  = solver.init(f, t0, u0, dt0, f0=None)
+    result = solver.step(f, t, u, dt, state)        # -> StepResult
+
+* ``f(u, t) -> du`` is the vector field with parameters bound; ``t`` is a 0-d
+  tensor of ``u``'s dtype and device. ``t`` and ``dt`` given to ``step`` are
+  host floats; ``dt`` is signed (negative when integrating backward).
+* ``result.u_new``: the state at ``t + dt``.
+* ``result.error_estimate``: the unscaled local error estimate, a tensor like
+  ``u`` (``dt * sum_i e_i k_i`` for an embedded pair), or ``None`` for methods
+  without one (Euler, RK4). Computed lazily on first access, so fixed-step
+  solves that never read it do not pay for it.
+* ``result.dense_info``: an :class:`~pylux.diffeq.interpolation.AbstractInterpolant`
+  over ``[t, t + dt]``.
+* ``result.solver_state_new``: the state to pass to the next step if this one
+  is accepted; ``result.solver_state_retry``: the state to retry from if it is
+  rejected (it may cache ``f(u, t)`` so a retry does not recompute it).
+* ``result.nfe``: evaluations of ``f`` this step made.
+* ``result.du_new``: ``f(u_new, t + dt)`` if the step computed it (FSAL), else ``None``.
+* ``result.stiffness_stages``: ``(k_{s-1}, k_s, Y_{s-1}, Y_s)``, the last two
+  stage derivatives and stage values, for Shampine's stiffness estimate.
+
+Nothing mutates ``self``; the loop in :mod:`pylux.diffeq.integrate` owns all state.
+
+Order metadata lives on the class: ``order`` (of the propagated solution),
+``error_order`` (of the embedded estimate; ``None`` without one) and
+``interpolation_order`` (of the dense output). Capabilities are types:
+``isinstance(solver, AbstractAdaptiveSolver)`` means it has an error estimate.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ._device import scalar_like, vector_like
+from .controllers import AbstractController, PIController
+from .interpolation import StageInterpolant, linear_combination
+from .tableau import (BS3_TABLEAU, DP5_TABLEAU, EULER_TABLEAU, HEUN_TABLEAU, MIDPOINT_TABLEAU,
+                      RK4_TABLEAU, TSIT5_TABLEAU, ButcherTableau)
+
+__all__ = [
+    "StepResult",
+    "AbstractSolver",
+    "AbstractAdaptiveSolver",
+    "ExplicitRungeKutta",
+    "RKState",
+    "Euler",
+    "Midpoint",
+    "Heun",
+    "RK4",
+    "BS3",
+    "Tsit5",
+    "DP5",
+]
+
+VectorField = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class StepResult:
+    """What one step returns (see the module docstring for the contract).
+
+    Either give ``error_estimate`` directly, or ``error_fn(out)`` that computes it
+    on demand (writing into ``out`` when that is a tensor, allocating when it
+    is ``None``). ``solver_state_retry=None`` means: retry from the state the
+    step was given.
+    """
+
+    __slots__ = ("u_new", "_error", "_error_fn", "dense_info", "solver_state_new", "nfe", "du_new",
+                 "stiffness_stages", "solver_state_retry")
+
+    def __init__(self, u_new: torch.Tensor, error_estimate: torch.Tensor | None = None,
+                 dense_info: Any = None, solver_state_new: Any = None, nfe: int = 0, *,
+                 du_new: torch.Tensor | None = None, stiffness_stages: tuple | None = None,
+                 solver_state_retry: Any = None,
+                 error_fn: Callable[[torch.Tensor | None], torch.Tensor] | None = None) -> None:
+        self.u_new = u_new
+        self._error = error_estimate
+        self._error_fn = error_fn
+        self.dense_info = dense_info
+        self.solver_state_new = solver_state_new
+        self.nfe = nfe
+        self.du_new = du_new
+        self.stiffness_stages = stiffness_stages
+        self.solver_state_retry = solver_state_retry
+
+    @property
+    def error_estimate(self) -> torch.Tensor | None:
+        if self._error is None and self._error_fn is not None:
+            self._error = self._error_fn(None)
+            self._error_fn = None
+        return self._error
+
+    def compute_error_estimate(self, out: torch.Tensor) -> torch.Tensor | None:
+        """The error estimate written into ``out`` (a workspace the caller owns), or ``None``.
+
+        Lets the loop avoid allocating a state-sized tensor per step when no
+        gradient of the estimate is needed; ``error_estimate`` is unaffected.
+        """
+        if self._error is not None:
+            return self._error
+        if self._error_fn is None:
+            return None
+        return self._error_fn(out)
+
+
+class AbstractSolver:
+    """Base class of all solvers. Subclasses set ``order``, ``error_order``, ``interpolation_order``."""
+
+    order: int
+    error_order: int | None = None
+    interpolation_order: int
+    #: True when ``step`` returns ``du_new = f(u_new)`` (no extra evaluation for termination checks).
+    computes_du_new: bool = False
+    #: True when ``init`` needs ``f(u0, t0)`` (it will evaluate it when ``f0`` is not given).
+    needs_f0: bool = False
+
+    def init(self, f: VectorField, t0: float, u0: torch.Tensor, dt0: float,
+             f0: torch.Tensor | None = None) -> Any:
+        raise NotImplementedError
+
+    def step(self, f: VectorField, t: float, u: torch.Tensor, dt: float, state: Any) -> StepResult:
+        raise NotImplementedError
+
+    def default_controller(self) -> AbstractController:
+        """OrdinaryDiffEq.jl's default PI controller for a method of this order."""
+        return PIController.for_order(self.order)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and self.__dict__ == other.__dict__
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+
+class AbstractAdaptiveSolver(AbstractSolver):
+    """A solver with an embedded error estimate: it can run with ``adaptive=True``."""
+
+
+class RKState:
+    """Solver state of an explicit RK method: ``f(u, t)`` at the current point if known."""
+
+    __slots__ = ("f_at_u",)
+
+    def __init__(self, f_at_u: torch.Tensor | None) -> None:
+        self.f_at_u = f_at_u
+
+
+def _stage_times(t: float, dt: float, c, like: torch.Tensor):
+    # One host-to-device transfer per step for all stage times.
+    return vector_like([t + ci * dt for ci in c], like).unbind(0)
+
+
+class ExplicitRungeKutta(AbstractSolver):
+    """The generic explicit Runge–Kutta stepper for a :class:`ButcherTableau`.
+
+    Stage values ``Y_i = u + dt sum_{j<i} a_ij k_j`` are formed as a short chain
+    of fused ``add(alpha=)`` ops over the stored stages (no Python loop over
+    elements, no copies of the stages). FSAL tableaus reuse the last stage
+    ``f(u_new)`` as the next step's first; other tableaus reuse ``f(u, t)`` on
+    a retry after a rejected step.
+
+    ``ExplicitRungeKutta(tableau, order=p, error_order=q, interpolation_order=r)``
+    runs a custom tableau; the named methods (:class:`Tsit5`, …) are subclasses.
+    """
+
+    tableau: ButcherTableau
+
+    def __new__(cls, tableau: ButcherTableau | None = None, **kwargs):
+        # a custom tableau with an embedded pair gives an adaptive solver (capabilities are types)
+        if cls is ExplicitRungeKutta and isinstance(tableau, ButcherTableau) and tableau.has_error_estimate:
+            cls = _AdaptiveExplicitRungeKutta
+        return super().__new__(cls)
+
+    def __init__(self, tableau: ButcherTableau | None = None, *, order: int | None = None,
+                 error_order: int | None = None, interpolation_order: int | None = None) -> None:
+        if tableau is not None:
+            if not isinstance(tableau, ButcherTableau):
+                raise TypeError(f"ExplicitRungeKutta: tableau must be a ButcherTableau, got "
+                                f"{type(tableau).__name__}")
+            if order is None:
+                raise ValueError("ExplicitRungeKutta(tableau): give order=p, the order of the method")
+            self.tableau = tableau
+            self.order = order
+            if tableau.has_error_estimate:
+                self.error_order = error_order if error_order is not None else order - 1
+            else:
+                self.error_order = None
+            self.interpolation_order = interpolation_order if interpolation_order is not None else 1
+        elif not hasattr(type(self), "tableau"):
+            raise TypeError("ExplicitRungeKutta needs a tableau")
+
+    @property
+    def computes_du_new(self) -> bool:  # type: ignore[override]
+        return self.tableau.fsal
+
+    @property
+    def needs_f0(self) -> bool:  # type: ignore[override]
+        return self.tableau.fsal
+
+    def init(self, f, t0, u0, dt0, f0=None):
+        if f0 is None and self.tableau.fsal:
+            f0 = f(u0, scalar_like(t0, u0))
+        return RKState(f0)
+
+    def step(self, f, t, u, dt, state):
+        tab = self.tableau
+        times = _stage_times(t, dt, tab.c, u)
+        nfe = 0
+        k1 = state.f_at_u
+        if k1 is None:
+            k1 = f(u, times[0])
+            nfe += 1
+        stages = [k1]
+        y_prev = y_last = u
+        for i in range(1, tab.stages):
+            y = linear_combination(u, stages, [dt * a for a in tab.a[i]])
+            stages.append(f(y, times[i]))
+            nfe += 1
+            y_prev, y_last = y_last, y
+        if tab.fsal:
+            u_new = y_last
+        else:
+            u_new = linear_combination(u, stages, [dt * b for b in tab.b])
+        error_fn = None
+        if tab.b_error is not None:
+            weights = [dt * e for e in tab.b_error]
+
+            def error_fn(out):
+                return linear_combination(None, stages, weights, out)
+        fsal = tab.fsal
+        return StepResult(
+            u_new,
+            dense_info=StageInterpolant(u, dt, stages, tab),
+            solver_state_new=RKState(stages[-1] if fsal else None),
+            nfe=nfe,
+            du_new=stages[-1] if fsal else None,
+            stiffness_stages=(stages[-2], stages[-1], y_prev, y_last) if tab.stages > 1 else None,
+            solver_state_retry=state if state.f_at_u is not None else RKState(k1),
+            error_fn=error_fn,
+        )
+
+
+class _AdaptiveExplicitRungeKutta(ExplicitRungeKutta, AbstractAdaptiveSolver):
+    pass
+
+
+class Euler(ExplicitRungeKutta):
+    """Forward Euler, ``u_new = u + dt f(u, t)``: order 1, fixed step only (no error estimate).
+
+    Dense output: linear interpolation.
+    """
+
+    tableau = EULER_TABLEAU
+    order = 1
+    error_order = None
+    interpolation_order = 1
+
+
+class Midpoint(_AdaptiveExplicitRungeKutta):
+    """Explicit midpoint rule (order 2) with embedded Euler (order 1) for adaptivity.
+
+    Dense output: the free quadratic ``b_1 = theta - theta^2``, ``b_2 = theta^2``.
+    """
+
+    tableau = MIDPOINT_TABLEAU
+    order = 2
+    error_order = 1
+    interpolation_order = 2
+
+
+class Heun(_AdaptiveExplicitRungeKutta):
+    """Heun's method (explicit trapezoid, order 2) with embedded Euler for adaptivity.
+
+    Dense output: the free quadratic ``b_1 = theta - theta^2/2``, ``b_2 = theta^2/2``.
+    """
+
+    tableau = HEUN_TABLEAU
+    order = 2
+    error_order = 1
+    interpolation_order = 2
+
+
+class RK4(ExplicitRungeKutta):
+    """The classical fourth-order Runge–Kutta method; fixed step only (no embedded pair).
+
+    Dense output: its free third-order continuous extension (Hairer, Nørsett &
+    Wanner, *Solving ODEs I*, II.6).
+    """
+
+    tableau = RK4_TABLEAU
+    order = 4
+    error_order = None
+    interpolation_order = 3
+
+
+class BS3(_AdaptiveExplicitRungeKutta):
+    """Bogacki–Shampine 3(2), FSAL (Bogacki & Shampine, Appl. Math. Lett. 2, 1989).
+
+    Four stages, three evaluations per step. Dense output: cubic Hermite from
+    ``f(u)`` and ``f(u_new)``, both stages of the step (third order).
+    """
+
+    tableau = BS3_TABLEAU
+    order = 3
+    error_order = 2
+    interpolation_order = 3
+
+
+class Tsit5(_AdaptiveExplicitRungeKutta):
+    """Tsitouras 5(4), FSAL: the default solver (Tsitouras, Comput. Math. Appl. 62, 2011).
+
+    Seven stages, six evaluations per step. Dense output: Tsitouras' free
+    fourth-order interpolant. Default controller: PI with OrdinaryDiffEq's
+    ``beta1 = 0.14``, ``beta2 = 0.08``.
+    """
+
+    tableau = TSIT5_TABLEAU
+    order = 5
+    error_order = 4
+    interpolation_order = 4
+
+
+class DP5(_AdaptiveExplicitRungeKutta):
+    """Dormand–Prince 5(4), FSAL (Dormand & Prince, J. Comput. Appl. Math. 6, 1980).
+
+    Seven stages, six evaluations per step. Dense output: Shampine's free
+    fourth-order interpolant (Math. Comp. 46, 1986). Default controller: PI
+    with ``beta1 = 0.17``, ``beta2 = 0.04`` (Hairer's DOPRI5 values, as in
+    OrdinaryDiffEq).
+    """
+
+    tableau = DP5_TABLEAU
+    order = 5
+    error_order = 4
+    interpolation_order = 4
+
+    def default_controller(self) -> AbstractController:
+        beta2 = 0.04
+        return PIController(beta1=1.0 / self.order - 0.75 * beta2, beta2=beta2)

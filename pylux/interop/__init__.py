@@ -1,0 +1,6 @@
+"""pylux.interop: zero-copy array exchange through DLPack and moving batches to devices."""
+
+from .device import DeviceLoader, to_device
+from .dlpack import from_torch, to_numpy, to_torch
+
+__all__ = ["DeviceLoader", "from_torch", "to_device", "to_numpy", "to_torch"]

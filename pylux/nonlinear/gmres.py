@@ -1,0 +1,262 @@
+"""Matrix-free restarted GMRES, batched over a leading dimension.
+
+GMRES (Saad & Schultz 1986, "GMRES: a generalized minimal residual algorithm
+for solving nonsymmetric linear systems", SIAM J. Sci. Stat. Comput. 7(3))
+solves ``A x = b`` using only products ``v -> A v``. From ``r0 = b - A x0``,
+``beta = ||r0||`` and ``v1 = r0 / beta``, the Arnoldi process builds an
+orthonormal basis ``V_k = [v1 .. vk]`` of the Krylov space
+``K_k = span{r0, A r0, ..., A^(k-1) r0}`` and the ``(k+1) x k`` upper
+Hessenberg matrix ``H_k`` with ``A V_k = V_(k+1) H_k``. The iterate
+``x_k = x0 + V_k y_k`` minimises ``||b - A x||`` over ``x0 + K_k``, i.e.
+
+    y_k = argmin_y || beta e1 - H_k y ||.
+
+Givens rotations ``G_j`` that zero the subdiagonal of ``H_k`` one column at a
+time turn this into a triangular solve ``R_k y = g_k`` with ``g = Q (beta e1)``,
+``Q = G_(k-1) ... G_0``; ``|g_(k+1)|`` is the residual norm of ``x_k`` without
+forming it. After ``restart`` steps, ``x`` is updated, the true residual
+recomputed and the process restarted (GMRES(m)).
+
+Batching: ``b`` has shape ``(B, ...)`` and each batch element is its own
+system (``matvec`` must act on each element independently, as a DEQ Jacobian
+does). Every element has its own Krylov basis, Hessenberg matrix, rotations
+and stopping step; elements that have converged stop growing their basis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ._base import combine_rows, rowdot
+from ._options import check_choice, check_float, check_int, reject_unknown
+
+__all__ = ["gmres", "GMRESResult"]
+
+
+@dataclass(frozen=True)
+class GMRESResult:
+    """Result of :func:`gmres`.
+
+    Attributes:
+        x: the solution, same shape as ``b``.
+        residual_norm: ``(B,)`` true residual norms ``||b - A x||`` (recomputed, not estimated).
+        iterations: Arnoldi steps taken (products with ``A`` inside the Krylov cycles).
+        converged: ``(B,)`` bool, ``residual_norm <= max(atol, rtol * ||b||)`` per element.
+        matvecs: every call of ``matvec``, including the residual recomputations.
+    """
+
+    x: torch.Tensor
+    residual_norm: torch.Tensor
+    iterations: int
+    converged: torch.Tensor
+    matvecs: int
+
+
+def gmres(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, x0: torch.Tensor | None = None,
+          *, restart: int = 20, maxiters: int | None = None, rtol: float = 1e-5, atol: float = 0.0,
+          orthogonalization: str = "mgs", **unknown) -> GMRESResult:
+    """Solve ``A x = b`` for every batch element with restarted GMRES (Saad & Schultz 1986).
+
+    Arnoldi with modified Gram-Schmidt (``orthogonalization="mgs"``, the
+    textbook choice) or classical Gram-Schmidt applied twice (``"cgs2"``, as
+    stable as MGS and a few batched products per step instead of a loop over
+    the basis). The Givens rotations are accumulated in a small orthogonal
+    matrix ``Q`` per element so that each new Hessenberg column is rotated by
+    one batched product.
+
+    Element ``b`` stops when ``||b_b - A x_b|| <= max(atol, rtol * ||b_b||)``
+    (the residual estimate ``|g_(k+1)|`` decides within a cycle; the true
+    residual is recomputed at the end of every cycle and decides overall).
+    Without restart (``restart >= n``) an ``n``-dimensional system converges
+    in at most ``n`` steps in exact arithmetic.
+
+    Args:
+        matvec: ``v -> A v``, taking and returning tensors of ``b``'s shape;
+            it must act on each batch element independently (e.g. a
+            Jacobian-vector or vector-Jacobian product of a per-sample map).
+        b: right-hand side of shape ``(B, ...)``; a single system is ``(1, n)``.
+        x0: initial guess (``b``'s shape); zeros by default.
+        restart: Krylov dimension per cycle (capped at the per-element size ``n``).
+        maxiters: total Arnoldi steps over all cycles; default ``10 * min(restart, n)``.
+        rtol, atol: tolerances as above; not both zero.
+        orthogonalization: ``"mgs"`` or ``"cgs2"``.
+
+    Returns:
+        :class:`GMRESResult`. Elements that did not converge keep their best
+        iterate and ``converged=False``; no warning is raised here, the caller decides.
+
+    Raises:
+        TypeError: unknown keyword, non-floating ``b``, or ``matvec`` returning a
+            different dtype/device. ValueError: bad shapes or option values.
+
+    Host synchronisation: one per Arnoldi step (has every element converged?)
+    and one per restart.
+    """
+    where = "gmres"
+    reject_unknown(where, unknown, ("restart", "maxiters", "rtol", "atol", "orthogonalization"))
+    if not isinstance(b, torch.Tensor):
+        raise TypeError(f"{where}: b must be a torch.Tensor, got {type(b).__name__}.")
+    if not callable(matvec):
+        raise TypeError(f"{where}: matvec must be callable, got {type(matvec).__name__}.")
+    if not b.is_floating_point():
+        raise TypeError(f"{where}: b must have a real floating dtype, got {b.dtype}; complex and "
+                        "integer systems are not supported.")
+    if b.dim() < 1:
+        raise ValueError(f"{where}: b must have a leading batch dimension, got a 0-d tensor; "
+                         "use b.reshape(1, -1) for a single system.")
+    restart = check_int(where, "restart", restart, 1)
+    maxiters = check_int(where, "maxiters", maxiters, 0, allow_none=True)
+    rtol = check_float(where, "rtol", rtol, low=0.0)
+    atol = check_float(where, "atol", atol, low=0.0)
+    if rtol == 0.0 and atol == 0.0:
+        raise ValueError(f"{where}: rtol and atol are both zero, so GMRES could stop only on an exact "
+                         "zero residual; give a positive rtol (e.g. 1e-8) or atol.")
+    check_choice(where, "orthogonalization", orthogonalization, ("mgs", "cgs2"))
+
+    shape = b.shape
+    batch = shape[0]
+    n = b[0].numel() if batch > 0 else int(torch.Size(shape[1:]).numel())
+    b_flat = b.reshape(batch, n)
+    if x0 is not None:
+        _check_like(where, "x0", x0, b)
+    if batch == 0 or n == 0:
+        x = torch.zeros_like(b) if x0 is None else x0.clone()
+        return GMRESResult(x, b.new_zeros(batch), 0, torch.ones(batch, dtype=torch.bool, device=b.device), 0)
+    m = min(restart, n)
+    if maxiters is None:
+        maxiters = 10 * m
+
+    checked = [False]
+
+    def apply_a(v: torch.Tensor) -> torch.Tensor:
+        out = matvec(v.view(shape))
+        if not checked[0]:
+            _check_like(where, "matvec output", out, b)
+            checked[0] = True
+        return out.reshape(batch, n)
+
+    target = torch.clamp_min(rtol * torch.linalg.vector_norm(b_flat, dim=1), atol)
+    matvecs = 0
+    if x0 is None:
+        x = torch.zeros_like(b_flat)
+        r = b_flat
+    else:
+        x = x0.reshape(batch, n).clone()
+        r = b_flat - apply_a(x)
+        matvecs += 1
+    rnorm = torch.linalg.vector_norm(r, dim=1)
+    converged = rnorm <= target
+    iterations = 0
+    while iterations < maxiters:
+        n_converged = int(converged.sum())
+        if n_converged == batch:
+            break
+        steps = min(m, maxiters - iterations)
+        x, taken = _cycle(apply_a, x, r, rnorm, target, converged, n_converged > 0, steps,
+                          orthogonalization)
+        iterations += taken
+        matvecs += taken + 1
+        r = b_flat - apply_a(x)
+        rnorm = torch.linalg.vector_norm(r, dim=1)
+        converged = rnorm <= target
+    return GMRESResult(x.view(shape), rnorm, iterations, converged, matvecs)
+
+
+def _check_like(where: str, what: str, t: object, ref: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{where}: {what} must be a torch.Tensor, got {type(t).__name__}.")
+    if t.shape != ref.shape:
+        raise ValueError(f"{where}: {what} has shape {tuple(t.shape)} but b has shape {tuple(ref.shape)}.")
+    if t.dtype != ref.dtype or t.device != ref.device:
+        raise TypeError(f"{where}: {what} is {t.dtype} on {t.device} but b is {ref.dtype} on {ref.device}.")
+
+
+def _cycle(apply_a, x, r, rnorm, target, done_before, some_done, steps, orthogonalization):
+    """One GMRES(steps) cycle from ``x`` with residual ``r``; returns the new x and the steps taken."""
+    batch, n = x.shape
+    dtype, device = x.dtype, x.device
+    active = ~done_before
+    beta = torch.where(active, rnorm, torch.zeros_like(rnorm))
+    inv_beta = torch.where(beta > 0, 1.0 / beta, torch.zeros_like(beta))
+    # Basis vector j is written before it is read. MGS touches one vector at a time,
+    # so it keeps each contiguous (j, B, N); CGS2 multiplies with the whole basis
+    # per batch element, so it keeps (B, j, N).
+    mgs = orthogonalization == "mgs"
+    store = x.new_empty(steps + 1, batch, n) if mgs else x.new_empty(batch, steps + 1, n)
+    basis = store.transpose(0, 1) if mgs else store  # (B, j, N) view either way
+    torch.mul(r, inv_beta.unsqueeze(1), out=basis[:, 0])
+    tri = x.new_zeros(batch, steps, steps)  # the rotated Hessenberg matrix R
+    rot = torch.eye(steps + 1, dtype=dtype, device=device).repeat(batch, 1, 1)  # Q = G_(j)...G_0
+    done = done_before.clone()
+    used = torch.zeros(batch, dtype=torch.long, device=device)  # columns each element keeps
+    taken = 0
+    for j in range(steps):
+        w = apply_a(basis[:, j])
+        if some_done:
+            # Finished elements stop growing their basis: their new vectors are zero.
+            w = w * (~done).to(dtype).unsqueeze(1)
+        taken += 1
+        h, w = _orthogonalize(basis[:, :j + 1], w, orthogonalization)
+        h_next = torch.linalg.vector_norm(w, dim=1)
+        inv_next = torch.where(h_next > 0, 1.0 / h_next, torch.zeros_like(h_next))
+        torch.mul(w, inv_next.unsqueeze(1), out=basis[:, j + 1])
+        col = torch.bmm(rot[:, :j + 1, :j + 1], h.unsqueeze(2)).squeeze(2)
+        diag = col[:, j]
+        radius = torch.hypot(diag, h_next)
+        nonzero = radius > 0
+        safe = torch.where(nonzero, radius, torch.ones_like(radius))
+        c = torch.where(nonzero, diag / safe, torch.ones_like(radius))
+        s = torch.where(nonzero, h_next / safe, torch.zeros_like(radius))
+        col = torch.cat([col[:, :j], radius.unsqueeze(1)], dim=1)
+        tri[:, :j + 1, j] = col
+        row_j = rot[:, j, :j + 1].clone()
+        rot[:, j, :j + 1] = row_j * c.unsqueeze(1)
+        rot[:, j, j + 1] = s
+        rot[:, j + 1, :j + 1] = row_j * (-s).unsqueeze(1)
+        rot[:, j + 1, j + 1] = c
+        estimate = beta * rot[:, j + 1, 0].abs()
+        # A zero pivot (A v in the span with no new direction and a zero diagonal)
+        # means the system is singular here: drop that column and stop the element.
+        singular = ~done & ~nonzero
+        finished = ~done & nonzero & (estimate <= target)
+        used.masked_fill_(finished, j + 1).masked_fill_(singular, j)
+        done = done | finished | singular
+        n_done = int(done.sum())
+        if n_done == batch:
+            break
+        some_done = n_done > 0
+    used.masked_fill_(~done, taken)
+    k = taken
+    idx = torch.arange(k, device=device)
+    keep = idx.unsqueeze(0) < used.unsqueeze(1)  # (B, k)
+    keep2 = keep.unsqueeze(2) & keep.unsqueeze(1)
+    eye = torch.eye(k, dtype=dtype, device=device)
+    system = torch.where(keep2, tri[:, :k, :k], eye)
+    rhs = (beta.unsqueeze(1) * rot[:, :k, 0]) * keep.to(dtype)
+    y = torch.linalg.solve_triangular(system, rhs.unsqueeze(2), upper=True).squeeze(2)
+    if mgs:
+        update = x.clone()
+        for i in range(k):
+            update.addcmul_(store[i], y[:, i:i + 1])
+        return update, taken
+    return x + combine_rows(y, basis[:, :k]), taken
+
+
+def _orthogonalize(vs: torch.Tensor, w: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthogonalise ``w`` (B, N) against the orthonormal rows ``vs`` (B, j, N); returns (h, w)."""
+    if method == "mgs":
+        hs = []
+        for i in range(vs.shape[1]):
+            v = vs[:, i]
+            hi = torch.linalg.vecdot(w, v)
+            w = torch.addcmul(w, hi.unsqueeze(1), v, value=-1.0)
+            hs.append(hi)
+        return torch.stack(hs, dim=1), w
+    h = rowdot(vs, w)
+    w = w - combine_rows(h, vs)
+    h2 = rowdot(vs, w)
+    w = w - combine_rows(h2, vs)
+    return h + h2, w

@@ -1,0 +1,335 @@
+"""The entry point: ``nlsolve(g, z0, solver)`` finds ``z = g(z)`` for every batch element."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ._base import AbstractNonlinearSolver
+from ._errors import ConvergenceWarning, NonlinearReturnCode, NonlinearSolveError
+from ._options import check_bool, check_choice, check_float, check_int, reject_unknown
+
+__all__ = ["nlsolve", "NonlinearSolution"]
+
+DEFAULT_ABSTOL = 1e-6
+DEFAULT_RELTOL = 1e-6
+DEFAULT_MAXITERS = 100
+_LISTED = 10
+
+
+@dataclass(frozen=True)
+class NonlinearSolution:
+    """Result of :func:`nlsolve`.
+
+    Attributes:
+        z: the solution, shape of ``z0``. For a converged batch element, the first
+            iterate that met the tolerance (it is frozen from then on); for the
+            others, the iterate of lowest residual seen (not necessarily the last).
+        retcode: :class:`NonlinearReturnCode` (``Success`` when every element converged).
+        iterations: solver iterations taken (the same for the whole batch).
+        nfe: evaluations of ``g`` (Jacobian-vector products and line-search
+            trials included; one per batched call).
+        residual: ``(B,)`` absolute residuals ``||g(z) - z||`` of the returned ``z``.
+        relative_residual: ``(B,)`` ``residual / ||z||`` (``inf`` where ``z = 0`` and the residual is not).
+        converged: ``(B,)`` bool, whether each element met ``abstol + reltol ||z||``.
+        sample_iterations: ``(B,)`` iterations each element took to converge
+            (``iterations`` for elements that did not).
+        residual_history: ``(iterations + 1, B)`` residual norms of the current
+            iterates, starting with ``z0``; ``None`` unless ``record_history``.
+        solver: the solver used. abstol, reltol, maxiters: the settings used.
+    """
+
+    z: torch.Tensor
+    retcode: NonlinearReturnCode
+    iterations: int
+    nfe: int
+    residual: torch.Tensor
+    relative_residual: torch.Tensor
+    converged: torch.Tensor
+    sample_iterations: torch.Tensor
+    residual_history: torch.Tensor | None
+    solver: AbstractNonlinearSolver
+    abstol: float
+    reltol: float
+    maxiters: int
+
+    @property
+    def success(self) -> bool:
+        return self.retcode is NonlinearReturnCode.Success
+
+
+def nlsolve(g: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, solver: AbstractNonlinearSolver,
+            *, abstol: float | None = None, reltol: float | None = None, maxiters: int | None = None,
+            on_failure: str = "warn", check_every: int = 1, record_history: bool = True,
+            **unknown) -> NonlinearSolution:
+    """Solve the fixed-point problem ``z = g(z)`` (the root of ``F(z) = g(z) - z``), batched.
+
+    ``z0`` has shape ``(B, ...)``: each of the ``B`` batch elements is its own
+    problem, and ``g`` must act on each element independently (as a DEQ cell
+    with per-sample input injection does; batch statistics would couple them).
+    Each element is flattened to a vector of ``N`` entries and
+
+        residual_b = ||g(z)_b - z_b||_2,
+        converged_b  iff  residual_b <= abstol + reltol * ||z_b||_2.
+
+    A converged element is frozen at that iterate (later steps do not move
+    it), so its result does not depend on the rest of the batch. The solve
+    stops when every element has converged (``Success``) or after
+    ``maxiters`` iterations (``MaxIters``); elements that did not converge
+    return their lowest-residual iterate.
+
+    The iteration runs under ``torch.no_grad()`` and the returned ``z`` does
+    not require grad: differentiate the solution with the implicit function
+    theorem (a steady-state adjoint, e.g. with :func:`gmres` on
+    vector-Jacobian products), not through the iterations.
+
+    Host synchronisation: one per ``check_every`` iterations (the convergence
+    and NaN test), plus those a solver documents (GMRES inside
+    :class:`NewtonKrylov`, line searches). With ``check_every > 1`` the solve
+    may run up to ``check_every - 1`` iterations past convergence (converged
+    elements stay frozen meanwhile).
+
+    Args:
+        g: the map, ``(B, ...) -> (B, ...)``, same shape, dtype and device as ``z0``.
+        z0: initial guess, a real floating tensor with a leading batch dimension.
+        solver: :class:`FixedPointIteration`, :class:`Broyden`,
+            :class:`LimitedMemoryBroyden`, :class:`Anderson` or :class:`NewtonKrylov`.
+        abstol, reltol: tolerances above (``>= 0``, not both zero); default
+            ``1e-6`` each, or the solver's own ``abstol``/``reltol`` if it has them.
+            In float32, ``reltol`` much below ``1e-6`` is usually unreachable.
+        maxiters: iteration limit (default 100, or the solver's ``maxiters``).
+        on_failure: what ``MaxIters`` does: ``"warn"`` (a
+            :class:`ConvergenceWarning` naming the solver, the iterations and
+            the residual reached), ``"raise"`` (:class:`NonlinearSolveError`)
+            or ``"ignore"``. NaN/Inf raises :class:`NonlinearSolveError`
+            naming the iteration, except with ``"ignore"``, which returns
+            retcode ``Unstable`` and the best finite iterates.
+        check_every: iterations between convergence checks (>= 1).
+        record_history: keep the per-iteration residual norms.
+
+    Returns:
+        :class:`NonlinearSolution`.
+
+    Raises:
+        TypeError: unknown or misspelt keyword (named), a non-tensor or
+            non-floating ``z0``, ``g`` returning another dtype/device.
+        ValueError: a 0-d or non-finite ``z0``, ``g`` returning another shape,
+            bad tolerances, or a setting given both here and in the solver.
+        NonlinearSolveError: NaN/Inf in the iterates, or ``MaxIters`` with ``on_failure="raise"``.
+    """
+    where = "nlsolve"
+    reject_unknown(where, unknown, ("abstol", "reltol", "maxiters", "on_failure", "check_every",
+                                    "record_history"))
+    if not isinstance(solver, AbstractNonlinearSolver):
+        raise TypeError(f"{where}: solver must be a pylux nonlinear solver (e.g. Broyden(), Anderson()), "
+                        f"got {type(solver).__name__}.")
+    if not callable(g):
+        raise TypeError(f"{where}: g must be callable, got {type(g).__name__}.")
+    abstol = _resolve(where, solver, "abstol", abstol, DEFAULT_ABSTOL)
+    reltol = _resolve(where, solver, "reltol", reltol, DEFAULT_RELTOL)
+    maxiters = _resolve(where, solver, "maxiters", maxiters, DEFAULT_MAXITERS)
+    abstol = check_float(where, "abstol", abstol, low=0.0, high=float("inf"), high_open=True)
+    reltol = check_float(where, "reltol", reltol, low=0.0, high=float("inf"), high_open=True)
+    if abstol == 0.0 and reltol == 0.0:
+        raise ValueError(f"{where}: abstol and reltol are both zero, so no iterate can be accepted; "
+                         "give a positive abstol (e.g. 1e-6).")
+    maxiters = check_int(where, "maxiters", maxiters, 0)
+    check_choice(where, "on_failure", on_failure, ("warn", "raise", "ignore"))
+    check_every = check_int(where, "check_every", check_every, 1)
+    check_bool(where, "record_history", record_history)
+    _check_z0(where, z0)
+    with torch.no_grad():
+        return _iterate(g, z0.detach(), solver, abstol, reltol, maxiters, on_failure, check_every,
+                        record_history)
+
+
+def _resolve(where, solver, name, given, default):
+    own = getattr(solver, name)
+    if given is None:
+        return default if own is None else own
+    if own is not None and own != given:
+        raise ValueError(f"{where}: {name} is given twice, {solver.name}({name}={own!r}) and "
+                         f"nlsolve({name}={given!r}); give it in one place.")
+    return given
+
+
+def _check_z0(where, z0):
+    if not isinstance(z0, torch.Tensor):
+        raise TypeError(f"{where}: z0 must be a torch.Tensor, got {type(z0).__name__}.")
+    if not z0.is_floating_point():
+        raise TypeError(f"{where}: z0 must have a real floating dtype, got {z0.dtype}; convert it with "
+                        "z0.to(torch.float32) (complex states are not supported).")
+    if z0.dim() == 0:
+        raise ValueError(f"{where}: z0 must have a leading batch dimension, got a 0-d tensor; "
+                         "use z0.reshape(1, 1) for a single scalar problem.")
+    if z0.numel() == 0:
+        return
+    bad = ~torch.isfinite(z0.detach().reshape(z0.shape[0], -1)).all(dim=1)
+    if bool(bad.any()):
+        raise ValueError(f"{where}: z0 contains NaN or Inf in batch elements "
+                         f"{_list(bad.nonzero().flatten().tolist())}; start from a finite guess.")
+
+
+def _list(indices: list) -> str:
+    shown = ", ".join(str(i) for i in indices[:_LISTED])
+    return f"[{shown}{', ...' if len(indices) > _LISTED else ''}]"
+
+
+def _flat_map(g, shape, batch, n, z0, where):
+    checked = [False]
+
+    def fn(z_flat):
+        out = g(z_flat.view(shape))
+        if not checked[0]:
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"{where}: g must return a torch.Tensor, got {type(out).__name__}.")
+            if out.shape != z0.shape:
+                raise ValueError(f"{where}: g returned shape {tuple(out.shape)} for a state of shape "
+                                 f"{tuple(z0.shape)}; g must return the shape of its input.")
+            if out.dtype != z0.dtype or out.device != z0.device:
+                raise TypeError(f"{where}: g returned {out.dtype} on {out.device} for a state that is "
+                                f"{z0.dtype} on {z0.device}; g must keep dtype and device.")
+            checked[0] = True
+        return out.reshape(batch, n)
+    return fn
+
+
+def _iterate(g, z0, solver, abstol, reltol, maxiters, on_failure, check_every, record_history):
+    where = f"nlsolve({solver.name})"
+    shape = z0.shape
+    batch = shape[0]
+    n = int(torch.Size(shape[1:]).numel())
+    device = z0.device
+    fn = _flat_map(g, shape, batch, n, z0, where)
+    z = z0.reshape(batch, n)
+    if batch == 0 or n == 0:
+        zeros = z0.new_zeros(batch)
+        history = zeros.unsqueeze(0) if record_history else None
+        return NonlinearSolution(z0.clone(), NonlinearReturnCode.Success, 0, 0, zeros, zeros,
+                                 torch.ones(batch, dtype=torch.bool, device=device),
+                                 torch.zeros(batch, dtype=torch.long, device=device), history,
+                                 solver, abstol, reltol, maxiters)
+    gz = fn(z)
+    nfe = 1
+    F = gz - z
+    res = torch.linalg.vector_norm(F, dim=1)
+    tol = _tolerance(z, abstol, reltol)
+    converged = res <= tol
+    converged_at = torch.zeros(batch, dtype=torch.long, device=device)
+    best_z, best_res = z, res
+    history = [res] if record_history else None
+    state = solver.init(z, gz, maxiters)
+    iterations = 0
+    last_check = 0
+    some_frozen = check_every > 1
+    retcode = NonlinearReturnCode.MaxIters
+    while True:
+        due = iterations % check_every == 0 or iterations == maxiters
+        if due:
+            # One transfer answers: all converged? any converged? any non-finite?
+            # did every element improve on its best (so the best is the current iterate)?
+            bad = ~torch.isfinite(res)
+            improved = res <= best_res
+            counts = torch.stack([converged, bad, improved]).sum(dim=1).tolist()
+            if counts[2] == batch:
+                best_z, best_res = z, res
+            else:
+                best_z = torch.where(improved.unsqueeze(1), z, best_z)
+                best_res = torch.where(improved, res, best_res)
+            if counts[1]:
+                retcode = NonlinearReturnCode.Unstable
+                _unstable(where, bad, history, iterations, last_check, on_failure)
+                break
+            if counts[0] == batch:
+                retcode = NonlinearReturnCode.Success
+                break
+            some_frozen = counts[0] > 0 or check_every > 1
+            last_check = iterations
+        else:
+            improved = res <= best_res
+            best_z = torch.where(improved.unsqueeze(1), z, best_z)
+            best_res = torch.where(improved, res, best_res)
+        if iterations == maxiters:
+            break
+        active = ~converged if some_frozen else None
+        z_new, gz_new, state, used = solver.step(fn, z, gz, F, state, active)
+        nfe += used
+        iterations += 1
+        if active is not None:
+            keep = active.unsqueeze(1)
+            z = torch.where(keep, z_new, z)
+            gz = torch.where(keep, gz_new, gz)
+        else:
+            z, gz = z_new, gz_new
+        F = gz - z
+        res = torch.linalg.vector_norm(F, dim=1)
+        if reltol:
+            tol = _tolerance(z, abstol, reltol)
+        newly = ~converged & (res <= tol)
+        converged_at.masked_fill_(newly, iterations)
+        converged = converged | newly
+        if record_history:
+            history.append(res)
+
+    # Converged elements are frozen at their converging iterate; the rest return their best.
+    z_out = torch.where(converged.unsqueeze(1), z, best_z)
+    res_out = torch.where(converged, res, best_res)
+    if retcode is NonlinearReturnCode.Unstable:
+        finite = torch.isfinite(res)
+        z_out = torch.where((converged & finite).unsqueeze(1), z, best_z)
+        res_out = torch.where(converged & finite, res, best_res)
+    znorm = torch.linalg.vector_norm(z_out, dim=1)
+    relative = torch.where(znorm > 0, res_out / torch.where(znorm > 0, znorm, torch.ones_like(znorm)),
+                           torch.where(res_out > 0, torch.full_like(res_out, float("inf")),
+                                       torch.zeros_like(res_out)))
+    sample_iterations = torch.where(converged, converged_at, torch.full_like(converged_at, iterations))
+    solution = NonlinearSolution(
+        z_out.reshape(shape), retcode, iterations, nfe, res_out, relative, converged, sample_iterations,
+        torch.stack(history) if record_history else None, solver, abstol, reltol, maxiters)
+    if retcode is NonlinearReturnCode.MaxIters and on_failure != "ignore":
+        message = _maxiters_message(where, solution, abstol, reltol, maxiters)
+        if on_failure == "raise":
+            raise NonlinearSolveError(message, retcode, iterations)
+        warnings.warn(message, ConvergenceWarning, stacklevel=3)
+    return solution
+
+
+def _tolerance(z, abstol, reltol):
+    if not reltol:
+        return abstol
+    return abstol + reltol * torch.linalg.vector_norm(z, dim=1)
+
+
+def _unstable(where, bad, history, iterations, last_check, on_failure):
+    if on_failure == "ignore":
+        return
+    samples = bad.nonzero().flatten().tolist()
+    if history is not None:
+        finite_rows = torch.isfinite(torch.stack(history)).all(dim=1).tolist()
+        first = finite_rows.index(False)
+        when = f"at iteration {first}"
+    elif iterations == last_check:
+        when = f"at iteration {iterations}"
+    else:
+        when = f"between iterations {last_check + 1} and {iterations}"
+    origin = "g(z0)" if iterations == 0 else "the iterate or its image under g"
+    raise NonlinearSolveError(
+        f"{where}: non-finite residual (NaN/Inf in {origin}) {when}, in batch elements {_list(samples)}. "
+        + NonlinearReturnCode.Unstable.advice, NonlinearReturnCode.Unstable,
+        first if history is not None else iterations)
+
+
+def _maxiters_message(where, solution, abstol, reltol, maxiters):
+    failed = (~solution.converged).nonzero().flatten().tolist()
+    res = solution.residual
+    worst_value, worst = torch.where(solution.converged, torch.zeros_like(res), res).max(dim=0)
+    worst = int(worst)
+    tol_worst = abstol + reltol * float(torch.linalg.vector_norm(solution.z.reshape(res.shape[0], -1)[worst]))
+    return (f"{where}: no convergence within maxiters={maxiters} iterations (nfe={solution.nfe}); "
+            f"{len(failed)} of {res.shape[0]} batch elements above tolerance ({_list(failed)}); "
+            f"largest residual ||g(z) - z|| = {float(worst_value):.3e} in element {worst}, tolerance "
+            f"{tol_worst:.3e} (abstol={abstol:g}, reltol={reltol:g}). Try: "
+            + NonlinearReturnCode.MaxIters.advice)
