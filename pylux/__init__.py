@@ -5,7 +5,7 @@ vocabulary of DifferentialEquations.jl / SciMLSensitivity.jl, and the implicit
 layers of DeepEquilibriumNetworks.jl.
 """
 
-from . import core, data, diffeq, interop, nn, nonlinear, training
+from . import core, data, diffeq, interop, nn, nonlinear, sensitivity, training
 from .core import (
     AbstractContainerLayer,
     AbstractLayer,
@@ -61,5 +61,6 @@ from .nonlinear import (
     gmres,
     nlsolve,
 )
+from .sensitivity import BacksolveAdjoint, DirectAdjoint, HiddenParameterError
 
 __version__ = "0.1.0"

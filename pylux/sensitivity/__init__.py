@@ -1,0 +1,10 @@
+"""pylux.sensitivity: how gradients flow through ``solve(..., sensealg=...)``.
+
+So far: :class:`DirectAdjoint` (backprop through the solver) and
+:class:`BacksolveAdjoint` (Chen et al. 2018, optional seminorm of Kidger et al. 2021).
+"""
+
+from ._params import HiddenParameterError
+from .backsolve import BacksolveAdjoint, DirectAdjoint
+
+__all__ = ["BacksolveAdjoint", "DirectAdjoint", "HiddenParameterError"]

@@ -1,0 +1,78 @@
+"""Explicit parameters for the adjoints.
+
+An adjoint differentiates with respect to the parameter tree it was given,
+never with respect to tensors it discovers somewhere else. Tensors that
+require grad but reach ``f`` through a closure would silently get a zero
+gradient under a continuous adjoint (the most common confusion of
+torchdiffeq's users); :func:`check_no_hidden_parameters` finds them on the
+first evaluation of ``f`` and raises instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from ..core import tree_leaves_with_path, tree_map
+
+__all__ = ["HiddenParameterError", "grad_leaves", "check_no_hidden_parameters", "replace_leaves"]
+
+
+class HiddenParameterError(ValueError):
+    """``f`` uses tensors that require grad but are not in the problem's parameters ``p``."""
+
+
+def grad_leaves(p: Any) -> list[tuple[tuple, torch.Tensor]]:
+    """``(path, leaf)`` for every tensor of the parameter tree that requires grad."""
+    return [(path, leaf) for path, leaf in tree_leaves_with_path(p) if leaf.requires_grad]
+
+
+def replace_leaves(p: Any, paths: Sequence[tuple], new: Sequence[torch.Tensor]) -> Any:
+    """A copy of the tree ``p`` with the leaves at ``paths`` replaced by ``new``."""
+    mapping = dict(zip(paths, new))
+    return _replace(p, mapping, ())
+
+
+def _replace(tree, mapping, path):
+    if path in mapping:
+        return mapping[path]
+    if isinstance(tree, dict):
+        return {k: _replace(v, mapping, path + (k,)) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_replace(v, mapping, path + (i,)) for i, v in enumerate(tree))
+    return tree
+
+
+def check_no_hidden_parameters(output: torch.Tensor, inputs: Sequence[torch.Tensor],
+                               where: str = "f") -> None:
+    """Raise :class:`HiddenParameterError` if ``output``'s graph reaches an autograd leaf
+    that requires grad and is not one of ``inputs``.
+
+    Walks the autograd graph once (on the first evaluation of ``f``); the cost
+    is one pass over the graph's nodes, no tensor work.
+    """
+    if output.grad_fn is None:
+        return
+    allowed = {id(t) for t in inputs}
+    seen: set[int] = set()
+    stack = [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) not in allowed:
+            raise HiddenParameterError(
+                f"{where} uses a tensor of shape {tuple(variable.shape)} that requires grad but is not part of "
+                "the problem's parameters p, so an adjoint method would give it no gradient. Pass every "
+                "trainable tensor through p (f(u, p, t)), detach it, or use sensealg=DirectAdjoint().")
+        for next_node, _ in node.next_functions:
+            if next_node is not None:
+                stack.append(next_node)
+
+
+def detached_tree(p: Any) -> Any:
+    """``p`` with every tensor leaf detached."""
+    return tree_map(lambda x: x.detach(), p)
