@@ -5,7 +5,7 @@ vocabulary of DifferentialEquations.jl / SciMLSensitivity.jl, and the implicit
 layers of DeepEquilibriumNetworks.jl.
 """
 
-from . import core, data, diffeq, interop, nn, nonlinear, sensitivity, training
+from . import core, data, diffeq, interop, layers, nn, nonlinear, sensitivity, training
 from .core import (
     AbstractContainerLayer,
     AbstractLayer,
@@ -61,6 +61,7 @@ from .nonlinear import (
     gmres,
     nlsolve,
 )
+from .layers import NeuralODE
 from .sensitivity import BacksolveAdjoint, DirectAdjoint, HiddenParameterError
 
 __version__ = "0.1.0"
