@@ -62,6 +62,6 @@ from .nonlinear import (
     nlsolve,
 )
 from .layers import NeuralODE
-from .sensitivity import BacksolveAdjoint, DirectAdjoint, HiddenParameterError
+from .sensitivity import BacksolveAdjoint, DirectAdjoint, HiddenParameterError, InterpolatingAdjoint
 
 __version__ = "0.1.0"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pylux as lx
-from pylux.sensitivity import BacksolveAdjoint, DirectAdjoint, HiddenParameterError
+from pylux.sensitivity import BacksolveAdjoint, DirectAdjoint, HiddenParameterError, InterpolatingAdjoint
 
 F64 = torch.float64
 
@@ -39,7 +39,8 @@ def finite_difference(fun, x, eps=1e-6):
     return grad
 
 
-@pytest.mark.parametrize("alg", [DirectAdjoint(), BacksolveAdjoint(), BacksolveAdjoint(seminorm=True)],
+@pytest.mark.parametrize("alg", [DirectAdjoint(), BacksolveAdjoint(), BacksolveAdjoint(seminorm=True),
+                                 InterpolatingAdjoint(), InterpolatingAdjoint(seminorm=True)],
                          ids=repr)
 @pytest.mark.parametrize("tspan,saveat", [((0.0, 1.0), (0.3, 0.7, 1.0)), ((1.0, -0.5), (0.6, 0.1, -0.5))])
 def test_gradients_match_finite_differences(alg, tspan, saveat):
@@ -57,7 +58,7 @@ def test_gradients_match_finite_differences(alg, tspan, saveat):
 def test_backsolve_agrees_with_direct():
     u0, W, b = make_inputs(1)
     direct = torch.autograd.grad(loss_fn(u0, W, b, DirectAdjoint()), [u0, W, b])
-    for alg in (BacksolveAdjoint(), BacksolveAdjoint(seminorm=True)):
+    for alg in (BacksolveAdjoint(), BacksolveAdjoint(seminorm=True), InterpolatingAdjoint()):
         back = torch.autograd.grad(loss_fn(u0, W, b, alg), [u0, W, b])
         for g, ref in zip(back, direct):
             torch.testing.assert_close(g, ref, rtol=1e-7, atol=1e-8)

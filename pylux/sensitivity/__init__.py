@@ -5,6 +5,6 @@ So far: :class:`DirectAdjoint` (backprop through the solver) and
 """
 
 from ._params import HiddenParameterError
-from .backsolve import BacksolveAdjoint, DirectAdjoint
+from .backsolve import BacksolveAdjoint, DirectAdjoint, InterpolatingAdjoint
 
-__all__ = ["BacksolveAdjoint", "DirectAdjoint", "HiddenParameterError"]
+__all__ = ["BacksolveAdjoint", "DirectAdjoint", "InterpolatingAdjoint", "HiddenParameterError"]

@@ -30,7 +30,7 @@ from ..diffeq import AbstractSensitivityAlgorithm, ODEProblem, SemiNorm, Solutio
 from ..diffeq.options import SolveOptions
 from ._params import check_no_hidden_parameters, grad_leaves, replace_leaves
 
-__all__ = ["BacksolveAdjoint", "DirectAdjoint"]
+__all__ = ["BacksolveAdjoint", "DirectAdjoint", "InterpolatingAdjoint"]
 
 
 class DirectAdjoint(AbstractSensitivityAlgorithm):
@@ -74,8 +74,10 @@ class BacksolveAdjoint(AbstractSensitivityAlgorithm):
         self.abstol = abstol
         self.last_backward_stats = None
 
+    _needs_dense = False
+
     def __repr__(self) -> str:
-        return f"BacksolveAdjoint(seminorm={self.seminorm})"
+        return f"{type(self).__name__}(seminorm={self.seminorm})"
 
     def solve_with(self, problem: ODEProblem, solver, options: SolveOptions) -> Solution:
         if not options.adaptive and options.dt is None:
@@ -83,12 +85,29 @@ class BacksolveAdjoint(AbstractSensitivityAlgorithm):
         pairs = grad_leaves(problem.p)
         paths = [path for path, _ in pairs]
         params = [leaf for _, leaf in pairs]
-        forward_options = options.replace(dense=False, save_stats=False)
+        forward_options = options.replace(dense=self._needs_dense, save_stats=False)
         holder: dict = {}
         u = _BacksolveFunction.apply(self, problem, solver, forward_options, paths, holder, problem.u0,
                                      *params)
         sol = holder["solution"]
         return Solution(sol.t, u, sol.retcode, sol.stats, message=sol.message, solver=solver)
+
+
+class InterpolatingAdjoint(BacksolveAdjoint):
+    """The adjoint with the forward state read from the forward solve's dense output.
+
+    Integrates only ``[a_z, a_θ]`` backward; ``z(t)`` comes from the
+    interpolant of the forward solution (stored in full: memory grows with the
+    number of forward steps). This avoids re-integrating ``z`` backwards, whose
+    error is uncontrolled when the backward dynamics are unstable, so it is
+    the robust choice where ``BacksolveAdjoint`` drifts. ``seminorm=True``
+    leaves the ``a_θ`` channels out of the error norm, as for Backsolve.
+
+    Checkpointing (re-solving between stored states instead of keeping the
+    whole dense output) is not implemented yet.
+    """
+
+    _needs_dense = True
 
 
 def _bound_field(problem: ODEProblem, paths, params):
@@ -105,6 +124,7 @@ class _BacksolveFunction(torch.autograd.Function):
         with torch.no_grad():
             sol = integrate(_bound_field(problem, paths, detached), u0.detach(), t0, t1, solver, options)
         holder["solution"] = sol
+        ctx.forward_solution = sol if alg._needs_dense else None
         ctx.alg, ctx.problem, ctx.solver, ctx.options, ctx.paths = alg, problem, solver, options, paths
         ctx.times = [float(t) for t in sol.t]
         ctx.t0 = t0
@@ -119,9 +139,13 @@ class _BacksolveFunction(torch.autograd.Function):
         n_theta = sum(x.numel() for x in params)
         checked = []
 
+        interpolant = ctx.forward_solution
+        # Interpolating: the state is read from the forward dense output, not re-integrated.
+        z_channels = 0 if interpolant is not None else n_z
+
         def augmented(aug, t):
-            z = aug[:n_z].view(shape)
-            a_z = aug[n_z:2 * n_z].view(shape)
+            z = interpolant(t) if interpolant is not None else aug[:n_z].view(shape)
+            a_z = aug[z_channels:z_channels + n_z].view(shape)
             with torch.enable_grad():
                 z_ = z.detach().requires_grad_(True)
                 ps_ = [x.detach().requires_grad_(True) for x in params]
@@ -130,7 +154,8 @@ class _BacksolveFunction(torch.autograd.Function):
                     check_no_hidden_parameters(out, [z_, *ps_], where="BacksolveAdjoint: f")
                     checked.append(True)
                 grads = torch.autograd.grad(out, [z_, *ps_], grad_outputs=a_z, allow_unused=True)
-            pieces = [out.reshape(-1).detach(), -grads[0].reshape(-1) if grads[0] is not None
+            pieces = [out.reshape(-1).detach()] if interpolant is None else []
+            pieces += [-grads[0].reshape(-1) if grads[0] is not None
                       else torch.zeros(n_z, dtype=aug.dtype, device=aug.device)]
             for g, x in zip(grads[1:], params):
                 pieces.append(-g.reshape(-1) if g is not None else torch.zeros(x.numel(), dtype=aug.dtype,
@@ -141,8 +166,8 @@ class _BacksolveFunction(torch.autograd.Function):
         dtype, device = z_final.dtype, z_final.device
         norm = options.norm
         if alg.seminorm:
-            mask = torch.zeros(2 * n_z + n_theta, dtype=torch.bool, device=device)
-            mask[:2 * n_z] = True
+            mask = torch.zeros(z_channels + n_z + n_theta, dtype=torch.bool, device=device)
+            mask[:z_channels + n_z] = True
             norm = SemiNorm(mask)
         back_options = options.replace(saveat=None, save_everystep=False, save_start=False, save_end=True,
                                        dense=False, save_stats=False, norm=norm, callbacks=(),
@@ -151,8 +176,8 @@ class _BacksolveFunction(torch.autograd.Function):
         if torch.is_tensor(back_options.abstol):
             raise NotImplementedError("BacksolveAdjoint: tensor abstol is not supported yet; pass a float")
         times = ctx.times
-        aug = torch.cat([z_final.reshape(-1), grad_u[-1].reshape(-1),
-                         torch.zeros(n_theta, dtype=dtype, device=device)])
+        aug = torch.cat(([z_final.reshape(-1)] if interpolant is None else [])
+                        + [grad_u[-1].reshape(-1), torch.zeros(n_theta, dtype=dtype, device=device)])
         nf = naccept = nreject = 0
         for k in range(len(times) - 1, 0, -1):
             if times[k] != times[k - 1]:
@@ -160,14 +185,14 @@ class _BacksolveFunction(torch.autograd.Function):
                 aug = sol.u[-1]
                 nf, naccept, nreject = nf + sol.stats.nf, naccept + sol.stats.naccept, nreject + sol.stats.nreject
             aug = aug.clone()
-            aug[n_z:2 * n_z] += grad_u[k - 1].reshape(-1)
+            aug[z_channels:z_channels + n_z] += grad_u[k - 1].reshape(-1)
         if times and times[0] != ctx.t0:
             sol = integrate(augmented, aug, times[0], ctx.t0, ctx.solver, back_options)
             aug = sol.u[-1]
             nf, naccept, nreject = nf + sol.stats.nf, naccept + sol.stats.naccept, nreject + sol.stats.nreject
         alg.last_backward_stats = {"nf": nf, "naccept": naccept, "nreject": nreject}
-        grad_u0 = aug[n_z:2 * n_z].view(shape)
-        grad_params, offset = [], 2 * n_z
+        grad_u0 = aug[z_channels:z_channels + n_z].view(shape)
+        grad_params, offset = [], z_channels + n_z
         for x in params:
             grad_params.append(aug[offset:offset + x.numel()].view(x.shape))
             offset += x.numel()
