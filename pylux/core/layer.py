@@ -19,6 +19,8 @@ last dimension 64, got 32"``.
 
 from __future__ import annotations
 
+import abc
+
 from typing import Any, Mapping
 
 import torch
@@ -64,7 +66,7 @@ def check_generator(rng: Any, where: str = "setup") -> torch.Generator:
     return rng
 
 
-class AbstractLayer:
+class AbstractLayer(abc.ABC):
     """Base class of every pylux layer.
 
     Subclasses override :meth:`init_params`, :meth:`init_state` (both default
@@ -78,8 +80,9 @@ class AbstractLayer:
     def init_state(self, rng: torch.Generator) -> dict:
         return {}
 
+    @abc.abstractmethod
     def forward(self, x: Any, ps: Mapping, st: Mapping) -> tuple[Any, dict]:
-        raise NotImplementedError(f"{type(self).__name__} does not implement forward(x, ps, st)")
+        """``(y, st_new)``: the layer's computation, pure in ``ps``; ``st`` is never mutated."""
 
     def __call__(self, x: Any, ps: Mapping, st: Mapping) -> tuple[Any, dict]:
         try:

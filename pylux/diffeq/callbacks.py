@@ -14,6 +14,8 @@ for the others it costs one evaluation of ``f`` (counted in ``stats.nf``).
 
 from __future__ import annotations
 
+import abc
+
 from typing import Callable
 
 import torch
@@ -21,15 +23,16 @@ import torch
 __all__ = ["AbstractTerminationCallback", "TerminateSteadyState", "TerminateWhen"]
 
 
-class AbstractTerminationCallback:
+class AbstractTerminationCallback(abc.ABC):
     """Base class: implement ``should_terminate(u, t, du) -> bool tensor | bool``.
 
     ``u`` is the state at the end of the trial step, ``t`` its time (host
     float), ``du`` a zero-argument callable returning ``f(u, t)``.
     """
 
+    @abc.abstractmethod
     def should_terminate(self, u: torch.Tensor, t: float, du: Callable[[], torch.Tensor]):
-        raise NotImplementedError
+        """Implemented by each concrete subclass."""
 
 
 def _nonnegative(owner: str, name: str, value) -> float:

@@ -25,6 +25,8 @@ with OrdinaryDiffEq's per-method defaults ``beta1 = 7/(10 p)``,
 
 from __future__ import annotations
 
+import abc
+
 import math
 from dataclasses import dataclass
 
@@ -58,7 +60,7 @@ def _check_positive(owner: str, name: str, value, *, allow_zero: bool = False) -
     return value
 
 
-class AbstractController:
+class AbstractController(abc.ABC):
     """Base class of the step-size controllers (see the module docstring)."""
 
     qmin: float
@@ -68,9 +70,10 @@ class AbstractController:
     def init(self) -> ControllerState:
         return ControllerState(qold=1e-4)
 
+    @abc.abstractmethod
     def decide(self, state: ControllerState, error_norm: float, dt: float
                ) -> tuple[bool, float, ControllerState]:
-        raise NotImplementedError
+        """Implemented by each concrete subclass."""
 
 
 def _validate_common(owner: str, qmin, qmax, gamma, qsteady_min, qsteady_max):

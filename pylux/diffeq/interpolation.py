@@ -18,6 +18,8 @@ so evaluation costs one fused combination and no synchronisation.
 
 from __future__ import annotations
 
+import abc
+
 import bisect
 import math
 from typing import Sequence
@@ -59,11 +61,12 @@ def linear_combination(base: torch.Tensor | None, terms: Sequence[torch.Tensor],
     return acc
 
 
-class AbstractInterpolant:
+class AbstractInterpolant(abc.ABC):
     """Interpolant of one step. ``evaluate(thetas)`` returns a tensor ``(len(thetas), *u.shape)``."""
 
+    @abc.abstractmethod
     def evaluate(self, thetas: Sequence[float]) -> torch.Tensor:
-        raise NotImplementedError
+        """Implemented by each concrete subclass."""
 
 
 class StageInterpolant(AbstractInterpolant):

@@ -35,6 +35,8 @@ Order metadata lives on the class: ``order`` (of the propagated solution),
 
 from __future__ import annotations
 
+import abc
+
 from typing import Any, Callable
 
 import torch
@@ -110,7 +112,7 @@ class StepResult:
         return self._error_fn(out)
 
 
-class AbstractSolver:
+class AbstractSolver(abc.ABC):
     """Base class of all solvers. Subclasses set ``order``, ``error_order``, ``interpolation_order``."""
 
     order: int
@@ -121,12 +123,14 @@ class AbstractSolver:
     #: True when ``init`` needs ``f(u0, t0)`` (it will evaluate it when ``f0`` is not given).
     needs_f0: bool = False
 
+    @abc.abstractmethod
     def init(self, f: VectorField, t0: float, u0: torch.Tensor, dt0: float,
              f0: torch.Tensor | None = None) -> Any:
-        raise NotImplementedError
+        """Implemented by each concrete subclass."""
 
+    @abc.abstractmethod
     def step(self, f: VectorField, t: float, u: torch.Tensor, dt: float, state: Any) -> StepResult:
-        raise NotImplementedError
+        """Implemented by each concrete subclass."""
 
     def default_controller(self) -> AbstractController:
         """OrdinaryDiffEq.jl's default PI controller for a method of this order."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import abc
+
 import math
 from typing import Any, Callable, Mapping
 
@@ -145,7 +147,7 @@ class Conv(AbstractLayer):
         return f"Conv({self.kernel_size}, {self.in_chs} => {self.out_chs}{act}{opts})"
 
 
-class _Pool(AbstractLayer):
+class _Pool(AbstractLayer, abc.ABC):
     _kind = "pool"
 
     def __init__(self, window: int | tuple[int, int], stride: int | tuple[int, int] | None = None,
@@ -169,8 +171,9 @@ class _Pool(AbstractLayer):
                                  f"{self.window} after padding {self.padding}")
         return self._pool(x), st
 
+    @abc.abstractmethod
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Implemented by each concrete subclass."""
 
     def __repr__(self) -> str:
         opts = format_options({"stride": self.stride, "padding": self.padding},

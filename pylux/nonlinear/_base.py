@@ -23,6 +23,8 @@ tensors ``step`` returns are never views of them.
 
 from __future__ import annotations
 
+import abc
+
 from typing import Any, Callable
 
 import torch
@@ -34,7 +36,7 @@ __all__ = ["AbstractNonlinearSolver", "rowdot", "axpy_rows", "combine_rows", "ba
 FlatMap = Callable[[torch.Tensor], torch.Tensor]
 
 
-class AbstractNonlinearSolver:
+class AbstractNonlinearSolver(abc.ABC):
     """Base class of the fixed-point / root solvers used by :func:`~pylux.nonlinear.nlsolve`.
 
     Every solver accepts the termination settings ``maxiters``, ``abstol`` and
@@ -91,12 +93,14 @@ class AbstractNonlinearSolver:
     def __hash__(self) -> int:
         return hash((type(self), tuple(self.options().items())))
 
+    @abc.abstractmethod
     def init(self, z: torch.Tensor, gz: torch.Tensor, maxiters: int) -> Any:
-        raise NotImplementedError
+        """Implemented by each concrete subclass."""
 
+    @abc.abstractmethod
     def step(self, fn: FlatMap, z: torch.Tensor, gz: torch.Tensor, F: torch.Tensor, state: Any,
              active: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, Any, int]:
-        raise NotImplementedError
+        """Implemented by each concrete subclass."""
 
 
 # Below this many rows, batched products take a slow path on CPU (several times

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import abc
+
 import torch
 
 from ._base import AbstractNonlinearSolver, axpy_rows, backtracking_line_search, rowdot
@@ -33,8 +35,9 @@ class _LowRankBroyden(AbstractNonlinearSolver):
         self._set("line_search", check_bool(self.name, "line_search", line_search))
         self._set("max_backtracks", check_int(self.name, "max_backtracks", max_backtracks, 1))
 
+    @abc.abstractmethod
     def _memory(self, maxiters: int) -> int:
-        raise NotImplementedError
+        """Implemented by each concrete subclass."""
 
     def init(self, z, gz, maxiters):
         memory = self._memory(maxiters)

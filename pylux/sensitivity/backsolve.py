@@ -80,8 +80,6 @@ class BacksolveAdjoint(AbstractSensitivityAlgorithm):
         return f"{type(self).__name__}(seminorm={self.seminorm})"
 
     def solve_with(self, problem: ODEProblem, solver, options: SolveOptions) -> Solution:
-        if not options.adaptive and options.dt is None:
-            raise ValueError("BacksolveAdjoint: a fixed-step solve needs dt")
         pairs = grad_leaves(problem.p)
         paths = [path for path, _ in pairs]
         params = [leaf for _, leaf in pairs]

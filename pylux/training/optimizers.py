@@ -22,6 +22,8 @@ Hyperparameters are validated when the optimizer is built; a bad value raises
 
 from __future__ import annotations
 
+import abc
+
 import math
 import numbers
 from typing import Any, Callable, Mapping, Union
@@ -70,7 +72,7 @@ def _learning_rate(owner: str, lr: Any) -> LearningRate:
     return _nonneg(owner, "lr", lr)
 
 
-class AbstractOptimizer:
+class AbstractOptimizer(abc.ABC):
     """Base class: an immutable description of an update rule over a flat vector.
 
     Subclasses list the names of their state vectors in ``state_names`` and
@@ -140,9 +142,10 @@ class AbstractOptimizer:
             self._update_(state, grad, params, step + 1, self.learning_rate(step))
         return state, params
 
+    @abc.abstractmethod
     def _update_(self, state: dict[str, torch.Tensor], grad: torch.Tensor, params: torch.Tensor,
                  t: int, lr: float) -> None:
-        raise NotImplementedError
+        """Implemented by each concrete subclass."""
 
     def _check_vector(self, x: Any, what: str) -> None:
         if not isinstance(x, torch.Tensor):

@@ -12,6 +12,8 @@ weights (e.g. from 100 down to 10 over training; Pal et al., ICML 2021 and 2023)
 
 from __future__ import annotations
 
+import abc
+
 import math
 import numbers
 from typing import Any
@@ -53,11 +55,12 @@ def check_step(step: Any, where: str) -> int:
     return int(step)
 
 
-class AbstractSchedule:
+class AbstractSchedule(abc.ABC):
     """Base class of schedules: ``schedule(k) -> float`` for a 0-based step ``k >= 0``."""
 
+    @abc.abstractmethod
     def value(self, step: int) -> float:
-        raise NotImplementedError
+        """Implemented by each concrete subclass."""
 
     def __call__(self, step: int) -> float:
         return self.value(check_step(step, type(self).__name__))
