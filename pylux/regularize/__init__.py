@@ -1,0 +1,9 @@
+"""pylux.regularize: regularizers that make learned dynamics cheap to solve.
+
+Depends on pylux.core, pylux.nn, pylux.diffeq, pylux.nonlinear and
+pylux.sensitivity; the layers in :mod:`pylux.layers` use it, never the reverse.
+"""
+
+from .hutchinson import hutchinson_vjp_frobenius, rademacher_like
+
+__all__ = ["hutchinson_vjp_frobenius", "rademacher_like"]
