@@ -6,5 +6,7 @@ So far: :class:`DirectAdjoint` (backprop through the solver) and
 
 from ._params import HiddenParameterError
 from .backsolve import BacksolveAdjoint, DirectAdjoint, InterpolatingAdjoint
+from .steady_state import AbstractImplicitSensitivity, JacobianFreeBackprop, SteadyStateAdjoint
 
 __all__ = ["BacksolveAdjoint", "DirectAdjoint", "InterpolatingAdjoint", "HiddenParameterError"]
+__all__ += ["AbstractImplicitSensitivity", "JacobianFreeBackprop", "SteadyStateAdjoint"]

@@ -1,0 +1,277 @@
+"""Gradients of fixed points: the implicit function theorem, and Jacobian-free backprop.
+
+A deep equilibrium model outputs :math:`z^*` with :math:`z^* = f(z^*, x; \\theta)`.
+Differentiating that identity (the implicit function theorem; Bai, Kolter &
+Koltun, "Deep equilibrium models", NeurIPS 2019) gives, for a loss :math:`L`
+with :math:`g = \\partial L / \\partial z^*` and :math:`J = \\partial f/\\partial z` at
+:math:`z^*`,
+
+.. math::
+    (I - J)^\\top \\lambda = g, \\qquad
+    \\frac{\\partial L}{\\partial \\theta} = \\lambda^\\top \\frac{\\partial f}{\\partial \\theta}, \\qquad
+    \\frac{\\partial L}{\\partial x} = \\lambda^\\top \\frac{\\partial f}{\\partial x}.
+
+:class:`SteadyStateAdjoint` solves the linear system with the batched,
+matrix-free :func:`pylux.nonlinear.gmres`, whose products
+:math:`v \\mapsto v - J^\\top v` are vector–Jacobian products of ONE
+application of ``f`` at :math:`z^*` (one batched VJP per GMRES iteration),
+then spends one more VJP on :math:`\\theta` and :math:`x`. The cost of the
+backward pass is independent of how the forward pass found :math:`z^*` — by a
+nonlinear solver (a discrete DEQ) or by integrating
+:math:`\\dot z = f(z, x) - z` to its steady state (a continuous DEQ; Pal,
+Edelman & Rackauckas 2022), which is why an infinite-time neural ODE trains
+faster than a finite-time one.
+
+:class:`JacobianFreeBackprop` (Fung, Heaton, Li, McKenzie, Osher & Yin,
+"JFB: Jacobian-free backpropagation for implicit networks", AAAI 2022) drops
+the inverse: :math:`\\lambda = g`, i.e. backpropagation through one application
+of ``f`` at :math:`z^*`. It is not the gradient of the loss, but a descent
+direction when ``f`` is contractive enough, at the cost of a single VJP.
+
+Both formulas hold only at a fixed point. The layers pass the forward
+solve's verdict; a backward pass at a point the forward solve did not bring
+to its tolerance warns (or raises, with ``on_failure="raise"``) instead of
+silently returning a gradient of the wrong point.
+"""
+
+from __future__ import annotations
+
+import abc
+import warnings
+from typing import Any, Callable
+
+import torch
+
+from ..nonlinear import ConvergenceWarning, NonlinearReturnCode, NonlinearSolveError, gmres
+from ..nonlinear._options import check_choice, check_float, check_int, reject_unknown
+from ._params import check_no_hidden_parameters, grad_leaves, replace_leaves
+
+__all__ = ["AbstractImplicitSensitivity", "SteadyStateAdjoint", "JacobianFreeBackprop"]
+
+#: ``f(z, x, ps) -> z_new``: a fixed-point map with its input injection and parameter tree.
+FixedPointMap = Callable[[torch.Tensor, Any, Any], torch.Tensor]
+
+
+class AbstractImplicitSensitivity(abc.ABC):
+    """How gradients flow through a fixed point :math:`z^* = f(z^*, x; \\theta)`.
+
+    The one method, :meth:`attach_gradient`, takes a fixed point found without
+    gradients and returns the same values wired into the autograd graph so
+    that a backward pass reaches ``x`` and every tensor of the parameter tree
+    ``ps`` that requires grad.
+
+    Args (common to the subclasses):
+        on_failure: ``"warn"`` (a :class:`~pylux.nonlinear.ConvergenceWarning`)
+            or ``"raise"`` (:class:`~pylux.nonlinear.NonlinearSolveError`) when
+            the backward pass is asked at a point that is not a fixed point, or
+            (for :class:`SteadyStateAdjoint`) when the linear solve stops short
+            of its tolerance.
+    """
+
+    _option_names: tuple[str, ...] = ("on_failure",)
+
+    def __init__(self, on_failure: str = "warn") -> None:
+        self.on_failure = check_choice(type(self).__name__, "on_failure", on_failure, ("warn", "raise"))
+        #: statistics of the latest backward pass (GMRES iterations, residual), or ``None``.
+        self.last_backward_stats: dict | None = None
+
+    def options(self) -> dict:
+        return {name: getattr(self, name) for name in self._option_names}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.options().items())})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.options() == other.options()
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(self.options().items())))
+
+    def attach_gradient(self, f: FixedPointMap, z_star: torch.Tensor, x: torch.Tensor | None, ps: Any, *,
+                        converged: bool = True, residual: torch.Tensor | None = None,
+                        where: str = "fixed point") -> torch.Tensor:
+        """``z_star`` as a differentiable function of ``x`` and ``ps`` through this algorithm.
+
+        Args:
+            f: the map, ``f(z, x, ps) -> tensor of z's shape``; it must act on
+                each batch element independently (GMRES solves one system per row)
+                and must take every trainable tensor from ``ps`` (tensors that
+                require grad reached through a closure raise
+                :class:`~pylux.sensitivity.HiddenParameterError` in backward).
+            z_star: the fixed point (its own graph, if any, is ignored).
+            x: the input injection, or ``None``; it gets a gradient if it requires grad.
+            ps: the parameter tree passed to ``f``.
+            converged: the forward solve's verdict (host bool).
+            residual: ``(B,)`` forward residuals ``||f(z*) - z*||``, used in the
+                message when ``converged`` is False.
+            where: a name for messages (e.g. ``"DEQ(Broyden)"``).
+
+        Returns:
+            a tensor equal to ``z_star`` (a copy) whose backward runs this
+            algorithm; ``z_star`` itself, detached, when nothing requires grad
+            or grad mode is off.
+        """
+        pairs = grad_leaves(ps)
+        x_grad = isinstance(x, torch.Tensor) and x.requires_grad
+        if not torch.is_grad_enabled() or (not pairs and not x_grad):
+            return z_star.detach()
+        paths = [path for path, _ in pairs]
+        params = [leaf for _, leaf in pairs]
+        x_arg = x if isinstance(x, torch.Tensor) else None
+        x_other = None if x_arg is not None else x
+        return _ImplicitFunction.apply(self, f, ps, paths, x_other, (converged, residual, where),
+                                       z_star.detach(), x_arg, *params)
+
+    def _flag_not_fixed_point(self, converged: bool, residual: torch.Tensor | None, where: str) -> None:
+        if converged:
+            return
+        reached = "" if residual is None else (
+            f" (the forward solve reached a largest residual ||f(z) - z|| = {float(residual.max()):.3e})")
+        message = (f"{type(self).__name__}: backward pass of {where} at a point that is not a fixed point"
+                   f"{reached}; the implicit gradient assumes z* = f(z*), so this gradient is not that of "
+                   "the layer. Increase maxiters, loosen abstol/reltol, or use a faster forward solver.")
+        if self.on_failure == "raise":
+            raise NonlinearSolveError(message, NonlinearReturnCode.MaxIters, 0)
+        warnings.warn(message, ConvergenceWarning, stacklevel=3)
+
+    @abc.abstractmethod
+    def _cotangent(self, fz: torch.Tensor, z: torch.Tensor, grad: torch.Tensor, where: str) -> torch.Tensor:
+        """The vector :math:`\\lambda` that multiplies :math:`\\partial f / \\partial(\\theta, x)`."""
+
+
+class SteadyStateAdjoint(AbstractImplicitSensitivity):
+    """Implicit-function-theorem gradient of a fixed point, by GMRES on VJPs (see the module docstring).
+
+    Solves :math:`(I - J)^\\top \\lambda = g` with :func:`pylux.nonlinear.gmres`;
+    each GMRES iteration is one batched vector–Jacobian product of a single
+    application of ``f`` at :math:`z^*` (its graph is kept for the whole solve),
+    then :math:`\\lambda^\\top \\partial f/\\partial(\\theta, x)` costs one more. Exact
+    (up to ``tol``) at an exact fixed point; memory of one application of
+    ``f`` plus the Krylov basis, whatever the forward solver did.
+
+    Args:
+        tol: GMRES relative tolerance, ``||g - (I - J)^T lambda|| <= tol ||g||`` per batch element.
+        atol: GMRES absolute tolerance (default 0).
+        restart: Krylov dimension per GMRES cycle.
+        maxiters: total GMRES iterations (default ``10 * restart``).
+        on_failure: ``"warn"`` or ``"raise"`` (:class:`~pylux.nonlinear.NonlinearSolveError`)
+            when GMRES stops above its tolerance (the message names the residual reached)
+            or the forward point is not a fixed point.
+
+    Raises:
+        TypeError: an unknown or misspelt option (named, with the closest valid one).
+        ValueError: an option out of range.
+        NonlinearSolveError (in backward): NaN/Inf in the adjoint; non-convergence with ``"raise"``.
+
+    After each backward pass ``last_backward_stats`` holds ``{"iterations",
+    "matvecs", "residual" (largest relative GMRES residual), "converged"}``.
+    """
+
+    _option_names = ("tol", "atol", "restart", "maxiters", "on_failure")
+
+    def __init__(self, *, tol: float = 1e-6, atol: float = 0.0, restart: int = 20, maxiters: int | None = None,
+                 on_failure: str = "warn", **unknown) -> None:
+        where = "SteadyStateAdjoint"
+        reject_unknown(where, unknown, self._option_names)
+        super().__init__(on_failure)
+        self.tol = check_float(where, "tol", tol, low=0.0, high=1.0)
+        self.atol = check_float(where, "atol", atol, low=0.0)
+        if self.tol == 0.0 and self.atol == 0.0:
+            raise ValueError(f"{where}: tol and atol are both zero; give a positive tol (e.g. 1e-6).")
+        self.restart = check_int(where, "restart", restart, 1)
+        self.maxiters = check_int(where, "maxiters", maxiters, 1, allow_none=True)
+
+    def _cotangent(self, fz, z, grad, where):
+        def matvec(v):
+            (vjp,) = torch.autograd.grad(fz, z, grad_outputs=v, retain_graph=True)
+            return v - vjp
+
+        result = gmres(matvec, grad, restart=self.restart, maxiters=self.maxiters, rtol=self.tol, atol=self.atol)
+        scale = torch.linalg.vector_norm(grad.reshape(grad.shape[0], -1), dim=1)
+        relative = result.residual_norm / torch.where(scale > 0, scale, torch.ones_like(scale))
+        worst, finite = torch.stack([relative.max(), torch.isfinite(result.x).all().to(relative.dtype)]).tolist() \
+            if relative.numel() else (0.0, 1.0)
+        converged = bool(result.converged.all())
+        self.last_backward_stats = {"iterations": result.iterations, "matvecs": result.matvecs,
+                                    "residual": worst, "converged": converged}
+        if not finite:
+            raise NonlinearSolveError(
+                f"SteadyStateAdjoint: the adjoint of {where} is NaN/Inf after {result.iterations} GMRES "
+                "iterations; f or its Jacobian is not finite at z*, or I - J is singular there.",
+                NonlinearReturnCode.Unstable, result.iterations)
+        if not converged:
+            failed = int((~result.converged).sum())
+            message = (f"SteadyStateAdjoint: GMRES for the adjoint of {where} stopped after {result.iterations} "
+                       f"iterations with relative residual {worst:.3e} > tol={self.tol:g} in {failed} of "
+                       f"{grad.shape[0]} batch elements; the gradient is inexact. Increase maxiters or "
+                       "restart, loosen tol, or regularise the Jacobian of f (jacobian_regularization).")
+            if self.on_failure == "raise":
+                raise NonlinearSolveError(message, NonlinearReturnCode.MaxIters, result.iterations)
+            warnings.warn(message, ConvergenceWarning, stacklevel=4)
+        return result.x
+
+
+class JacobianFreeBackprop(AbstractImplicitSensitivity):
+    """Jacobian-free backpropagation (Fung et al., AAAI 2022): :math:`\\lambda = g`.
+
+    The gradient of :math:`L(f(z^*, x; \\theta))` with :math:`z^*` held fixed,
+    i.e. backpropagation through one application of ``f`` at the fixed point:
+    :math:`\\partial L/\\partial\\theta \\approx g^\\top \\partial f/\\partial\\theta`. Costs one VJP;
+    it is a descent direction (not the gradient) when ``f`` is a contraction.
+
+    Args:
+        on_failure: ``"warn"`` or ``"raise"`` when the forward point is not a fixed point.
+
+    Raises:
+        TypeError: an unknown or misspelt option.
+    """
+
+    def __init__(self, *, on_failure: str = "warn", **unknown) -> None:
+        reject_unknown("JacobianFreeBackprop", unknown, self._option_names)
+        super().__init__(on_failure)
+
+    def _cotangent(self, fz, z, grad, where):
+        self.last_backward_stats = {"iterations": 0, "matvecs": 0, "residual": 0.0, "converged": True}
+        return grad
+
+
+class _ImplicitFunction(torch.autograd.Function):
+    """Identity on ``z_star`` forward; ``lambda^T d f/d(x, params)`` backward."""
+
+    @staticmethod
+    def forward(ctx, alg, f, ps, paths, x_original, verdict, z_star, x, *params):
+        ctx.alg, ctx.f, ctx.ps, ctx.paths, ctx.verdict = alg, f, ps, paths, verdict
+        ctx.x_original = x_original
+        ctx.x_is_tensor = x is not None
+        ctx.save_for_backward(z_star, *(() if x is None else (x,)), *params)
+        return z_star.clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_z):
+        alg = ctx.alg
+        converged, residual, where = ctx.verdict
+        alg._flag_not_fixed_point(converged, residual, where)
+        saved = ctx.saved_tensors
+        z_star = saved[0]
+        x = saved[1] if ctx.x_is_tensor else ctx.x_original
+        params = saved[2:] if ctx.x_is_tensor else saved[1:]
+        x_needs = ctx.x_is_tensor and ctx.needs_input_grad[7]
+        with torch.enable_grad():
+            z = z_star.detach().requires_grad_(True)
+            x_ = x.detach().requires_grad_(x_needs) if ctx.x_is_tensor else x
+            ps_ = [p.detach().requires_grad_(True) for p in params]
+            tree = replace_leaves(ctx.ps, ctx.paths, ps_) if ctx.paths else ctx.ps
+            fz = ctx.f(z, x_, tree)
+            if not isinstance(fz, torch.Tensor) or fz.shape != z.shape:
+                got = tuple(fz.shape) if isinstance(fz, torch.Tensor) else type(fz).__name__
+                raise ValueError(f"{type(alg).__name__}: f returned {got} for a state of shape "
+                                 f"{tuple(z.shape)}; a fixed-point map must return its input's shape.")
+            check_no_hidden_parameters(fz, [z, *([x_] if ctx.x_is_tensor else []), *ps_],
+                                       where=f"{type(alg).__name__}: the map of {where}")
+            lam = alg._cotangent(fz, z, grad_z.contiguous(), where)
+            wrt = ([x_] if x_needs else []) + ps_
+            grads = torch.autograd.grad(fz, wrt, grad_outputs=lam, allow_unused=True) if wrt else ()
+        grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, wrt)]
+        grad_x = grads.pop(0) if x_needs else None
+        return (None, None, None, None, None, None, None, grad_x, *grads)
