@@ -62,6 +62,7 @@ from .nonlinear import (
     nlsolve,
 )
 from .layers import NeuralODE
-from .sensitivity import BacksolveAdjoint, DirectAdjoint, HiddenParameterError, InterpolatingAdjoint
+from .sensitivity import (BacksolveAdjoint, DirectAdjoint, HiddenParameterError, InterpolatingAdjoint,
+                          QuadratureAdjoint, ReversibleAdjoint)
 
 __version__ = "0.1.0"

@@ -1,10 +1,11 @@
-"""Gradients through solve(): Direct and Backsolve (with and without seminorm)."""
+"""Gradients through solve(): every sensitivity algorithm against finite differences and each other."""
 
 import pytest
 import torch
 
 import pylux as lx
-from pylux.sensitivity import BacksolveAdjoint, DirectAdjoint, HiddenParameterError, InterpolatingAdjoint
+from pylux.sensitivity import (BacksolveAdjoint, DirectAdjoint, HiddenParameterError, InterpolatingAdjoint,
+                               QuadratureAdjoint)
 
 F64 = torch.float64
 
@@ -40,7 +41,9 @@ def finite_difference(fun, x, eps=1e-6):
 
 
 @pytest.mark.parametrize("alg", [DirectAdjoint(), BacksolveAdjoint(), BacksolveAdjoint(seminorm=True),
-                                 InterpolatingAdjoint(), InterpolatingAdjoint(seminorm=True)],
+                                 InterpolatingAdjoint(), InterpolatingAdjoint(seminorm=True),
+                                 InterpolatingAdjoint(checkpointing=True), InterpolatingAdjoint(checkpointing=5),
+                                 QuadratureAdjoint()],
                          ids=repr)
 @pytest.mark.parametrize("tspan,saveat", [((0.0, 1.0), (0.3, 0.7, 1.0)), ((1.0, -0.5), (0.6, 0.1, -0.5))])
 def test_gradients_match_finite_differences(alg, tspan, saveat):
@@ -58,7 +61,8 @@ def test_gradients_match_finite_differences(alg, tspan, saveat):
 def test_backsolve_agrees_with_direct():
     u0, W, b = make_inputs(1)
     direct = torch.autograd.grad(loss_fn(u0, W, b, DirectAdjoint()), [u0, W, b])
-    for alg in (BacksolveAdjoint(), BacksolveAdjoint(seminorm=True), InterpolatingAdjoint()):
+    for alg in (BacksolveAdjoint(), BacksolveAdjoint(seminorm=True), InterpolatingAdjoint(),
+                InterpolatingAdjoint(checkpointing=[0.1, 0.5, 0.9]), QuadratureAdjoint()):
         back = torch.autograd.grad(loss_fn(u0, W, b, alg), [u0, W, b])
         for g, ref in zip(back, direct):
             torch.testing.assert_close(g, ref, rtol=1e-7, atol=1e-8)

@@ -1,0 +1,457 @@
+"""Continuous adjoints: Backsolve, Interpolating (optionally checkpointed) and Quadrature.
+
+For a loss :math:`L` on the saved states :math:`u(t_k)` of
+:math:`\\dot z = f(z, \\theta, t)`, the adjoint :math:`a_z(t) = \\partial L/\\partial z(t)`
+solves, backwards from the last saved time,
+
+.. math::
+    \\dot a_z = -a_z^\\top \\partial_z f(z(t), \\theta, t), \\qquad
+    a_z(t_N) = \\partial L/\\partial u(t_N),
+
+jumping by :math:`\\partial L/\\partial u(t_k)` at every earlier save time, and
+
+.. math::
+    \\frac{\\partial L}{\\partial u_0} = a_z(t_0), \\qquad
+    \\frac{\\partial L}{\\partial \\theta} = \\int_{t_0}^{t_N} a_z^\\top \\partial_\\theta f \\, dt
+
+(Pontryagin; Chen, Rubanova, Bettencourt & Duvenaud, NeurIPS 2018). The three
+algorithms differ in where :math:`z(t)` comes from and how the parameter
+integral is computed — the SciMLSensitivity.jl taxonomy:
+
+========================  =====================================  ==========================================
+algorithm                 ``z(t)`` on the backward pass          ``dL/dθ``
+========================  =====================================  ==========================================
+``BacksolveAdjoint``      re-integrated backwards with ``a_z``   ``ȧ_θ = -a_zᵀ ∂_θ f``, integrated alongside
+``InterpolatingAdjoint``  forward dense output (or re-solved     the same
+                          from checkpoints)
+``QuadratureAdjoint``     forward dense output                   Gauss–Legendre quadrature over the
+                                                                 backward solve's own steps
+========================  =====================================  ==========================================
+
+Vector–Jacobian products come from torch autograd, one per stage evaluation of
+the backward solve, for the whole batch and every parameter tensor at once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..diffeq import AbstractSensitivityAlgorithm, ODEProblem, SemiNorm, Solution, integrate
+from ..diffeq.options import SolveOptions
+from ._params import check_no_hidden_parameters, grad_leaves, replace_leaves
+
+__all__ = ["BacksolveAdjoint", "InterpolatingAdjoint", "QuadratureAdjoint", "BackwardStats"]
+
+
+class BackwardStats(dict):
+    """Counters of the latest backward pass: ``nf`` (evaluations of the augmented field),
+    ``naccept``, ``nreject``, ``nvjp`` (vector–Jacobian products), and for checkpointed and
+    quadrature adjoints ``nf_forward_resolve`` / ``nquadrature`` (extra forward evaluations
+    and quadrature nodes)."""
+
+
+def _bound_field(problem: ODEProblem, paths, params):
+    p = replace_leaves(problem.p, paths, params) if paths else problem.p
+    return lambda u, t: problem.f(u, p, t)
+
+
+class _ContinuousAdjoint(AbstractSensitivityAlgorithm):
+    """Shared machinery; subclasses choose where ``z(t)`` comes from and how ``dL/dθ`` is formed."""
+
+    #: the backward pass reads z(t) from a forward dense output (else re-integrates z).
+    _interpolates = False
+    #: dL/dθ by quadrature after the a_z solve (else integrated as extra channels).
+    _quadrature = False
+
+    def __init__(self, *, seminorm: bool = False, reltol: float | None = None,
+                 abstol: float | None = None) -> None:
+        if not isinstance(seminorm, bool):
+            raise TypeError(f"{type(self).__name__}: seminorm must be True or False, got {seminorm!r}")
+        for name, value in (("reltol", reltol), ("abstol", abstol)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not value > 0 or not math.isfinite(value)):
+                raise ValueError(f"{type(self).__name__}: {name} must be a finite number > 0 or None "
+                                 f"(= the forward solve's), got {value!r}")
+        self.seminorm = seminorm
+        self.reltol = reltol
+        self.abstol = abstol
+        self.last_backward_stats: BackwardStats | None = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(seminorm={self.seminorm})"
+
+    def _checkpoints(self, t0: float, t1: float) -> tuple[float, ...] | None:
+        """Interior times whose forward states are stored for re-solving; None = no checkpointing."""
+        return None
+
+    def solve_with(self, problem: ODEProblem, solver, options: SolveOptions) -> Solution:
+        if torch.is_tensor(options.abstol):
+            raise NotImplementedError(
+                f"{type(self).__name__}: a tensor abstol is not supported by the continuous adjoints "
+                "(the backward state has other channels than u); pass a float abstol, or use "
+                "DirectAdjoint() or ReversibleAdjoint()")
+        if options.save_stats:
+            raise NotImplementedError(
+                f"{type(self).__name__}: save_stats=True records differentiable per-step error "
+                "estimates, which only DirectAdjoint() can differentiate; use DirectAdjoint() (the "
+                "global error/stiffness regularizers need it) or LocalErrorRegularization, which "
+                "works with every sensealg")
+        pairs = grad_leaves(problem.p)
+        paths = [path for path, _ in pairs]
+        params = [leaf for _, leaf in pairs]
+        holder: dict = {}
+        u = _AdjointFunction.apply(self, problem, solver, options, paths, holder, problem.u0, *params)
+        sol = holder["solution"]
+        return Solution(sol.t, u, sol.retcode, sol.stats, message=sol.message, solver=solver)
+
+
+class BacksolveAdjoint(_ContinuousAdjoint):
+    """Chen et al.'s adjoint: re-integrate ``[z, a_z, a_θ]`` backwards (see the module docstring).
+
+    Args:
+        seminorm: leave the parameter-adjoint channels ``a_θ`` out of the
+            backward error norm (Kidger, Chen & Lyons, ICML 2021): they never
+            feed back into the other channels, so their error cannot grow, and
+            the backward pass takes fewer steps (the paper: a median 40% fewer).
+        reltol, abstol: tolerances of the backward solve (default: the forward ones).
+
+    Memory is independent of the number of steps. The price: ``z`` is
+    re-integrated backwards and its error is not controlled against the
+    forward trajectory, so gradients are accurate only to the solver tolerance,
+    and poorly where the backward dynamics are unstable (then prefer
+    :class:`InterpolatingAdjoint` or :class:`~pylux.sensitivity.ReversibleAdjoint`).
+
+    The gradient flows to ``u0`` and to every tensor of the parameter tree
+    ``p`` that requires grad. A tensor that requires grad but reaches ``f``
+    only through a closure raises :class:`~pylux.sensitivity.HiddenParameterError`
+    instead of silently getting a zero gradient. The backward counters are in
+    ``self.last_backward_stats`` (a :class:`BackwardStats`) after ``backward()``.
+
+    Raises:
+        NotImplementedError: with a tensor ``abstol`` or ``save_stats=True``
+            (both need :class:`DirectAdjoint`).
+    """
+
+
+class InterpolatingAdjoint(_ContinuousAdjoint):
+    """The adjoint with ``z(t)`` read from the forward solve instead of re-integrated.
+
+    Integrates ``[a_z, a_θ]`` backward. Without checkpointing, ``z(t)`` comes
+    from the forward solve's dense output (the method's own interpolant),
+    stored in full: memory grows with the number of forward steps. With
+    checkpointing, only the states at the checkpoints are stored, and the
+    forward solve is redone from each checkpoint, one interval at a time, as
+    the backward pass reaches it (SciMLSensitivity's
+    ``InterpolatingAdjoint(checkpointing=true)``): memory is the checkpoints
+    plus one interval's dense output, at the cost of a second forward solve.
+
+    Avoiding the backward re-integration of ``z`` makes it the robust choice
+    where :class:`BacksolveAdjoint` drifts.
+
+    Args:
+        checkpointing: ``False`` (keep the whole dense output); ``True`` (the
+            saved times are the checkpoints); an int ``n`` (the saved times plus
+            ``n - 1`` equally spaced interior times, i.e. at least ``n``
+            intervals); or a sequence of interior times.
+        seminorm, reltol, abstol: as for :class:`BacksolveAdjoint`.
+
+    Raises:
+        ValueError: a checkpoint outside tspan, or a non-positive count.
+    """
+
+    _interpolates = True
+
+    def __init__(self, *, checkpointing: bool | int | Sequence[float] = False, seminorm: bool = False,
+                 reltol: float | None = None, abstol: float | None = None) -> None:
+        super().__init__(seminorm=seminorm, reltol=reltol, abstol=abstol)
+        if isinstance(checkpointing, bool):
+            pass
+        elif isinstance(checkpointing, int):
+            if checkpointing < 1:
+                raise ValueError(f"InterpolatingAdjoint: checkpointing=n needs n >= 1 intervals, got "
+                                 f"{checkpointing}")
+        else:
+            try:
+                checkpointing = tuple(float(x) for x in checkpointing)
+            except (TypeError, ValueError):
+                raise TypeError("InterpolatingAdjoint: checkpointing must be True/False, an int or a "
+                                f"sequence of times, got {type(checkpointing).__name__}") from None
+            if any(not math.isfinite(x) for x in checkpointing):
+                raise ValueError(f"InterpolatingAdjoint: checkpoint times must be finite, got "
+                                 f"{checkpointing}")
+        self.checkpointing = checkpointing
+
+    def __repr__(self) -> str:
+        return f"InterpolatingAdjoint(checkpointing={self.checkpointing!r}, seminorm={self.seminorm})"
+
+    def _checkpoints(self, t0, t1):
+        spec = self.checkpointing
+        if spec is False:
+            return None
+        if spec is True:
+            return ()
+        if isinstance(spec, int):
+            return tuple(t0 + (t1 - t0) * i / spec for i in range(1, spec))
+        lo, hi = min(t0, t1), max(t0, t1)
+        outside = [x for x in spec if not lo <= x <= hi]
+        if outside:
+            raise ValueError(f"InterpolatingAdjoint: checkpoints {outside} lie outside tspan "
+                             f"({t0!r}, {t1!r})")
+        return tuple(x for x in spec if x != t0 and x != t1)
+
+
+class QuadratureAdjoint(_ContinuousAdjoint):
+    """The adjoint with ``dL/dθ`` computed by quadrature over the stored forward solution.
+
+    Solves only ``a_z`` backward (``z(t)`` from the forward dense output), a
+    system of the state's size rather than state plus parameters, so the
+    backward error control and every stage evaluation are cheaper (each VJP
+    is with respect to ``z`` only). Then, on each step ``[s_j, s_j + h_j]`` of
+    that backward solve,
+
+    .. math::
+        \\int a_z^\\top \\partial_\\theta f\\, dt \\approx
+        h_j \\sum_i w_i\\, a_z(\\tau_i)^\\top \\partial_\\theta f(z(\\tau_i), \\theta, \\tau_i)
+
+    with Gauss–Legendre nodes ``τ_i`` and weights ``w_i`` (``ceil((p + 1) / 2)``
+    nodes for a solver of order ``p``, exact for polynomials of degree ``p``),
+    ``a_z(τ_i)`` from the backward solve's dense output. The node VJPs of a
+    step are formed in one autograd call. SciMLSensitivity's
+    ``QuadratureAdjoint``; best when there are many parameters and the
+    backward pass takes few steps.
+
+    Args:
+        nodes: Gauss–Legendre nodes per backward step (default from the solver's order).
+        reltol, abstol: tolerances of the backward solve (default: the forward ones).
+    """
+
+    _interpolates = True
+    _quadrature = True
+
+    def __init__(self, *, nodes: int | None = None, reltol: float | None = None,
+                 abstol: float | None = None) -> None:
+        super().__init__(seminorm=False, reltol=reltol, abstol=abstol)
+        if nodes is not None and (isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1):
+            raise ValueError(f"QuadratureAdjoint: nodes must be a positive int or None, got {nodes!r}")
+        self.nodes = nodes
+
+    def __repr__(self) -> str:
+        return f"QuadratureAdjoint(nodes={self.nodes!r})"
+
+
+def _merge_times(saved: Sequence[float], extra: Sequence[float], direction: float) -> list[float]:
+    return sorted(set(saved) | set(extra), key=lambda x: direction * x)
+
+
+class _AdjointFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, alg, problem, solver, options, paths, holder, u0, *params):
+        t0, t1 = problem.tspan
+        direction = 1.0 if t1 >= t0 else -1.0
+        detached = [x.detach() for x in params]
+        checkpoints = alg._checkpoints(t0, t1)
+        forward_options = options.replace(dense=alg._interpolates and checkpoints is None,
+                                          save_stats=False)
+        if checkpoints and options.saveat is not None:
+            forward_options = forward_options.replace(
+                saveat=tuple(_merge_times(options.saveat, checkpoints, direction)))
+        elif checkpoints:  # every step is saved anyway: the steps are the checkpoints
+            checkpoints = ()
+        field = _bound_field(problem, paths, detached)
+        with torch.no_grad():
+            sol = integrate(field, u0.detach(), t0, t1, solver, forward_options)
+        times = sol.t.tolist()
+        keep = list(range(len(times)))
+        if checkpoints:
+            wanted = set(options.saveat) | ({t0} if options.save_start else set())
+            keep = [i for i, t in enumerate(times) if t in wanted or (options.save_end and i == len(times) - 1)]
+        if len(keep) != len(times):
+            index = torch.tensor(keep, device=sol.t.device)
+            holder["solution"] = Solution(sol.t[index], sol.u[index], sol.retcode, sol.stats,
+                                          message=sol.message, solver=solver)
+        else:
+            holder["solution"] = sol
+        ctx.alg, ctx.problem, ctx.solver, ctx.options, ctx.paths = alg, problem, solver, options, paths
+        ctx.times, ctx.keep, ctx.t0 = times, keep, t0
+        ctx.dense = sol if forward_options.dense else None
+        ctx.checkpointed = checkpoints is not None
+        states = sol.u.detach() if ctx.checkpointed else sol.u[-1:].detach()
+        ctx.save_for_backward(u0.detach(), states, *detached)
+        out = holder["solution"].u
+        return out.detach().clone() if out is sol.u else out.detach()
+
+    @staticmethod
+    def backward(ctx, grad_u):
+        u0, states, *params = ctx.saved_tensors
+        grads = _Backward(ctx, u0, states, params).run(grad_u)
+        return (None, None, None, None, None, None, *grads)
+
+
+class _Backward:
+    """One backward pass: the augmented field, the segment loop and the save-time jumps."""
+
+    def __init__(self, ctx, u0, states, params):
+        self.alg, self.problem, self.solver = ctx.alg, ctx.problem, ctx.solver
+        self.paths, self.params, self.u0 = ctx.paths, params, u0
+        self.times, self.keep, self.t0 = ctx.times, ctx.keep, ctx.t0
+        self.dense, self.states, self.checkpointed = ctx.dense, states, ctx.checkpointed
+        self.forward_options = ctx.options
+        self.shape, self.n_z = u0.shape, u0.numel()
+        self.n_theta = sum(x.numel() for x in params)
+        alg = self.alg
+        # channel layout of the backward state: [z?] [a_z] [a_θ?]
+        self.z_channels = 0 if alg._interpolates else self.n_z
+        self.theta_channels = 0 if alg._quadrature else self.n_theta
+        self.stats = BackwardStats(nf=0, naccept=0, nreject=0, nvjp=0)
+        if alg._interpolates and self.checkpointed:
+            self.stats["nf_forward_resolve"] = 0
+        if alg._quadrature:
+            self.stats["nquadrature"] = 0
+        self.segment_dense = None
+        self.checked = False
+        self.back_options = self._backward_options()
+
+    def _backward_options(self) -> SolveOptions:
+        alg, options = self.alg, self.forward_options
+        norm = options.norm
+        if alg.seminorm and self.theta_channels:
+            mask = torch.zeros(self.z_channels + self.n_z + self.theta_channels, dtype=torch.bool,
+                               device=self.u0.device)
+            mask[:self.z_channels + self.n_z] = True
+            norm = SemiNorm(mask)
+        return options.replace(saveat=None, save_everystep=False, save_start=False, save_end=True,
+                               dense=alg._quadrature, save_stats=False, norm=norm, callbacks=(),
+                               reltol=alg.reltol if alg.reltol is not None else options.reltol,
+                               abstol=alg.abstol if alg.abstol is not None else options.abstol)
+
+    def _vjp(self, z, t, a_z, with_params: bool):
+        with torch.enable_grad():
+            z_ = z.detach().requires_grad_(True)
+            ps_ = [x.detach().requires_grad_(True) for x in self.params]
+            out = _bound_field(self.problem, self.paths, ps_)(z_, t)
+            if not self.checked:
+                check_no_hidden_parameters(out, [z_, *ps_], where=f"{type(self.alg).__name__}: f")
+                self.checked = True
+            wrt = [z_, *ps_] if with_params else [z_]
+            grads = torch.autograd.grad(out, wrt, grad_outputs=a_z, allow_unused=True)
+        self.stats["nvjp"] += 1
+        return out, grads
+
+    def augmented(self, aug, t):
+        n_z, zc, shape = self.n_z, self.z_channels, self.shape
+        z = self.segment_dense(t) if self.alg._interpolates else aug[:n_z].view(shape)
+        a_z = aug[zc:zc + n_z].view(shape)
+        out, grads = self._vjp(z, t, a_z, with_params=bool(self.theta_channels))
+        pieces = [out.reshape(-1).detach()] if not self.alg._interpolates else []
+        pieces.append(_neg_flat(grads[0], n_z, aug))
+        if self.theta_channels:
+            pieces += [_neg_flat(g, x.numel(), aug) for g, x in zip(grads[1:], self.params)]
+        return torch.cat(pieces)
+
+    def _forward_dense(self, k: int):
+        """The forward solution over [times[k-1], times[k]] (k = 0: [t0, times[0]])."""
+        if not self.checkpointed:
+            return self.dense
+        start_t = self.times[k - 1] if k > 0 else self.t0
+        start_u = self.states[k - 1] if k > 0 else self.u0
+        end_t = self.times[k]
+        options = self.forward_options.replace(saveat=None, save_everystep=False, save_start=False,
+                                               save_end=True, dense=True, save_stats=False, callbacks=())
+        with torch.no_grad():
+            sol = integrate(_bound_field(self.problem, self.paths, self.params), start_u, start_t, end_t,
+                            self.solver, options)
+        self.stats["nf_forward_resolve"] += sol.stats.nf
+        return sol
+
+    def _integrate_segment(self, aug, t_from: float, t_to: float, k: int):
+        if t_from == t_to:
+            return aug
+        if self.alg._interpolates:
+            self.segment_dense = self._forward_dense(k)
+        sol = integrate(self.augmented, aug, t_from, t_to, self.solver, self.back_options)
+        for key, value in (("nf", sol.stats.nf), ("naccept", sol.stats.naccept),
+                           ("nreject", sol.stats.nreject)):
+            self.stats[key] += value
+        if self.alg._quadrature:
+            self._quadrature_over(sol)
+        return sol.u[-1]
+
+    def _quadrature_over(self, back_sol: Solution):
+        """Add ``∫ a_zᵀ ∂_θ f dt`` over the backward segment to the parameter gradients."""
+        if not self.n_theta:
+            return
+        dense = back_sol._dense
+        n_nodes = self.alg.nodes or max(1, math.ceil((self.solver.order + 1) / 2))
+        nodes, weights = np.polynomial.legendre.leggauss(n_nodes)
+        thetas = [(x + 1) / 2 for x in nodes]
+        halves = [w / 2 for w in weights]
+        with torch.enable_grad():
+            ps_ = [x.detach().requires_grad_(True) for x in self.params]
+            field = _bound_field(self.problem, self.paths, ps_)
+            total = None
+            for start, end, piece in zip(dense.starts, dense.ends, dense.pieces):
+                a_nodes = piece.evaluate(thetas).detach()
+                h = end - start  # negative when the backward pass runs toward smaller t
+                node_times = [start + th * h for th in thetas]
+                z_nodes = self.segment_dense(node_times)
+                for i, t in enumerate(node_times):
+                    out = field(z_nodes[i], z_nodes.new_tensor(t))
+                    # the backward step runs from s to s + h; the forward integral's sign is that of -h
+                    term = (out * a_nodes[i, self.z_channels:self.z_channels + self.n_z].view(self.shape)).sum()
+                    term = term * (-h * halves[i])
+                    total = term if total is None else total + term
+            self.stats["nquadrature"] += len(dense.pieces) * n_nodes
+            if total is None:
+                return
+            grads = torch.autograd.grad(total, ps_, allow_unused=True)
+        self.stats["nvjp"] += 1
+        for j, g in enumerate(grads):
+            if g is not None:
+                self.param_grads[j] += g
+
+    def run(self, grad_u):
+        times, keep = self.times, self.keep
+        dtype, device = self.u0.dtype, self.u0.device
+        # dL/du at every saved time (checkpoint-only rows get none)
+        grad_at = [None] * len(times)
+        for row, i in enumerate(keep):
+            grad_at[i] = grad_u[row]
+        self.param_grads = [torch.zeros_like(x) for x in self.params]
+        last = len(times) - 1
+        pieces = [self.states[-1].reshape(-1)] if self.z_channels else []
+        pieces.append(_flat_or_zero(grad_at[last], self.n_z, dtype, device))
+        if self.theta_channels:
+            pieces.append(torch.zeros(self.n_theta, dtype=dtype, device=device))
+        aug = torch.cat(pieces)
+        for k in range(last, 0, -1):
+            aug = self._integrate_segment(aug, times[k], times[k - 1], k)
+            if grad_at[k - 1] is not None:
+                aug = aug.clone()
+                aug[self.z_channels:self.z_channels + self.n_z] += grad_at[k - 1].reshape(-1)
+        if times and times[0] != self.t0:
+            aug = self._integrate_segment(aug, times[0], self.t0, 0)
+        self.alg.last_backward_stats = self.stats
+        zc, n_z = self.z_channels, self.n_z
+        grad_u0 = aug[zc:zc + n_z].view(self.shape)
+        offset = zc + n_z
+        grads = []
+        for j, x in enumerate(self.params):
+            if self.theta_channels:
+                grads.append(aug[offset:offset + x.numel()].view(x.shape))
+                offset += x.numel()
+            else:
+                grads.append(self.param_grads[j])
+        return [grad_u0, *grads]
+
+
+def _neg_flat(g, n: int, like: torch.Tensor) -> torch.Tensor:
+    return -g.reshape(-1) if g is not None else torch.zeros(n, dtype=like.dtype, device=like.device)
+
+
+def _flat_or_zero(g, n: int, dtype, device) -> torch.Tensor:
+    return g.reshape(-1) if g is not None else torch.zeros(n, dtype=dtype, device=device)
