@@ -62,7 +62,21 @@ from .nonlinear import (
     nlsolve,
 )
 from .layers import NeuralODE
+from .layers import (DEQ, DEQSolution, DeepEquilibriumNetwork, MultiScaleDEQ, MultiScaleDeepEquilibriumNetwork,
+                     SkipDEQ, SkipDeepEquilibriumNetwork)
+from .sensitivity import JacobianFreeBackprop, SteadyStateAdjoint
+from .regularize import (
+    STEER,
+    AbstractRegularizer,
+    ErrorEstimateRegularization,
+    JacobianFrobeniusRegularization,
+    KineticRegularization,
+    LocalErrorRegularization,
+    StiffnessRegularization,
+)
 from .sensitivity import (BacksolveAdjoint, DirectAdjoint, HiddenParameterError, InterpolatingAdjoint,
                           QuadratureAdjoint, ReversibleAdjoint)
+
+from .regularize import TaylorRegularization
 
 __version__ = "0.1.0"

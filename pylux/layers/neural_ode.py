@@ -6,18 +6,23 @@ from typing import Any, Mapping
 
 import torch
 
-from ..core import AbstractLayer, LayerError
+from ..core import AbstractLayer, LayerError, check_generator
 from ..diffeq import AbstractSensitivityAlgorithm, ODEProblem, Tsit5, solve
-from ..diffeq.options import SOLVE_KEYWORDS, check_keywords
+from ..diffeq.options import SOLVE_KEYWORDS, check_keywords, make_options
 from ..diffeq.solvers import AbstractSolver
+from ..nn.dropout import split_key
+from ..regularize.base import AbstractIntegralRegularizer, AbstractRegularizer, RegularizationContext, batch_size
 
 __all__ = ["NeuralODE"]
+
+
+_MASK64 = (1 << 64) - 1
 
 
 class NeuralODE(AbstractLayer):
     r"""Integrate :math:`\dot z = f_\theta(z)` with a pylux layer as the vector field.
 
-    ``NeuralODE(model, tspan, solver=Tsit5(), sensealg=None, saveat=None, **solve_kwargs)``
+    ``NeuralODE(model, tspan, solver=Tsit5(), sensealg=None, saveat=None, regularize=None, **solve_kwargs)``
     maps ``x`` to :math:`z(t_1)` where :math:`z(t_0) = x` and
     :math:`\dot z = \mathrm{model}(z, \theta, st)`. With ``saveat`` it returns the
     trajectory at those times, stacked along a new first dimension.
@@ -31,17 +36,37 @@ class NeuralODE(AbstractLayer):
         sensealg: how gradients flow (``None``: backprop through the solver;
             e.g. ``BacksolveAdjoint(seminorm=True)``).
         saveat: times to return; ``None`` returns only the final state.
+        regularize: a :class:`~pylux.regularize.AbstractRegularizer` or a list of
+            them (ERNODE/SRNODE, local, STEER, RNODE, TayNODE terms). They act in
+            train mode only: a test-mode call solves the plain ODE to ``t1`` and
+            reports a zero regularization, so prediction cost is that of the
+            unregularized layer.
         **solve_kwargs: passed to :func:`pylux.solve` (``reltol``, ``abstol``,
             ``maxiters``, …); misspelt names are rejected when the layer is built.
+
+    Raises:
+        TypeError: a model, solver or regularizer of the wrong type, an unknown keyword.
+        ValueError: a bad ``tspan``; ``saveat`` together with a regularizer that
+            changes the end time (STEER).
+        NotImplementedError: a regularizer that cannot work with ``sensealg``
+            (raised here, before any solve).
 
     Parameters ``ps``: the inner model's parameters, unchanged (a wrapper layer).
     State ``st``: ``{"model": inner state, "nfe": int, "naccept": int, "nreject": int}``
     where the counters are those of the latest forward solve. The backward
     solve's counters are on the sensitivity algorithm (``last_backward_stats``).
+    With ``regularize`` the state also has ``"training"`` (bool), ``"rng"``
+    (int key, advanced in each train-mode call, as in Dropout),
+    ``"regularization"`` (0-d tensor: the sum of the regularizers' values,
+    differentiable with respect to ``ps``), ``"regularization_terms"`` (dict
+    name -> 0-d tensor, one per regularizer) and ``"regularization_nfe"`` (int:
+    evaluations of ``f`` the regularizers made after the solve, e.g. the local
+    regularizer's extra step).
     """
 
     def __init__(self, model: AbstractLayer, tspan, solver: AbstractSolver | None = None, *,
-                 sensealg: AbstractSensitivityAlgorithm | None = None, saveat=None, **solve_kwargs: Any):
+                 sensealg: AbstractSensitivityAlgorithm | None = None, saveat=None, regularize=None,
+                 **solve_kwargs: Any):
         if not isinstance(model, AbstractLayer):
             raise TypeError(f"NeuralODE: model must be a pylux layer, got {type(model).__name__}")
         if len(tuple(tspan)) != 2:
@@ -59,12 +84,46 @@ class NeuralODE(AbstractLayer):
         self.sensealg = sensealg
         self.saveat = None if saveat is None else [float(t) for t in saveat]
         self.solve_kwargs = dict(solve_kwargs)
+        self.regularizers = _as_regularizers(regularize)
+        self._reg_kwargs = self._regularizer_solve_kwargs()
+
+    def _regularizer_solve_kwargs(self) -> dict:
+        merged: dict = {}
+        t0, t1 = self.tspan
+        for reg in self.regularizers:
+            reg.check_span(t0, t1)
+            for key, value in reg.solve_kwargs(self.sensealg).items():
+                if key not in ("save_stats", "dense", "save_everystep") or value is not True:
+                    raise ValueError(f"NeuralODE: {reg!r}.solve_kwargs may only ask for save_stats, dense "
+                                     f"or save_everystep = True, got {key}={value!r}")
+                merged[key] = True
+            if type(reg).end_time is not AbstractRegularizer.end_time and self.saveat is not None:
+                raise ValueError(f"NeuralODE: {reg!r} changes the end time, so saveat cannot be used with "
+                                 "it; the layer then returns z at the drawn end time")
+        if merged.get("save_everystep") and self.saveat is not None:
+            raise NotImplementedError(
+                "NeuralODE: a regularizer needs every step saved (biased local sampling under an "
+                "adjoint sensealg), which excludes saveat; drop saveat, use sampling='unbiased', or "
+                "sensealg=None")
+        changers = [r for r in self.regularizers if type(r).end_time is not AbstractRegularizer.end_time]
+        if len(changers) > 1:
+            raise ValueError(f"NeuralODE: at most one regularizer may change the end time, got {changers}")
+        return merged
 
     def init_params(self, rng: torch.Generator) -> dict:
         return self.model.init_params(rng)
 
     def init_state(self, rng: torch.Generator) -> dict:
-        return {"model": self.model.init_state(rng), "nfe": 0, "naccept": 0, "nreject": 0}
+        st = {"model": self.model.init_state(rng), "nfe": 0, "naccept": 0, "nreject": 0}
+        if self.regularizers:
+            rng = check_generator(rng, "NeuralODE.init_state")
+            # read back once at setup; forward passes advance the Python int
+            key = int(torch.randint(0, 2**62, (1,), generator=rng, device=rng.device).cpu()[0])
+            st.update(training=True, rng=key, regularization=torch.zeros(()),
+                      regularization_terms={_term_name(self.regularizers, i): torch.zeros(())
+                                            for i in range(len(self.regularizers))},
+                      regularization_nfe=0)
+        return st
 
     def forward(self, x: torch.Tensor, ps: Mapping, st: Mapping):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -77,15 +136,166 @@ class NeuralODE(AbstractLayer):
             du, _ = model(u, p, inner_st)
             return du
 
+        if self.regularizers:
+            training = st.get("training")
+            if not isinstance(training, bool):
+                raise LayerError(f"state 'training' must be a Python bool, got {type(training).__name__}; "
+                                 "use pylux.trainmode(st) / pylux.testmode(st) to set it")
+            if training:
+                return self._regularized_forward(x, ps, st, vector_field)
         prob = ODEProblem(vector_field, x, self.tspan, ps)
         saveat = self.saveat if self.saveat is not None else [self.tspan[1]]
         sol = solve(prob, self.solver, saveat=saveat, sensealg=self.sensealg, **self.solve_kwargs)
         y = sol.u if self.saveat is not None else sol.u[-1]
         new_st = dict(st)
         new_st.update(nfe=sol.stats.nf, naccept=sol.stats.naccept, nreject=sol.stats.nreject)
+        if self.regularizers:
+            zero = x.new_zeros(())
+            new_st.update(regularization=zero, regularization_nfe=0,
+                          regularization_terms={k: zero for k in st["regularization_terms"]})
+        return y, new_st
+
+    def _regularized_forward(self, x: torch.Tensor, ps: Mapping, st: Mapping, vector_field):
+        regs = self.regularizers
+        key = st["rng"]
+        if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key <= _MASK64:
+            raise LayerError(f"state 'rng' must be an int key in [0, 2**64), got {key!r}; "
+                             "re-create the state with pylux.setup")
+        seed, next_key = split_key(key)
+        generator = torch.Generator(device=x.device)
+        generator.manual_seed(seed)
+        t0, t1 = self.tspan
+        for reg in regs:
+            drawn = reg.end_time(t0, t1, True, generator)
+            if drawn != t1:
+                t1 = float(drawn)
+                break
+        datas = [reg.begin(x, t0, t1, generator) for reg in regs]
+        integral_regs = [(i, reg) for i, reg in enumerate(regs) if isinstance(reg, AbstractIntegralRegularizer)]
+        shape, n = x.shape, x.numel()
+        nb = batch_size(x)
+        inner_st = st["model"]
+        model = self.model
+
+        def bound_field(p):
+            return lambda u, t: model(u, p, inner_st)[0]
+
+        if integral_regs:
+            needs_grad = any(reg.needs_input_grad for _, reg in integral_regs)
+
+            def augmented(w, p, t):
+                field = bound_field(p)
+                z = w[:n].view(shape)
+                if needs_grad:
+                    outer = torch.is_grad_enabled()
+                    with torch.enable_grad():
+                        z_in = z if z.requires_grad else z.detach().requires_grad_(True)
+                        dz = field(z_in, t)
+                        rates = [reg.integrand(field, z_in, dz, t, datas[i]) for i, reg in integral_regs]
+                    if not outer:
+                        dz, rates = dz.detach(), [r.detach() for r in rates]
+                else:
+                    dz = field(z, t)
+                    rates = [reg.integrand(field, z, dz, t, datas[i]) for i, reg in integral_regs]
+                for (_, reg), rate in zip(integral_regs, rates):
+                    if rate.shape != (nb,):
+                        raise ValueError(f"{reg!r}.integrand returned shape {tuple(rate.shape)}; it must return "
+                                         f"one value per sample, shape ({nb},)")
+                return torch.cat([dz.reshape(-1)] + [r.to(dz.dtype) for r in rates])
+
+            prob = ODEProblem(augmented, torch.cat([x.reshape(-1), x.new_zeros(nb * len(integral_regs))]),
+                              (t0, t1), ps)
+        else:
+            prob = ODEProblem(vector_field, x, (t0, t1), ps)
+
+        def state_of(w: torch.Tensor) -> torch.Tensor:
+            # w: one state of the solve, or a stack of them along dim 0
+            if not integral_regs:
+                return w
+            if w.dim() == 1:
+                return w[:n].view(shape)
+            return w[:, :n].reshape((w.shape[0],) + tuple(shape))
+
+        extra = sorted({float(t) for reg, d in zip(regs, datas) for t in reg.save_times(d)})
+        for t in extra:
+            if not min(t0, t1) <= t <= max(t0, t1):
+                raise ValueError(f"NeuralODE: a regularizer asked for the state at t = {t!r}, outside the "
+                                 f"solved span ({t0!r}, {t1!r})")
+        kwargs = dict(self.solve_kwargs)
+        kwargs.update({k: True for k in self._reg_kwargs if k != "save_everystep"})
+        everystep = bool(self._reg_kwargs.get("save_everystep"))
+        outputs = self.saveat if self.saveat is not None else [t1]
+        if everystep:
+            if extra:
+                raise NotImplementedError("NeuralODE: these regularizers need every step saved and the state "
+                                          "at chosen times at once; combine them with sensealg=None")
+            sol = solve(prob, self.solver, save_everystep=True, save_start=True, sensealg=self.sensealg,
+                        **kwargs)
+            saved = {}
+            trajectory = state_of(sol.u)
+            y = trajectory[-1]
+        else:
+            direction = 1.0 if t1 >= t0 else -1.0
+            times = sorted(set(outputs) | set(extra), key=lambda t: direction * t)
+            sol = solve(prob, self.solver, saveat=times, sensealg=self.sensealg, **kwargs)
+            index = {t: i for i, t in enumerate(times)}
+            trajectory = state_of(sol.u)
+            saved = {t: trajectory[index[t]] for t in extra}
+            picked = trajectory[[index[t] for t in outputs]] if self.saveat is not None else trajectory[index[t1]]
+            y = picked
+        integrals = {}
+        final = sol.u[-1]
+        for k, (i, reg) in enumerate(integral_regs):
+            integrals[id(reg)] = final[n + k * nb:n + (k + 1) * nb]
+        options = make_options(self.solver, x, t0, t1, **{k: v for k, v in kwargs.items()
+                                                        if k not in ("saveat",)})
+        counter = [0]
+        field_of_ps = bound_field(ps)
+
+        def counted_field(u, t):
+            counter[0] += 1
+            return field_of_ps(u, t)
+
+        dense_state = None
+        if sol.dense:
+            def dense_state(t: float) -> torch.Tensor:
+                return state_of(sol(t))
+        ctx = RegularizationContext(solution=sol, field=counted_field, solver=self.solver, options=options,
+                                    sensealg=self.sensealg, t0=t0, t1=t1, z0=x, training=True,
+                                    generator=generator, saved=saved, integrals=integrals,
+                                    dense_state=dense_state, trajectory=trajectory)
+        terms = {}
+        for i, (reg, data) in enumerate(zip(regs, datas)):
+            value = reg.value(ctx, data)
+            if not isinstance(value, torch.Tensor) or value.dim() != 0:
+                raise ValueError(f"{reg!r}.value must return a 0-d tensor, got "
+                                 f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
+            terms[_term_name(regs, i)] = value
+        total = torch.stack(list(terms.values())).sum()
+        new_st = dict(st)
+        new_st.update(nfe=sol.stats.nf, naccept=sol.stats.naccept, nreject=sol.stats.nreject, rng=next_key,
+                      regularization=total, regularization_terms=terms, regularization_nfe=counter[0])
         return y, new_st
 
     def __repr__(self) -> str:
         inner = repr(self.model).replace("\n", "\n  ")
+        regs = f", regularize={list(self.regularizers)!r}" if self.regularizers else ""
         return (f"NeuralODE(\n  {inner},\n  tspan={self.tspan}, solver={self.solver!r}, "
-                f"sensealg={self.sensealg!r}\n)")
+                f"sensealg={self.sensealg!r}{regs}\n)")
+
+
+def _as_regularizers(regularize) -> tuple:
+    if regularize is None:
+        return ()
+    items = list(regularize) if isinstance(regularize, (list, tuple)) else [regularize]
+    for reg in items:
+        if not isinstance(reg, AbstractRegularizer):
+            raise TypeError(f"NeuralODE: regularize must be a pylux regularizer (an AbstractRegularizer such "
+                            f"as ErrorEstimateRegularization()) or a list of them, got {type(reg).__name__}")
+    return tuple(items)
+
+
+def _term_name(regs, i: int) -> str:
+    name = regs[i].name
+    same = [j for j, r in enumerate(regs) if r.name == name]
+    return name if len(same) == 1 else f"{name}_{same.index(i) + 1}"

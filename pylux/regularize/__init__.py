@@ -5,7 +5,17 @@ pylux.sensitivity; the layers in :mod:`pylux.layers` use it, never the reverse.
 """
 
 from .base import AbstractIntegralRegularizer, AbstractRegularizer, RegularizationContext, batch_size
+from .errors import ErrorEstimateRegularization, StiffnessRegularization
 from .hutchinson import hutchinson_vjp_frobenius, rademacher_like
+from .integral import JacobianFrobeniusRegularization, KineticRegularization
+from .local import LocalErrorRegularization
+from .steer import STEER
+from .taylor import (TaylorFallbackWarning, TaylorRegularization, TaylorRuleError, TaylorSeries, append_time,
+                     solution_taylor_coefficients, taylor_coefficients)
 
 __all__ = ["hutchinson_vjp_frobenius", "rademacher_like"]
-__all__ += ["AbstractRegularizer", "AbstractIntegralRegularizer", "RegularizationContext", "batch_size"]
+__all__ += ["AbstractRegularizer", "AbstractIntegralRegularizer", "RegularizationContext", "batch_size",
+            "ErrorEstimateRegularization", "StiffnessRegularization", "LocalErrorRegularization", "STEER",
+            "KineticRegularization", "JacobianFrobeniusRegularization"]
+__all__ += ["TaylorRegularization", "TaylorSeries", "TaylorFallbackWarning", "TaylorRuleError", "append_time",
+            "taylor_coefficients", "solution_taylor_coefficients"]

@@ -3,6 +3,8 @@
 A regularizer is an immutable object. For every forward solve the layer calls,
 in this order (every hook but :meth:`~AbstractRegularizer.value` has a no-op default):
 
+0. ``reg.check_span(t0, t1)`` — once, when the layer is built: raise
+   ``ValueError`` if the regularizer cannot work on this span.
 1. ``reg.solve_kwargs(sensealg) -> dict`` — once, when the layer is built:
    the :func:`pylux.solve` options it needs (``save_stats=True``,
    ``dense=True``, ``save_everystep=True``). It raises ``NotImplementedError``
@@ -89,6 +91,11 @@ class RegularizationContext:
         z0: the initial state.
         training: the layer's mode.
         generator: the per-call random generator (derived from the layer's state key).
+        saved: ``{t: z(t)}`` for the times asked for in ``save_times`` (use :meth:`state_at`).
+        integrals: per-regularizer integrals (use :meth:`integral`).
+        dense_state: ``t -> z(t)`` from the dense output, when the solve kept one.
+        trajectory: ``z`` at every time of ``solution.t`` (the layer's state, not
+            the augmented one), stacked along dim 0.
     """
 
     solution: Solution
@@ -104,6 +111,7 @@ class RegularizationContext:
     saved: dict = dataclass_field(default_factory=dict)
     integrals: dict = dataclass_field(default_factory=dict)
     dense_state: Callable[[float], torch.Tensor] | None = None
+    trajectory: torch.Tensor | None = None
 
     def state_at(self, t: float) -> torch.Tensor:
         """``z(t)``: a time a regularizer asked for in ``save_times``, or else from the dense output.
@@ -134,6 +142,9 @@ class AbstractRegularizer(abc.ABC):
     @property
     def name(self) -> str:
         return type(self).__name__
+
+    def check_span(self, t0: float, t1: float) -> None:
+        """Raise ``ValueError`` if this regularizer cannot work on ``(t0, t1)`` (default: any span)."""
 
     def solve_kwargs(self, sensealg) -> dict:
         """Options for :func:`pylux.solve` this regularizer needs; raise if ``sensealg`` cannot work."""
