@@ -243,6 +243,16 @@ def test_function_without_rule_falls_back_as_a_whole():
 
 # --------------------------------------------------------------------- TayNODE
 
+def test_taylor_integrand_is_squared_norm_of_kth_derivative_per_sample():
+    field, _ = _kelly_field(20)
+    z = torch.randn(4, 3, generator=_gen(21), dtype=DT)
+    t = torch.tensor(0.4, dtype=DT)
+    for order in (1, 2, 3):
+        rate = TaylorRegularization(order).integrand(field, z, field(z, t), t, None)
+        top = _solution_derivatives(field, z, t, order)[-1]
+        torch.testing.assert_close(rate, top.pow(2).sum(dim=1), rtol=1e-12, atol=0)
+
+
 def _small_node(order, seed=16, **kwargs):
     model = nn.Chain(nn.Dense(2, 6, torch.tanh), nn.Dense(6, 2))
     node = lx.NeuralODE(model, (0.0, 1.0), regularize=TaylorRegularization(order=order), **kwargs)
