@@ -5,7 +5,7 @@ import torch
 
 import pylux as lx
 from pylux.sensitivity import (BacksolveAdjoint, DirectAdjoint, HiddenParameterError, InterpolatingAdjoint,
-                               QuadratureAdjoint)
+                               QuadratureAdjoint, ReversibleAdjoint)
 
 F64 = torch.float64
 
@@ -43,7 +43,7 @@ def finite_difference(fun, x, eps=1e-6):
 @pytest.mark.parametrize("alg", [DirectAdjoint(), BacksolveAdjoint(), BacksolveAdjoint(seminorm=True),
                                  InterpolatingAdjoint(), InterpolatingAdjoint(seminorm=True),
                                  InterpolatingAdjoint(checkpointing=True), InterpolatingAdjoint(checkpointing=5),
-                                 QuadratureAdjoint()],
+                                 QuadratureAdjoint(), ReversibleAdjoint()],
                          ids=repr)
 @pytest.mark.parametrize("tspan,saveat", [((0.0, 1.0), (0.3, 0.7, 1.0)), ((1.0, -0.5), (0.6, 0.1, -0.5))])
 def test_gradients_match_finite_differences(alg, tspan, saveat):
