@@ -5,6 +5,7 @@ torch.func.jvp nested along the same polynomial curve, scipy's solve_ivp with
 Simpson quadrature, and central finite differences.
 """
 
+import functools
 import math
 import warnings
 
@@ -162,7 +163,9 @@ def test_derivative_and_coefficient_conventions():
 
 def test_chain_of_dense_matches_nested_jvp():
     model = nn.Chain(nn.Dense(3, 16, torch.tanh), nn.Dense(16, 16, F.softplus), nn.Dense(16, 8, torch.sigmoid),
-                     nn.Dense(8, 3))
+                     nn.Scale(8, torch.exp), nn.SkipConnection(nn.Dense(8, 8, functools.partial(F.softplus, beta=2.0)), "+"),
+                     nn.WrappedFunction(lambda v: v * torch.tanh(v)),
+                     nn.Parallel("+", nn.Dense(8, 3), nn.Dense(8, 3, torch.relu)))
     ps, st = lx.setup(_gen(5), model, dtype=DT)
     x = _random_series((6, 3), 4, seed=6)
     with warnings.catch_warnings():
@@ -302,6 +305,19 @@ def test_taylor_regularization_gradient_matches_finite_differences():
     fd = torch.stack([(reg(flat + eps * e) - reg(flat - eps * e)) / (2 * eps)
                       for e in torch.eye(flat.numel(), dtype=DT)[idx]])
     torch.testing.assert_close(grad[idx], fd.detach(), rtol=1e-6, atol=1e-8)
+
+
+def test_taylor_regularization_gradient_under_an_adjoint_matches_direct():
+    x = torch.randn(2, 2, generator=_gen(22), dtype=DT)
+    grads = []
+    for sensealg in (None, lx.InterpolatingAdjoint()):
+        _, node, ps, st = _small_node(3, sensealg=sensealg, reltol=1e-9, abstol=1e-9)
+        flat, unflatten = lx.flatten(ps)
+        theta = flat.detach().clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(node(x, unflatten(theta), st)[1]["regularization"], theta)
+        grads.append(grad)
+    assert grads[0].abs().max() > 1e-3
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
 
 
 def test_taylor_regularization_in_test_mode_is_zero_and_repr():

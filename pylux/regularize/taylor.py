@@ -302,7 +302,8 @@ class TaylorSeries(torch.Tensor):
             name = getattr(func, "__name__", None) or repr(func)
             raise TaylorRuleError(
                 f"TaylorSeries: no Taylor-mode rule for torch function {name!r}. Supported: tanh, sigmoid, "
-                "softplus, relu, exp, log, linear, matmul, cat, add, sub, mul, div, neg. Write the function "
+                "softplus, relu, exp, log, linear, matmul, cat, add, sub, mul, div, neg, addcmul, pow, square and "
+                "shape operations. Write the function "
                 "with these, or pass it to taylor_coefficients / solution_taylor_coefficients, which fall "
                 "back to nested jvp (cost 2^K)")
         return handler(*args, **kwargs)
@@ -553,6 +554,11 @@ def _cat_handler(tensors, dim=0, *, out=None):
     return cat(tensors, dim)
 
 
+def _addcmul(input, tensor1, tensor2, *, value=1):
+    product = mul(tensor1, tensor2) if (_is_series(tensor1) or _is_series(tensor2)) else tensor1 * tensor2
+    return add(input, product, alpha=value)
+
+
 def _sigmoid_handler(x):
     return sigmoid(x)
 
@@ -595,6 +601,7 @@ _TORCH_HANDLERS: dict[Any, Callable] = {
     torch.Tensor.__truediv__: div, torch.Tensor.__rtruediv__: _binary_method(div, reflected=True),
     torch.neg: lambda x: -x, torch.negative: lambda x: -x, torch.Tensor.neg: lambda x: -x,
     torch.Tensor.__neg__: lambda x: -x,
+    torch.addcmul: _addcmul, torch.Tensor.addcmul: _addcmul,
     torch.reshape: _method("reshape"), torch.Tensor.reshape: _method("reshape"), torch.Tensor.view: _method("view"),
     torch.flatten: _method("flatten"), torch.Tensor.flatten: _method("flatten"),
     torch.unsqueeze: _method("unsqueeze"), torch.Tensor.unsqueeze: _method("unsqueeze"),
@@ -674,8 +681,8 @@ def _fallback(fn: Callable[..., torch.Tensor], inputs: Sequence[TaylorSeries], n
                               "WrappedFunction of those) or strict=False for the nested-jvp fallback")
     order = min(x.order for x in inputs)
     warnings.warn(f"no Taylor-mode rule for {name}: its Taylor coefficients come from torch.func.jvp nested "
-                  f"K times, which costs 2^K evaluations (exponential in the order K; K={order} so far) instead "
-                  "of O(K^2)", TaylorFallbackWarning, stacklevel=3)
+                  "K times, which costs 2^K evaluations of it (exponential in the order K) instead of O(K^2)",
+                  TaylorFallbackWarning, stacklevel=3)
     cache: dict[int, torch.Tensor] = {}
 
     def compute(upto):
@@ -730,6 +737,14 @@ def _layer_series(layer: AbstractLayer, x: TaylorSeries, ps: Mapping, st: Mappin
         if _is_series(out):
             return out
         return _fallback(layer.fn, [x], name, strict)
+    # Any other layer may still be made of operations with rules (the series is a tensor to it).
+    try:
+        out = layer(x, ps, st)[0]
+    except TaylorRuleError as error:
+        name = f"{name} ({str(error).split('.')[0].removeprefix('TaylorSeries: ')})"
+        out = None
+    if _is_series(out) and out.order == x.order:
+        return out
     return _fallback(lambda v: layer(v, ps, st)[0], [x], name, strict)
 
 
