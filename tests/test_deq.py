@@ -166,3 +166,314 @@ def test_misspelt_sensitivity_options_are_rejected_by_name():
         SteadyStateAdjoint(on_failure="explode")
     with pytest.raises(ValueError, match="tol"):
         SteadyStateAdjoint(tol=-1.0)
+
+
+# ------------------------------------------------------------------ the layers
+
+from pylux import nn  # noqa: E402
+
+
+def injected_cell(d):
+    """f(z, x) = tanh(W z + b + x), the input-injection idiom with pylux containers."""
+    return nn.Chain(nn.Parallel("+", nn.Dense(d, d), nn.NoOpLayer()), nn.WrappedFunction(torch.tanh))
+
+
+def scaled_setup(layer, seed=0, scale=0.6):
+    """float64 parameters requiring grad; the cell's weight scaled so that f is a contraction."""
+    ps, st = lx.setup(_gen(seed), layer, dtype=F64)
+    with torch.no_grad():
+        weight = ps["model"]["layer_1"]["layer_1"]["weight"]
+        weight.mul_(scale / torch.linalg.matrix_norm(weight, 2))
+        ps["model"]["layer_1"]["layer_1"]["bias"].normal_(0, 0.3, generator=_gen(seed + 100))
+    for leaf in lx.core.tree_leaves(ps):
+        leaf.requires_grad_(True)
+    return ps, st
+
+
+def apply_cell(model, z, x, ps_model, st_model):
+    return model((z, x), ps_model, st_model)[0]
+
+
+TIGHT = dict(abstol=1e-11, reltol=0.0)
+
+
+def test_discrete_and_continuous_deq_reach_the_same_fixed_point_and_gradients():
+    d = 5
+    x = torch.randn(4, d, generator=_gen(1), dtype=F64, requires_grad=True)
+    outputs = []
+    for solver in (lx.Broyden(), lx.Tsit5()):
+        layer = lx.DEQ(injected_cell(d), solver, sensealg=SteadyStateAdjoint(tol=1e-12), **TIGHT)
+        ps, st = scaled_setup(layer)
+        z, st_new = layer(x, ps, st)
+        solution = st_new["solution"]
+        assert solution.converged and solution.retcode is lx.NonlinearReturnCode.Success
+        assert float(solution.residual.max()) <= 1e-11 and solution.nfe > 0 and st["solution"] is None
+        fz = apply_cell(layer.model, z.detach(), x.detach(), ps["model"], st["model"])
+        torch.testing.assert_close(fz, z.detach(), rtol=0, atol=1e-10)
+        leaves = [x, *lx.core.tree_leaves(ps)]
+        outputs.append((z.detach(), torch.autograd.grad(cubic_loss(z), leaves)))
+    (z_discrete, g_discrete), (z_continuous, g_continuous) = outputs
+    assert solution.t is not None and solution.t > 0  # the continuous one stopped at its steady state
+    torch.testing.assert_close(z_continuous, z_discrete, rtol=0, atol=1e-10)
+    for a, b in zip(g_continuous, g_discrete):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+
+
+def test_deq_layer_gradient_equals_backprop_through_a_long_unrolled_iteration():
+    d = 4
+    layer = lx.DEQ(injected_cell(d), lx.Anderson(), sensealg=SteadyStateAdjoint(tol=1e-12), **TIGHT)
+    ps, st = scaled_setup(layer, seed=3)
+    x = torch.randn(3, d, generator=_gen(2), dtype=F64, requires_grad=True)
+    leaves = [x, *lx.core.tree_leaves(ps)]
+    z, _ = layer(x, ps, st)
+    implicit = torch.autograd.grad(cubic_loss(z), leaves)
+    u = torch.zeros_like(x)
+    for _ in range(200):
+        u = apply_cell(layer.model, u, x, ps["model"], st["model"])
+    unrolled = torch.autograd.grad(cubic_loss(u), leaves)
+    for a, b in zip(implicit, unrolled):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("solver", [lx.Broyden(), lx.Tsit5()], ids=["discrete", "continuous"])
+def test_skip_deq_loss_is_its_definition_and_trains_only_the_init_model(solver):
+    d = 4
+    layer = lx.SkipDEQ(injected_cell(d), nn.Dense(d, d, torch.tanh), solver, **TIGHT)
+    ps, st = scaled_setup(layer, seed=4)
+    x = torch.randn(5, d, generator=_gen(5), dtype=F64)
+    z, st_new = layer(x, ps, st)
+    solution = st_new["solution"]
+    prediction = layer.init_model(x, ps["init_model"], st["init_model"])[0]
+    fz = apply_cell(layer.model, z.detach(), x, ps["model"], st["model"])
+    by_hand = (fz - prediction).pow(2).mean()
+    torch.testing.assert_close(solution.skip_loss, by_hand, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(solution.u0, prediction, rtol=0, atol=0)
+    # The fixed point does not depend on the initial guess: the task loss gives the init model no gradient.
+    init_leaves = lx.core.tree_leaves(ps["init_model"])
+    task = torch.autograd.grad(cubic_loss(z), init_leaves, retain_graph=True, allow_unused=True)
+    assert all(g is None or torch.equal(g, torch.zeros_like(g)) for g in task)
+    skip = torch.autograd.grad(solution.skip_loss, init_leaves)
+    expected = torch.autograd.grad(((z.detach() - prediction) ** 2).mean(), init_leaves)
+    for a, b in zip(skip, expected):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+    assert st_new["init_model"] == {}  # Dense has an empty state, threaded through
+
+
+@pytest.mark.parametrize("solver", [lx.Broyden(), lx.Tsit5()], ids=["discrete", "continuous"])
+def test_skip_reg_deq_starts_at_f_of_zero_and_its_loss_is_its_definition(solver):
+    d = 4
+    layer = lx.SkipDEQ(injected_cell(d), None, solver, **TIGHT)
+    ps, st = scaled_setup(layer, seed=6)
+    assert ps["init_model"] == {}
+    x = torch.randn(5, d, generator=_gen(7), dtype=F64)
+    z, st_new = layer(x, ps, st)
+    solution = st_new["solution"]
+    f_zero = apply_cell(layer.model, torch.zeros_like(x), x, ps["model"], st["model"])
+    fz = apply_cell(layer.model, z.detach(), x, ps["model"], st["model"])
+    torch.testing.assert_close(solution.u0, f_zero, rtol=0, atol=0)
+    torch.testing.assert_close(solution.skip_loss, (fz - f_zero).pow(2).mean(), rtol=1e-9, atol=1e-12)
+    # Its gradient reaches the parameters of f both through z* (implicitly) and through f(0, x).
+    leaves = lx.core.tree_leaves(ps["model"])
+    grads = torch.autograd.grad(solution.skip_loss, leaves)
+    u = torch.zeros_like(x)
+    for _ in range(200):
+        u = apply_cell(layer.model, u, x, ps["model"], st["model"])
+    unrolled = torch.autograd.grad((u - f_zero).pow(2).mean(), leaves)
+    for a, b in zip(grads, unrolled):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+    plain = lx.DEQ(injected_cell(d), solver, **TIGHT)
+    z_plain, _ = plain(x, {"model": ps["model"]}, {k: v for k, v in st.items() if k != "init_model"})
+    torch.testing.assert_close(z, z_plain, rtol=0, atol=1e-10)
+
+
+def test_jacobian_regularization_is_an_unbiased_estimate_of_the_frobenius_norm():
+    d, batch, gamma = 4, 4000, 2.5
+    layer = lx.DEQ(injected_cell(d), lx.Broyden(), jacobian_regularization=gamma, **TIGHT)
+    ps, st = scaled_setup(layer, seed=8, scale=0.9)
+    x = torch.randn(1, d, generator=_gen(9), dtype=F64).expand(batch, d).contiguous()
+    z, st_new = layer(x, ps, st)
+    estimate = st_new["solution"].jacobian_loss
+    z_star = z[:1].detach()
+    J = torch.autograd.functional.jacobian(
+        lambda u: apply_cell(layer.model, u, x[:1], ps["model"], st["model"]), z_star).reshape(d, d).detach()
+    exact = gamma * J.pow(2).sum() / d
+    # Var of eps^T M eps for Rademacher eps and M = J J^T is 2 sum_{i != j} M_ij^2.
+    M = J @ J.T
+    variance = 2 * (M.pow(2).sum() - M.diagonal().pow(2).sum())
+    standard_error = gamma * torch.sqrt(variance / batch) / d
+    assert abs(float(estimate.detach() - exact)) <= 4 * float(standard_error)
+    assert float(standard_error) < 0.05 * float(exact)  # the check is sharp
+    assert float(standard_error) > 0
+    # Differentiable, deterministic given the state, and the probe key advances.
+    (g,) = torch.autograd.grad(estimate, [ps["model"]["layer_1"]["layer_1"]["weight"]])
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+    again = layer(x, ps, st)[1]["solution"].jacobian_loss
+    assert torch.equal(again.detach(), estimate.detach())
+    assert st_new["rng"] != st["rng"]
+    with torch.no_grad():
+        assert layer(x, ps, st)[1]["solution"].jacobian_loss is None
+
+
+def test_non_convergence_warns_by_default_and_raises_on_request():
+    d = 4
+    x = torch.randn(3, d, generator=_gen(10), dtype=F64)
+    for solver, limit in ((lx.FixedPointIteration(), 2), (lx.Tsit5(), 3)):
+        layer = lx.DEQ(injected_cell(d), solver, maxiters=limit, **TIGHT)
+        ps, st = scaled_setup(layer, seed=11)
+        with pytest.warns(ConvergenceWarning, match=r"(FixedPointIteration|Tsit5).*residual"):
+            z, st_new = layer(x, ps, st)
+        solution = st_new["solution"]
+        assert solution.retcode is lx.NonlinearReturnCode.MaxIters and not solution.converged
+        assert float(solution.residual.max()) > 1e-11
+        with pytest.warns(ConvergenceWarning, match="not a fixed point"):
+            torch.autograd.grad(z.sum(), lx.core.tree_leaves(ps["model"]))
+        raising = lx.DEQ(injected_cell(d), solver, maxiters=limit, on_failure="raise", **TIGHT)
+        with pytest.raises(NonlinearSolveError, match="residual"):
+            raising(x, ps, st)
+
+
+@pytest.mark.parametrize("solver", [lx.Broyden(), lx.Tsit5()], ids=["discrete", "continuous"])
+def test_nan_in_the_fixed_point_map_raises(solver):
+    d = 3
+    model = nn.Chain(injected_cell(d), nn.WrappedFunction(lambda z: z / (z - z)))
+    layer = lx.DEQ(model, solver, on_failure="ignore")
+    ps, st = lx.setup(_gen(0), layer, dtype=F64)
+    with pytest.raises(NonlinearSolveError, match="NaN/Inf"):
+        layer(torch.randn(2, d, dtype=F64), ps, st)
+
+
+def test_init_model_output_shape_must_match_the_state():
+    layer = lx.SkipDEQ(injected_cell(4), nn.Dense(4, 3), lx.Broyden())
+    ps, st = lx.setup(_gen(0), layer, dtype=F64)
+    with pytest.raises(lx.LayerError, match=r"init_model returned shape \(2, 3\) but the DEQ state has shape "
+                                            r"\(2, 4\)"):
+        layer(torch.randn(2, 4, dtype=F64), ps, st)
+
+
+def test_misspelt_or_wrong_options_are_rejected_by_name():
+    with pytest.raises(TypeError, match="did you mean 'abstol'"):
+        lx.DEQ(injected_cell(2), lx.Broyden(), abstl=1e-3)
+    with pytest.raises(TypeError, match="did you mean 'jacobian_regularization'"):
+        lx.SkipDEQ(injected_cell(2), None, lx.Broyden(), jacobian_regularisation=1.0)
+    with pytest.raises(TypeError, match="did you mean 'reltol'"):
+        lx.DEQ(injected_cell(2), lx.Tsit5(), ode_options={"reltl": 1e-3})
+    with pytest.raises(TypeError, match="chosen by the layer"):
+        lx.DEQ(injected_cell(2), lx.Tsit5(), ode_options={"callback": None})
+    with pytest.raises(TypeError, match="ode_options apply to continuous"):
+        lx.DEQ(injected_cell(2), lx.Broyden(), ode_options={"reltol": 1e-3})
+    with pytest.raises(TypeError, match="did you mean 'memory'"):
+        lx.DEQ(injected_cell(2), lx.LimitedMemoryBroyden(memry=5))
+    with pytest.raises(TypeError, match="solver must be"):
+        lx.DEQ(injected_cell(2), "broyden")
+    with pytest.raises(TypeError, match="sensealg must be"):
+        lx.DEQ(injected_cell(2), lx.Broyden(), sensealg=lx.BacksolveAdjoint())
+    with pytest.raises(ValueError, match="on_failure"):
+        lx.DEQ(injected_cell(2), lx.Broyden(), on_failure="explode")
+    with pytest.raises(ValueError, match="jacobian_regularization"):
+        lx.DEQ(injected_cell(2), lx.Broyden(), jacobian_regularization=-1.0)
+    with pytest.raises(TypeError, match="model must be a pylux layer"):
+        lx.DEQ(torch.tanh, lx.Broyden())
+    layer = lx.DEQ(injected_cell(2), lx.Broyden())
+    ps, st = lx.setup(_gen(0), layer)
+    with pytest.raises(lx.LayerError, match="floating-point tensor"):
+        layer(torch.ones(3, 2, dtype=torch.int64), ps, st)
+
+
+def test_jacobian_free_backprop_in_the_layer_equals_one_step_backprop():
+    d = 4
+    layer = lx.DEQ(injected_cell(d), lx.Broyden(), sensealg=JacobianFreeBackprop(), **TIGHT)
+    ps, st = scaled_setup(layer, seed=12)
+    x = torch.randn(3, d, generator=_gen(13), dtype=F64)
+    z, _ = layer(x, ps, st)
+    leaves = lx.core.tree_leaves(ps["model"])
+    got = torch.autograd.grad(cubic_loss(z), leaves)
+    expected = torch.autograd.grad(cubic_loss(apply_cell(layer.model, z.detach(), x, ps["model"], st["model"])),
+                                   leaves)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+# ------------------------------------------------------------------ MultiScaleDEQ
+
+def upsample2(y):
+    return torch.nn.functional.interpolate(y, scale_factor=2, mode="nearest")
+
+
+def tiny_multiscale(solver, **options):
+    """Two resolutions, (1, 4, 4) and (1, 2, 2): 3x3 convolutions, mean-pool down, nearest up."""
+    main_1 = nn.Chain(nn.Parallel("+", nn.Conv(3, (1, 1), padding=1), nn.NoOpLayer()),
+                      nn.WrappedFunction(torch.tanh))
+    main_2 = nn.Conv(3, (1, 1), torch.tanh, padding=1)
+    mapping = [[None, nn.WrappedFunction(upsample2)], [nn.MeanPool(2), None]]
+    post = [nn.WrappedFunction(lambda y: 0.5 * y), nn.WrappedFunction(lambda y: 0.5 * torch.tanh(y))]
+    return lx.MultiScaleDEQ([main_1, main_2], mapping, post, solver, scales=[(1, 4, 4), (1, 2, 2)], **options)
+
+
+def multiscale_by_hand(layer, ps, st, z1, z2, x):
+    y1 = torch.tanh(torch.nn.functional.conv2d(z1, ps["main_1"]["layer_1"]["layer_1"]["weight"],
+                                               ps["main_1"]["layer_1"]["layer_1"]["bias"], padding=1) + x)
+    y2 = torch.tanh(torch.nn.functional.conv2d(z2, ps["main_2"]["weight"], ps["main_2"]["bias"], padding=1))
+    return 0.5 * (y1 + upsample2(y2)), 0.5 * torch.tanh(y2 + torch.nn.functional.avg_pool2d(y1, 2))
+
+
+def test_multiscale_deq_fixed_point_and_gradients_match_finite_differences():
+    layer = tiny_multiscale(lx.Broyden(), sensealg=SteadyStateAdjoint(tol=1e-12), abstol=1e-13, reltol=0.0)
+    ps, st = lx.setup(_gen(0), layer, dtype=F64)
+    assert set(ps) == {"main_1", "main_2", "map_1_2", "map_2_1", "post_1", "post_2"}
+    leaves = lx.core.tree_leaves(ps)
+    for leaf in leaves:
+        leaf.requires_grad_(True)
+    x = torch.randn(2, 1, 4, 4, generator=_gen(1), dtype=F64, requires_grad=True)
+    (z1, z2), st_new = layer(x, ps, st)
+    assert z1.shape == (2, 1, 4, 4) and z2.shape == (2, 1, 2, 2)
+    assert st_new["solution"].z_star.shape == (2, 20) and st_new["solution"].converged
+    f1, f2 = multiscale_by_hand(layer, ps, st, z1.detach(), z2.detach(), x)
+    torch.testing.assert_close(f1, z1.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(f2, z2.detach(), rtol=0, atol=1e-12)
+
+    def loss(outputs):
+        a, b = outputs
+        return cubic_loss(a.reshape(2, -1)) + (b ** 2).sum()
+
+    wrt = [x, *leaves]
+    grads = torch.autograd.grad(loss((z1, z2)), wrt)
+    h = 1e-6
+    with torch.no_grad():
+        for leaf, grad in zip(wrt, grads):
+            # Every parameter entry; the first row of the input (the rest is the same code path).
+            entries = range(leaf.numel()) if leaf is not x else range(4)
+            numeric = torch.zeros(len(entries), dtype=F64)
+            for i in entries:
+                leaf.view(-1)[i] += h
+                up = loss(layer(x, ps, st)[0])
+                leaf.view(-1)[i] -= 2 * h
+                down = loss(layer(x, ps, st)[0])
+                leaf.view(-1)[i] += h
+                numeric[i] = (up - down) / (2 * h)
+            torch.testing.assert_close(grad.reshape(-1)[:len(entries)], numeric, rtol=1e-6, atol=1e-8)
+
+
+def test_multiscale_deq_continuous_agrees_and_rejects_malformed_layers():
+    x = torch.randn(2, 1, 4, 4, generator=_gen(2), dtype=F64)
+    results = []
+    for solver in (lx.Broyden(), lx.Tsit5()):
+        layer = tiny_multiscale(solver, abstol=1e-9, reltol=0.0)
+        ps, st = lx.setup(_gen(0), layer, dtype=F64)
+        results.append(layer(x, ps, st)[0])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-8)
+    conv = nn.Conv(3, (1, 1), padding=1)
+    with pytest.raises(ValueError, match="2 x 2 nested list"):
+        lx.MultiScaleDEQ([conv, conv], [[None]], None, lx.Broyden(), scales=[(1, 4, 4), (1, 2, 2)])
+    with pytest.raises(ValueError, match="must be None"):
+        lx.MultiScaleDEQ([conv, conv], [[conv, None], [None, None]], None, lx.Broyden(),
+                         scales=[(1, 4, 4), (1, 2, 2)])
+    with pytest.raises(ValueError, match="1 main layers for 2 scales"):
+        lx.MultiScaleDEQ([conv], [[None, None], [None, None]], None, lx.Broyden(), scales=[(1, 4, 4), (1, 2, 2)])
+    bad = lx.MultiScaleDEQ([nn.Chain(nn.Parallel("+", conv, nn.NoOpLayer())), conv],
+                           [[None, None], [nn.WrappedFunction(lambda y: y), None]], None, lx.Broyden(),
+                           scales=[(1, 4, 4), (1, 2, 2)])
+    ps, st = lx.setup(_gen(0), bad, dtype=F64)
+    with pytest.raises(lx.LayerError, match=r"map_2_1 returned per-sample shape \(1, 4, 4\) but the scale it feeds "
+                                            r"has shape \(1, 2, 2\)"):
+        bad(x, ps, st)
