@@ -10,6 +10,8 @@ __all__ = ["EXPERIMENTS", "main"]
 
 #: experiment name -> module (relative to this package) defining ``add_arguments`` and ``run``.
 EXPERIMENTS: dict[str, str] = {}
+EXPERIMENTS["node-spiral"] = "node_spiral"
+EXPERIMENTS["node-digits"] = "node_digits"
 
 
 def _load(name: str):

@@ -36,6 +36,8 @@ class NeuralODE(AbstractLayer):
         sensealg: how gradients flow (``None``: backprop through the solver;
             e.g. ``BacksolveAdjoint(seminorm=True)``).
         saveat: times to return; ``None`` returns only the final state.
+        time_input: if True the model is called with the pair ``(z, t)`` (``t`` a
+            0-d tensor of ``z``'s dtype), for vector fields that depend on time.
         regularize: a :class:`~pylux.regularize.AbstractRegularizer` or a list of
             them (ERNODE/SRNODE, local, STEER, RNODE, TayNODE terms). They act in
             train mode only: a test-mode call solves the plain ODE to ``t1`` and
@@ -66,7 +68,7 @@ class NeuralODE(AbstractLayer):
 
     def __init__(self, model: AbstractLayer, tspan, solver: AbstractSolver | None = None, *,
                  sensealg: AbstractSensitivityAlgorithm | None = None, saveat=None, regularize=None,
-                 **solve_kwargs: Any):
+                 time_input: bool = False, **solve_kwargs: Any):
         if not isinstance(model, AbstractLayer):
             raise TypeError(f"NeuralODE: model must be a pylux layer, got {type(model).__name__}")
         if len(tuple(tspan)) != 2:
@@ -78,6 +80,9 @@ class NeuralODE(AbstractLayer):
         if forbidden:
             raise TypeError(f"NeuralODE: {sorted(forbidden)} are chosen by the layer; use saveat")
         check_keywords({k: v for k, v in solve_kwargs.items() if k not in SOLVE_KEYWORDS}, "NeuralODE")
+        if not isinstance(time_input, bool):
+            raise TypeError(f"NeuralODE: time_input must be True or False, got {time_input!r}")
+        self.time_input = time_input
         self.model = model
         self.tspan = tuple(float(t) for t in tspan)
         self.solver = solver
@@ -131,9 +136,10 @@ class NeuralODE(AbstractLayer):
                              f"{type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}")
         inner_st = st["model"]
         model = self.model
+        time_input = self.time_input
 
         def vector_field(u, p, t):
-            du, _ = model(u, p, inner_st)
+            du, _ = model((u, t) if time_input else u, p, inner_st)
             return du
 
         if self.regularizers:
@@ -174,11 +180,8 @@ class NeuralODE(AbstractLayer):
         integral_regs = [(i, reg) for i, reg in enumerate(regs) if isinstance(reg, AbstractIntegralRegularizer)]
         shape, n = x.shape, x.numel()
         nb = batch_size(x)
-        inner_st = st["model"]
-        model = self.model
-
         def bound_field(p):
-            return lambda u, t: model(u, p, inner_st)[0]
+            return lambda u, t: vector_field(u, p, t)
 
         if integral_regs:
             needs_grad = any(reg.needs_input_grad for _, reg in integral_regs)
