@@ -368,6 +368,8 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="last dimension 3"):
         taylor_coefficients(nn.Dense(3, 2), x, {"weight": torch.ones(2, 3, dtype=DT),
                                                  "bias": torch.ones(2, dtype=DT)})
+    with pytest.raises(ValueError, match="expected parameters with keys"):
+        taylor_coefficients(nn.Dense(2, 2), x, {"weight": torch.ones(2, 2, dtype=DT)})
     with pytest.raises(TaylorRuleError, match="strict=True"):
         taylor_coefficients(nn.Dense(2, 2, torch.sin), x, {"weight": torch.ones(2, 2, dtype=DT),
                                                             "bias": torch.ones(2, dtype=DT)}, strict=True)

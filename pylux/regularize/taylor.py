@@ -32,6 +32,11 @@ A layer or torch function without a rule falls back to nested forward-mode
 products (``torch.func.jvp`` nested :math:`K` times along the curve), which is
 exact but costs :math:`2^K` evaluations; a :class:`TaylorFallbackWarning` says so.
 
+:class:`TaylorSeries` is a ``torch.Tensor`` subclass (its tensor data is
+:math:`x_0`), so pylux layers and plain torch code run on it unchanged and
+dispatch, through ``__torch_function__``, to the rules; an operation without
+a rule raises :class:`TaylorRuleError` rather than computing with :math:`x_0` alone.
+
 Series are lazy in one direction: an operation computes as many coefficients
 as its inputs have, and grows when asked for more. That is what makes the
 solution recursion :math:`O(K^2)` rather than :math:`O(K^3)`: the vector field
@@ -323,10 +328,10 @@ def _is_series(x: Any) -> bool:
     return isinstance(x, TaylorSeries)
 
 
-def _cauchy(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], k: int, start: int = 0) -> torch.Tensor:
-    r""":math:`\sum_{j=\mathrm{start}}^{k-\mathrm{start}} a_j b_{k-j}`."""
-    total = a[start] * b[k - start]
-    for j in range(start + 1, k - start + 1):
+def _cauchy(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], k: int) -> torch.Tensor:
+    r""":math:`(ab)_k = \sum_{j=0}^{k} a_j b_{k-j}`."""
+    total = a[0] * b[k]
+    for j in range(1, k + 1):
         total = total + a[j] * b[k - j]
     return total
 
@@ -532,12 +537,6 @@ def relu(x: TaylorSeries, inplace: bool = False) -> TaylorSeries:
 
 # --------------------------------------------------------------------- torch dispatch
 
-def _unary(rule):
-    def handler(x, *args, **kwargs):
-        return rule(x, *args, **kwargs)
-    return handler
-
-
 def _binary_method(op, reflected: bool = False):
     def handler(a, b, *args, **kwargs):
         return op(b, a, *args, **kwargs) if reflected else op(a, b, *args, **kwargs)
@@ -584,7 +583,7 @@ _TORCH_HANDLERS: dict[Any, Callable] = {
     torch.sigmoid: _sigmoid_handler, torch.Tensor.sigmoid: _sigmoid_handler, F.sigmoid: _sigmoid_handler,
     torch.special.expit: _sigmoid_handler,
     F.softplus: softplus,
-    torch.relu: _unary(relu), torch.Tensor.relu: _unary(relu), F.relu: relu,
+    torch.relu: relu, torch.Tensor.relu: relu, F.relu: relu,
     torch.exp: exp, torch.Tensor.exp: exp,
     torch.log: log, torch.Tensor.log: log,
     F.linear: _linear_handler,
@@ -712,11 +711,11 @@ def _layer_series(layer: AbstractLayer, x: TaylorSeries, ps: Mapping, st: Mappin
         return x
     if isinstance(layer, NoOpLayer):
         return x
-    if isinstance(layer, SkipConnection) and layer.connection == "+" and isinstance(layer.connection, str):
+    if isinstance(layer, SkipConnection) and isinstance(layer.connection, str) and layer.connection == "+":
         inner = _layer_series(layer.layers["layers"], x, ps["layers"], st["layers"], strict, f"{path}.layers")
         return inner + x
     if isinstance(layer, (Dense, Scale)):
-        _check_dense_input(layer, x)
+        _check_dense_input(layer, x, ps)
         if isinstance(layer, Dense):
             pre = linear(x, ps["weight"], ps.get("bias"))
         else:
@@ -748,7 +747,11 @@ def _layer_series(layer: AbstractLayer, x: TaylorSeries, ps: Mapping, st: Mappin
     return _fallback(lambda v: layer(v, ps, st)[0], [x], name, strict)
 
 
-def _check_dense_input(layer, x: TaylorSeries) -> None:
+def _check_dense_input(layer, x: TaylorSeries, ps: Mapping) -> None:
+    expected = ("weight", "bias") if layer.use_bias else ("weight",)
+    if not isinstance(ps, Mapping) or set(ps) != set(expected):
+        raise ValueError(f"{layer!r}: expected parameters with keys {list(expected)}, got "
+                         f"{sorted(ps) if isinstance(ps, Mapping) else type(ps).__name__}")
     if isinstance(layer, Dense) and (x.dim() == 0 or x.shape[-1] != layer.in_dims):
         raise ValueError(f"{layer!r}: expected a series with last dimension {layer.in_dims}, "
                          f"got shape {tuple(x.shape)}")
@@ -889,16 +892,17 @@ class TaylorRegularization(AbstractIntegralRegularizer):
     layers without a rule fall back to nested jvp with a
     :class:`TaylorFallbackWarning`), and :class:`pylux.NeuralODE` integrates it
     as an extra state channel per sample, so no extra solve is needed and any
-    sensitivity algorithm carries its gradient. Small :math:`\mathcal{R}_K`
-    means dynamics whose local truncation error for an order-:math:`(K-1)`
-    solver is small, i.e. cheap to solve adaptively. :math:`K = 1` is the
+    sensitivity algorithm carries its gradient. The heuristic (Kelly et al.):
+    the local error of an order-:math:`p` Runge–Kutta step is governed by the
+    solution's derivatives of order :math:`p + 1`, so making high derivatives
+    small lets an adaptive solver take fewer, longer steps. :math:`K = 1` is the
     kinetic-energy term :math:`\lVert f \rVert^2` of RNODE (Finlay et al. 2020).
 
     Usage: ``NeuralODE(model, tspan, regularize=TaylorRegularization(order=2))``,
     then add :math:`\lambda` · ``st["regularization"]`` to the loss.
 
     Args:
-        order: :math:`K \ge 1` (Kelly et al. use :math:`K` one above the solver's order).
+        order: :math:`K \ge 1`.
         strict: raise :class:`TaylorRuleError` instead of falling back to nested jvp.
 
     Raises:
