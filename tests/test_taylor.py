@@ -163,7 +163,8 @@ def test_derivative_and_coefficient_conventions():
 
 def test_chain_of_dense_matches_nested_jvp():
     model = nn.Chain(nn.Dense(3, 16, torch.tanh), nn.Dense(16, 16, F.softplus), nn.Dense(16, 8, torch.sigmoid),
-                     nn.Scale(8, torch.exp), nn.SkipConnection(nn.Dense(8, 8, functools.partial(F.softplus, beta=2.0)), "+"),
+                     nn.Scale(8, torch.exp),
+                     nn.SkipConnection(nn.Dense(8, 8, functools.partial(F.softplus, beta=2.0)), "+"),
                      nn.WrappedFunction(lambda v: v * torch.tanh(v)),
                      nn.Parallel("+", nn.Dense(8, 3), nn.Dense(8, 3, torch.relu)))
     ps, st = lx.setup(_gen(5), model, dtype=DT)
@@ -254,6 +255,19 @@ def test_taylor_integrand_is_squared_norm_of_kth_derivative_per_sample():
         rate = TaylorRegularization(order).integrand(field, z, field(z, t), t, None)
         top = _solution_derivatives(field, z, t, order)[-1]
         torch.testing.assert_close(rate, top.pow(2).sum(dim=1), rtol=1e-12, atol=0)
+
+
+def test_taylor_integrand_of_a_layer_field_without_rule_warns_and_is_right():
+    model = nn.Chain(nn.Dense(2, 5, torch.tanh), nn.LayerNorm((5,)), nn.Dense(5, 2))
+    ps, st = lx.setup(_gen(23), model, dtype=DT)
+    field = lambda z, t: model(z, ps, st)[0]  # noqa: E731  (what NeuralODE hands to the integrand)
+    z, t = torch.randn(3, 2, generator=_gen(24), dtype=DT), torch.tensor(0.1, dtype=DT)
+    with pytest.warns(TaylorFallbackWarning, match="vector field of the NeuralODE.*layer_norm"):
+        rate = TaylorRegularization(3).integrand(field, z, field(z, t), t, None)
+    top = _solution_derivatives(field, z, t, 3)[-1]
+    torch.testing.assert_close(rate, top.pow(2).sum(dim=1), rtol=1e-10, atol=0)
+    with pytest.raises(TaylorRuleError, match="layer_norm"):
+        TaylorRegularization(3, strict=True).integrand(field, z, field(z, t), t, None)
 
 
 def _small_node(order, seed=16, **kwargs):

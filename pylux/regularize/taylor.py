@@ -476,7 +476,10 @@ def exp(x: TaylorSeries) -> TaylorSeries:
 
 
 def log(x: TaylorSeries) -> TaylorSeries:
-    r""":math:`y = \log x`: :math:`x y' = x'`, i.e. :math:`y_k = (x_k - \frac1k\sum_{j=1}^{k-1} j y_j x_{k-j}) / x_0`."""
+    r""":math:`y = \log x`: :math:`x y' = x'`.
+
+    So :math:`y_k = (x_k - \frac1k\sum_{j=1}^{k-1} j y_j x_{k-j}) / x_0`.
+    """
     node = TaylorSeries._node((x,), torch.log(x._coeffs[0]))
     ys, xs = node._coeffs, x._coeffs
 
@@ -766,8 +769,9 @@ def _as_series(x: Any, owner: str) -> TaylorSeries:
                     f"got {type(x).__name__}")
 
 
-def _call_function(fn: Callable, inputs: Sequence[TaylorSeries], strict: bool, owner: str) -> TaylorSeries:
-    name = f"the function {getattr(fn, '__qualname__', repr(fn))}"
+def _call_function(fn: Callable, inputs: Sequence[TaylorSeries], strict: bool, owner: str,
+                   name: str | None = None) -> TaylorSeries:
+    name = name or f"the function {getattr(fn, '__qualname__', repr(fn))}"
     try:
         out = fn(*inputs)
     except TaylorRuleError as error:
@@ -853,6 +857,10 @@ def solution_taylor_coefficients(f: AbstractLayer | Callable, z0: torch.Tensor, 
             ``ps`` missing for a layer.
         TaylorRuleError: as in :func:`taylor_coefficients` with ``strict``.
     """
+    return _solution_series(f, z0, order, t0, ps, st, strict, None)
+
+
+def _solution_series(f, z0, order, t0, ps, st, strict: bool, name: str | None) -> TaylorSeries:
     _check_order(order, "solution_taylor_coefficients")
     if not isinstance(z0, torch.Tensor) or not z0.is_floating_point():
         raise TypeError(f"solution_taylor_coefficients: z0 must be a floating tensor, got "
@@ -864,7 +872,7 @@ def solution_taylor_coefficients(f: AbstractLayer | Callable, z0: torch.Tensor, 
         out = _layer_series(f, z, ps, {} if st is None else st, strict, "")
     elif callable(f):
         t = TaylorSeries.time(t0, 0, dtype=z0.dtype, device=z0.device)
-        out = _call_function(f, [z, t], strict, "solution_taylor_coefficients")
+        out = _call_function(f, [z, t], strict, "solution_taylor_coefficients", name)
     else:
         raise TypeError(f"solution_taylor_coefficients: f must be a pylux layer or a callable, "
                         f"got {type(f).__name__}")
@@ -920,7 +928,8 @@ class TaylorRegularization(AbstractIntegralRegularizer):
     def integrand(self, field: Callable, z: torch.Tensor, dz: torch.Tensor, t: torch.Tensor,
                   data: Any) -> torch.Tensor:
         r""":math:`\lVert d^K z/dt^K \rVert_2^2` per sample, shape ``(batch_size(z),)``."""
-        series = solution_taylor_coefficients(field, z, self.order, t0=t, strict=self.strict)
+        series = _solution_series(field, z, self.order, t, None, None, self.strict,
+                                  "the vector field of the NeuralODE")
         top = series.derivative(self.order)
         return top.reshape(batch_size(z), -1).pow(2).sum(dim=1)
 
