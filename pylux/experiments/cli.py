@@ -12,6 +12,7 @@ __all__ = ["EXPERIMENTS", "main"]
 EXPERIMENTS: dict[str, str] = {}
 EXPERIMENTS["node-spiral"] = "node_spiral"
 EXPERIMENTS["node-digits"] = "node_digits"
+EXPERIMENTS["deq-digits"] = "deq_digits"
 
 
 def _load(name: str):
