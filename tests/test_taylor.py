@@ -270,6 +270,36 @@ def test_taylor_integrand_of_a_layer_field_without_rule_warns_and_is_right():
         TaylorRegularization(3, strict=True).integrand(field, z, field(z, t), t, None)
 
 
+def test_taylor_integral_of_a_time_dependent_field_matches_quadrature():
+    # Kelly et al.'s [z; t] field, integrated as an extra state with pylux.solve
+    field, _ = _kelly_field(25, dim=2, hidden=6)
+    reg, order, batch = TaylorRegularization(2), 2, 2
+    z0 = torch.randn(batch, 2, generator=_gen(26), dtype=DT)
+
+    def augmented(w, p, t):
+        z = w[:2 * batch].reshape(batch, 2)
+        dz = field(z, t)
+        return torch.cat([dz.reshape(-1), reg.integrand(field, z, dz, t, None)])
+
+    prob = lx.ODEProblem(augmented, torch.cat([z0.reshape(-1), torch.zeros(batch, dtype=DT)]), (0.0, 1.5), None)
+    value = lx.solve(prob, lx.Tsit5(), reltol=1e-10, abstol=1e-10).u[-1][2 * batch:].mean()
+
+    def rhs(t, y):
+        return field(torch.from_numpy(y).reshape(batch, 2), torch.tensor(t, dtype=DT)).reshape(-1).numpy()
+
+    ref_sol = solve_ivp(rhs, (0.0, 1.5), z0.reshape(-1).numpy(), method="DOP853", rtol=1e-12, atol=1e-12,
+                        dense_output=True)
+    grid = np.linspace(0.0, 1.5, 201)
+    per_time = []
+    for t, y in zip(grid, ref_sol.sol(grid).T):
+        top = _solution_derivatives(field, torch.from_numpy(y.copy()).reshape(batch, 2),
+                                    torch.tensor(t, dtype=DT), order)[-1]
+        per_time.append(top.pow(2).sum(dim=1).mean().item())
+    reference = simpson(np.array(per_time), x=grid)
+    assert reference > 1e-3
+    np.testing.assert_allclose(value.item(), reference, rtol=1e-7)
+
+
 def _small_node(order, seed=16, **kwargs):
     model = nn.Chain(nn.Dense(2, 6, torch.tanh), nn.Dense(6, 2))
     node = lx.NeuralODE(model, (0.0, 1.0), regularize=TaylorRegularization(order=order), **kwargs)
