@@ -381,3 +381,37 @@ def test_hook_rejects_what_is_not_a_regularizer():
         lx.NeuralODE(mlp(), TSPAN, regularize="error")
     with pytest.raises(TypeError, match="AbstractRegularizer"):
         lx.NeuralODE(mlp(), TSPAN, regularize=[lx.STEER(0.1), 3.0])
+
+
+def test_saveat_outputs_are_unchanged_by_augmented_states_and_extra_saved_times():
+    saveat = [0.25, 0.5, 1.0]
+    x = data()
+    for regularize, sensealg in ((lx.KineticRegularization(), None),
+                                 (lx.LocalErrorRegularization(t_reg=0.4), lx.BacksolveAdjoint())):
+        layer, ps, st = build(regularize, sensealg=sensealg, saveat=saveat, reltol=1e-10, abstol=1e-12)
+        y, st_new = layer(x, ps, st)
+        expected = plain_solve(layer, ps, x, saveat=saveat, reltol=1e-10, abstol=1e-12).u
+        assert y.shape == (3, 5, 2)
+        torch.testing.assert_close(y, expected, rtol=1e-8, atol=1e-10)
+        assert float(st_new["regularization"].detach()) > 0
+
+
+def test_time_input_passes_t_to_the_vector_field():
+    class TimeScaled(lx.AbstractLayer):
+        def forward(self, x, ps, st):
+            z, t = x
+            return ps["rate"] * t * z, st
+
+    layer = lx.NeuralODE(TimeScaled(), (0.0, 1.5), time_input=True, reltol=1e-10, abstol=1e-12,
+                         regularize=lx.KineticRegularization())
+    _, st = lx.setup(torch.Generator().manual_seed(0), layer)
+    ps = {"rate": torch.tensor(0.8, dtype=F64)}
+    x = torch.tensor([[1.0, -2.0]], dtype=F64)
+    y, st_new = layer(x, ps, st)
+    # z' = a t z: z(t) = z0 exp(a t^2 / 2); kinetic energy = |z0|^2 int_0^T a^2 t^2 exp(a t^2) dt
+    a, T = 0.8, 1.5
+    torch.testing.assert_close(y, x * math.exp(a * T ** 2 / 2), rtol=1e-9, atol=0)
+    energy, _ = scipy.integrate.quad(lambda t: a ** 2 * t ** 2 * math.exp(a * t ** 2), 0.0, T, epsabs=1e-13)
+    assert float(st_new["regularization"]) == pytest.approx(5.0 * energy, rel=1e-8)
+    with pytest.raises(TypeError, match="time_input"):
+        lx.NeuralODE(TimeScaled(), (0.0, 1.0), time_input=1)

@@ -15,7 +15,9 @@ global regularizers are differentiable); the regularization weight is
 annealed exponentially from ``--weight-start`` to ``--weight-end`` over
 training as in the papers (for SRNODE divided by ``--stiffness-scale``,
 because a stiffness estimate is a rate, orders of magnitude larger than a
-scaled error estimate).
+scaled error estimate; for the local regularizers multiplied by
+``--local-scale``, because one step's :math:`E\,|\Delta t|` is in expectation
+about :math:`1/N` of the global sum over the :math:`N` steps).
 
 Tolerances: ``reltol = abstol = 1e-6`` by default. Looser tolerances (1e-3)
 let even the unregularized model pass with the minimum of two or three steps
@@ -92,6 +94,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--weight-end", type=float, default=10.0)
     parser.add_argument("--stiffness-scale", type=float, default=1000.0,
                         help="SRNODE weight = error weight / this")
+    parser.add_argument("--local-scale", type=float, default=10.0,
+                        help="local-regularizer weight = error weight * this (one step vs a sum over steps)")
     parser.add_argument("--taylor-scale", type=float, default=1000.0,
                         help="TayNODE weight = error weight / this")
     parser.add_argument("--steer-b", type=float, default=0.5)
@@ -140,6 +144,8 @@ def _weight_scale(method: str, args) -> float:
         return 1.0 / args.stiffness_scale
     if method == "taynode":
         return 1.0 / args.taylor_scale
+    if method.startswith("local"):
+        return args.local_scale
     return 1.0
 
 
@@ -273,7 +279,10 @@ def run(args) -> dict:
         print(f"{method}: {line}")
     table = markdown_table(summary)
     command = ("pylux experiments node-digits " + f"--epochs {args.epochs} --seeds {args.seeds} "
-               f"--methods {','.join(methods)} --tol {args.tol} --lr {args.lr} --batch-size {args.batch_size}")
+               f"--methods {','.join(methods)} --tol {args.tol} --lr {args.lr} --batch-size {args.batch_size} "
+               f"--weight-start {args.weight_start} --weight-end {args.weight_end} "
+               f"--stiffness-scale {args.stiffness_scale} --local-scale {args.local_scale} --taylor-scale {args.taylor_scale} "
+               f"--steer-b {args.steer_b} --threads {args.threads}")
     text = (f"# node-digits\n\n`{command}`\n\nmean ± std over {args.seeds} seed(s); float32, "
             f"{args.threads} thread(s)\n\n{table}\n")
     with open(os.path.join(args.out, "results.md"), "w") as fh:

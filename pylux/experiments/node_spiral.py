@@ -126,7 +126,8 @@ def run(args) -> dict:
         print(f"{method}: " + ", ".join(f"{label} {fmt.format(summary[method][key][0])}"
                                         for key, label, fmt in COLUMNS))
     command = (f"pylux experiments node-spiral --iterations {args.iterations} --seeds {args.seeds} "
-               f"--methods {','.join(methods)} --tol {args.tol} --lr {args.lr}")
+               f"--methods {','.join(methods)} --tol {args.tol} --lr {args.lr} --weight-start {args.weight_start} "
+               f"--weight-end {args.weight_end} --stiffness-scale {args.stiffness_scale} --threads {args.threads}")
     text = (f"# node-spiral\n\n`{command}`\n\nmean ± std over {args.seeds} seed(s); float32\n\n"
             f"{markdown_table(summary, COLUMNS)}\n")
     with open(os.path.join(args.out, "results.md"), "w") as fh:
