@@ -299,6 +299,14 @@ def test_taylor_integral_of_a_time_dependent_field_matches_quadrature():
     assert reference > 1e-3
     np.testing.assert_allclose(value.item(), reference, rtol=1e-7)
 
+    class KellyLayer(lx.AbstractLayer):  # the same field as a layer of (z, t), for NeuralODE(time_input=True)
+        def forward(self, x, ps, st):
+            return field(*x), st
+
+    layer = lx.NeuralODE(KellyLayer(), (0.0, 1.5), time_input=True, regularize=reg, reltol=1e-10, abstol=1e-10)
+    _, st = layer(z0, *lx.setup(_gen(0), layer, dtype=DT))
+    np.testing.assert_allclose(st["regularization"].item(), reference, rtol=1e-7)
+
 
 def _small_node(order, seed=16, **kwargs):
     model = nn.Chain(nn.Dense(2, 6, torch.tanh), nn.Dense(6, 2))

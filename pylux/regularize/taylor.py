@@ -907,7 +907,11 @@ class TaylorRegularization(AbstractIntegralRegularizer):
     kinetic-energy term :math:`\lVert f \rVert^2` of RNODE (Finlay et al. 2020).
 
     Usage: ``NeuralODE(model, tspan, regularize=TaylorRegularization(order=2))``,
-    then add :math:`\lambda` · ``st["regularization"]`` to the loss.
+    then add :math:`\lambda` · ``st["regularization"]`` to the loss. With
+    ``NeuralODE(..., time_input=True)`` the model receives ``(z, t)`` where ``t``
+    is the time series :math:`[t, 1, 0, \dots]`, so time-conditioned fields such
+    as Kelly et al.'s :math:`\tanh(W_2[\tanh(W_1[z;t]+b_1);t]+b_2)` get their
+    exact total time derivatives.
 
     Args:
         order: :math:`K \ge 1`.
