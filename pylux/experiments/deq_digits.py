@@ -220,13 +220,14 @@ def plot_histories(runs: list[dict], path: str) -> str | None:
         print("matplotlib is not installed: skipping the plot (pip install pylux[plot])")
         return None
     fig, (ax_nfe, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for variant in dict.fromkeys(r["variant"] for r in runs):
+    colours = plt.get_cmap("tab20").colors  # twelve variants: one distinct colour each
+    for number, variant in enumerate(dict.fromkeys(r["variant"] for r in runs)):
         mine = [r["history"] for r in runs if r["variant"] == variant]
         epochs = mine[0]["epoch"]
         style = "-" if "continuous" in variant else "--"
         for ax, key in ((ax_nfe, "nfe"), (ax_loss, "loss")):
             ax.plot(epochs, [statistics.fmean(h[key][i] for h in mine) for i in range(len(epochs))], style,
-                    label=variant)
+                    color=colours[number % len(colours)], label=variant)
     ax_nfe.set(xlabel="epoch", ylabel="mean training NFE per batch", title="NFE over training")
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss over training", yscale="log")
     ax_nfe.legend(fontsize=7, ncol=2)
