@@ -17,6 +17,7 @@ from pylux.data import (
     spiral_ode_data,
     spirals,
     two_moons,
+    white_dwarf_data,
 )
 
 
@@ -117,6 +118,27 @@ def test_synthetic_bad_inputs():
         spirals(10, rng=gen(), turns=0)
     with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
         two_moons(10, shuffle=False, dtype=torch.int32)
+
+
+def test_white_dwarf_data_matches_scipy():
+    scipy_integrate = pytest.importorskip("scipy.integrate")
+    c = 0.001
+    t, u = white_dwarf_data(26, c=c, dtype=torch.float64)
+    assert t.shape == (26,) and u.shape == (26, 2) and u[0].tolist() == [1.0, 0.0]
+
+    def rhs(s, y):  # started just off the singular point from the regular series x = 1 - a s^2 / 6
+        x, v = y
+        return [v, -2.0 / s * v - max(x * x - c, 0.0) ** 1.5]
+    s0, a = 1e-4, (1 - c) ** 1.5
+    start = [1 - a * s0 ** 2 / 6, -a * s0 / 3]
+    ref = scipy_integrate.solve_ivp(rhs, (s0, 5.0), start, t_eval=t.numpy()[1:], method="DOP853",
+                                    rtol=1e-12, atol=1e-13)
+    assert np.max(np.abs(u.numpy()[1:] - ref.y.T)) < 1e-8
+    assert 0.1 < float(u[-1, 0]) < 0.12  # x(5) = 0.1123 for C = 0.001
+    with pytest.raises(ValueError, match="c must be in"):
+        white_dwarf_data(c=1.5)
+    with pytest.raises(ValueError, match="0 <= t0 < t1"):
+        white_dwarf_data(tspan=(-1.0, 2.0))
 
 
 def test_spiral_ode_data_matches_scipy():

@@ -1,0 +1,224 @@
+"""One neural-ODE training step (forward + backward) for every sensealg, beside the torch peers.
+
+The Kelly et al. (2020) MNIST neural ODE: state 784, f(z, t) = W2 tanh(W1 [z; t] + b1) + b2
+(hidden 100, time concatenated), batch 512, t in [0, 1], rtol = atol = 1e-5, float32,
+loss = mean(z(1)^2), gradients with respect to the four parameter tensors.
+
+Rows: pylux DirectAdjoint, BacksolveAdjoint (± seminorm), InterpolatingAdjoint (± seminorm,
+checkpointed), QuadratureAdjoint, ReversibleAdjoint (Tsit5 base, coupling 0.999); torchdiffeq
+odeint (backprop), odeint_adjoint (± seminorm); torchode AutoDiffAdjoint and
+BacksolveAdjoint. All with (Tsit5 | dopri5) at the same tolerances.
+
+Columns: forward NFE, backward NFE (evaluations of f or of its VJP on the backward pass; for
+backprop methods 0, their backward replays the stored graph), wall time of forward+backward
+(median of --repeats after one warm-up), autograd memory (bytes of tensors saved for the
+backward pass during the forward solve, counted with torch.autograd.graph.saved_tensors_hooks:
+what grows with the number of steps; on CUDA also the peak allocated bytes), the ratio of wall time to
+torchdiffeq's equivalent, and the gradient's relative error against DirectAdjoint at 1e-8.
+
+Run twice: as is, and with --scale 3 (weights x3: at random initialisation the unscaled
+solve takes only a few steps).
+
+    python benchmarks/node_train_step.py [--scale 3] [--repeats 3] [--threads 2] [--device cpu]
+
+Timings on a shared machine are noisy; compare numbers from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import pylux as lx
+
+
+def make_problem(scale: float, dtype, device, batch: int = 512, d: int = 784, hidden: int = 100):
+    g = torch.Generator().manual_seed(0)
+    w1 = (torch.rand(hidden, d + 1, generator=g) * 2 - 1) / (d + 1) ** 0.5 * scale
+    b1 = (torch.rand(hidden, generator=g) * 2 - 1) / (d + 1) ** 0.5 * scale
+    w2 = (torch.rand(d, hidden, generator=g) * 2 - 1) / hidden ** 0.5 * scale
+    b2 = (torch.rand(d, generator=g) * 2 - 1) / hidden ** 0.5 * scale
+    u0 = torch.rand(batch, d, generator=g)
+    params = {k: v.to(dtype=dtype, device=device) for k, v in
+              dict(W1=w1, b1=b1, W2=w2, b2=b2).items()}
+    return params, u0.to(dtype=dtype, device=device), d
+
+
+def kelly_field(d):
+    def f(u, p, t):
+        # [z; t] W1^T == z W1[:, :d]^T + t W1[:, d]; torchode passes one time per batch element
+        t_column = t[:, None] if t.dim() == 1 else t
+        pre = u @ p["W1"][:, :d].t() + t_column * p["W1"][:, d] + p["b1"]
+        return torch.tanh(pre) @ p["W2"].t() + p["b2"]
+    return f
+
+
+class Counted:
+    def __init__(self, fn):
+        self.fn, self.n = fn, 0
+
+    def __call__(self, *args):
+        self.n += 1
+        return self.fn(*args)
+
+
+def leaf_params(params):
+    return {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+
+
+def pylux_step(alg, tol):
+    def run(params, u0, field):
+        p = leaf_params(params)
+        counted = Counted(field)
+        prob = lx.ODEProblem(lambda u, p_, t: counted(u, p_, t), u0, (0.0, 1.0), p)
+        sol = lx.solve(prob, lx.Tsit5(), saveat=[1.0], reltol=tol, abstol=tol, sensealg=alg)
+        return sol.u[-1].pow(2).mean(), list(p.values()), counted
+    return run
+
+
+class TorchField(torch.nn.Module):
+    def __init__(self, params, field, counter):
+        super().__init__()
+        self.p = torch.nn.ParameterDict({k: torch.nn.Parameter(v.detach().clone()) for k, v in params.items()})
+        self.field, self.counter = field, counter
+
+    def forward(self, t, y):
+        self.counter.n += 1
+        return self.field(y, dict(self.p), t.to(y.dtype))
+
+
+def torchdiffeq_step(adjoint: bool, seminorm: bool, tol):
+    import torchdiffeq
+
+    def run(params, u0, field):
+        counter = Counted(None)
+        module = TorchField(params, field, counter)
+        t = torch.tensor([0.0, 1.0], dtype=u0.dtype, device=u0.device)
+        if adjoint:
+            options = dict(norm="seminorm") if seminorm else None
+            y = torchdiffeq.odeint_adjoint(module, u0, t, rtol=tol, atol=tol, method="dopri5",
+                                           adjoint_options=options)
+        else:
+            y = torchdiffeq.odeint(module, u0, t, rtol=tol, atol=tol, method="dopri5")
+        return y[-1].pow(2).mean(), [module.p[k] for k in params], counter
+    return run
+
+
+def torchode_step(backsolve: bool, tol):
+    import torchode as to
+
+    def run(params, u0, field):
+        counter = Counted(None)
+        module = TorchField(params, field, counter)
+        term = to.ODETerm(module)
+        step = to.Tsit5(term=term)
+        controller = to.IntegralController(atol=tol, rtol=tol, term=term)
+        solver = to.BacksolveAdjoint(term, step, controller) if backsolve else to.AutoDiffAdjoint(step, controller)
+        t_eval = torch.tensor([0.0, 1.0], dtype=u0.dtype, device=u0.device).repeat(u0.shape[0], 1)
+        sol = solver.solve(to.InitialValueProblem(y0=u0, t_eval=t_eval))
+        return sol.ys[:, -1].pow(2).mean(), [module.p[k] for k in params], counter
+    return run
+
+
+def train_step(run, params, u0, field, hooks=None):
+    """Forward (under ``hooks``, if given) then backward: (grads, forward NFE, backward NFE)."""
+    if hooks is not None:
+        with torch.autograd.graph.saved_tensors_hooks(*hooks):
+            loss, leaves, counter = run(params, u0, field)
+    else:
+        loss, leaves, counter = run(params, u0, field)
+    forward = counter.n
+    grads = torch.autograd.grad(loss, leaves)
+    return grads, forward, counter.n - forward
+
+
+def measure(run, params, u0, field, repeats):
+    total = [0]
+
+    def pack(x):
+        total[0] += x.numel() * x.element_size()
+        return x
+    if u0.is_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    grads, nfe_f, nfe_b = train_step(run, params, u0, field, hooks=(pack, lambda x: x))
+    peak = torch.cuda.max_memory_allocated() if u0.is_cuda else None
+    times = []
+    for _ in range(repeats):
+        if u0.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        train_step(run, params, u0, field)
+        if u0.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return dict(grads=grads, nfe_f=nfe_f, nfe_b=nfe_b, time=statistics.median(times), saved=total[0], peak=peak)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tol", type=float, default=1e-5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--skip-peers", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    params, u0, d = make_problem(args.scale, torch.float32, device)
+    field = kelly_field(d)
+    tol = args.tol
+
+    # reference gradient: pylux Direct at a tight tolerance, in float64
+    p64 = {k: v.double() for k, v in params.items()}
+    ref, _, _ = train_step(pylux_step(lx.DirectAdjoint(), 1e-8), p64, u0.double(), field)
+
+    rows = [
+        ("pylux DirectAdjoint", pylux_step(lx.DirectAdjoint(), tol), "torchdiffeq odeint"),
+        ("pylux BacksolveAdjoint", pylux_step(lx.BacksolveAdjoint(), tol), "torchdiffeq odeint_adjoint"),
+        ("pylux BacksolveAdjoint(seminorm)", pylux_step(lx.BacksolveAdjoint(seminorm=True), tol),
+         "torchdiffeq odeint_adjoint(seminorm)"),
+        ("pylux InterpolatingAdjoint", pylux_step(lx.InterpolatingAdjoint(), tol), "torchdiffeq odeint_adjoint"),
+        ("pylux InterpolatingAdjoint(seminorm)", pylux_step(lx.InterpolatingAdjoint(seminorm=True), tol),
+         "torchdiffeq odeint_adjoint(seminorm)"),
+        ("pylux InterpolatingAdjoint(ckpt=4)", pylux_step(lx.InterpolatingAdjoint(checkpointing=4), tol),
+         "torchdiffeq odeint_adjoint"),
+        ("pylux QuadratureAdjoint", pylux_step(lx.QuadratureAdjoint(), tol), "torchdiffeq odeint_adjoint"),
+        ("pylux ReversibleAdjoint", pylux_step(lx.ReversibleAdjoint(), tol), "torchdiffeq odeint"),
+    ]
+    if not args.skip_peers:
+        rows += [
+            ("torchdiffeq odeint", torchdiffeq_step(False, False, tol), None),
+            ("torchdiffeq odeint_adjoint", torchdiffeq_step(True, False, tol), None),
+            ("torchdiffeq odeint_adjoint(seminorm)", torchdiffeq_step(True, True, tol), None),
+            ("torchode AutoDiffAdjoint", torchode_step(False, tol), None),
+            ("torchode BacksolveAdjoint", torchode_step(True, tol), None),
+        ]
+    results = {}
+    for name, run, _ in rows:
+        results[name] = measure(run, params, u0, field, args.repeats)
+    print(f"Kelly MNIST neural ODE, batch {u0.shape[0]}, float32, weights x{args.scale:g}, tol {tol:g}, "
+          f"{args.threads} threads, {args.device}")
+    header = (f"{'method':40s} {'fwd NFE':>8s} {'bwd NFE':>8s} {'time ms':>9s} {'vs peer':>8s} "
+              f"{'saved MB':>9s} {'grad rel err':>12s}")
+    if device.type == "cuda":
+        header += f" {'peak MB':>9s}"
+    print(header)
+    for name, _, peer in rows:
+        r = results[name]
+        ratio = results[peer]["time"] / r["time"] if peer in results else float("nan")
+        err = max(float((g.double() - g_ref).norm() / g_ref.norm()) for g, g_ref in zip(r["grads"], ref))
+        line = (f"{name:40s} {r['nfe_f']:8d} {r['nfe_b']:8d} {1e3 * r['time']:9.1f} "
+                f"{ratio:7.2f}x {r['saved'] / 2**20:9.1f} {err:12.2e}")
+        if r["peak"] is not None:
+            line += f" {r['peak'] / 2**20:9.1f}"
+        print(line)
+    print("'vs peer' = the torchdiffeq equivalent's time / this time (> 1: pylux faster).")
+
+
+if __name__ == "__main__":
+    main()
