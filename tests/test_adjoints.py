@@ -218,3 +218,20 @@ def test_reversible_failure_is_loud():
     sol = lx.solve(prob, lx.Tsit5(), sensealg=ReversibleAdjoint(), maxiters=500, throw=False)
     assert sol.retcode in (lx.ReturnCode.DtLessThanMin, lx.ReturnCode.MaxIters, lx.ReturnCode.Unstable)
     assert "retcode" in sol.message and sol.stats.naccept > 0
+
+
+def test_interpolating_backward_reads_the_dense_output_without_host_copies(monkeypatch):
+    from test_diffeq_loop import SyncCounter
+
+    u0, W, b = inputs(7)
+    prob = lx.ODEProblem(field, u0, (0.0, 1.0), {"W": W, "b": b})
+    alg = InterpolatingAdjoint()
+    sol = lx.solve(prob, lx.Tsit5(), saveat=[0.5, 1.0], sensealg=alg, reltol=1e-8, abstol=1e-8)
+    loss = sol.u.sum()
+    counter = SyncCounter(monkeypatch)
+    loss.backward()
+    stats = alg.last_backward_stats
+    # per backward trial step one (the error norm), per segment two (the initial-step heuristic);
+    # none per stage evaluation, though each reads z(t) from the forward dense output
+    assert stats["nf"] > 3 * (stats["naccept"] + stats["nreject"])
+    assert counter.count == stats["naccept"] + stats["nreject"] + 2 * 2

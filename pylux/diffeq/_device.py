@@ -15,8 +15,25 @@ import torch
 
 
 def scalar_like(value: float, like: torch.Tensor) -> torch.Tensor:
-    """A 0-d tensor holding ``value`` with ``like``'s dtype and device."""
-    return torch.full((), value, dtype=like.dtype, device=like.device)
+    """A 0-d time tensor holding ``value`` with ``like``'s dtype and device.
+
+    It carries the host float as ``t.host_value`` (see :func:`with_host_values`).
+    """
+    out = torch.full((), value, dtype=like.dtype, device=like.device)
+    out.host_value = value
+    return out
+
+
+def with_host_values(times: Sequence[torch.Tensor], values: Sequence[float]) -> Sequence[torch.Tensor]:
+    """Attach each time tensor's host float as ``t.host_value`` and return the tensors.
+
+    A vector field that looks something up by time — an adjoint reading the
+    forward dense output at the stage times of its backward solve — then needs
+    no device-to-host copy (a synchronisation on CUDA) per evaluation.
+    """
+    for t, value in zip(times, values):
+        t.host_value = value
+    return times
 
 
 def vector_like(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:

@@ -162,6 +162,9 @@ class Solution:
 
 def _host_times(t) -> tuple[bool, list[float]]:
     if isinstance(t, torch.Tensor):
+        host_value = getattr(t, "host_value", None)
+        if host_value is not None and t.dim() == 0:  # a solver's time tensor: no device-to-host copy
+            return True, [host_value]
         if t.dim() > 1:
             raise ValueError(f"sol(t): t must be a scalar or 1-D, got shape {tuple(t.shape)}")
         return t.dim() == 0, [float(x) for x in t.detach().reshape(-1).tolist()]

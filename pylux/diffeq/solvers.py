@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 import torch
 
-from ._device import scalar_like, vector_like
+from ._device import scalar_like, vector_like, with_host_values
 from .controllers import AbstractController, PIController
 from .interpolation import StageInterpolant, linear_combination
 from .tableau import (BS3_TABLEAU, DP5_TABLEAU, EULER_TABLEAU, HEUN_TABLEAU, MIDPOINT_TABLEAU,
@@ -161,7 +161,8 @@ class RKState:
 
 def _stage_times(t: float, dt: float, c, like: torch.Tensor):
     # One host-to-device transfer per step for all stage times.
-    return vector_like([t + ci * dt for ci in c], like).unbind(0)
+    values = [t + ci * dt for ci in c]
+    return with_host_values(vector_like(values, like).unbind(0), values)
 
 
 class ExplicitRungeKutta(AbstractSolver):
