@@ -12,16 +12,7 @@ from pylux.sensitivity import (BacksolveAdjoint, DirectAdjoint, InterpolatingAdj
 F64 = torch.float64
 
 
-def field(u, p, t):
-    return torch.tanh(u @ p["W"].T + p["b"]) * (1 + t)
-
-
-def inputs(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    W = (0.5 * torch.randn(3, 3, generator=g, dtype=F64)).requires_grad_(True)
-    b = torch.randn(3, generator=g, dtype=F64).requires_grad_(True)
-    u0 = torch.randn(2, 3, generator=g, dtype=F64).requires_grad_(True)
-    return u0, W, b
+from test_sensitivity import field, make_inputs as inputs  # noqa: E402  (the shared small problem)
 
 
 def loss_and_grads(alg, tspan=(0.0, 1.0), saveat=(0.3, 0.7, 1.0), seed=0, solver=None, **kw):

@@ -15,8 +15,10 @@ from typing import Any, Sequence
 import torch
 
 from ..core import tree_leaves_with_path, tree_map
+from ..diffeq import Solution
 
-__all__ = ["HiddenParameterError", "grad_leaves", "check_no_hidden_parameters", "replace_leaves"]
+__all__ = ["HiddenParameterError", "grad_leaves", "check_no_hidden_parameters", "replace_leaves",
+           "apply_adjoint_function"]
 
 
 class HiddenParameterError(ValueError):
@@ -76,3 +78,20 @@ def check_no_hidden_parameters(output: torch.Tensor, inputs: Sequence[torch.Tens
 def detached_tree(p: Any) -> Any:
     """``p`` with every tensor leaf detached."""
     return tree_map(lambda x: x.detach(), p)
+
+
+def apply_adjoint_function(function, alg, problem, solver, options) -> Solution:
+    """Run an adjoint's ``torch.autograd.Function`` with ``p``'s grad leaves as explicit inputs.
+
+    ``function.forward(ctx, alg, problem, solver, options, paths, holder, u0, *params)``
+    returns the saved states and puts the forward :class:`Solution` in
+    ``holder["solution"]``; autograd then routes the gradient to ``u0`` and to
+    every tensor of the parameter tree that requires grad.
+    """
+    pairs = grad_leaves(problem.p)
+    paths = [path for path, _ in pairs]
+    params = [leaf for _, leaf in pairs]
+    holder: dict = {}
+    u = function.apply(alg, problem, solver, options, paths, holder, problem.u0, *params)
+    sol = holder["solution"]
+    return Solution(sol.t, u, sol.retcode, sol.stats, message=sol.message, solver=solver)

@@ -42,7 +42,7 @@ import torch
 
 from ..diffeq import AbstractSensitivityAlgorithm, ODEProblem, SemiNorm, Solution, integrate
 from ..diffeq.options import SolveOptions
-from ._params import check_no_hidden_parameters, grad_leaves, replace_leaves
+from ._params import apply_adjoint_function, check_no_hidden_parameters, replace_leaves
 
 __all__ = ["BacksolveAdjoint", "InterpolatingAdjoint", "QuadratureAdjoint", "BackwardStats"]
 
@@ -100,13 +100,7 @@ class _ContinuousAdjoint(AbstractSensitivityAlgorithm):
                 "estimates, which only DirectAdjoint() can differentiate; use DirectAdjoint() (the "
                 "global error/stiffness regularizers need it) or LocalErrorRegularization, which "
                 "works with every sensealg")
-        pairs = grad_leaves(problem.p)
-        paths = [path for path, _ in pairs]
-        params = [leaf for _, leaf in pairs]
-        holder: dict = {}
-        u = _AdjointFunction.apply(self, problem, solver, options, paths, holder, problem.u0, *params)
-        sol = holder["solution"]
-        return Solution(sol.t, u, sol.retcode, sol.stats, message=sol.message, solver=solver)
+        return apply_adjoint_function(_AdjointFunction, self, problem, solver, options)
 
 
 class BacksolveAdjoint(_ContinuousAdjoint):

@@ -46,7 +46,7 @@ from ..diffeq.norms import ScaledErrorNorm
 from ..diffeq.options import SolveOptions
 from ..diffeq.solution import ERROR_FOR_RETCODE, ReturnCode, SolverStats
 from ..diffeq.solvers import ExplicitRungeKutta, RKState
-from ._params import check_no_hidden_parameters, grad_leaves, replace_leaves
+from ._params import apply_adjoint_function, check_no_hidden_parameters, replace_leaves
 
 __all__ = ["ReversibleAdjoint"]
 
@@ -119,13 +119,7 @@ class ReversibleAdjoint(AbstractSensitivityAlgorithm):
             run = _reversible_solve(lambda u, t: problem.f(u, p, t), problem.u0, problem.tspan, base,
                                     self.coupling, options)
             return run.solution(base)
-        pairs = grad_leaves(problem.p)
-        paths = [path for path, _ in pairs]
-        params = [leaf for _, leaf in pairs]
-        holder: dict = {}
-        u = _ReversibleFunction.apply(self, problem, base, options, paths, holder, problem.u0, *params)
-        sol = holder["solution"]
-        return Solution(sol.t, u, sol.retcode, sol.stats, message=sol.message, solver=base)
+        return apply_adjoint_function(_ReversibleFunction, self, problem, base, options)
 
 
 def _increment_step(base: ExplicitRungeKutta, field, t: float, u: torch.Tensor, dt: float):
