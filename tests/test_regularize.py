@@ -238,7 +238,7 @@ def test_biased_sampling_under_backsolve_regularizes_one_of_the_forward_steps():
     y, st_new = layer(x, ps, st)
     sol = plain_solve(layer, ps, x)  # every step saved: the forward step times and states
     times = sol.t.tolist()
-    candidates = [float(one_step_estimate(layer, ps, sol.u[j].detach(), times[j], times[j + 1] - times[j]))
+    candidates = [float(one_step_estimate(layer, ps, sol.u[j].detach(), times[j], times[j + 1] - times[j]).detach())
                   for j in range(len(times) - 1)]
     value = float(st_new["regularization"].detach())
     assert min(abs(value - c) / c for c in candidates) < 1e-10

@@ -83,7 +83,7 @@ class KellyField(AbstractLayer):
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--epochs", type=int, default=15, help="training epochs (default 15)")
+    parser.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated subset of {','.join(METHODS)} (taynode only if available)")
@@ -281,7 +281,8 @@ def run(args) -> dict:
     command = ("pylux experiments node-digits " + f"--epochs {args.epochs} --seeds {args.seeds} "
                f"--methods {','.join(methods)} --tol {args.tol} --lr {args.lr} --batch-size {args.batch_size} "
                f"--weight-start {args.weight_start} --weight-end {args.weight_end} "
-               f"--stiffness-scale {args.stiffness_scale} --local-scale {args.local_scale} --taylor-scale {args.taylor_scale} "
+               f"--stiffness-scale {args.stiffness_scale} --local-scale {args.local_scale} "
+               f"--taylor-scale {args.taylor_scale} "
                f"--steer-b {args.steer_b} --threads {args.threads}")
     text = (f"# node-digits\n\n`{command}`\n\nmean ± std over {args.seeds} seed(s); float32, "
             f"{args.threads} thread(s)\n\n{table}\n")

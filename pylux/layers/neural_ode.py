@@ -163,13 +163,7 @@ class NeuralODE(AbstractLayer):
 
     def _regularized_forward(self, x: torch.Tensor, ps: Mapping, st: Mapping, vector_field):
         regs = self.regularizers
-        key = st["rng"]
-        if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key <= _MASK64:
-            raise LayerError(f"state 'rng' must be an int key in [0, 2**64), got {key!r}; "
-                             "re-create the state with pylux.setup")
-        seed, next_key = split_key(key)
-        generator = torch.Generator(device=x.device)
-        generator.manual_seed(seed)
+        generator, next_key = _call_generator(st, x)
         t0, t1 = self.tspan
         for reg in regs:
             drawn = reg.end_time(t0, t1, True, generator)
@@ -177,48 +171,8 @@ class NeuralODE(AbstractLayer):
                 t1 = float(drawn)
                 break
         datas = [reg.begin(x, t0, t1, generator) for reg in regs]
-        integral_regs = [(i, reg) for i, reg in enumerate(regs) if isinstance(reg, AbstractIntegralRegularizer)]
-        shape, n = x.shape, x.numel()
-        nb = batch_size(x)
-        def bound_field(p):
-            return lambda u, t: vector_field(u, p, t)
-
-        if integral_regs:
-            needs_grad = any(reg.needs_input_grad for _, reg in integral_regs)
-
-            def augmented(w, p, t):
-                field = bound_field(p)
-                z = w[:n].view(shape)
-                if needs_grad:
-                    outer = torch.is_grad_enabled()
-                    with torch.enable_grad():
-                        z_in = z if z.requires_grad else z.detach().requires_grad_(True)
-                        dz = field(z_in, t)
-                        rates = [reg.integrand(field, z_in, dz, t, datas[i]) for i, reg in integral_regs]
-                    if not outer:
-                        dz, rates = dz.detach(), [r.detach() for r in rates]
-                else:
-                    dz = field(z, t)
-                    rates = [reg.integrand(field, z, dz, t, datas[i]) for i, reg in integral_regs]
-                for (_, reg), rate in zip(integral_regs, rates):
-                    if rate.shape != (nb,):
-                        raise ValueError(f"{reg!r}.integrand returned shape {tuple(rate.shape)}; it must return "
-                                         f"one value per sample, shape ({nb},)")
-                return torch.cat([dz.reshape(-1)] + [r.to(dz.dtype) for r in rates])
-
-            prob = ODEProblem(augmented, torch.cat([x.reshape(-1), x.new_zeros(nb * len(integral_regs))]),
-                              (t0, t1), ps)
-        else:
-            prob = ODEProblem(vector_field, x, (t0, t1), ps)
-
-        def state_of(w: torch.Tensor) -> torch.Tensor:
-            # w: one state of the solve, or a stack of them along dim 0
-            if not integral_regs:
-                return w
-            if w.dim() == 1:
-                return w[:n].view(shape)
-            return w[:, :n].reshape((w.shape[0],) + tuple(shape))
-
+        augmented = _AugmentedState(x, regs, datas)
+        prob = ODEProblem(augmented.field(vector_field), augmented.initial(), (t0, t1), ps)
         extra = sorted({float(t) for reg, d in zip(regs, datas) for t in reg.save_times(d)})
         for t in extra:
             if not min(t0, t1) <= t <= max(t0, t1):
@@ -226,47 +180,20 @@ class NeuralODE(AbstractLayer):
                                  f"solved span ({t0!r}, {t1!r})")
         kwargs = dict(self.solve_kwargs)
         kwargs.update({k: True for k in self._reg_kwargs if k != "save_everystep"})
-        everystep = bool(self._reg_kwargs.get("save_everystep"))
-        outputs = self.saveat if self.saveat is not None else [t1]
-        if everystep:
-            if extra:
-                raise NotImplementedError("NeuralODE: these regularizers need every step saved and the state "
-                                          "at chosen times at once; combine them with sensealg=None")
-            sol = solve(prob, self.solver, save_everystep=True, save_start=True, sensealg=self.sensealg,
-                        **kwargs)
-            saved = {}
-            trajectory = state_of(sol.u)
-            y = trajectory[-1]
-        else:
-            direction = 1.0 if t1 >= t0 else -1.0
-            times = sorted(set(outputs) | set(extra), key=lambda t: direction * t)
-            sol = solve(prob, self.solver, saveat=times, sensealg=self.sensealg, **kwargs)
-            index = {t: i for i, t in enumerate(times)}
-            trajectory = state_of(sol.u)
-            saved = {t: trajectory[index[t]] for t in extra}
-            picked = trajectory[[index[t] for t in outputs]] if self.saveat is not None else trajectory[index[t1]]
-            y = picked
-        integrals = {}
-        final = sol.u[-1]
-        for k, (i, reg) in enumerate(integral_regs):
-            integrals[id(reg)] = final[n + k * nb:n + (k + 1) * nb]
-        options = make_options(self.solver, x, t0, t1, **{k: v for k, v in kwargs.items()
-                                                        if k not in ("saveat",)})
-        counter = [0]
-        field_of_ps = bound_field(ps)
+        sol, y, saved, trajectory = self._solve_and_collect(prob, t0, t1, extra, augmented, kwargs)
+
+        calls = [0]
+        field_of_ps = _bind(vector_field, ps)
 
         def counted_field(u, t):
-            counter[0] += 1
+            calls[0] += 1
             return field_of_ps(u, t)
 
-        dense_state = None
-        if sol.dense:
-            def dense_state(t: float) -> torch.Tensor:
-                return state_of(sol(t))
-        ctx = RegularizationContext(solution=sol, field=counted_field, solver=self.solver, options=options,
-                                    sensealg=self.sensealg, t0=t0, t1=t1, z0=x, training=True,
-                                    generator=generator, saved=saved, integrals=integrals,
-                                    dense_state=dense_state, trajectory=trajectory)
+        ctx = RegularizationContext(
+            solution=sol, field=counted_field, solver=self.solver, sensealg=self.sensealg, t0=t0, t1=t1,
+            z0=x, training=True, generator=generator, saved=saved, integrals=augmented.integrals(sol.u[-1]),
+            options=make_options(self.solver, x, t0, t1, **kwargs), trajectory=trajectory,
+            dense_state=(lambda t: augmented.state_of(sol(t))) if sol.dense else None)
         terms = {}
         for i, (reg, data) in enumerate(zip(regs, datas)):
             value = reg.value(ctx, data)
@@ -274,11 +201,31 @@ class NeuralODE(AbstractLayer):
                 raise ValueError(f"{reg!r}.value must return a 0-d tensor, got "
                                  f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
             terms[_term_name(regs, i)] = value
-        total = torch.stack(list(terms.values())).sum()
         new_st = dict(st)
         new_st.update(nfe=sol.stats.nf, naccept=sol.stats.naccept, nreject=sol.stats.nreject, rng=next_key,
-                      regularization=total, regularization_terms=terms, regularization_nfe=counter[0])
+                      regularization=torch.stack(list(terms.values())).sum(), regularization_terms=terms,
+                      regularization_nfe=calls[0])
         return y, new_st
+
+    def _solve_and_collect(self, prob, t0, t1, extra, augmented, kwargs):
+        """Solve; return ``(sol, y, {t: z(t) for t in extra}, z at every saved time)``."""
+        if self._reg_kwargs.get("save_everystep"):
+            if extra:
+                raise NotImplementedError("NeuralODE: these regularizers need every step saved and the state "
+                                          "at chosen times at once; combine them with sensealg=None")
+            sol = solve(prob, self.solver, save_everystep=True, save_start=True, sensealg=self.sensealg,
+                        **kwargs)
+            trajectory = augmented.state_of(sol.u)
+            return sol, trajectory[-1], {}, trajectory
+        outputs = self.saveat if self.saveat is not None else [t1]
+        direction = 1.0 if t1 >= t0 else -1.0
+        times = sorted(set(outputs) | set(extra), key=lambda t: direction * t)
+        sol = solve(prob, self.solver, saveat=times, sensealg=self.sensealg, **kwargs)
+        index = {t: i for i, t in enumerate(times)}
+        trajectory = augmented.state_of(sol.u)
+        saved = {t: trajectory[index[t]] for t in extra}
+        y = trajectory[[index[t] for t in outputs]] if self.saveat is not None else trajectory[index[t1]]
+        return sol, y, saved, trajectory
 
     def __repr__(self) -> str:
         inner = repr(self.model).replace("\n", "\n  ")
@@ -302,3 +249,76 @@ def _term_name(regs, i: int) -> str:
     name = regs[i].name
     same = [j for j, r in enumerate(regs) if r.name == name]
     return name if len(same) == 1 else f"{name}_{same.index(i) + 1}"
+
+
+def _bind(vector_field, p):
+    return lambda u, t: vector_field(u, p, t)
+
+
+def _call_generator(st: Mapping, x: torch.Tensor) -> tuple[torch.Generator, int]:
+    """The generator of this call, seeded from ``st["rng"]``, and the key of the next call (as in Dropout)."""
+    key = st["rng"]
+    if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key <= _MASK64:
+        raise LayerError(f"state 'rng' must be an int key in [0, 2**64), got {key!r}; "
+                         "re-create the state with pylux.setup")
+    seed, next_key = split_key(key)
+    generator = torch.Generator(device=x.device)
+    generator.manual_seed(seed)
+    return generator, next_key
+
+
+class _AugmentedState:
+    """The layer's state ``z`` with one channel per sample for each integral regularizer appended.
+
+    Without integral regularizers the solve runs on ``z`` itself (no copy).
+    """
+
+    def __init__(self, x: torch.Tensor, regs, datas) -> None:
+        self.x = x
+        self.shape, self.n, self.nb = x.shape, x.numel(), batch_size(x)
+        self.regs = [(reg, data) for reg, data in zip(regs, datas) if isinstance(reg, AbstractIntegralRegularizer)]
+        self.needs_grad = any(reg.needs_input_grad for reg, _ in self.regs)
+
+    def initial(self) -> torch.Tensor:
+        if not self.regs:
+            return self.x
+        return torch.cat([self.x.reshape(-1), self.x.new_zeros(self.nb * len(self.regs))])
+
+    def state_of(self, w: torch.Tensor) -> torch.Tensor:
+        """``z`` from one augmented state, or from a stack of them along dim 0."""
+        if not self.regs:
+            return w
+        if w.dim() == 1:
+            return w[:self.n].view(self.shape)
+        return w[:, :self.n].reshape((w.shape[0],) + tuple(self.shape))
+
+    def integrals(self, final: torch.Tensor) -> dict:
+        n, nb = self.n, self.nb
+        return {id(reg): final[n + k * nb:n + (k + 1) * nb] for k, (reg, _) in enumerate(self.regs)}
+
+    def field(self, vector_field):
+        if not self.regs:
+            return vector_field
+        regs, shape, n, nb, needs_grad = self.regs, self.shape, self.n, self.nb, self.needs_grad
+
+        def augmented(w, p, t):
+            field = _bind(vector_field, p)
+            z = w[:n].view(shape)
+            if needs_grad:
+                # Jacobian terms differentiate f in z, also inside a solve that runs without gradients
+                outer = torch.is_grad_enabled()
+                with torch.enable_grad():
+                    z_in = z if z.requires_grad else z.detach().requires_grad_(True)
+                    dz = field(z_in, t)
+                    rates = [reg.integrand(field, z_in, dz, t, data) for reg, data in regs]
+                if not outer:
+                    dz, rates = dz.detach(), [r.detach() for r in rates]
+            else:
+                dz = field(z, t)
+                rates = [reg.integrand(field, z, dz, t, data) for reg, data in regs]
+            for (reg, _), rate in zip(regs, rates):
+                if rate.shape != (nb,):
+                    raise ValueError(f"{reg!r}.integrand returned shape {tuple(rate.shape)}; it must return "
+                                     f"one value per sample, shape ({nb},)")
+            return torch.cat([dz.reshape(-1)] + [r.to(dz.dtype) for r in rates])
+        return augmented

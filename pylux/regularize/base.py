@@ -1,7 +1,9 @@
 """How a :class:`~pylux.layers.NeuralODE` uses a regularizer: the :class:`AbstractRegularizer` contract.
 
-A regularizer is an immutable object. For every forward solve the layer calls,
-in this order (every hook but :meth:`~AbstractRegularizer.value` has a no-op default):
+A regularizer is an immutable object. The layer calls its hooks in this order
+(hooks 0 and 1 when it is built, 2 to 6 in every train-mode forward call; a
+test-mode call solves the plain ODE and calls none of them). Every hook but
+:meth:`~AbstractRegularizer.value` has a no-op default:
 
 0. ``reg.check_span(t0, t1)`` — once, when the layer is built: raise
    ``ValueError`` if the regularizer cannot work on this span.

@@ -30,7 +30,10 @@ class KineticRegularization(AbstractIntegralRegularizer):
 
 
 class JacobianFrobeniusRegularization(AbstractIntegralRegularizer):
-    r"""Jacobian Frobenius norm :math:`R_J = \frac{1}{B}\sum_b \int_{t_0}^{t_1} \lVert \varepsilon_b^\top \partial f/\partial z_b \rVert_2^2\, dt`.
+    r"""Jacobian Frobenius norm, Hutchinson-estimated along the trajectory (RNODE).
+
+    .. math::  R_J = \frac{1}{B}\sum_b \int_{t_0}^{t_1}
+               \lVert \varepsilon_b^\top \partial f/\partial z_b \rVert_2^2\, dt
 
     A Hutchinson estimate of :math:`\int \lVert \partial f / \partial z \rVert_F^2 dt`
     (Finlay et al., ICML 2020, eq. 6): :math:`\varepsilon` is a Rademacher
@@ -44,6 +47,9 @@ class JacobianFrobeniusRegularization(AbstractIntegralRegularizer):
     Args:
         generator: draw the probe from this generator instead of the layer's
             per-call one.
+
+    Raises:
+        TypeError: ``generator`` not a ``torch.Generator``.
     """
 
     needs_input_grad = True

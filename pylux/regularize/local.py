@@ -105,7 +105,9 @@ class LocalErrorRegularization(AbstractRegularizer):
 
     def solve_kwargs(self, sensealg) -> dict:
         if differentiates_solver(sensealg):
-            return {"save_stats": True, "dense": True}
+            # step times from the stats; a biased sample's state from the dense output (an unbiased
+            # one is saved at its pre-drawn time)
+            return {"save_stats": True, "dense": True} if self.sampling == "biased" else {"save_stats": True}
         if self.sampling == "biased":
             return {"save_everystep": True}
         return {}
