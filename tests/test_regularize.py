@@ -415,3 +415,18 @@ def test_time_input_passes_t_to_the_vector_field():
     assert float(st_new["regularization"]) == pytest.approx(5.0 * energy, rel=1e-8)
     with pytest.raises(TypeError, match="time_input"):
         lx.NeuralODE(TimeScaled(), (0.0, 1.0), time_input=1)
+
+
+def test_solver_without_estimates_and_bad_integrands_are_reported():
+    layer = lx.NeuralODE(mlp(), TSPAN, lx.Euler(), dt=0.1, regularize=lx.ErrorEstimateRegularization())
+    ps, st = lx.setup(torch.Generator().manual_seed(0), layer, dtype=F64)
+    with pytest.raises(ValueError, match="no embedded error estimate"):
+        layer(data(), ps, st)
+
+    class WrongShape(lx.regularize.AbstractIntegralRegularizer):
+        def integrand(self, field, z, dz, t, data):
+            return dz.pow(2).sum()
+
+    layer, ps, st = build(WrongShape())
+    with pytest.raises(ValueError, match=r"one value per sample, shape \(5,\)"):
+        layer(data(), ps, st)
