@@ -156,8 +156,12 @@ def test_local_fixed_time_equals_the_one_step_estimate_with_the_containing_step(
     assert st_new["regularization_nfe"] == 7  # f(z) for the FSAL start + 6 stages
 
 
-@pytest.mark.parametrize("sensealg", [lx.BacksolveAdjoint(seminorm=True), lx.InterpolatingAdjoint()])
-def test_local_gradient_flows_under_adjoints_and_equals_the_detached_one_step_gradient(sensealg):
+@pytest.mark.parametrize("sensealg, rtol", [(lx.BacksolveAdjoint(seminorm=True), 1e-7),
+                                             (lx.InterpolatingAdjoint(), 1e-7),
+                                             (lx.QuadratureAdjoint(), 1e-7),
+                                             # its forward pass is the coupled reversible method, not Tsit5 itself
+                                             (lx.ReversibleAdjoint(), 1e-5)])
+def test_local_gradient_flows_under_adjoints_and_equals_the_detached_one_step_gradient(sensealg, rtol):
     t_reg, dt = 0.55, 0.2
     layer, ps, st = build(lx.LocalErrorRegularization(t_reg=t_reg, dt=dt), sensealg=sensealg)
     x = data()
@@ -168,10 +172,10 @@ def test_local_gradient_flows_under_adjoints_and_equals_the_detached_one_step_gr
     z_ref = plain_solve(layer, ps, x, saveat=[t_reg], sensealg=lx.DirectAdjoint()).u[0].detach()
     expected = one_step_estimate(layer, ps, z_ref, t_reg, dt)
     expected_grads = torch.autograd.grad(expected, params)
-    torch.testing.assert_close(st_new["regularization"], expected, rtol=1e-10, atol=0)
+    torch.testing.assert_close(st_new["regularization"], expected, rtol=rtol, atol=0)
     assert sum(float(g.abs().sum()) for g in grads) > 1e-8
     for g, e in zip(grads, expected_grads):
-        torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-12)
+        torch.testing.assert_close(g, e, rtol=rtol, atol=1e-12)
     # the layer output and its adjoint gradient are unaffected by the extra saved time
     torch.testing.assert_close(y, plain_solve(layer, ps, x).u[-1], rtol=1e-9, atol=1e-12)
 
