@@ -176,8 +176,8 @@ def test_local_gradient_flows_under_adjoints_and_equals_the_detached_one_step_gr
     assert sum(float(g.abs().sum()) for g in grads) > 1e-8
     for g, e in zip(grads, expected_grads):
         torch.testing.assert_close(g, e, rtol=rtol, atol=1e-12)
-    # the layer output and its adjoint gradient are unaffected by the extra saved time
-    torch.testing.assert_close(y, plain_solve(layer, ps, x).u[-1], rtol=1e-9, atol=1e-12)
+    # the layer output is unaffected by the extra saved time
+    torch.testing.assert_close(y, plain_solve(layer, ps, x).u[-1], rtol=rtol, atol=1e-12)
 
 
 def test_local_under_direct_differentiates_the_state_at_t_reg():
