@@ -19,7 +19,8 @@ torchdiffeq's equivalent, and the gradient's relative error against DirectAdjoin
 Run twice: as is, and with --scale 3 (weights x3: at random initialisation the unscaled
 solve takes only a few steps).
 
-    python benchmarks/node_train_step.py [--scale 3] [--repeats 3] [--threads 2] [--device cpu]
+    python benchmarks/node_train_step.py [--scale 3] [--solver Tsit5|DP5] [--repeats 3] [--threads 2]
+                                         [--device cpu] [--torchode-backsolve]
 
 Timings on a shared machine are noisy; compare numbers from the same run.
 """
@@ -69,12 +70,15 @@ def leaf_params(params):
     return {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
 
 
-def pylux_step(alg, tol):
+SOLVERS = {"Tsit5": lx.Tsit5, "DP5": lx.DP5}
+
+
+def pylux_step(alg, tol, solver="Tsit5"):
     def run(params, u0, field):
         p = leaf_params(params)
         counted = Counted(field)
         prob = lx.ODEProblem(lambda u, p_, t: counted(u, p_, t), u0, (0.0, 1.0), p)
-        sol = lx.solve(prob, lx.Tsit5(), saveat=[1.0], reltol=tol, abstol=tol, sensealg=alg)
+        sol = lx.solve(prob, SOLVERS[solver](), saveat=[1.0], reltol=tol, abstol=tol, sensealg=alg)
         return sol.u[-1].pow(2).mean(), list(p.values()), counted
     return run
 
@@ -166,6 +170,10 @@ def main():
     parser.add_argument("--tol", type=float, default=1e-5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-peers", action="store_true")
+    parser.add_argument("--torchode-backsolve", action="store_true",
+                        help="also time torchode's BacksolveAdjoint (per-sample vmap: about a minute a step here)")
+    parser.add_argument("--solver", default="Tsit5", choices=sorted(SOLVERS),
+                        help="pylux's method (the peers use dopri5 / Tsit5 as named)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -177,18 +185,21 @@ def main():
     p64 = {k: v.double() for k, v in params.items()}
     ref, _, _ = train_step(pylux_step(lx.DirectAdjoint(), 1e-8), p64, u0.double(), field)
 
+    def pl(alg):
+        return pylux_step(alg, tol, args.solver)
+
     rows = [
-        ("pylux DirectAdjoint", pylux_step(lx.DirectAdjoint(), tol), "torchdiffeq odeint"),
-        ("pylux BacksolveAdjoint", pylux_step(lx.BacksolveAdjoint(), tol), "torchdiffeq odeint_adjoint"),
-        ("pylux BacksolveAdjoint(seminorm)", pylux_step(lx.BacksolveAdjoint(seminorm=True), tol),
+        ("pylux DirectAdjoint", pl(lx.DirectAdjoint()), "torchdiffeq odeint"),
+        ("pylux BacksolveAdjoint", pl(lx.BacksolveAdjoint()), "torchdiffeq odeint_adjoint"),
+        ("pylux BacksolveAdjoint(seminorm)", pl(lx.BacksolveAdjoint(seminorm=True)),
          "torchdiffeq odeint_adjoint(seminorm)"),
-        ("pylux InterpolatingAdjoint", pylux_step(lx.InterpolatingAdjoint(), tol), "torchdiffeq odeint_adjoint"),
-        ("pylux InterpolatingAdjoint(seminorm)", pylux_step(lx.InterpolatingAdjoint(seminorm=True), tol),
+        ("pylux InterpolatingAdjoint", pl(lx.InterpolatingAdjoint()), "torchdiffeq odeint_adjoint"),
+        ("pylux InterpolatingAdjoint(seminorm)", pl(lx.InterpolatingAdjoint(seminorm=True)),
          "torchdiffeq odeint_adjoint(seminorm)"),
-        ("pylux InterpolatingAdjoint(ckpt=4)", pylux_step(lx.InterpolatingAdjoint(checkpointing=4), tol),
+        ("pylux InterpolatingAdjoint(ckpt=4)", pl(lx.InterpolatingAdjoint(checkpointing=4)),
          "torchdiffeq odeint_adjoint"),
-        ("pylux QuadratureAdjoint", pylux_step(lx.QuadratureAdjoint(), tol), "torchdiffeq odeint_adjoint"),
-        ("pylux ReversibleAdjoint", pylux_step(lx.ReversibleAdjoint(), tol), "torchdiffeq odeint"),
+        ("pylux QuadratureAdjoint", pl(lx.QuadratureAdjoint()), "torchdiffeq odeint_adjoint"),
+        ("pylux ReversibleAdjoint", pl(lx.ReversibleAdjoint()), "torchdiffeq odeint"),
     ]
     if not args.skip_peers:
         rows += [
@@ -196,13 +207,14 @@ def main():
             ("torchdiffeq odeint_adjoint", torchdiffeq_step(True, False, tol), None),
             ("torchdiffeq odeint_adjoint(seminorm)", torchdiffeq_step(True, True, tol), None),
             ("torchode AutoDiffAdjoint", torchode_step(False, tol), None),
-            ("torchode BacksolveAdjoint", torchode_step(True, tol), None),
         ]
+        if args.torchode_backsolve:
+            rows.append(("torchode BacksolveAdjoint", torchode_step(True, tol), None))
     results = {}
     for name, run, _ in rows:
         results[name] = measure(run, params, u0, field, args.repeats)
     print(f"Kelly MNIST neural ODE, batch {u0.shape[0]}, float32, weights x{args.scale:g}, tol {tol:g}, "
-          f"{args.threads} threads, {args.device}")
+          f"{args.threads} threads, {args.device}; pylux rows use {args.solver}")
     header = (f"{'method':40s} {'fwd NFE':>8s} {'bwd NFE':>8s} {'time ms':>9s} {'vs peer':>8s} "
               f"{'saved MB':>9s} {'grad rel err':>12s}")
     if device.type == "cuda":
