@@ -63,3 +63,18 @@ def test_bad_arguments_are_named():
     ps, st = lx.setup(torch.Generator().manual_seed(0), layer)
     with pytest.raises(lx.LayerError, match="NeuralODE"):
         layer(torch.ones(2, 3, dtype=torch.int64), ps, st)
+
+
+@pytest.mark.parametrize("sensealg", [lx.BacksolveAdjoint(), lx.QuadratureAdjoint(), lx.ReversibleAdjoint()],
+                         ids=repr)
+def test_state_holds_a_handle_to_the_backward_counters(sensealg):
+    layer = linear_node(sensealg=sensealg)
+    ps, st = lx.setup(torch.Generator().manual_seed(3), layer, dtype=F64)
+    assert st["backward_stats"] == {}
+    ps = lx.tree_map(lambda x: x.requires_grad_(True), ps)
+    y, st_first = layer(torch.randn(4, 3, dtype=F64), ps, st)
+    _, st_second = layer(torch.randn(4, 3, dtype=F64), ps, st)
+    assert st_first["backward_stats"] == {}  # filled only when this solve's backward runs
+    y.sum().backward()
+    assert st_first["backward_stats"]["nf"] > 0 and st_first["backward_stats"]["nvjp"] > 0
+    assert st_second["backward_stats"] == {}  # each solve has its own record

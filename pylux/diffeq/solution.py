@@ -128,6 +128,9 @@ class Solution:
         self.solver = solver
         self._dense = dense
         self._u0 = u0
+        #: counters of the backward pass through this solve (a dict filled when it runs), set by
+        #: the sensitivity algorithms that have one; None otherwise
+        self.backward_stats: dict | None = None
 
     @property
     def success(self) -> bool:

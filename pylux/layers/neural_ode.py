@@ -54,9 +54,12 @@ class NeuralODE(AbstractLayer):
             (raised here, before any solve).
 
     Parameters ``ps``: the inner model's parameters, unchanged (a wrapper layer).
-    State ``st``: ``{"model": inner state, "nfe": int, "naccept": int, "nreject": int}``
-    where the counters are those of the latest forward solve. The backward
-    solve's counters are on the sensitivity algorithm (``last_backward_stats``).
+    State ``st``: ``{"model": inner state, "nfe": int, "naccept": int, "nreject": int,
+    "backward_stats": dict}`` where the counters are those of the latest forward
+    solve and ``backward_stats`` is that solve's handle to the counters of its
+    backward pass (``nf``, ``nvjp``, …; see
+    :class:`~pylux.sensitivity.BackwardStats`), filled in when ``backward()``
+    runs, and empty for ``sensealg=None`` (backprop through the solver).
     With ``regularize`` the state also has ``"training"`` (bool), ``"rng"``
     (int key, advanced in each train-mode call, as in Dropout),
     ``"regularization"`` (0-d tensor: the sum of the regularizers' values,
@@ -119,7 +122,7 @@ class NeuralODE(AbstractLayer):
         return self.model.init_params(rng)
 
     def init_state(self, rng: torch.Generator) -> dict:
-        st = {"model": self.model.init_state(rng), "nfe": 0, "naccept": 0, "nreject": 0}
+        st = {"model": self.model.init_state(rng), "nfe": 0, "naccept": 0, "nreject": 0, "backward_stats": {}}
         if self.regularizers:
             rng = check_generator(rng, "NeuralODE.init_state")
             # read back once at setup; forward passes advance the Python int
@@ -154,7 +157,8 @@ class NeuralODE(AbstractLayer):
         sol = solve(prob, self.solver, saveat=saveat, sensealg=self.sensealg, **self.solve_kwargs)
         y = sol.u if self.saveat is not None else sol.u[-1]
         new_st = dict(st)
-        new_st.update(nfe=sol.stats.nf, naccept=sol.stats.naccept, nreject=sol.stats.nreject)
+        new_st.update(nfe=sol.stats.nf, naccept=sol.stats.naccept, nreject=sol.stats.nreject,
+                      backward_stats=_backward_stats(sol))
         if self.regularizers:
             zero = x.new_zeros(())
             new_st.update(regularization=zero, regularization_nfe=0,
@@ -203,6 +207,7 @@ class NeuralODE(AbstractLayer):
             terms[_term_name(regs, i)] = value
         new_st = dict(st)
         new_st.update(nfe=sol.stats.nf, naccept=sol.stats.naccept, nreject=sol.stats.nreject, rng=next_key,
+                      backward_stats=_backward_stats(sol),
                       regularization=torch.stack(list(terms.values())).sum(), regularization_terms=terms,
                       regularization_nfe=calls[0])
         return y, new_st
@@ -232,6 +237,10 @@ class NeuralODE(AbstractLayer):
         regs = f", regularize={list(self.regularizers)!r}" if self.regularizers else ""
         return (f"NeuralODE(\n  {inner},\n  tspan={self.tspan}, solver={self.solver!r}, "
                 f"sensealg={self.sensealg!r}{regs}\n)")
+
+
+def _backward_stats(sol) -> dict:
+    return sol.backward_stats if sol.backward_stats is not None else {}
 
 
 def _as_regularizers(regularize) -> tuple:

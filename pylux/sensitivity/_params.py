@@ -18,7 +18,7 @@ from ..core import tree_leaves_with_path, tree_map
 from ..diffeq import Solution
 
 __all__ = ["HiddenParameterError", "grad_leaves", "check_no_hidden_parameters", "replace_leaves",
-           "apply_adjoint_function"]
+           "apply_adjoint_function", "BackwardStats"]
 
 
 class HiddenParameterError(ValueError):
@@ -80,18 +80,32 @@ def detached_tree(p: Any) -> Any:
     return tree_map(lambda x: x.detach(), p)
 
 
+class BackwardStats(dict):
+    """Counters of one solve's backward pass, filled in when that backward pass runs.
+
+    Keys: ``nf`` (evaluations of ``f`` or of the augmented field), ``nvjp``
+    (vector–Jacobian products), and per algorithm ``naccept``/``nreject`` (the
+    backward solve's steps), ``nf_forward_resolve`` (checkpointed re-solves),
+    ``nquadrature`` (quadrature nodes), ``nsteps`` and ``reconstruction_error``
+    (reversible). Empty until ``backward()`` has run through the solve.
+    """
+
+
 def apply_adjoint_function(function, alg, problem, solver, options) -> Solution:
     """Run an adjoint's ``torch.autograd.Function`` with ``p``'s grad leaves as explicit inputs.
 
     ``function.forward(ctx, alg, problem, solver, options, paths, holder, u0, *params)``
     returns the saved states and puts the forward :class:`Solution` in
-    ``holder["solution"]``; autograd then routes the gradient to ``u0`` and to
-    every tensor of the parameter tree that requires grad.
+    ``holder["solution"]``, and its backward fills ``holder["backward_stats"]``
+    (returned as ``sol.backward_stats``, a :class:`BackwardStats`); autograd routes
+    the gradient to ``u0`` and to every tensor of the parameter tree that requires grad.
     """
     pairs = grad_leaves(problem.p)
     paths = [path for path, _ in pairs]
     params = [leaf for _, leaf in pairs]
-    holder: dict = {}
+    holder: dict = {"backward_stats": BackwardStats()}
     u = function.apply(alg, problem, solver, options, paths, holder, problem.u0, *params)
     sol = holder["solution"]
-    return Solution(sol.t, u, sol.retcode, sol.stats, message=sol.message, solver=solver)
+    out = Solution(sol.t, u, sol.retcode, sol.stats, message=sol.message, solver=solver)
+    out.backward_stats = holder["backward_stats"]
+    return out

@@ -42,16 +42,9 @@ import torch
 
 from ..diffeq import AbstractSensitivityAlgorithm, ODEProblem, SemiNorm, Solution, integrate
 from ..diffeq.options import SolveOptions
-from ._params import apply_adjoint_function, check_no_hidden_parameters, replace_leaves
+from ._params import BackwardStats, apply_adjoint_function, check_no_hidden_parameters, replace_leaves
 
 __all__ = ["BacksolveAdjoint", "InterpolatingAdjoint", "QuadratureAdjoint", "BackwardStats"]
-
-
-class BackwardStats(dict):
-    """Counters of the latest backward pass: ``nf`` (evaluations of the augmented field),
-    ``naccept``, ``nreject``, ``nvjp`` (vector–Jacobian products), and for checkpointed and
-    quadrature adjoints ``nf_forward_resolve`` / ``nquadrature`` (extra forward evaluations
-    and quadrature nodes)."""
 
 
 def _bound_field(problem: ODEProblem, paths, params):
@@ -282,6 +275,7 @@ class _AdjointFunction(torch.autograd.Function):
         ctx.times, ctx.keep, ctx.t0 = times, keep, t0
         ctx.dense = sol if forward_options.dense else None
         ctx.checkpointed = checkpoints is not None
+        ctx.backward_stats = holder["backward_stats"]
         states = sol.u.detach() if ctx.checkpointed else sol.u[-1:].detach()
         ctx.save_for_backward(u0.detach(), states, *detached)
         out = holder["solution"].u
@@ -302,6 +296,7 @@ class _Backward:
         self.paths, self.params, self.u0 = ctx.paths, params, u0
         self.times, self.keep, self.t0 = ctx.times, ctx.keep, ctx.t0
         self.dense, self.states, self.checkpointed = ctx.dense, states, ctx.checkpointed
+        self.record = ctx.backward_stats
         self.forward_options = ctx.options
         self.shape, self.n_z = u0.shape, u0.numel()
         self.n_theta = sum(x.numel() for x in params)
@@ -438,6 +433,7 @@ class _Backward:
         if times and times[0] != self.t0:
             aug = self._integrate_segment(aug, times[0], self.t0, 0)
         self.alg.last_backward_stats = self.stats
+        self.record.update(self.stats)
         zc, n_z = self.z_channels, self.n_z
         grad_u0 = aug[zc:zc + n_z].view(self.shape)
         offset = zc + n_z

@@ -302,6 +302,7 @@ class _ReversibleFunction(torch.autograd.Function):
         holder["solution"] = sol
         ctx.alg, ctx.problem, ctx.base, ctx.paths = alg, problem, base, paths
         ctx.steps, ctx.times, ctx.t0 = run.steps, run.times, problem.tspan[0]
+        ctx.backward_stats = holder["backward_stats"]
         ctx.save_for_backward(u0.detach(), run.y, run.z, *detached)
         return sol.u.detach()
 
@@ -358,8 +359,9 @@ class _ReversibleFunction(torch.autograd.Function):
         if grad_start is not None:
             grad_u0 = grad_u0 + grad_start
         error = torch.maximum((y - u0).abs().max(), (z - u0).abs().max()) if u0.numel() else u0.new_zeros(())
-        alg.last_backward_stats = {"nf": counter["nf"], "nvjp": counter["nvjp"], "nsteps": len(ctx.steps),
-                                   "reconstruction_error": float(error)}
+        ctx.backward_stats.update(nf=counter["nf"], nvjp=counter["nvjp"], nsteps=len(ctx.steps),
+                                  reconstruction_error=float(error))
+        alg.last_backward_stats = ctx.backward_stats
         return (None, None, None, None, None, None, grad_u0, *a_theta)
 
 
