@@ -145,6 +145,33 @@ def test_nan_in_the_adjoint_raises():
         torch.autograd.grad((z * float("nan")).sum(), [ps["W"]])
 
 
+def test_nan_in_the_jacobian_free_gradient_raises():
+    ps, x = cell_problem(seed=6)
+    z = JacobianFreeBackprop().attach_gradient(cell, tight_fixed_point(ps, x), x, ps)
+    with pytest.raises(NonlinearSolveError, match="JacobianFreeBackprop: the gradient .* is NaN or Inf"):
+        torch.autograd.grad((z * float("nan")).sum(), [ps["W"]])
+
+
+def test_map_that_ignores_the_state_has_the_plain_gradient():
+    # f(z, x) = tanh(U x + b): J = 0, so the implicit gradient is the gradient of one application
+    ps, x = cell_problem(seed=8)
+
+    def constant_map(z, x, ps):
+        return torch.tanh(x @ ps["U"].T + ps["b"])
+    z_star = constant_map(None, x, ps).detach()
+    for alg in (SteadyStateAdjoint(tol=1e-12), JacobianFreeBackprop()):
+        implicit = torch.autograd.grad(cubic_loss(alg.attach_gradient(constant_map, z_star, x, ps)),
+                                       [ps["U"], ps["b"]])
+        direct = torch.autograd.grad(cubic_loss(constant_map(None, x, ps)), [ps["U"], ps["b"]])
+        for a, b in zip(implicit, direct):
+            assert b.abs().max() > 1e-2
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    probe = torch.ones_like(z_star)
+    z = x.detach().requires_grad_(True)
+    estimate = lx.regularize.hutchinson_vjp_frobenius(constant_map(z, x.detach(), ps), z, probe)
+    assert torch.equal(estimate, torch.zeros(x.shape[0], dtype=F64))
+
+
 def test_parameter_hidden_in_a_closure_is_an_error():
     ps, x = cell_problem(seed=7)
     hidden = torch.zeros(5, dtype=F64, requires_grad=True)

@@ -366,6 +366,25 @@ def test_steer_bad_arguments():
         lx.NeuralODE(mlp(), (0.0, 1.0), saveat=[0.5, 1.0], regularize=lx.STEER(0.2))
     with pytest.raises(ValueError, match="at most one"):
         lx.NeuralODE(mlp(), (0.0, 1.0), regularize=[lx.STEER(0.2), lx.STEER(0.1)])
+    # a fixed t_reg must lie inside every span a STEER draw can solve
+    with pytest.raises(ValueError, match=r"may end the solve at t = 0\.7.*t_reg = 0\.95 is outside"):
+        lx.NeuralODE(mlp(), (0.0, 1.0), regularize=[lx.STEER(0.3), lx.LocalErrorRegularization(t_reg=0.95)])
+    lx.NeuralODE(mlp(), (0.0, 1.0), regularize=[lx.STEER(0.3), lx.LocalErrorRegularization(t_reg=0.5)])
+
+
+@pytest.mark.parametrize("reg", [lx.KineticRegularization(), lx.TaylorRegularization(order=1)], ids=repr)
+def test_integral_regularizers_are_positive_when_time_runs_backward(reg):
+    # z' = a z from z(t0) = 1: ||z'||^2 = a^2 e^{2a(t - t0)}, integrated over the span in either direction
+    a = 0.7
+    expected = {(0.0, 1.0): a * (math.exp(2 * a) - 1) / 2, (1.0, 0.0): a * (1 - math.exp(-2 * a)) / 2}
+    for tspan, value in expected.items():
+        layer = lx.NeuralODE(nn.Dense(1, 1, use_bias=False), tspan, reltol=1e-10, abstol=1e-12, regularize=reg)
+        ps, st = lx.setup(torch.Generator().manual_seed(0), layer, dtype=F64)
+        ps = {"weight": torch.full((1, 1), a, dtype=F64, requires_grad=True)}
+        _, st_new = layer(torch.ones(1, 1, dtype=F64), ps, st)
+        assert float(st_new["regularization"].detach()) == pytest.approx(value, rel=1e-7), tspan
+        (grad,) = torch.autograd.grad(st_new["regularization"], [ps["weight"]])
+        assert float(grad) > 0  # a larger |a| makes the dynamics faster in either direction
 
 
 # --- the hook ----------------------------------------------------------------------------------

@@ -120,6 +120,9 @@ _RULES = {
     "add_sub_scale": lambda x: 2.5 * x - torch.exp(x) + 0.5 - x / 4.0,
     "pow3": lambda x: x ** 3,
     "tensor_ops": lambda x: torch.sub(torch.mul(x, x), torch.div(x, 3.0)),
+    "add_alpha_tensor": lambda x: torch.add(x, torch.full((4, 3), 0.3, dtype=DT), alpha=2.0),
+    "addcmul_tensors": lambda x: torch.addcmul(x, torch.full((4, 3), 0.5, dtype=DT),
+                                               torch.full((4, 3), 2.0, dtype=DT), value=0.5),
 }
 
 

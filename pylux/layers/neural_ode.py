@@ -116,6 +116,17 @@ class NeuralODE(AbstractLayer):
         changers = [r for r in self.regularizers if type(r).end_time is not AbstractRegularizer.end_time]
         if len(changers) > 1:
             raise ValueError(f"NeuralODE: at most one regularizer may change the end time, got {changers}")
+        if changers:
+            # every drawn end time must leave the others a span they can work on (e.g. a fixed t_reg)
+            lo, hi = changers[0].end_time_range(t0, t1)
+            shortest = min(lo, hi, key=lambda t: abs(t - t0))
+            for reg in self.regularizers:
+                if reg is not changers[0]:
+                    try:
+                        reg.check_span(t0, shortest)
+                    except ValueError as err:
+                        raise ValueError(f"NeuralODE: {changers[0]!r} may end the solve at t = {shortest!r}, "
+                                         f"and then {err}") from None
         return merged
 
     def init_params(self, rng: torch.Generator) -> dict:

@@ -156,6 +156,10 @@ class AbstractRegularizer(abc.ABC):
         """The end time to solve to (default ``t1``)."""
         return t1
 
+    def end_time_range(self, t0: float, t1: float) -> tuple[float, float]:
+        """The smallest and largest end time :meth:`end_time` can return (default ``(t1, t1)``)."""
+        return t1, t1
+
     def begin(self, z0: torch.Tensor, t0: float, t1: float, generator: torch.Generator) -> Any:
         """Per-solve data, drawn before the solve and fixed during it (default ``None``)."""
         return None
@@ -203,4 +207,6 @@ class AbstractIntegralRegularizer(AbstractRegularizer):
         """
 
     def value(self, ctx: RegularizationContext, data: Any) -> torch.Tensor:
-        return ctx.integral(self).mean()
+        # the extra channel integrates r along the solve, which is -∫|dt| r when time runs backward
+        sign = 1.0 if ctx.t1 >= ctx.t0 else -1.0
+        return ctx.integral(self).mean() * sign

@@ -50,7 +50,10 @@ def hutchinson_vjp_frobenius(y: torch.Tensor, z: torch.Tensor, probe: torch.Tens
     if probe.shape != y.shape:
         raise ValueError(f"hutchinson_vjp_frobenius: probe has shape {tuple(probe.shape)} but y has "
                          f"{tuple(y.shape)}")
-    (vjp,) = torch.autograd.grad(y, z, grad_outputs=probe, create_graph=create_graph, retain_graph=True)
+    (vjp,) = torch.autograd.grad(y, z, grad_outputs=probe, create_graph=create_graph, retain_graph=True,
+                                 allow_unused=True)
+    if vjp is None:  # y does not depend on z: the Jacobian is zero
+        vjp = torch.zeros_like(z)
     if batched:
         return vjp.reshape(vjp.shape[0], -1).pow(2).sum(dim=1)
     return vjp.pow(2).sum()

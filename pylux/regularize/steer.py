@@ -47,6 +47,9 @@ class STEER(AbstractRegularizer):
         u = float(torch.rand((), generator=generator, dtype=torch.float64, device=generator.device))
         return t1 + (2.0 * u - 1.0) * self.b
 
+    def end_time_range(self, t0: float, t1: float) -> tuple[float, float]:
+        return t1 - self.b, t1 + self.b
+
     def value(self, ctx: RegularizationContext, data: Any) -> torch.Tensor:
         return ctx.z0.new_zeros(())
 

@@ -373,7 +373,7 @@ def _broadcast(c: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 def add(a: Any, b: Any, *, alpha: Any = 1) -> TaylorSeries:
     """``a + alpha * b`` where either may be a series, a tensor or a scalar."""
     if alpha != 1:
-        b = mul(b, alpha)
+        b = mul(b, alpha) if _is_series(b) else b * alpha
     if _is_series(a) and _is_series(b):
         first = a._coeffs[0] + b._coeffs[0]
         return TaylorSeries._node((a, b), first)._bind(lambda k: a._coeffs[k] + b._coeffs[k])

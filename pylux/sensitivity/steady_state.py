@@ -134,6 +134,9 @@ class AbstractImplicitSensitivity(abc.ABC):
             raise NonlinearSolveError(message, NonlinearReturnCode.MaxIters, 0)
         warnings.warn(message, ConvergenceWarning, stacklevel=3)
 
+    def _check_gradients(self, grads, where: str) -> None:
+        """Hook on the final gradients of a backward pass (the adjoint itself is checked in ``_cotangent``)."""
+
     @abc.abstractmethod
     def _cotangent(self, fz: torch.Tensor, z: torch.Tensor, grad: torch.Tensor, where: str) -> torch.Tensor:
         """The vector :math:`\\lambda` that multiplies :math:`\\partial f / \\partial(\\theta, x)`."""
@@ -183,8 +186,8 @@ class SteadyStateAdjoint(AbstractImplicitSensitivity):
 
     def _cotangent(self, fz, z, grad, where):
         def matvec(v):
-            (vjp,) = torch.autograd.grad(fz, z, grad_outputs=v, retain_graph=True)
-            return v - vjp
+            (vjp,) = torch.autograd.grad(fz, z, grad_outputs=v, retain_graph=True, allow_unused=True)
+            return v if vjp is None else v - vjp  # None: f does not depend on z, so J = 0
 
         result = gmres(matvec, grad, restart=self.restart, maxiters=self.maxiters, rtol=self.tol, atol=self.atol)
         scale = torch.linalg.vector_norm(grad.reshape(grad.shape[0], -1), dim=1)
@@ -234,6 +237,14 @@ class JacobianFreeBackprop(AbstractImplicitSensitivity):
         self.last_backward_stats = {"iterations": 0, "matvecs": 0, "residual": 0.0, "converged": True}
         return grad
 
+    def _check_gradients(self, grads, where):
+        # one check per backward pass (FAULTS 17: NaN in the backward is raised, never passed on)
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            raise NonlinearSolveError(
+                f"JacobianFreeBackprop: the gradient of {where} is NaN or Inf; the map's vector-Jacobian "
+                "product at the fixed point overflowed. Check the forward residual and the map's scale.",
+                NonlinearReturnCode.Unstable, 0)
+
 
 class _ImplicitFunction(torch.autograd.Function):
     """Identity on ``z_star`` forward; ``lambda^T d f/d(x, params)`` backward."""
@@ -273,5 +284,6 @@ class _ImplicitFunction(torch.autograd.Function):
             wrt = ([x_] if x_needs else []) + ps_
             grads = torch.autograd.grad(fz, wrt, grad_outputs=lam, allow_unused=True) if wrt else ()
         grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, wrt)]
+        alg._check_gradients(grads, where)
         grad_x = grads.pop(0) if x_needs else None
         return (None, None, None, None, None, None, None, grad_x, *grads)
