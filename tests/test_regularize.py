@@ -156,6 +156,19 @@ def test_local_fixed_time_equals_the_one_step_estimate_with_the_containing_step(
     assert st_new["regularization_nfe"] == 7  # f(z) for the FSAL start + 6 stages
 
 
+@pytest.mark.parametrize("sensealg", [lx.BacksolveAdjoint(), lx.InterpolatingAdjoint(checkpointing=3),
+                                      lx.QuadratureAdjoint()], ids=repr)
+def test_local_value_does_not_depend_on_the_sensealg(sensealg):
+    # every sensealg records the forward steps, so the step containing t_reg sets dt for all of them
+    t_reg = 0.37
+    values = []
+    for alg in (None, sensealg):
+        layer, ps, st = build(lx.LocalErrorRegularization(t_reg=t_reg), sensealg=alg)
+        _, st_new = layer(data(), ps, st)
+        values.append(st_new["regularization"].detach())
+    torch.testing.assert_close(values[1], values[0], rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("sensealg, rtol", [(lx.BacksolveAdjoint(seminorm=True), 1e-7),
                                              (lx.InterpolatingAdjoint(), 1e-7),
                                              (lx.QuadratureAdjoint(), 1e-7),

@@ -148,10 +148,14 @@ def stiffness_estimate(stages) -> torch.Tensor:
 
 
 class StatsRecorder:
-    """Per-accepted-step ``t``, ``dt``, scaled error ``E`` and stiffness, when enabled."""
+    """Per-accepted-step ``t``, ``dt``, scaled error ``E`` and stiffness, when enabled.
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
+    ``steps_only``: record just the host ``t`` and ``dt`` (no tensors, no extra work).
+    """
+
+    def __init__(self, enabled: bool, steps_only: bool = False) -> None:
+        self.enabled = enabled or steps_only
+        self.steps_only = steps_only and not enabled
         self.t: list[float] = []
         self.dt: list[float] = []
         self.error: list[torch.Tensor] = []
@@ -162,6 +166,8 @@ class StatsRecorder:
             return
         self.t.append(t)
         self.dt.append(dt)
+        if self.steps_only:
+            return
         if error_norm is not None:
             self.error.append(error_norm)
         if result.stiffness_stages is not None:
@@ -172,6 +178,8 @@ class StatsRecorder:
             return
         stats.t = host_to_device(self.t, time_dtype, like.device)
         stats.dt = host_to_device(self.dt, time_dtype, like.device)
+        if self.steps_only:
+            return
         n = len(self.t)
         if self.error and len(self.error) == n:
             stats.error_estimate = torch.stack(self.error)
@@ -407,7 +415,7 @@ def _fixed_loop(field: CountingField, solver: AbstractSolver, u0, t0, t1, option
         finite_flags.append(torch.isfinite(u_new).all() if u_new.numel() else
                             torch.ones((), dtype=torch.bool, device=u_new.device))
         error_norm = None
-        if stats.enabled and result.error_estimate is not None:
+        if stats.enabled and not stats.steps_only and result.error_estimate is not None:
             error_norm = scaled_error_norm(result.error_estimate, u, u_new, options.abstol,
                                            options.reltol, options.norm)
         out.naccept += 1
@@ -465,7 +473,7 @@ def integrate(f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], u0: torch
     field = CountingField(f, u0)
     direction = 1.0 if t1 >= t0 else -1.0
     saver = Saver(t0, t1, options)
-    stats_recorder = StatsRecorder(options.save_stats)
+    stats_recorder = StatsRecorder(options.save_stats, options.save_steps)
     dense = DenseOutput(t0, direction) if options.dense else None
     saver.start(u0)
     if t0 == t1:

@@ -75,6 +75,9 @@ class SolveOptions:
     save_stats: bool
     throw: bool
     time_dtype: torch.dtype = torch.float64
+    #: record each accepted step's host ``t`` and ``dt`` (``sol.stats.t``/``.dt``) without the tensor
+    #: internals of ``save_stats``; the adjoint sensealgs set it on their forward solves
+    save_steps: bool = False
 
     def replace(self, **changes) -> "SolveOptions":
         """``dataclasses.replace`` with unknown field names rejected by name."""

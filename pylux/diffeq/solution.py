@@ -66,7 +66,8 @@ class SolverStats:
             step-size heuristic and termination checks).
         naccept, nreject: accepted and rejected steps.
         t: start time of each accepted step, shape ``(naccept,)``, time dtype
-            (only with ``save_stats=True``, else ``None``).
+            (with ``save_stats=True``, and always from the adjoint sensealgs'
+            forward solves, which record ``t`` and ``dt`` only; else ``None``).
         dt: signed size of each accepted step, same shape.
         error_estimate: the scaled local error estimate ``E_j = ||err_j /
             (abstol + reltol max(|u_j|, |u_{j+1}|))||`` of each accepted step, as

@@ -40,10 +40,10 @@ class LocalErrorRegularization(AbstractRegularizer):
 
     * ``"unbiased"``: uniform in the solved span. The state comes from the
       forward solve (the layer saves it at :math:`t_r`); :math:`\Delta t_r` is
-      the size of the accepted step containing :math:`t_r` when the solve
-      recorded its steps (``sensealg=None``/DirectAdjoint), otherwise the mean
-      accepted step of the forward solve, :math:`(t_1 - t_0)/N_{\mathrm{accept}}`
-      (the adjoints return no per-step record).
+      the size of the accepted step containing :math:`t_r` (every pylux
+      sensealg records the forward solve's accepted steps, so the value does
+      not depend on the gradient method); for a sensealg that records no
+      steps, the mean accepted step :math:`(t_1 - t_0)/N_{\mathrm{accept}}`.
     * ``"biased"``: uniformly among the solver's own accepted step start times
       :math:`t_j`, with :math:`\Delta t_r` that step's size. This is biased
       towards where the solver steps densely, i.e. where it is hardest. Under
@@ -152,7 +152,7 @@ class LocalErrorRegularization(AbstractRegularizer):
                 # the sensealg recorded no steps: the mean accepted step of the forward solve
                 dt = (ctx.t1 - ctx.t0) / stats.naccept
             return t_reg, dt, z
-        if stats.t is not None:
+        if direct and stats.t is not None:  # the dense output gives the state at any step start
             starts, sizes = stats.t, stats.dt
             n = stats.naccept
             j = min(int(data["u"] * n), n - 1)

@@ -250,8 +250,9 @@ class _AdjointFunction(torch.autograd.Function):
         direction = 1.0 if t1 >= t0 else -1.0
         detached = [x.detach() for x in params]
         checkpoints = alg._checkpoints(t0, t1)
+        # the accepted steps' t and dt are recorded (host floats, no gradient): regularizers read them
         forward_options = options.replace(dense=alg._interpolates and checkpoints is None,
-                                          save_stats=False)
+                                          save_stats=False, save_steps=True)
         if checkpoints and options.saveat is not None:
             forward_options = forward_options.replace(
                 saveat=tuple(_merge_times(options.saveat, checkpoints, direction)))

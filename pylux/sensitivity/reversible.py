@@ -179,6 +179,9 @@ def _reversible_solve(f, u0: torch.Tensor, tspan, base: ExplicitRungeKutta, coup
         y, z = loop(field, base, coupling, y, z, t0, t1, stops, saved, options, run, out)
     run.y, run.z = y, z
     run.stats = SolverStats(nf=field.count, naccept=out.naccept, nreject=out.nreject)
+    # the accepted steps' t and dt (no gradient), as the other adjoints record them
+    run.stats.t = host_to_device([t for t, _, _ in run.steps], options.time_dtype, u0.device)
+    run.stats.dt = host_to_device([dt for _, dt, _ in run.steps], options.time_dtype, u0.device)
     failed = out.retcode not in (ReturnCode.Success, ReturnCode.Terminated)
     run.retcode = out.retcode
     run.message = _failure_message(out, options) if failed else out.retcode.message
