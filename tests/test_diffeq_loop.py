@@ -349,6 +349,20 @@ def test_seminorm_ignores_masked_channels_but_not_their_nans():
     assert semi.stats.naccept < full.stats.naccept / 3
 
 
+def test_mixed_norm_is_the_largest_group_rms():
+    x = torch.tensor([3.0, 4.0, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
+    norm = de.MixedNorm([2, 8])
+    # one RMS over all ten entries would be 1.58: the eight small ones dilute the first group's 3.54
+    assert norm(x).item() == pytest.approx(math.sqrt(12.5))
+    assert de.MixedNorm([2, 8], [False, True])(x).item() == pytest.approx(0.1)
+    assert math.isnan(de.MixedNorm([2, 8], [False, True])(torch.tensor([math.nan] + [0.0] * 9)).item())
+    assert de.MixedNorm([0, 2, 8])(x).item() == pytest.approx(math.sqrt(12.5))  # empty groups are skipped
+    with pytest.raises(ValueError, match="at least one measured non-empty group"):
+        de.MixedNorm([2, 8], [False, False])
+    with pytest.raises(ValueError, match="the state has 10 entries but the groups"):
+        de.MixedNorm([2, 9])(x)
+
+
 def test_solution_repr_and_len():
     sol = de.solve(LV, saveat=[1.0, 2.0])
     text = repr(sol)

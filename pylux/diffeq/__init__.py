@@ -24,7 +24,7 @@ from .controllers import AbstractController, ControllerState, IController, PICon
 from .integrate import integrate
 from .interpolation import AbstractInterpolant, DenseOutput, HermiteInterpolant, StageInterpolant
 from .multistep import VCAB3
-from .norms import SemiNorm, max_norm, rms_norm, scaled_error_norm
+from .norms import MixedNorm, SemiNorm, max_norm, rms_norm, scaled_error_norm
 from .options import SolveOptions, make_options
 from .problem import ODEProblem
 from .solution import (DtLessThanMinError, MaxItersError, ReturnCode, Solution, SolverError,
@@ -42,7 +42,7 @@ __all__ = [
     "StepResult", "Euler", "Midpoint", "Heun", "RK4", "BS3", "Tsit5", "DP5", "VCAB3",
     # step-size control and norms
     "AbstractController", "PIController", "IController", "ControllerState", "initial_step_size",
-    "rms_norm", "max_norm", "SemiNorm", "scaled_error_norm",
+    "rms_norm", "max_norm", "SemiNorm", "MixedNorm", "scaled_error_norm",
     # output
     "Solution", "SolverStats", "ReturnCode", "SolverError", "MaxItersError", "DtLessThanMinError",
     "UnstableError", "AbstractInterpolant", "StageInterpolant", "HermiteInterpolant", "DenseOutput",

@@ -40,7 +40,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..diffeq import AbstractSensitivityAlgorithm, ODEProblem, SemiNorm, Solution, integrate
+from ..diffeq import (AbstractSensitivityAlgorithm, MixedNorm, ODEProblem, SemiNorm, Solution, integrate,
+                      rms_norm)
 from ..diffeq.options import SolveOptions
 from ._params import BackwardStats, apply_adjoint_function, check_no_hidden_parameters, replace_leaves
 
@@ -98,6 +99,12 @@ class _ContinuousAdjoint(AbstractSensitivityAlgorithm):
 
 class BacksolveAdjoint(_ContinuousAdjoint):
     """Chen et al.'s adjoint: re-integrate ``[z, a_z, a_θ]`` backwards (see the module docstring).
+
+    The backward error norm: with the default (RMS) norm of the forward solve,
+    each channel group ``z``, ``a_z``, ``a_θ`` is measured by its own RMS and
+    the largest counts (:class:`~pylux.diffeq.MixedNorm`), so the many
+    parameter channels cannot dilute the state's error; a custom forward
+    ``norm`` is used as given.
 
     Args:
         seminorm: leave the parameter-adjoint channels ``a_θ`` out of the
@@ -317,7 +324,11 @@ class _Backward:
     def _backward_options(self) -> SolveOptions:
         alg, options = self.alg, self.forward_options
         norm = options.norm
-        if alg.seminorm and self.theta_channels:
+        if norm is rms_norm:
+            # each channel group [z, a_z, a_θ] at the tolerance on its own; the seminorm drops a_θ
+            norm = MixedNorm([self.z_channels, self.n_z, self.theta_channels],
+                             [True, True, not alg.seminorm])
+        elif alg.seminorm and self.theta_channels:
             mask = torch.zeros(self.z_channels + self.n_z + self.theta_channels, dtype=torch.bool,
                                device=self.u0.device)
             mask[:self.z_channels + self.n_z] = True
