@@ -54,6 +54,7 @@ from ..diffeq import Tsit5
 from ..layers import NeuralODE
 from ..regularize import (STEER, ErrorEstimateRegularization, LocalErrorRegularization,
                           StiffnessRegularization)
+from ..sensitivity import BacksolveAdjoint, InterpolatingAdjoint, QuadratureAdjoint, ReversibleAdjoint
 from ..training import Adam, TrainState, single_train_step
 from ..training.schedules import ExponentialAnneal
 
@@ -105,7 +106,16 @@ def add_arguments(parser) -> None:
                         help="TayNODE weight = error weight / this")
     parser.add_argument("--steer-b", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (timings are per thread count)")
+    parser.add_argument("--sensealg", default="direct", choices=sorted(SENSEALGS),
+                        help="how gradients flow for every method but the global ER/SR ones, which need "
+                             "backprop through the solver (default: direct)")
     parser.add_argument("--quick", action="store_true", help="preset: 3 epochs, 1 seed, smoke-test scale")
+
+
+#: --sensealg choices; the global error/stiffness regularizers always use DirectAdjoint
+SENSEALGS = {"direct": lambda: None, "backsolve": lambda: BacksolveAdjoint(seminorm=True),
+             "interpolating": InterpolatingAdjoint, "quadrature": QuadratureAdjoint,
+             "reversible": ReversibleAdjoint}
 
 
 def _regularizer(method: str):
@@ -139,8 +149,10 @@ def build_model(method: str, args) -> nn.Chain:
     reg = _regularizer(method)
     if reg == "steer":
         reg = STEER(args.steer_b)
-    node = NeuralODE(KellyField(64, 100), (0.0, 1.0), Tsit5(), regularize=reg, time_input=True,
-                     reltol=args.tol, abstol=args.tol)
+    global_estimate = isinstance(reg, (ErrorEstimateRegularization, StiffnessRegularization))
+    sensealg = None if global_estimate else SENSEALGS[getattr(args, "sensealg", "direct")]()
+    node = NeuralODE(KellyField(64, 100), (0.0, 1.0), Tsit5(), sensealg=sensealg, regularize=reg,
+                     time_input=True, reltol=args.tol, abstol=args.tol)
     return nn.Chain(node, nn.Dense(64, 10))
 
 
@@ -288,7 +300,7 @@ def run(args) -> dict:
                f"--weight-start {args.weight_start} --weight-end {args.weight_end} "
                f"--stiffness-scale {args.stiffness_scale} --local-scale {args.local_scale} "
                f"--taylor-scale {args.taylor_scale} "
-               f"--steer-b {args.steer_b} --threads {args.threads}")
+               f"--steer-b {args.steer_b} --sensealg {args.sensealg} --threads {args.threads}")
     text = (f"# node-digits\n\n`{command}`\n\nmean ± std over {args.seeds} seed(s); float32, "
             f"{args.threads} thread(s)\n\n{table}\n")
     with open(os.path.join(args.out, "results.md"), "w") as fh:
