@@ -20,7 +20,9 @@ Run twice: as is, and with --scale 3 (weights x3: at random initialisation the u
 solve takes only a few steps).
 
     python benchmarks/node_train_step.py [--scale 3] [--solver Tsit5|DP5] [--repeats 3] [--threads 2]
-                                         [--device cpu] [--torchode-backsolve]
+                                         [--device cpu] [--torchode-backsolve] [--diffrax]
+
+(--diffrax needs `pip install diffrax`, which brings JAX; it is not part of the bench extra.)
 
 Timings on a shared machine are noisy; compare numbers from the same run.
 """
@@ -127,6 +129,48 @@ def torchode_step(backsolve: bool, tol):
     return run
 
 
+def diffrax_rows(params, u0, d, tol, solver_name, repeats):
+    """diffrax BacksolveAdjoint (± its adjoint seminorm) and RecursiveCheckpointAdjoint, jitted, in JAX."""
+    import diffrax
+    import jax
+    import jax.numpy as jnp
+
+    p = {k: jnp.asarray(v.detach().cpu().numpy()) for k, v in params.items()}
+    y0 = jnp.asarray(u0.detach().cpu().numpy())
+
+    def f(t, y, p):
+        pre = y @ p["W1"][:, :d].T + t * p["W1"][:, d] + p["b1"]
+        return jnp.tanh(pre) @ p["W2"].T + p["b2"]
+    term = diffrax.ODETerm(f)
+    solver = diffrax.Dopri5() if solver_name == "DP5" else diffrax.Tsit5()
+    controller = diffrax.PIDController(rtol=tol, atol=tol)
+    adjoints = {
+        "diffrax BacksolveAdjoint": diffrax.BacksolveAdjoint(solver=solver, stepsize_controller=controller),
+        "diffrax BacksolveAdjoint(seminorm)": diffrax.BacksolveAdjoint(
+            solver=solver, stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol,
+                                                                     norm=diffrax.adjoint_rms_seminorm)),
+        "diffrax RecursiveCheckpointAdjoint": diffrax.RecursiveCheckpointAdjoint(),
+    }
+    out = {}
+    for name, adjoint in adjoints.items():
+        def loss(p, adjoint=adjoint):
+            sol = diffrax.diffeqsolve(term, solver, 0.0, 1.0, None, y0, p, stepsize_controller=controller,
+                                      adjoint=adjoint, saveat=diffrax.SaveAt(t1=True), max_steps=4096)
+            return jnp.mean(sol.ys[-1] ** 2), sol.stats["num_steps"]
+        step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+        (_, steps), grads = step(p)
+        jax.block_until_ready(grads)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(step(p))
+            times.append(time.perf_counter() - start)
+        torch_grads = [torch.from_numpy(__import__("numpy").asarray(grads[k])) for k in params]
+        out[name] = dict(grads=torch_grads, nfe_f=int(steps), nfe_b=-1, time=statistics.median(times),
+                         saved=float("nan"), peak=None)
+    return out
+
+
 def train_step(run, params, u0, field, hooks=None):
     """Forward (under ``hooks``, if given) then backward: (grads, forward NFE, backward NFE)."""
     if hooks is not None:
@@ -172,6 +216,8 @@ def main():
     parser.add_argument("--skip-peers", action="store_true")
     parser.add_argument("--torchode-backsolve", action="store_true",
                         help="also time torchode's BacksolveAdjoint (per-sample vmap: about a minute a step here)")
+    parser.add_argument("--diffrax", action="store_true",
+                        help="also time diffrax (JAX, jitted) backsolve ± seminorm and recursive checkpointing")
     parser.add_argument("--solver", default="Tsit5", choices=sorted(SOLVERS),
                         help="pylux's method (the peers use dopri5 / Tsit5 as named)")
     args = parser.parse_args()
@@ -213,6 +259,10 @@ def main():
     results = {}
     for name, run, _ in rows:
         results[name] = measure(run, params, u0, field, args.repeats)
+    if args.diffrax:
+        extra = diffrax_rows(params, u0, d, tol, args.solver, args.repeats)
+        results.update(extra)
+        rows += [(name, None, None) for name in extra]
     print(f"Kelly MNIST neural ODE, batch {u0.shape[0]}, float32, weights x{args.scale:g}, tol {tol:g}, "
           f"{args.threads} threads, {args.device}; pylux rows use {args.solver}")
     header = (f"{'method':40s} {'fwd NFE':>8s} {'bwd NFE':>8s} {'time ms':>9s} {'vs peer':>8s} "
@@ -224,12 +274,18 @@ def main():
         r = results[name]
         ratio = results[peer]["time"] / r["time"] if peer in results else float("nan")
         err = max(float((g.double() - g_ref).norm() / g_ref.norm()) for g, g_ref in zip(r["grads"], ref))
-        line = (f"{name:40s} {r['nfe_f']:8d} {r['nfe_b']:8d} {1e3 * r['time']:9.1f} "
+        line = (f"{name:40s} {r['nfe_f']:8d} {r['nfe_b'] if r['nfe_b'] >= 0 else '-':>8} {1e3 * r['time']:9.1f} "
                 f"{ratio:7.2f}x {r['saved'] / 2**20:9.1f} {err:12.2e}")
         if r["peak"] is not None:
             line += f" {r['peak'] / 2**20:9.1f}"
         print(line)
     print("'vs peer' = the torchdiffeq equivalent's time / this time (> 1: pylux faster).")
+    if args.diffrax:
+        print("diffrax rows: 'fwd NFE' is its number of forward steps (its backward counters are not exposed).")
+        for ours, theirs in (("pylux BacksolveAdjoint", "diffrax BacksolveAdjoint"),
+                             ("pylux BacksolveAdjoint(seminorm)", "diffrax BacksolveAdjoint(seminorm)"),
+                             ("pylux DirectAdjoint", "diffrax RecursiveCheckpointAdjoint")):
+            print(f"{ours} / {theirs}: {results[ours]['time'] / results[theirs]['time']:.2f}x the time")
 
 
 if __name__ == "__main__":
