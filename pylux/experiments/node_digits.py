@@ -38,17 +38,15 @@ that pass; test mode solves the plain ODE, without any regularizer work).
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import statistics
 import time
 from typing import Any, Mapping
 
 import torch
 
 from .. import nn
-from ..core import AbstractLayer, setup, testmode, tree_leaves
+from ..core import AbstractLayer, setup, testmode
 from ..data import load_digits
 from ..diffeq import Tsit5
 from ..layers import NeuralODE
@@ -57,6 +55,7 @@ from ..regularize import (STEER, ErrorEstimateRegularization, LocalErrorRegulari
 from ..sensitivity import BacksolveAdjoint, InterpolatingAdjoint, QuadratureAdjoint, ReversibleAdjoint
 from ..training import Adam, TrainState, single_train_step
 from ..training.schedules import ExponentialAnneal
+from ._report import markdown_table, plot_histories, summarize, write_results
 
 __all__ = ["add_arguments", "run", "KellyField", "METHODS"]
 
@@ -224,51 +223,9 @@ def train_one(method: str, seed: int, args, data) -> dict:
     }
 
 
-def summarize(runs: list[dict], keys) -> dict:
-    out = {}
-    for key in keys:
-        values = [r[key] for r in runs]
-        out[key] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
-    return out
-
-
 COLUMNS = (("train_accuracy", "train acc (%)", "{:.2f}"), ("test_accuracy", "test acc (%)", "{:.2f}"),
            ("train_time_s", "train time (s)", "{:.1f}"), ("predict_time_s", "predict time (s)", "{:.4f}"),
            ("test_nfe", "test NFE", "{:.1f}"))
-
-
-def markdown_table(summary: dict, columns=COLUMNS, title: str = "method") -> str:
-    head = f"| {title} | " + " | ".join(label for _, label, _ in columns) + " |"
-    rule = "|---" * (len(columns) + 1) + "|"
-    rows = [head, rule]
-    for method, stats in summary.items():
-        cells = [f"{fmt.format(stats[key][0])} ± {fmt.format(stats[key][1])}" for key, _, fmt in columns]
-        rows.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
-
-
-def plot_histories(histories: dict, path: str, title: str) -> str | None:
-    try:
-        import matplotlib  # noqa: PLC0415
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
-    except ImportError:
-        print("matplotlib is not installed: skipping the plot")
-        return None
-    fig, (ax_loss, ax_nfe) = plt.subplots(1, 2, figsize=(11, 4))
-    for method, runs in histories.items():
-        loss = torch.tensor([r["loss"] for r in runs], dtype=torch.float64).mean(0)
-        nfe = torch.tensor([r["nfe"] for r in runs], dtype=torch.float64).mean(0)
-        ax_loss.plot(loss.numpy(), label=method, lw=1)
-        ax_nfe.plot(nfe.numpy(), label=method, lw=1)
-    ax_loss.set(xlabel="training step", ylabel="training loss (incl. regularization)", yscale="log")
-    ax_nfe.set(xlabel="training step", ylabel="forward NFE")
-    ax_nfe.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def run(args) -> dict:
@@ -294,7 +251,7 @@ def run(args) -> dict:
         raw[method] = [{k: v for k, v in r.items() if k != "history"} for r in runs]
         line = ", ".join(f"{label} {fmt.format(summary[method][key][0])}" for key, label, fmt in COLUMNS)
         print(f"{method}: {line}")
-    table = markdown_table(summary)
+    table = markdown_table(summary, COLUMNS)
     command = ("pylux experiments node-digits " + f"--epochs {args.epochs} --seeds {args.seeds} "
                f"--methods {','.join(methods)} --tol {args.tol} --lr {args.lr} --batch-size {args.batch_size} "
                f"--weight-start {args.weight_start} --weight-end {args.weight_end} "
@@ -303,11 +260,8 @@ def run(args) -> dict:
                f"--steer-b {args.steer_b} --sensealg {args.sensealg} --threads {args.threads}")
     text = (f"# node-digits\n\n`{command}`\n\nmean ± std over {args.seeds} seed(s); float32, "
             f"{args.threads} thread(s)\n\n{table}\n")
-    with open(os.path.join(args.out, "results.md"), "w") as fh:
-        fh.write(text)
-    with open(os.path.join(args.out, "results.json"), "w") as fh:
-        json.dump({"command": command, "settings": vars(args), "summary": summary, "runs": raw,
-                   "histories": histories}, fh, indent=1, default=str)
+    write_results(args.out, text, {"command": command, "settings": vars(args), "summary": summary, "runs": raw,
+                                   "histories": histories})
     plot_histories(histories, os.path.join(args.out, "training.png"), "node-digits: loss and NFE over training")
     print(text)
     return summary

@@ -27,7 +27,6 @@ training time.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -41,7 +40,7 @@ from ..layers import NeuralODE
 from ..regularize import ErrorEstimateRegularization, StiffnessRegularization
 from ..training import Adam, TrainState, single_train_step
 from ..training.schedules import ExponentialAnneal
-from .node_digits import markdown_table, plot_histories, summarize
+from ._report import markdown_table, plot_histories, summarize, write_results
 
 __all__ = ["add_arguments", "run", "METHODS"]
 
@@ -136,11 +135,8 @@ def run(args) -> dict:
                f"--weight-end {args.weight_end} --stiffness-scale {args.stiffness_scale} --threads {args.threads}")
     text = (f"# node-spiral\n\n`{command}`\n\nmean ± std over {args.seeds} seed(s); float32\n\n"
             f"{markdown_table(summary, COLUMNS)}\n")
-    with open(os.path.join(args.out, "results.md"), "w") as fh:
-        fh.write(text)
-    with open(os.path.join(args.out, "results.json"), "w") as fh:
-        json.dump({"command": command, "settings": vars(args), "summary": summary, "runs": raw,
-                   "histories": histories}, fh, indent=1, default=str)
+    write_results(args.out, text, {"command": command, "settings": vars(args), "summary": summary, "runs": raw,
+                                   "histories": histories})
     plot_histories(histories, os.path.join(args.out, "training.png"), "node-spiral: loss and NFE over training")
     print(text)
     return summary
