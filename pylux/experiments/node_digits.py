@@ -1,4 +1,4 @@
-"""Neural-ODE digit classifier: vanilla vs STEER, global/local error-estimate and stiffness regularization.
+r"""Neural-ODE digit classifier: vanilla vs STEER, global/local error-estimate and stiffness regularization.
 
 The experiment of Pal, Ma, Shah & Rackauckas (ICML 2021, Table 1) and Pal,
 Edelman & Rackauckas (ICML 2023, Table 2) at laptop scale, on the embedded

@@ -1,4 +1,4 @@
-"""Spiral ODE fit: vanilla vs ERNODE vs SRNODE, with the NFE of the trained model's prediction.
+r"""Spiral ODE fit: vanilla vs ERNODE vs SRNODE, with the NFE of the trained model's prediction.
 
 The classic neural-ODE fit (Pal's thesis, Fig. 5.2; Pal et al., ICML 2021): the
 cubic spiral :math:`\\dot u = u^3 A` from :math:`u(0) = (2, 0)` over
