@@ -163,10 +163,65 @@ def saved_bytes(alg, n_steps):
 
 
 def test_memory_of_backsolve_and_reversible_does_not_grow_with_steps():
-    for alg in (BacksolveAdjoint(), ReversibleAdjoint(), QuadratureAdjoint()):
+    for alg in (BacksolveAdjoint(), ReversibleAdjoint(), InterpolatingAdjoint(checkpointing=4)):
         assert saved_bytes(alg, 10) == saved_bytes(alg, 200) > 0
     direct_10, direct_200 = saved_bytes(DirectAdjoint(), 10), saved_bytes(DirectAdjoint(), 200)
     assert direct_200 > 15 * direct_10
+
+
+@pytest.mark.parametrize("alg", [InterpolatingAdjoint(), QuadratureAdjoint()], ids=repr)
+def test_interpolating_and_quadrature_hold_the_whole_dense_output(alg):
+    # outside save_for_backward, so counted here: one interpolant per forward step
+    u0, W, b = inputs(5)
+    for n_steps in (10, 200):
+        prob = lx.ODEProblem(field, u0, (0.0, 1.0), {"W": W, "b": b})
+        sol = lx.solve(prob, lx.RK4(), dt=1.0 / n_steps, saveat=[1.0], sensealg=alg)
+        assert len(sol.u.grad_fn.dense._dense.pieces) == n_steps
+
+
+def test_checkpoints_land_on_a_float32_time_grid():
+    u0, W, b = inputs(8)
+    tspan = (torch.tensor(0.1, dtype=torch.float32), torch.tensor(1.1, dtype=torch.float32))
+    saveat = [0.3, 0.7, 1.1]
+
+    def run(alg):
+        prob = lx.ODEProblem(field, u0, tspan, {"W": W, "b": b})
+        sol = lx.solve(prob, lx.Tsit5(), saveat=saveat, reltol=1e-10, abstol=1e-10, sensealg=alg)
+        return sol, torch.autograd.grad((sol.u ** 2).sum(), [u0, W])
+    ref_sol, ref = run(DirectAdjoint())
+    for alg in (InterpolatingAdjoint(checkpointing=10), InterpolatingAdjoint(checkpointing=[0.3, 0.7])):
+        sol, grads = run(alg)
+        assert sol.t.tolist() == ref_sol.t.tolist() and sol.u.shape == ref_sol.u.shape == (3, 2, 3)
+        for g, r in zip(grads, ref):
+            torch.testing.assert_close(g, r, rtol=1e-7, atol=1e-9)
+
+
+def test_reversible_saves_what_the_other_sensealgs_save():
+    u0, W, b = inputs(9)
+    prob = lx.ODEProblem(field, u0, (0.0, 1.0), {"W": W, "b": b})
+    for kwargs in ({"saveat": [0.3, 1.0], "save_end": False}, {"save_end": False}, {"saveat": [0.0, 0.5]}):
+        ref = lx.solve(prob, lx.Tsit5(), reltol=1e-8, abstol=1e-8, **kwargs)
+        rev = lx.solve(prob, lx.Tsit5(), reltol=1e-8, abstol=1e-8, sensealg=ReversibleAdjoint(), **kwargs)
+        if "saveat" in kwargs:
+            assert rev.t.tolist() == ref.t.tolist(), kwargs
+        else:  # every step: the reversible method takes its own steps, but not t1 without save_end
+            assert rev.t[-1] < 1.0 and ref.t[-1] < 1.0
+        grads = torch.autograd.grad(rev.u.sum(), [u0, W])
+        ref_grads = torch.autograd.grad(ref.u.sum(), [u0, W]) if "saveat" in kwargs else grads
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("alg", [BacksolveAdjoint(), InterpolatingAdjoint(), QuadratureAdjoint(),
+                                 ReversibleAdjoint()], ids=repr)
+def test_second_derivatives_raise_instead_of_returning_zero(alg):
+    u0, W, b = inputs(10)
+    prob = lx.ODEProblem(field, u0, (0.0, 1.0), {"W": W, "b": b})
+    sol = lx.solve(prob, lx.Tsit5(), saveat=[1.0], sensealg=alg)
+    with pytest.raises(NotImplementedError, match="second derivatives through an adjoint solve"):
+        torch.autograd.grad((sol.u ** 2).sum() + (W ** 2).sum(), [W], create_graph=True)
+    (g_W,) = torch.autograd.grad((sol.u ** 2).sum(), [W])  # first derivatives are unaffected
+    assert g_W.abs().max() > 0
 
 
 def test_bad_arguments_raise_clear_errors():

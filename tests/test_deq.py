@@ -532,3 +532,11 @@ def test_deq_digits_experiment_runs_and_summarizes(tmp_path):
     assert saved["summary"]["vanilla-discrete"]["test_nfe"]["mean"] == pytest.approx(
         summary["vanilla-discrete"]["test_nfe"]["mean"])
     assert "| skipreg-discrete |" in (tmp_path / "deq_digits.md").read_text()
+
+
+@pytest.mark.parametrize("alg", [SteadyStateAdjoint(), JacobianFreeBackprop()], ids=repr)
+def test_second_derivatives_through_the_implicit_gradient_raise(alg):
+    ps, x = cell_problem(seed=9)
+    z = alg.attach_gradient(cell, tight_fixed_point(ps, x), x, ps)
+    with pytest.raises(NotImplementedError, match="second derivatives"):
+        torch.autograd.grad((z ** 2).sum() + (ps["W"] ** 2).sum(), [ps["W"]], create_graph=True)

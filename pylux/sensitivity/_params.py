@@ -18,7 +18,7 @@ from ..core import tree_leaves_with_path, tree_map
 from ..diffeq import Solution
 
 __all__ = ["HiddenParameterError", "grad_leaves", "check_no_hidden_parameters", "replace_leaves",
-           "apply_adjoint_function", "BackwardStats"]
+           "apply_adjoint_function", "BackwardStats", "refuse_higher_order"]
 
 
 class HiddenParameterError(ValueError):
@@ -109,3 +109,18 @@ def apply_adjoint_function(function, alg, problem, solver, options) -> Solution:
     out = Solution(sol.t, u, sol.retcode, sol.stats, message=sol.message, solver=solver)
     out.backward_stats = holder["backward_stats"]
     return out
+
+
+def refuse_higher_order(name: str) -> None:
+    """Raise in an adjoint's backward when autograd asks for a differentiable gradient.
+
+    Inside ``Function.backward`` grad mode is on exactly when the caller passed
+    ``create_graph=True``; the adjoints' gradients are not themselves
+    differentiable, and returning them as constants would make every second
+    derivative through the solve silently zero.
+    """
+    if torch.is_grad_enabled():
+        raise NotImplementedError(
+            f"{name}: second derivatives through an adjoint solve are not supported (the gradient it "
+            "returns is not differentiable); for gradient penalties or Hessian-vector products use "
+            "sensealg=DirectAdjoint(), which backpropagates through the solver's operations")

@@ -42,8 +42,9 @@ import torch
 
 from ..diffeq import (AbstractSensitivityAlgorithm, MixedNorm, ODEProblem, SemiNorm, Solution, integrate,
                       rms_norm)
-from ..diffeq.options import SolveOptions
-from ._params import BackwardStats, apply_adjoint_function, check_no_hidden_parameters, replace_leaves
+from ..diffeq.options import SolveOptions, _round_time
+from ._params import (BackwardStats, apply_adjoint_function, check_no_hidden_parameters, refuse_higher_order,
+                      replace_leaves)
 
 __all__ = ["BacksolveAdjoint", "InterpolatingAdjoint", "QuadratureAdjoint", "BackwardStats"]
 
@@ -257,6 +258,10 @@ class _AdjointFunction(torch.autograd.Function):
         direction = 1.0 if t1 >= t0 else -1.0
         detached = [x.detach() for x in params]
         checkpoints = alg._checkpoints(t0, t1)
+        if checkpoints:
+            # on the time grid of the solve, so that a checkpoint equal to a saved time is that time
+            checkpoints = tuple(x for x in (_round_time(c, options.time_dtype) for c in checkpoints)
+                                if x != t0 and x != t1)
         # the accepted steps' t and dt are recorded (host floats, no gradient): regularizers read them
         forward_options = options.replace(dense=alg._interpolates and checkpoints is None,
                                           save_stats=False, save_steps=True)
@@ -291,6 +296,7 @@ class _AdjointFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_u):
+        refuse_higher_order(type(ctx.alg).__name__)
         u0, states, *params = ctx.saved_tensors
         grads = _Backward(ctx, u0, states, params).run(grad_u)
         return (None, None, None, None, None, None, *grads)
@@ -324,10 +330,10 @@ class _Backward:
     def _backward_options(self) -> SolveOptions:
         alg, options = self.alg, self.forward_options
         norm = options.norm
-        if norm is rms_norm:
+        sizes, measured = [self.z_channels, self.n_z, self.theta_channels], [True, True, not alg.seminorm]
+        if norm is rms_norm and any(m and n for n, m in zip(sizes, measured)):
             # each channel group [z, a_z, a_θ] at the tolerance on its own; the seminorm drops a_θ
-            norm = MixedNorm([self.z_channels, self.n_z, self.theta_channels],
-                             [True, True, not alg.seminorm])
+            norm = MixedNorm(sizes, measured)
         elif alg.seminorm and self.theta_channels:
             mask = torch.zeros(self.z_channels + self.n_z + self.theta_channels, dtype=torch.bool,
                                device=self.u0.device)

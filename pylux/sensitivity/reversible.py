@@ -46,7 +46,7 @@ from ..diffeq.norms import ScaledErrorNorm
 from ..diffeq.options import SolveOptions
 from ..diffeq.solution import ERROR_FOR_RETCODE, ReturnCode, SolverStats
 from ..diffeq.solvers import ExplicitRungeKutta, RKState
-from ._params import apply_adjoint_function, check_no_hidden_parameters, replace_leaves
+from ._params import apply_adjoint_function, check_no_hidden_parameters, refuse_higher_order, replace_leaves
 
 __all__ = ["ReversibleAdjoint"]
 
@@ -154,7 +154,7 @@ def _stop_times(t0: float, t1: float, options: SolveOptions) -> tuple[list[float
     direction = 1.0 if t1 >= t0 else -1.0
     saveat = options.saveat or ()
     stops = sorted({x for x in saveat if x != t0} | {t1}, key=lambda x: direction * x)
-    saved = set(x for x in saveat if x != t0)
+    saved = {x for x in saveat if x != t0 and x != t1}
     if options.save_end:
         saved.add(t1)
     return stops, saved
@@ -192,9 +192,10 @@ def _reversible_solve(f, u0: torch.Tensor, tspan, base: ExplicitRungeKutta, coup
     return run
 
 
-def _after_step(run: _Run, t: float, dt: float, t_new: float, y_new, saved: set, everystep: bool) -> None:
+def _after_step(run: _Run, t: float, dt: float, t_new: float, y_new, saved: set, everystep: bool,
+                t_end: float) -> None:
     run.steps.append((t, dt, t_new))
-    if everystep or t_new in saved:
+    if (everystep and t_new != t_end) or t_new in saved:
         run.times.append(t_new)
         run.values.append(y_new)
 
@@ -243,7 +244,7 @@ def _adaptive_pairs(field, base, coupling, y, z, t0, t1, stops, saved, options, 
         if accept:
             y, z = _forward_pair(base, field, coupling, t, dt_step, t_new, y, z, forward_step=step)
             out.naccept += 1
-            _after_step(run, t, dt_step, t_new, y, saved, options.save_everystep)
+            _after_step(run, t, dt_step, t_new, y, saved, options.save_everystep, t1)
             t, cstate = t_new, cstate_new
             out.t, out.u = t, y
             if t == target and t != t1:
@@ -280,7 +281,7 @@ def _fixed_pairs(field, base, coupling, y, z, t0, t1, stops, saved, options, run
             y, z = _forward_pair(base, field, coupling, t, dt, t_new, y, z)
             finite.append(torch.isfinite(y).all() & torch.isfinite(z).all())
             out.naccept += 1
-            _after_step(run, t, dt, t_new, y, saved, options.save_everystep)
+            _after_step(run, t, dt, t_new, y, saved, options.save_everystep, t1)
             t = t_new
             out.t, out.u = t, y
     if finite and not bool(torch.stack(finite).all()):
@@ -311,6 +312,7 @@ class _ReversibleFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_u):
+        refuse_higher_order("ReversibleAdjoint")
         u0, y, z, *params = ctx.saved_tensors
         alg, base, lam = ctx.alg, ctx.base, ctx.alg.coupling
         counter = {"nf": 0, "nvjp": 0}

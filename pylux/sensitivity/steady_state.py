@@ -44,7 +44,7 @@ import torch
 
 from ..nonlinear import ConvergenceWarning, NonlinearReturnCode, NonlinearSolveError, gmres
 from ..nonlinear._options import check_choice, check_float, check_int, reject_unknown
-from ._params import check_no_hidden_parameters, grad_leaves, replace_leaves
+from ._params import check_no_hidden_parameters, grad_leaves, refuse_higher_order, replace_leaves
 
 __all__ = ["AbstractImplicitSensitivity", "SteadyStateAdjoint", "JacobianFreeBackprop"]
 
@@ -258,9 +258,9 @@ class _ImplicitFunction(torch.autograd.Function):
         return z_star.clone()
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_z):
         alg = ctx.alg
+        refuse_higher_order(type(alg).__name__)
         converged, residual, where = ctx.verdict
         alg._flag_not_fixed_point(converged, residual, where)
         saved = ctx.saved_tensors
