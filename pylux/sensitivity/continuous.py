@@ -30,6 +30,11 @@ algorithm                 ``z(t)`` on the backward pass          ``dL/dθ``
 
 Vector–Jacobian products come from torch autograd, one per stage evaluation of
 the backward solve, for the whole batch and every parameter tensor at once.
+
+Caveats shared by all three: the gradient is first order only (a
+``create_graph=True`` backward raises), and when a termination callback stops
+the solve, the stopping time is treated as a constant (as under
+``DirectAdjoint``: no gradient flows through where the solve stopped).
 """
 
 from __future__ import annotations
