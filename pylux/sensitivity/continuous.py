@@ -39,6 +39,7 @@ the solve, the stopping time is treated as a constant (as under
 
 from __future__ import annotations
 
+import bisect
 import math
 from typing import Sequence
 
@@ -293,6 +294,9 @@ class _AdjointFunction(torch.autograd.Function):
         ctx.times, ctx.keep, ctx.t0 = times, keep, t0
         ctx.dense = sol if forward_options.dense else None
         ctx.checkpointed = checkpoints is not None
+        # a re-solve from a checkpoint starts with the step the forward solve took there
+        ctx.forward_steps = ((sol.stats.t.tolist(), sol.stats.dt.tolist())
+                             if ctx.checkpointed and forward_options.adaptive and sol.stats.naccept else None)
         ctx.backward_stats = holder["backward_stats"]
         states = sol.u.detach() if ctx.checkpointed else sol.u[-1:].detach()
         ctx.save_for_backward(u0.detach(), states, *detached)
@@ -315,6 +319,7 @@ class _Backward:
         self.paths, self.params, self.u0 = ctx.paths, params, u0
         self.times, self.keep, self.t0 = ctx.times, ctx.keep, ctx.t0
         self.dense, self.states, self.checkpointed = ctx.dense, states, ctx.checkpointed
+        self.forward_steps = ctx.forward_steps
         self.record = ctx.backward_stats
         self.forward_options = ctx.options
         self.shape, self.n_z = u0.shape, u0.numel()
@@ -373,6 +378,15 @@ class _Backward:
             pieces += [_neg_flat(g, x.numel(), aug) for g, x in zip(grads[1:], self.params)]
         return torch.cat(pieces)
 
+    def _forward_step_at(self, t: float) -> float | None:
+        """|dt| of the forward step that started at or last before ``t`` (None: use the heuristic)."""
+        if self.forward_steps is None:
+            return self.forward_options.dt
+        starts, sizes = self.forward_steps
+        direction = 1.0 if sizes[0] > 0 else -1.0
+        index = bisect.bisect_right([direction * x for x in starts], direction * t) - 1
+        return abs(sizes[max(index, 0)])
+
     def _forward_dense(self, k: int):
         """The forward solution over [times[k-1], times[k]] (k = 0: [t0, times[0]])."""
         if not self.checkpointed:
@@ -381,7 +395,8 @@ class _Backward:
         start_u = self.states[k - 1] if k > 0 else self.u0
         end_t = self.times[k]
         options = self.forward_options.replace(saveat=None, save_everystep=False, save_start=False,
-                                               save_end=True, dense=True, save_stats=False, callbacks=())
+                                               save_end=True, dense=True, save_stats=False, callbacks=(),
+                                               save_steps=False, dt=self._forward_step_at(start_t))
         with torch.no_grad():
             sol = integrate(_bound_field(self.problem, self.paths, self.params), start_u, start_t, end_t,
                             self.solver, options)
