@@ -224,6 +224,19 @@ def apply_cell(model, z, x, ps_model, st_model):
 TIGHT = dict(abstol=1e-11, reltol=0.0)
 
 
+def test_each_forward_pass_has_its_own_backward_record():
+    d = 5
+    layer = lx.DEQ(injected_cell(d), lx.Broyden(), sensealg=SteadyStateAdjoint(tol=1e-10), **TIGHT)
+    ps, st = scaled_setup(layer)
+    z_a, st_a = layer(torch.randn(3, d, generator=_gen(2), dtype=F64), ps, st)
+    z_b, st_b = layer(torch.randn(3, d, generator=_gen(3), dtype=F64), ps, st)
+    assert st_a["solution"].backward_stats == {}
+    z_a.pow(2).sum().backward()
+    record = st_a["solution"].backward_stats
+    assert record["converged"] and record["iterations"] > 0 and record["residual"] <= 1e-10
+    assert st_b["solution"].backward_stats == {}
+
+
 def test_discrete_and_continuous_deq_reach_the_same_fixed_point_and_gradients():
     d = 5
     x = torch.randn(4, d, generator=_gen(1), dtype=F64, requires_grad=True)

@@ -88,6 +88,9 @@ class DEQSolution(NamedTuple):
         solver_retcode: the solver's own code (``NonlinearReturnCode`` or ODE ``ReturnCode``).
         converged: host bool, every batch element met ``abstol + reltol ||z*||``.
         t: time at which the continuous solve stopped (``None`` for a discrete one).
+        backward_stats: this forward pass's handle to the counters of its
+            backward pass (GMRES ``iterations``, ``matvecs``, ``residual``,
+            ``converged``), filled in when ``backward()`` runs; empty before.
     """
 
     z_star: torch.Tensor
@@ -101,6 +104,7 @@ class DEQSolution(NamedTuple):
     solver_retcode: Any
     converged: bool
     t: float | None
+    backward_stats: dict
 
 
 class _PerSampleSteadyState(AbstractTerminationCallback):
@@ -262,8 +266,9 @@ class _EquilibriumLayer(AbstractLayer):
 
         z_star, residual, nfe, iterations, retcode, raw, t_end = self._solve(fmap, z0)
         converged = retcode is NonlinearReturnCode.Success
+        backward_stats: dict = {}
         z_out = self.sensealg.attach_gradient(f, z_star, x, ps_model, converged=converged, residual=residual,
-                                              where=self._where)
+                                              where=self._where, record=backward_stats)
         jacobian_loss = None
         next_key = key
         if self.jacobian_regularization > 0 and torch.is_grad_enabled():
@@ -277,7 +282,8 @@ class _EquilibriumLayer(AbstractLayer):
             jacobian_loss = self.jacobian_regularization * per_sample.mean() / d
         skip_loss = None if u0_loss is None else (z_out - u0_loss).pow(2).mean()
         solution = DEQSolution(z_out, u0_loss if u0_loss is not None else z0, residual.detach(), jacobian_loss,
-                               skip_loss, nfe + extra_nfe, iterations, retcode, raw, converged, t_end)
+                               skip_loss, nfe + extra_nfe, iterations, retcode, raw, converged, t_end,
+                               backward_stats)
         return z_out, solution, next_key
 
     def _check_input(self, x) -> torch.Tensor:

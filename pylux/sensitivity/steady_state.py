@@ -89,7 +89,7 @@ class AbstractImplicitSensitivity(abc.ABC):
 
     def attach_gradient(self, f: FixedPointMap, z_star: torch.Tensor, x: torch.Tensor | None, ps: Any, *,
                         converged: bool = True, residual: torch.Tensor | None = None,
-                        where: str = "fixed point") -> torch.Tensor:
+                        where: str = "fixed point", record: dict | None = None) -> torch.Tensor:
         """``z_star`` as a differentiable function of ``x`` and ``ps`` through this algorithm.
 
         Args:
@@ -105,6 +105,9 @@ class AbstractImplicitSensitivity(abc.ABC):
             residual: ``(B,)`` forward residuals ``||f(z*) - z*||``, used in the
                 message when ``converged`` is False.
             where: a name for messages (e.g. ``"DEQ(Broyden)"``).
+            record: a dict that this gradient's backward pass fills with its
+                counters (those of ``last_backward_stats``), so that each
+                forward pass has its own record.
 
         Returns:
             a tensor equal to ``z_star`` (a copy) whose backward runs this
@@ -119,7 +122,7 @@ class AbstractImplicitSensitivity(abc.ABC):
         params = [leaf for _, leaf in pairs]
         x_arg = x if isinstance(x, torch.Tensor) else None
         x_other = None if x_arg is not None else x
-        return _ImplicitFunction.apply(self, f, ps, paths, x_other, (converged, residual, where),
+        return _ImplicitFunction.apply(self, f, ps, paths, x_other, (converged, residual, where, record),
                                        z_star.detach(), x_arg, *params)
 
     def _flag_not_fixed_point(self, converged: bool, residual: torch.Tensor | None, where: str) -> None:
@@ -261,7 +264,7 @@ class _ImplicitFunction(torch.autograd.Function):
     def backward(ctx, grad_z):
         alg = ctx.alg
         refuse_higher_order(type(alg).__name__)
-        converged, residual, where = ctx.verdict
+        converged, residual, where, record = ctx.verdict
         alg._flag_not_fixed_point(converged, residual, where)
         saved = ctx.saved_tensors
         z_star = saved[0]
@@ -285,5 +288,7 @@ class _ImplicitFunction(torch.autograd.Function):
             grads = torch.autograd.grad(fz, wrt, grad_outputs=lam, allow_unused=True) if wrt else ()
         grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, wrt)]
         alg._check_gradients(grads, where)
+        if record is not None:
+            record.update(alg.last_backward_stats)
         grad_x = grads.pop(0) if x_needs else None
         return (None, None, None, None, None, None, None, grad_x, *grads)
