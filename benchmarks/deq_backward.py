@@ -36,21 +36,8 @@ import time
 import torch
 
 import pylux as lx
-from pylux import nn
 from pylux.core import AbstractLayer, tree_leaves
-from pylux.nn.init import glorot_uniform
-
-
-def scaled_glorot(scale):
-    def init(rng, *shape, dtype=torch.float32):
-        return scale * glorot_uniform(rng, *shape, dtype=dtype)
-    return init
-
-
-def make_cell(hidden: int, init_scale: float) -> nn.Chain:
-    init = scaled_glorot(init_scale)
-    inner = nn.Chain(nn.Dense(hidden, hidden, torch.tanh, init_weight=init), nn.Dense(hidden, hidden, init_weight=init))
-    return nn.Chain(nn.Parallel("+", inner, nn.NoOpLayer()), nn.WrappedFunction(torch.tanh))
+from pylux.experiments.deq_digits import deq_cell
 
 
 class SteadyStateField(AbstractLayer):
@@ -94,7 +81,7 @@ def main() -> None:
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, args.hidden, generator=gen)
-    cell = make_cell(args.hidden, args.init_scale)
+    cell = deq_cell(args.hidden, args.init_scale)  # the deq-digits cell
     deq = lx.DEQ(cell, lx.Tsit5(), sensealg=lx.SteadyStateAdjoint(tol=args.ode_tol), abstol=args.tol, reltol=args.tol,
                  ode_options={"reltol": args.ode_tol, "abstol": args.ode_tol})
     ps, st = lx.setup(torch.Generator().manual_seed(1), deq)

@@ -83,7 +83,8 @@ def _scaled_glorot(scale: float):
     return init
 
 
-def _cell(hidden: int, init_scale: float) -> nn.Chain:
+def deq_cell(hidden: int, init_scale: float) -> nn.Chain:
+    """The DEQ cell f(z, x) = tanh(W2 tanh(W1 z + b1) + b2 + x), Glorot weights scaled by ``init_scale``."""
     # Glorot weights have spectral norm near 2: scaled down, f starts as a contraction, so
     # the fixed point exists and is an attracting steady state of dz/dt = f(z) - z.
     init = _scaled_glorot(init_scale)
@@ -99,11 +100,11 @@ def build_model(variant: str, args) -> nn.Chain:
     options = dict(sensealg=SteadyStateAdjoint(tol=1e-4, restart=20, maxiters=40), abstol=args.tol,
                    reltol=args.tol, jacobian_regularization=jacobian, maxiters=200 if mode == "continuous" else 50)
     if kind == "vanilla":
-        layer = DEQ(_cell(args.hidden, args.init_scale), solver, **options)
+        layer = DEQ(deq_cell(args.hidden, args.init_scale), solver, **options)
     elif kind == "skip":
-        layer = SkipDEQ(_cell(args.hidden, args.init_scale), nn.Dense(args.hidden, args.hidden, torch.tanh), solver, **options)
+        layer = SkipDEQ(deq_cell(args.hidden, args.init_scale), nn.Dense(args.hidden, args.hidden, torch.tanh), solver, **options)
     else:
-        layer = SkipDEQ(_cell(args.hidden, args.init_scale), None, solver, **options)
+        layer = SkipDEQ(deq_cell(args.hidden, args.init_scale), None, solver, **options)
     return nn.Chain(downsample=nn.Dense(64, args.hidden, torch.tanh), deq=layer,
                     classifier=nn.Dense(args.hidden, 10))
 
