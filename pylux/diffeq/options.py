@@ -12,7 +12,6 @@ or build them with :func:`make_options` for a different span.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import warnings
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..core.keywords import check_keywords
 from .callbacks import AbstractTerminationCallback
 from .controllers import AbstractController, IController
 from .norms import rms_norm
@@ -32,18 +32,6 @@ SOLVE_KEYWORDS = (
     "abstol", "controller", "norm", "dtmin", "dtmax", "maxiters", "callback", "save_stats", "throw",
     "sensealg",
 )
-
-
-def check_keywords(unknown: dict, where: str, known: Sequence[str] = SOLVE_KEYWORDS) -> None:
-    """Raise ``TypeError`` naming every unknown keyword (with the closest known name)."""
-    if not unknown:
-        return
-    parts = []
-    for name in unknown:
-        close = difflib.get_close_matches(name, known, n=1)
-        parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    raise TypeError(f"{where}() got unknown keyword argument(s): {', '.join(parts)}. "
-                    f"Known keywords: {', '.join(known)}")
 
 
 @dataclass(frozen=True)

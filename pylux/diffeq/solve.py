@@ -29,7 +29,17 @@ class AbstractSensitivityAlgorithm(abc.ABC):
     typically runs :func:`~pylux.diffeq.integrate.integrate` forward (often
     under ``torch.no_grad()``) inside a ``torch.autograd.Function`` whose
     backward solves an adjoint problem with ``integrate`` again.
+
+    Capabilities are declared on the class, so callers never test for a
+    concrete algorithm:
+
+    * ``differentiates_solver``: gradients backpropagate through the solver's
+      own operations, so per-step quantities of the solve (error and stiffness
+      estimates, the dense output) are differentiable in the parameters.
     """
+
+    #: see the class docstring
+    differentiates_solver: bool = False
 
     @abc.abstractmethod
     def solve_with(self, problem: ODEProblem, solver: AbstractSolver, options: SolveOptions) -> Solution:

@@ -82,7 +82,7 @@ class NeuralODE(AbstractLayer):
         forbidden = {"save_everystep", "save_start", "save_end", "dense"} & solve_kwargs.keys()
         if forbidden:
             raise TypeError(f"NeuralODE: {sorted(forbidden)} are chosen by the layer; use saveat")
-        check_keywords({k: v for k, v in solve_kwargs.items() if k not in SOLVE_KEYWORDS}, "NeuralODE")
+        check_keywords({k: v for k, v in solve_kwargs.items() if k not in SOLVE_KEYWORDS}, "NeuralODE", SOLVE_KEYWORDS)
         if not isinstance(time_input, bool):
             raise TypeError(f"NeuralODE: time_input must be True or False, got {time_input!r}")
         self.time_input = time_input

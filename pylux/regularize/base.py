@@ -49,7 +49,6 @@ import torch
 from ..diffeq import Solution
 from ..diffeq.options import SolveOptions
 from ..diffeq.solvers import AbstractSolver
-from ..sensitivity import DirectAdjoint
 
 __all__ = ["AbstractRegularizer", "AbstractIntegralRegularizer", "RegularizationContext",
            "batch_size", "differentiates_solver", "VectorField"]
@@ -67,12 +66,13 @@ def batch_size(z: torch.Tensor) -> int:
 
 
 def differentiates_solver(sensealg) -> bool:
-    """True when gradients backpropagate through the solver's own operations (``None`` or DirectAdjoint).
+    """True when gradients backpropagate through the solver's own operations (``None``, or a
+    sensealg that declares the ``differentiates_solver`` capability, such as DirectAdjoint).
 
     Only then are per-step quantities of the solve (error and stiffness
     estimates, the dense output) differentiable with respect to the parameters.
     """
-    return sensealg is None or isinstance(sensealg, DirectAdjoint)
+    return sensealg is None or bool(getattr(sensealg, "differentiates_solver", False))
 
 
 @dataclass

@@ -19,6 +19,8 @@ class DirectAdjoint(AbstractSensitivityAlgorithm):
     ``sensealg=None``.
     """
 
+    differentiates_solver = True
+
     def solve_with(self, problem: ODEProblem, solver, options: SolveOptions) -> Solution:
         p = problem.p
         t0, t1 = problem.tspan
