@@ -1,4 +1,4 @@
-"""pylux.core: the layer protocol, setup, parameter trees and flat parameter vectors.
+"""pylux.core: the layer protocol, setup, parameter trees, flat parameter vectors and random keys.
 
 This package depends on torch only; every other pylux package builds on it.
 """
@@ -16,20 +16,26 @@ from .layer import (
     testmode,
     trainmode,
 )
+from .random import KEY_BOUND, check_key, draw_key, key_generator, split_key
 from .tree import (
     TreeStructureError,
     tree_check_structure,
+    tree_children,
     tree_global_norm,
     tree_leaves,
     tree_leaves_with_path,
     tree_map,
+    tree_map_with_path,
+    tree_rebuild_node,
+    tree_replace_at_paths,
     tree_to,
     tree_zeros_like,
 )
 
 __all__ = [
-    "AbstractContainerLayer", "AbstractLayer", "LayerError", "TreeStructureError", "Unflatten",
-    "apply", "check_generator", "flatten", "parameter_count", "setup", "state_count", "testmode",
-    "trainmode", "tree_check_structure", "tree_global_norm", "tree_leaves", "tree_leaves_with_path",
-    "tree_map", "tree_to", "tree_zeros_like",
+    "AbstractContainerLayer", "AbstractLayer", "KEY_BOUND", "LayerError", "TreeStructureError", "Unflatten",
+    "apply", "check_generator", "check_key", "draw_key", "flatten", "key_generator", "parameter_count", "setup",
+    "split_key", "state_count", "testmode", "trainmode", "tree_check_structure", "tree_children",
+    "tree_global_norm", "tree_leaves", "tree_leaves_with_path", "tree_map", "tree_map_with_path",
+    "tree_rebuild_node", "tree_replace_at_paths", "tree_to", "tree_zeros_like",
 ]

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .tree import Tree, tree_leaves
+from .tree import Tree, tree_leaves, tree_map_with_path
 
 __all__ = [
     "AbstractLayer",
@@ -91,11 +91,17 @@ class AbstractLayer(abc.ABC):
             raise e.with_parent(type(self).__name__) from None
 
     def parameter_count(self) -> int:
-        """Number of scalar parameters, without allocating them."""
+        """Number of scalar parameters.
+
+        Initialises a throw-away parameter tree with :meth:`init_params` (from a
+        fresh generator seeded 0) and counts the entries of its tensor leaves, so
+        it allocates the parameters once; a layer that knows its count without
+        building its tree may override this.
+        """
         return sum(x.numel() for x in tree_leaves(self.init_params(torch.Generator().manual_seed(0))))
 
     def state_count(self) -> int:
-        """Number of scalar state entries (tensor leaves only)."""
+        """Number of scalar state entries (tensor leaves only), counted on a throw-away :meth:`init_state`."""
         return sum(x.numel() for x in tree_leaves(self.init_state(torch.Generator().manual_seed(0))))
 
     @property
@@ -194,11 +200,11 @@ def apply(model: AbstractLayer, x: Any, ps: Mapping, st: Mapping) -> tuple[Any, 
 
 
 def _set_training(st: Tree, value: bool) -> Tree:
-    if isinstance(st, dict):
-        return {k: (value if k == "training" else _set_training(v, value)) for k, v in st.items()}
-    if isinstance(st, (list, tuple)):
-        return type(st)(_set_training(v, value) for v in st)
-    return st
+    def is_flag(path: tuple, node: Any) -> bool:
+        return bool(path) and path[-1] == "training"
+
+    return tree_map_with_path(lambda path, leaf: value if is_flag(path, leaf) else leaf, st, is_leaf=is_flag,
+                              where="trainmode/testmode")
 
 
 def trainmode(st: Tree) -> Tree:

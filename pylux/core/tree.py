@@ -1,4 +1,4 @@
-"""Parameter and state trees: nested ``dict``s (and lists/tuples) of tensors.
+"""Parameter and state trees: nested ``dict``s (and lists, tuples, named tuples) of tensors.
 
 Every pylux layer keeps its parameters and state outside itself, as a tree.
 These helpers are the small vocabulary used to transform such trees, in the
@@ -6,11 +6,16 @@ spirit of ``jax.tree_util`` / ``Functors.fmap`` in Lux.jl. Leaves are tensors;
 any other leaf (``bool``, ``int``, ``None``, strings) is passed through
 unchanged by the mapping functions so that state flags such as
 ``st["training"]`` survive every transformation.
+
+Every rebuild of a tree goes through one walker, :func:`tree_map_with_path`,
+which knows the containers (:func:`tree_children`) and how to rebuild each
+(:func:`tree_rebuild_node`: a named tuple such as a DEQ layer's
+``DEQSolution`` is rebuilt field by field, ``type(x)(*fields)``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -18,6 +23,10 @@ Tree = Any
 
 __all__ = [
     "tree_map",
+    "tree_map_with_path",
+    "tree_replace_at_paths",
+    "tree_children",
+    "tree_rebuild_node",
     "tree_leaves",
     "tree_leaves_with_path",
     "tree_zeros_like",
@@ -32,8 +41,84 @@ class TreeStructureError(ValueError):
     """Two trees that must have the same keys and shapes do not."""
 
 
-def _is_container(x: Any) -> bool:
-    return isinstance(x, (dict, list, tuple))
+def _is_namedtuple(x: Any) -> bool:
+    return isinstance(x, tuple) and hasattr(type(x), "_fields")
+
+
+def tree_children(node: Any) -> list[tuple[Any, Any]] | None:
+    """``(key, child)`` pairs of a container node, or ``None`` for a leaf.
+
+    Containers are ``dict`` (keys in insertion order), ``list`` and ``tuple``
+    (including named tuples; keys are positions). Everything else, tensors and
+    non-tensors alike, is a leaf.
+    """
+    if isinstance(node, dict):
+        return list(node.items())
+    if isinstance(node, (list, tuple)):
+        return list(enumerate(node))
+    return None
+
+
+def tree_rebuild_node(node: Any, values: list) -> Any:
+    """A container of ``node``'s kind holding ``values`` (its children's replacements, in order).
+
+    A ``dict`` (any mapping subclass included) becomes a plain ``dict`` with the
+    same keys, a named tuple ``type(node)(*values)``, any other tuple or list
+    ``type(node)(values)``.
+    """
+    if isinstance(node, dict):
+        return dict(zip(node.keys(), values))
+    if _is_namedtuple(node):
+        return type(node)(*values)
+    return type(node)(values)
+
+
+def tree_map_with_path(fn: Callable[..., Any], tree: Tree, *rest: Tree,
+                       is_leaf: Callable[[tuple, Any], bool] | None = None, where: str = "tree_map") -> Tree:
+    """The one tree walker: rebuild ``tree`` with ``fn(path, leaf, *rest_leaves)`` at every leaf.
+
+    Every function of pylux that rebuilds a tree goes through this walker, so
+    dicts, lists, tuples and named tuples are rebuilt the same way everywhere
+    (:func:`tree_rebuild_node`). A leaf is any value that is not a container,
+    tensor or not (``None``, ``bool``, ``int``, strings, enums): ``fn`` decides
+    what to do with it. ``is_leaf(path, node)`` may stop the walk at a
+    container (its result replaces the whole subtree).
+
+    Args:
+        fn: ``fn(path, leaf, *rest_leaves) -> new leaf``; ``path`` is the tuple of
+            keys (dict keys, sequence positions) from the root.
+        tree: the tree whose structure the result has.
+        rest: trees containing every path of ``tree``; their values at each leaf
+            path are passed to ``fn``.
+        is_leaf: optional predicate that treats a node as a leaf.
+        where: the caller's name for error messages.
+
+    Raises:
+        TreeStructureError: a tree of ``rest`` lacks a key of ``tree``, or has a
+            sequence of another length or type (the message names the path).
+    """
+    return _rebuild(fn, tree, rest, (), is_leaf, where)
+
+
+def _rebuild(fn, tree, rest, path, is_leaf, where):
+    children = None if is_leaf is not None and is_leaf(path, tree) else tree_children(tree)
+    if children is None:
+        return fn(path, tree, *rest)
+    if isinstance(tree, dict):
+        for r in rest:
+            for k, _ in children:
+                if not isinstance(r, dict) or k not in r:
+                    raise TreeStructureError(f"{where}: key {_fmt_path(path + (k,))!r} is missing from one of "
+                                             "the trees")
+    else:
+        for r in rest:
+            if not isinstance(r, (list, tuple)) or len(r) != len(tree):
+                raise TreeStructureError(
+                    f"{where}: sequence at {_fmt_path(path)!r} has length {len(tree)} in the first tree "
+                    "but a different length or type in another")
+    values = [_rebuild(fn, child, tuple(r[k] for r in rest), path + (k,), is_leaf, where)
+              for k, child in children]
+    return tree_rebuild_node(tree, values)
 
 
 def tree_map(fn: Callable[..., Any], tree: Tree, *rest: Tree) -> Tree:
@@ -44,34 +129,40 @@ def tree_map(fn: Callable[..., Any], tree: Tree, *rest: Tree) -> Tree:
     unchanged. The trees in ``rest`` must contain every path of ``tree``; a
     missing key raises :class:`TreeStructureError` naming it.
     """
-    return _map(fn, tree, rest, ())
+    def leaf(path, x, *others):
+        return fn(x, *others) if isinstance(x, torch.Tensor) else x
+    return tree_map_with_path(leaf, tree, *rest)
 
 
-def _map(fn, tree, rest, path):
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            sub = []
-            for r in rest:
-                if not isinstance(r, dict) or k not in r:
-                    raise TreeStructureError(
-                        f"tree_map: key {_fmt_path(path + (k,))!r} is missing from one of the trees"
-                    )
-                sub.append(r[k])
-            out[k] = _map(fn, v, tuple(sub), path + (k,))
-        return out
-    if isinstance(tree, (list, tuple)):
-        for r in rest:
-            if not isinstance(r, (list, tuple)) or len(r) != len(tree):
-                raise TreeStructureError(
-                    f"tree_map: sequence at {_fmt_path(path)!r} has length {len(tree)} in the first tree "
-                    "but a different length or type in another"
-                )
-        items = [_map(fn, v, tuple(r[i] for r in rest), path + (i,)) for i, v in enumerate(tree)]
-        return type(tree)(items) if not hasattr(tree, "_fields") else type(tree)(*items)
-    if isinstance(tree, torch.Tensor):
-        return fn(tree, *rest)
-    return tree
+def tree_replace_at_paths(tree: Tree, paths: Sequence[tuple], new_leaves: Sequence[Any]) -> Tree:
+    """A copy of ``tree`` with the node at each of ``paths`` replaced by the matching entry of ``new_leaves``.
+
+    Paths are tuples of keys as :func:`tree_leaves_with_path` returns them; a
+    path may also name a whole subtree. Nothing else is copied beyond the
+    containers on the way (leaves are shared with ``tree``).
+
+    Raises:
+        ValueError: ``paths`` and ``new_leaves`` differ in length.
+        TreeStructureError: a path that is not in ``tree`` (named).
+    """
+    paths = [tuple(p) for p in paths]
+    new_leaves = list(new_leaves)
+    if len(paths) != len(new_leaves):
+        raise ValueError(f"tree_replace_at_paths: {len(paths)} paths but {len(new_leaves)} new leaves")
+    mapping = dict(zip(paths, new_leaves))
+    found: set = set()
+
+    def replace(path, x):
+        if path in mapping:
+            found.add(path)
+            return mapping[path]
+        return x
+
+    out = tree_map_with_path(replace, tree, is_leaf=lambda path, _: path in mapping, where="tree_replace_at_paths")
+    missing = [p for p in mapping if p not in found]
+    if missing:
+        raise TreeStructureError(f"tree_replace_at_paths: no node at path {_fmt_path(missing[0])!r}")
+    return out
 
 
 def tree_leaves(tree: Tree) -> list[torch.Tensor]:
@@ -88,12 +179,10 @@ def tree_leaves_with_path(tree: Tree, prefix: tuple = ()) -> list[tuple[tuple, t
 
 
 def _walk(tree, path) -> Iterator[tuple[tuple, torch.Tensor]]:
-    if isinstance(tree, dict):
-        for k, v in tree.items():
+    children = tree_children(tree)
+    if children is not None:
+        for k, v in children:
             yield from _walk(v, path + (k,))
-    elif isinstance(tree, (list, tuple)):
-        for i, v in enumerate(tree):
-            yield from _walk(v, path + (i,))
     elif isinstance(tree, torch.Tensor):
         yield path, tree
 

@@ -1,12 +1,12 @@
 """Dropout with its randomness carried in the state, as Lux.jl does.
 
-The state holds an integer key. Each train-mode call derives two numbers from
-it with the SplitMix64 generator (Steele, Lea & Flood, "Fast splittable
-pseudorandom number generators", OOPSLA 2014): the seed of the mask and the
-key of the next call. The same ``(ps, st)`` therefore always gives the same
-mask, consecutive calls (threading the returned state) give different masks,
-and nothing global is consumed. The key is a Python int so that deriving it
-never reads a tensor back from the device.
+The state holds an integer key (:mod:`pylux.core.random`). Each train-mode call
+derives two numbers from it with the SplitMix64 generator (Steele, Lea &
+Flood, "Fast splittable pseudorandom number generators", OOPSLA 2014): the
+seed of the mask and the key of the next call. The same ``(ps, st)``
+therefore always gives the same mask, consecutive calls (threading the
+returned state) give different masks, and nothing global is consumed. The key
+is a Python int so that deriving it never reads a tensor back from the device.
 """
 
 from __future__ import annotations
@@ -15,25 +15,11 @@ from typing import Any, Mapping
 
 import torch
 
-from ..core import AbstractLayer, LayerError, check_generator
+from ..core import AbstractLayer, draw_key, key_generator
+from ..core import split_key  # noqa: F401  re-exported: pylux.layers.neural_ode imports it from here
 from ._common import check_floating, check_keys, check_tensor, check_training_flag
 
 __all__ = ["Dropout"]
-
-_MASK64 = (1 << 64) - 1
-_GOLDEN_GAMMA = 0x9E3779B97F4A7C15
-
-
-def _splitmix64_mix(z: int) -> int:
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
-def split_key(key: int) -> tuple[int, int]:
-    """``(mask_seed, next_key)`` from ``key``: one SplitMix64 step."""
-    next_key = (key + _GOLDEN_GAMMA) & _MASK64
-    return _splitmix64_mix(next_key), next_key
 
 
 class Dropout(AbstractLayer):
@@ -62,10 +48,8 @@ class Dropout(AbstractLayer):
         self.p = float(p)
 
     def init_state(self, rng: torch.Generator) -> dict:
-        rng = check_generator(rng, "Dropout.init_state")
         # The only read-back of a tensor, once at setup; forward passes work on the int.
-        key = int(torch.randint(0, 2**62, (1,), generator=rng, device=rng.device).cpu()[0])
-        return {"rng": key, "training": True}
+        return {"rng": draw_key(rng, "Dropout.init_state"), "training": True}
 
     def parameter_count(self) -> int:
         return 0
@@ -76,16 +60,10 @@ class Dropout(AbstractLayer):
         check_keys(st, ("rng", "training"), "state")
         if not check_training_flag(st) or self.p == 0.0:
             return x, st
-        key = st["rng"]
-        if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key <= _MASK64:
-            raise LayerError(f"state 'rng' must be an int key in [0, 2**64), got {key!r}; "
-                             "re-create the state with pylux.setup")
-        mask_seed, next_key = split_key(key)
+        generator, next_key = key_generator(st["rng"], x.device)
         new_st = {**st, "rng": next_key}
         if self.p == 1.0:
             return x * 0, new_st
-        generator = torch.Generator(device=x.device)
-        generator.manual_seed(mask_seed)
         uniform = torch.rand(x.shape, generator=generator, device=x.device,
                              dtype=x.real.dtype if x.is_complex() else x.dtype)
         mask = (uniform >= self.p).to(x.dtype) * (1.0 / (1.0 - self.p))
