@@ -10,12 +10,12 @@ from .hutchinson import hutchinson_vjp_frobenius, rademacher_like
 from .integral import JacobianFrobeniusRegularization, KineticRegularization
 from .local import LocalErrorRegularization
 from .steer import STEER
-from .taylor import (TaylorFallbackWarning, TaylorRegularization, TaylorRuleError, TaylorSeries, append_time,
-                     solution_taylor_coefficients, taylor_coefficients)
+from .taylor import (TaylorFallbackWarning, TaylorLayerContext, TaylorRegularization, TaylorRuleError, TaylorSeries,
+                     append_time, register_taylor_rule, solution_taylor_coefficients, taylor_coefficients)
 
 __all__ = ["hutchinson_vjp_frobenius", "rademacher_like"]
 __all__ += ["AbstractRegularizer", "AbstractIntegralRegularizer", "RegularizationContext", "batch_size",
             "ErrorEstimateRegularization", "StiffnessRegularization", "LocalErrorRegularization", "STEER",
             "KineticRegularization", "JacobianFrobeniusRegularization"]
 __all__ += ["TaylorRegularization", "TaylorSeries", "TaylorFallbackWarning", "TaylorRuleError", "append_time",
-            "taylor_coefficients", "solution_taylor_coefficients"]
+            "taylor_coefficients", "solution_taylor_coefficients", "register_taylor_rule", "TaylorLayerContext"]

@@ -36,6 +36,7 @@ exact but costs :math:`2^K` evaluations; a :class:`TaylorFallbackWarning` says s
 :math:`x_0`), so pylux layers and plain torch code run on it unchanged and
 dispatch, through ``__torch_function__``, to the rules; an operation without
 a rule raises :class:`TaylorRuleError` rather than computing with :math:`x_0` alone.
+A layer class gets a rule of its own with :func:`register_taylor_rule`.
 
 Series are lazy in one direction: an operation computes as many coefficients
 as its inputs have, and grows when asked for more. That is what makes the
@@ -49,21 +50,31 @@ TayNODE
 :math:`\mathcal{R}_K = \int_{t_0}^{t_1} \lVert d^K z / dt^K \rVert_2^2 \, dt`
 along the solution of :math:`\dot z = f_\theta(z, t)`, with :math:`d^K z/dt^K`
 from :func:`solution_taylor_coefficients`.
+
+Modules
+-------
+* :mod:`pylux.regularize.taylor_series` — the algebra: :class:`TaylorSeries`,
+  its arithmetic and the nonlinearities' rules;
+* :mod:`pylux.regularize.taylor_rules` — the rule table (torch functions and
+  layer classes to their rules), :func:`register_taylor_rule`, and the rules of
+  :mod:`pylux.nn`'s layers;
+* :mod:`pylux.regularize.taylor_fallback` — the nested-jvp fallback;
+* this module — :func:`taylor_coefficients`, :func:`solution_taylor_coefficients`
+  and the TayNODE regularizer; it re-exports the names above.
 """
 
 from __future__ import annotations
 
-import functools
-import math
-import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..core import AbstractLayer
-from ..nn import Chain, Dense, NoOpLayer, Scale, SkipConnection, WrappedFunction
+from ..core.keywords import check_keywords
 from .base import AbstractIntegralRegularizer, batch_size
+from .taylor_fallback import TaylorFallbackWarning, call_with_fallback
+from .taylor_rules import TaylorLayerContext, layer_series, register_taylor_rule
+from .taylor_series import TaylorRuleError, TaylorSeries, _check_order, _is_series, append_time
 
 __all__ = [
     "TaylorRegularization",
@@ -73,691 +84,9 @@ __all__ = [
     "taylor_coefficients",
     "solution_taylor_coefficients",
     "append_time",
+    "register_taylor_rule",
+    "TaylorLayerContext",
 ]
-
-
-class TaylorFallbackWarning(UserWarning):
-    """A layer or function had no Taylor-mode rule and was differentiated by nested jvp (cost 2^K)."""
-
-
-class TaylorRuleError(NotImplementedError):
-    """An operation on a :class:`TaylorSeries` has no Taylor-mode rule (and fallback was not allowed)."""
-
-
-class TaylorSeries(torch.Tensor):
-    r"""Truncated Taylor series :math:`x(t) = \sum_{k=0}^K x_k t^k` of a tensor-valued curve.
-
-    Args:
-        coefficients: the normalised coefficients :math:`[x_0, \dots, x_K]`
-            (:math:`x_k = x^{(k)}(0)/k!`), floating tensors of one shape, dtype
-            and device (or one tensor stacked along dim 0). Use
-            :meth:`from_derivatives` to start from derivatives.
-
-    A series is a ``torch.Tensor`` subclass whose shape, dtype and device are
-    those of :math:`x_0`, so pylux layers accept it as input (``Dense`` checks
-    pass, its ``F.linear`` and activation dispatch to the rules below). It
-    supports ``+ - * /`` with series, tensors and scalars, ``-x``, ``x ** n``
-    (integer ``n >= 0``), ``x @ W``, ``W @ x``, indexing, ``reshape``/``view``,
-    ``expand``, ``unsqueeze``/``squeeze``, ``flatten``, ``sum``/``mean`` and,
-    through ``__torch_function__``, ``torch.tanh``, ``torch.sigmoid``,
-    ``F.softplus``, ``torch.relu``, ``torch.exp``, ``torch.log``,
-    ``F.linear``, ``torch.matmul``, ``torch.cat`` and the arithmetic functions,
-    so one function can be written for tensors and series alike. Any other
-    torch function raises :class:`TaylorRuleError` (never a silently wrong
-    result: the tensor data of the series object itself is :math:`x_0`
-    detached, and no rule-less operation is allowed to read it).
-
-    Raises:
-        ValueError: no coefficients, or coefficients of different shapes.
-        TypeError: a coefficient that is not a floating tensor, or of another
-            dtype/device than the first.
-    """
-
-    @staticmethod
-    def __new__(cls, coefficients: Sequence[torch.Tensor]):
-        if isinstance(coefficients, TaylorSeries):
-            coeffs = list(coefficients._coeffs)
-        elif isinstance(coefficients, torch.Tensor):
-            coeffs = list(coefficients.unbind(0))
-        else:
-            coeffs = list(coefficients)
-        if not coeffs:
-            raise ValueError("TaylorSeries: needs at least one coefficient (the value x_0)")
-        first = coeffs[0]
-        for k, c in enumerate(coeffs):
-            if not isinstance(c, torch.Tensor) or isinstance(c, TaylorSeries):
-                raise TypeError(f"TaylorSeries: coefficient {k} is a {type(c).__name__}, not a plain torch.Tensor")
-            if not c.is_floating_point():
-                raise TypeError(f"TaylorSeries: coefficient {k} has dtype {c.dtype}; use a floating dtype")
-            if c.shape != first.shape:
-                raise ValueError(f"TaylorSeries: coefficient {k} has shape {tuple(c.shape)} but coefficient 0 "
-                                 f"has {tuple(first.shape)}")
-            if c.dtype != first.dtype or c.device != first.device:
-                raise TypeError(f"TaylorSeries: coefficient {k} is {c.dtype} on {c.device} but coefficient 0 "
-                                f"is {first.dtype} on {first.device}")
-        series = torch.Tensor._make_subclass(cls, first.detach())
-        series._coeffs = coeffs
-        series._rule = None
-        series._parents = ()
-        return series
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    # ----------------------------------------------------------------- construction
-    @classmethod
-    def from_derivatives(cls, derivatives: Sequence[torch.Tensor]) -> "TaylorSeries":
-        r"""The series whose :math:`k`-th derivative at 0 is ``derivatives[k]`` (divided by :math:`k!`)."""
-        return cls([d / math.factorial(k) for k, d in enumerate(derivatives)])
-
-    @classmethod
-    def constant(cls, value: torch.Tensor, order: int) -> "TaylorSeries":
-        """The constant curve ``value`` as a series of ``order`` (higher coefficients zero)."""
-        _check_order(order, "TaylorSeries.constant", minimum=0)
-        return cls([value] + [torch.zeros_like(value)] * order)
-
-    @classmethod
-    def time(cls, t0: float | torch.Tensor, order: int, *, dtype: torch.dtype | None = None,
-             device: torch.device | str | None = None) -> "TaylorSeries":
-        r"""The time variable around :math:`t_0`: coefficients :math:`[t_0, 1, 0, \dots]`, a 0-d series.
-
-        It grows on demand (coefficients beyond ``order`` are 0), so it can be
-        combined with series of any order.
-        """
-        _check_order(order, "TaylorSeries.time", minimum=0)
-        t0 = torch.as_tensor(t0, dtype=dtype if dtype is not None else torch.get_default_dtype(), device=device)
-        if t0.dim() != 0:
-            raise ValueError(f"TaylorSeries.time: t0 must be a scalar, got shape {tuple(t0.shape)}")
-        series = cls([t0])
-        one, zero = torch.ones_like(t0), torch.zeros_like(t0)
-        series._rule = lambda k: one if k == 1 else zero
-        series._ensure(order)
-        return series
-
-    @classmethod
-    def _node(cls, parents: Sequence["TaylorSeries"], first: torch.Tensor,
-              rule: Callable[[int], torch.Tensor] | None = None) -> "TaylorSeries":
-        """An operation's output: coefficient 0 given, the rest by ``rule`` up to the parents' order."""
-        if isinstance(first, TaylorSeries):
-            raise TypeError("TaylorSeries: an operation produced a series as a coefficient")
-        node = torch.Tensor._make_subclass(cls, first.detach())
-        node._coeffs = [first]
-        node._rule = rule
-        node._parents = tuple(parents)
-        return node
-
-    def _bind(self, rule: Callable[[int], torch.Tensor]) -> "TaylorSeries":
-        self._rule = rule
-        self._ensure(min(p.order for p in self._parents) if self._parents else 0)
-        return self
-
-    def _ensure(self, order: int) -> None:
-        """Compute the coefficients up to ``order`` (asking the parents for theirs first)."""
-        while len(self._coeffs) <= order:
-            k = len(self._coeffs)
-            if self._rule is None:
-                raise ValueError(f"TaylorSeries: coefficient {k} was asked of a series of order {self.order} "
-                                 "given by its coefficients; pass more coefficients")
-            for parent in self._parents:
-                parent._ensure(k)
-            self._coeffs.append(self._rule(k))
-
-    # ----------------------------------------------------------------- accessors
-    @property
-    def order(self) -> int:
-        """:math:`K`, the highest coefficient held."""
-        return len(self._coeffs) - 1
-
-    @property
-    def coefficients(self) -> tuple[torch.Tensor, ...]:
-        """The normalised coefficients :math:`(x_0, \\dots, x_K)`."""
-        return tuple(self._coeffs)
-
-    def coefficient(self, k: int) -> torch.Tensor:
-        """:math:`x_k` (computed on demand for series that can grow)."""
-        _check_order(k, "TaylorSeries.coefficient", minimum=0)
-        self._ensure(k)
-        return self._coeffs[k]
-
-    def derivative(self, k: int) -> torch.Tensor:
-        """:math:`d^k x/dt^k` at :math:`t = 0`, i.e. :math:`k!\\,x_k`."""
-        return self.coefficient(k) * math.factorial(k)
-
-    def derivatives(self) -> tuple[torch.Tensor, ...]:
-        """:math:`(x, x', \\dots, x^{(K)})` at :math:`t = 0`."""
-        return tuple(c * math.factorial(k) for k, c in enumerate(self._coeffs))
-
-    @property
-    def value(self) -> torch.Tensor:
-        return self._coeffs[0]
-
-    def truncate(self, order: int) -> "TaylorSeries":
-        """The series of the first ``order + 1`` coefficients (a fixed series)."""
-        _check_order(order, "TaylorSeries.truncate", minimum=0)
-        self._ensure(order)
-        return TaylorSeries(self._coeffs[:order + 1])
-
-    def __repr__(self) -> str:
-        return f"TaylorSeries(order={self.order}, shape={tuple(self.shape)}, dtype={self.dtype})"
-
-    __str__ = __repr__
-
-    def __format__(self, spec: str) -> str:
-        return repr(self)
-
-    # ----------------------------------------------------------------- operators
-    def __add__(self, other): return add(self, other)
-    def __radd__(self, other): return add(other, self)
-    def __sub__(self, other): return sub(self, other)
-    def __rsub__(self, other): return sub(other, self)
-    def __mul__(self, other): return mul(self, other)
-    def __rmul__(self, other): return mul(other, self)
-    def __truediv__(self, other): return div(self, other)
-    def __rtruediv__(self, other): return div(other, self)
-    def __neg__(self): return _linear_map(self, torch.neg)
-    def __pos__(self): return self
-    def __matmul__(self, other): return matmul(self, other)
-    def __rmatmul__(self, other): return matmul(other, self)
-
-    def __pow__(self, exponent):
-        if isinstance(exponent, bool) or not isinstance(exponent, int) or exponent < 0:
-            raise TypeError(f"TaylorSeries: only non-negative integer powers have a rule, got {exponent!r}; "
-                            "write exp(a * log(x)) for a general power of a positive series")
-        if exponent == 0:
-            return TaylorSeries._node((self,), torch.ones_like(self.value))._bind(
-                lambda k: torch.zeros_like(self._coeffs[0]))
-        result, base, n = None, self, exponent
-        while n:
-            if n & 1:
-                result = base if result is None else mul(result, base)
-            n >>= 1
-            if n:
-                base = mul(base, base)
-        return result
-
-    def __getitem__(self, index): return _linear_map(self, lambda c: c[index])
-    def reshape(self, *shape): return _linear_map(self, lambda c: c.reshape(*shape))
-    def view(self, *shape): return _linear_map(self, lambda c: c.view(*shape))
-    def expand(self, *shape): return _linear_map(self, lambda c: c.expand(*shape))
-    def unsqueeze(self, dim: int): return _linear_map(self, lambda c: c.unsqueeze(dim))
-    def squeeze(self, *dim): return _linear_map(self, lambda c: c.squeeze(*dim))
-    def flatten(self, start_dim: int = 0, end_dim: int = -1):
-        return _linear_map(self, lambda c: c.flatten(start_dim, end_dim))
-    def sum(self, dim=None, keepdim: bool = False):
-        return _linear_map(self, lambda c: c.sum() if dim is None else c.sum(dim, keepdim=keepdim))
-    def mean(self, dim=None, keepdim: bool = False):
-        return _linear_map(self, lambda c: c.mean() if dim is None else c.mean(dim, keepdim=keepdim))
-    def square(self): return mul(self, self)
-    def pow(self, exponent): return self.__pow__(exponent)
-
-    def tanh(self): return tanh(self)
-    def sigmoid(self): return sigmoid(self)
-    def exp(self): return exp(self)
-    def log(self): return log(self)
-    def relu(self): return relu(self)
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _METADATA:
-            # shape, dtype, device, ...: those of x_0, which the series object carries
-            return super().__torch_function__(func, types, args, kwargs)
-        handler = _TORCH_HANDLERS.get(func)
-        if handler is None:
-            name = getattr(func, "__name__", None) or repr(func)
-            raise TaylorRuleError(
-                f"TaylorSeries: no Taylor-mode rule for torch function {name!r}. Supported: tanh, sigmoid, "
-                "softplus, relu, exp, log, linear, matmul, cat, add, sub, mul, div, neg, addcmul, pow, square and "
-                "shape operations. Write the function "
-                "with these, or pass it to taylor_coefficients / solution_taylor_coefficients, which fall "
-                "back to nested jvp (cost 2^K)")
-        return handler(*args, **kwargs)
-
-
-# --------------------------------------------------------------------- helpers
-
-def _check_order(order: Any, owner: str, *, minimum: int = 1) -> int:
-    if isinstance(order, bool) or not isinstance(order, int):
-        raise TypeError(f"{owner}: order must be an int, got {type(order).__name__}")
-    if order < minimum:
-        raise ValueError(f"{owner}: order must be >= {minimum}, got {order}")
-    return order
-
-
-def _is_series(x: Any) -> bool:
-    return isinstance(x, TaylorSeries)
-
-
-def _cauchy(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], k: int) -> torch.Tensor:
-    r""":math:`(ab)_k = \sum_{j=0}^{k} a_j b_{k-j}`."""
-    total = a[0] * b[k]
-    for j in range(1, k + 1):
-        total = total + a[j] * b[k - j]
-    return total
-
-
-def _square_coefficient(y: Sequence[torch.Tensor], m: int) -> torch.Tensor:
-    r""":math:`(y^2)_m = \sum_{i=0}^m y_i y_{m-i}`, using its symmetry to halve the products."""
-    half = (m + 1) // 2
-    total = None
-    for i in range(half):
-        term = y[i] * y[m - i]
-        total = term if total is None else total + term
-    total = 2 * total if total is not None else None
-    if m % 2 == 0:
-        middle = y[m // 2] * y[m // 2]
-        total = middle if total is None else total + middle
-    return total
-
-
-def _derivative_rule(x: TaylorSeries, g: Sequence[torch.Tensor], k: int) -> torch.Tensor:
-    r"""From :math:`y' = g\,x'`: :math:`y_k = \frac{1}{k}\sum_{j=1}^k j\,x_j\,g_{k-j}`."""
-    xs = x._coeffs
-    total = xs[1] * g[k - 1]
-    for j in range(2, k + 1):
-        total = total + j * xs[j] * g[k - j]
-    return total / k
-
-
-def _linear_map(x: TaylorSeries, fn: Callable[[torch.Tensor], torch.Tensor]) -> TaylorSeries:
-    """``y_k = fn(x_k)`` for a linear ``fn`` (reshape, indexing, negation, matmul without bias)."""
-    return TaylorSeries._node((x,), fn(x._coeffs[0]))._bind(lambda k: fn(x._coeffs[k]))
-
-
-def _broadcast(c: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    return c if c.shape == shape else c.expand(shape)
-
-
-# --------------------------------------------------------------------- arithmetic
-
-def add(a: Any, b: Any, *, alpha: Any = 1) -> TaylorSeries:
-    """``a + alpha * b`` where either may be a series, a tensor or a scalar."""
-    if alpha != 1:
-        b = mul(b, alpha) if _is_series(b) else b * alpha
-    if _is_series(a) and _is_series(b):
-        first = a._coeffs[0] + b._coeffs[0]
-        return TaylorSeries._node((a, b), first)._bind(lambda k: a._coeffs[k] + b._coeffs[k])
-    series, const = (a, b) if _is_series(a) else (b, a)
-    first = a._coeffs[0] + b if series is a else a + b._coeffs[0]
-    shape = first.shape
-    return TaylorSeries._node((series,), first)._bind(lambda k: _broadcast(series._coeffs[k], shape))
-
-
-def sub(a: Any, b: Any, *, alpha: Any = 1) -> TaylorSeries:
-    """``a - alpha * b``."""
-    return add(a, -b if alpha == 1 else mul(b, -alpha))
-
-
-def mul(a: Any, b: Any) -> TaylorSeries:
-    """Cauchy product of two series; a tensor or scalar factor scales every coefficient."""
-    if _is_series(a) and _is_series(b):
-        if a is b:
-            return TaylorSeries._node((a,), a._coeffs[0] * a._coeffs[0])._bind(
-                lambda k: _square_coefficient(a._coeffs, k))
-        return TaylorSeries._node((a, b), a._coeffs[0] * b._coeffs[0])._bind(
-            lambda k: _cauchy(a._coeffs, b._coeffs, k))
-    series, const = (a, b) if _is_series(a) else (b, a)
-    return _linear_map(series, lambda c: c * const)
-
-
-def div(a: Any, b: Any, *, rounding_mode: str | None = None) -> TaylorSeries:
-    r"""``a / b``; by a series through :math:`z_k = (a_k - \sum_{j<k} z_j b_{k-j}) / b_0`."""
-    if rounding_mode is not None:
-        raise TaylorRuleError(f"TaylorSeries: division with rounding_mode={rounding_mode!r} has no Taylor rule")
-    if not _is_series(b):
-        return _linear_map(a, lambda c: c / b)
-    ys = b._coeffs
-    if _is_series(a):
-        node = TaylorSeries._node((a, b), a._coeffs[0] / ys[0])
-        numerator = lambda k: a._coeffs[k]  # noqa: E731
-    else:
-        node = TaylorSeries._node((b,), a / ys[0])
-        numerator = None
-    zs = node._coeffs
-
-    def rule(k):
-        correction = zs[0] * ys[k]
-        for j in range(1, k):
-            correction = correction + zs[j] * ys[k - j]
-        top = -correction if numerator is None else numerator(k) - correction
-        return top / ys[0]
-
-    return node._bind(rule)
-
-
-def matmul(a: Any, b: Any) -> TaylorSeries:
-    """``a @ b`` with one side a series and the other a constant tensor."""
-    if _is_series(a) and _is_series(b):
-        raise TaylorRuleError("TaylorSeries: matmul of two series has no rule here; one side must be a tensor")
-    if _is_series(a):
-        return _linear_map(a, lambda c: c @ b)
-    return _linear_map(b, lambda c: a @ c)
-
-
-def linear(x: TaylorSeries, weight: torch.Tensor, bias: torch.Tensor | None = None) -> TaylorSeries:
-    r"""``F.linear`` on a series: :math:`y_0 = x_0 W^\top + b`, :math:`y_k = x_k W^\top`."""
-    if _is_series(weight) or _is_series(bias):
-        raise TaylorRuleError("TaylorSeries: F.linear needs the weight and bias to be tensors, not series")
-    return TaylorSeries._node((x,), F.linear(x._coeffs[0], weight, bias))._bind(
-        lambda k: F.linear(x._coeffs[k], weight))
-
-
-def cat(tensors: Sequence[Any], dim: int = 0) -> TaylorSeries:
-    """``torch.cat`` of series and tensors (tensors are constant curves)."""
-    parts = list(tensors)
-    parents = [p for p in parts if _is_series(p)]
-    first = torch.cat([p._coeffs[0] if _is_series(p) else p for p in parts], dim)
-    zeros = {i: torch.zeros_like(p) for i, p in enumerate(parts) if not _is_series(p)}
-    return TaylorSeries._node(parents, first)._bind(
-        lambda k: torch.cat([p._coeffs[k] if _is_series(p) else zeros[i] for i, p in enumerate(parts)], dim))
-
-
-def append_time(z: Any, t: Any) -> Any:
-    r"""``[z; t]``: the time appended as one more feature, broadcast over ``z``'s leading dimensions.
-
-    Works on tensors (``t`` a float or 0-d tensor) and on series (``t`` from
-    :meth:`TaylorSeries.time`), which is how Kelly et al.'s field
-    :math:`f(z, t) = \tanh(W_2[\tanh(W_1[z; t] + b_1); t] + b_2)` is written.
-    """
-    shape = tuple(z.shape[:-1]) + (1,)
-    if _is_series(t):
-        t_col = t.reshape(*([1] * len(shape))).expand(*shape)
-    else:
-        t_col = torch.as_tensor(t, dtype=z.dtype, device=z.device).reshape([1] * len(shape)).expand(*shape)
-    return torch.cat([z, t_col], dim=-1)
-
-
-# --------------------------------------------------------------------- nonlinearities
-
-def exp(x: TaylorSeries) -> TaylorSeries:
-    r""":math:`y = e^x`: :math:`y' = y x'`."""
-    node = TaylorSeries._node((x,), torch.exp(x._coeffs[0]))
-    return node._bind(lambda k: _derivative_rule(x, node._coeffs, k))
-
-
-def log(x: TaylorSeries) -> TaylorSeries:
-    r""":math:`y = \log x`: :math:`x y' = x'`.
-
-    So :math:`y_k = (x_k - \frac1k\sum_{j=1}^{k-1} j y_j x_{k-j}) / x_0`.
-    """
-    node = TaylorSeries._node((x,), torch.log(x._coeffs[0]))
-    ys, xs = node._coeffs, x._coeffs
-
-    def rule(k):
-        top = xs[k]
-        for j in range(1, k):
-            top = top - (j / k) * ys[j] * xs[k - j]
-        return top / xs[0]
-
-    return node._bind(rule)
-
-
-def _bounded_derivative_series(x: TaylorSeries, first: torch.Tensor,
-                               g_of_y: Callable[[list, int], torch.Tensor]) -> TaylorSeries:
-    """``y' = g(y) x'`` where ``g(y)``'s coefficient ``m`` needs ``y`` up to ``m`` (tanh, sigmoid)."""
-    node = TaylorSeries._node((x,), first)
-    ys, gs = node._coeffs, []
-
-    def rule(k):
-        while len(gs) < k:
-            gs.append(g_of_y(ys, len(gs)))
-        return _derivative_rule(x, gs, k)
-
-    return node._bind(rule)
-
-
-def tanh(x: TaylorSeries) -> TaylorSeries:
-    r""":math:`y = \tanh x`: :math:`y' = (1 - y^2)\,x'`."""
-    def one_minus_square(ys, m):
-        sq = _square_coefficient(ys, m)
-        return 1 - sq if m == 0 else -sq
-    return _bounded_derivative_series(x, torch.tanh(x._coeffs[0]), one_minus_square)
-
-
-def sigmoid(x: TaylorSeries) -> TaylorSeries:
-    r""":math:`y = \sigma(x)`: :math:`y' = y(1 - y)\,x'`."""
-    return _bounded_derivative_series(x, torch.sigmoid(x._coeffs[0]),
-                                      lambda ys, m: ys[m] - _square_coefficient(ys, m))
-
-
-def softplus(x: TaylorSeries, beta: float = 1.0, threshold: float = 20.0) -> TaylorSeries:
-    r""":math:`y = \frac1\beta\log(1 + e^{\beta x})`: :math:`y' = \sigma(\beta x)\,x'`.
-
-    ``threshold`` is accepted for ``F.softplus`` compatibility; the series is that
-    of the smooth function (torch returns :math:`x` itself above the threshold,
-    which differs from it by less than :math:`e^{-20}`).
-    """
-    gate = sigmoid(x * beta) if beta != 1 else sigmoid(x)
-    node = TaylorSeries._node((x, gate), F.softplus(x._coeffs[0], beta=beta, threshold=threshold))
-    return node._bind(lambda k: _derivative_rule(x, gate._coeffs, k))
-
-
-def relu(x: TaylorSeries, inplace: bool = False) -> TaylorSeries:
-    r"""ReLU: :math:`y_k = \mathbb 1[x_0 > 0]\,x_k` (exact away from :math:`x_0 = 0`)."""
-    mask = (x._coeffs[0] > 0).to(x.dtype)
-    return TaylorSeries._node((x,), torch.relu(x._coeffs[0]))._bind(lambda k: x._coeffs[k] * mask)
-
-
-# --------------------------------------------------------------------- torch dispatch
-
-def _binary_method(op, reflected: bool = False):
-    def handler(a, b, *args, **kwargs):
-        return op(b, a, *args, **kwargs) if reflected else op(a, b, *args, **kwargs)
-    return handler
-
-
-def _linear_handler(input, weight, bias=None):
-    return linear(input, weight, bias)
-
-
-def _cat_handler(tensors, dim=0, *, out=None):
-    if out is not None:
-        raise TaylorRuleError("TaylorSeries: torch.cat(out=...) is not supported")
-    return cat(tensors, dim)
-
-
-def _addcmul(input, tensor1, tensor2, *, value=1):
-    product = mul(tensor1, tensor2) if (_is_series(tensor1) or _is_series(tensor2)) else tensor1 * tensor2
-    return add(input, product, alpha=value)
-
-
-def _sigmoid_handler(x):
-    return sigmoid(x)
-
-
-_METADATA = {
-    torch.Tensor.shape.__get__, torch.Tensor.dtype.__get__, torch.Tensor.device.__get__,
-    torch.Tensor.ndim.__get__, torch.Tensor.is_cuda.__get__, torch.Tensor.layout.__get__,
-    torch.Tensor.requires_grad.__get__, torch.Tensor.is_sparse.__get__, torch.Tensor.dim,
-    torch.Tensor.size, torch.Tensor.numel, torch.Tensor.nelement, torch.Tensor.ndimension,
-    torch.Tensor.is_floating_point, torch.Tensor.is_complex, torch.Tensor.__len__, torch.Tensor.element_size,
-    torch.Tensor.get_device,
-}
-
-
-def _method(name):
-    def handler(x, *args, **kwargs):
-        return getattr(TaylorSeries, name)(x, *args, **kwargs)
-    return handler
-
-
-_TORCH_HANDLERS: dict[Any, Callable] = {
-    torch.tanh: tanh, torch.Tensor.tanh: tanh, F.tanh: tanh,
-    torch.sigmoid: _sigmoid_handler, torch.Tensor.sigmoid: _sigmoid_handler, F.sigmoid: _sigmoid_handler,
-    torch.special.expit: _sigmoid_handler,
-    F.softplus: softplus,
-    torch.relu: relu, torch.Tensor.relu: relu, F.relu: relu,
-    torch.exp: exp, torch.Tensor.exp: exp,
-    torch.log: log, torch.Tensor.log: log,
-    F.linear: _linear_handler,
-    torch.matmul: matmul, torch.Tensor.matmul: matmul, torch.Tensor.__matmul__: matmul,
-    torch.Tensor.__rmatmul__: _binary_method(matmul, reflected=True),
-    torch.cat: _cat_handler, torch.concat: _cat_handler, torch.concatenate: _cat_handler,
-    torch.add: add, torch.Tensor.add: add, torch.Tensor.__add__: add,
-    torch.Tensor.__radd__: _binary_method(add, reflected=True),
-    torch.sub: sub, torch.subtract: sub, torch.Tensor.sub: sub, torch.Tensor.__sub__: sub,
-    torch.Tensor.__rsub__: _binary_method(sub, reflected=True), torch.rsub: _binary_method(sub, reflected=True),
-    torch.mul: mul, torch.multiply: mul, torch.Tensor.mul: mul, torch.Tensor.__mul__: mul,
-    torch.Tensor.__rmul__: _binary_method(mul, reflected=True),
-    torch.div: div, torch.divide: div, torch.true_divide: div, torch.Tensor.div: div,
-    torch.Tensor.__truediv__: div, torch.Tensor.__rtruediv__: _binary_method(div, reflected=True),
-    torch.neg: lambda x: -x, torch.negative: lambda x: -x, torch.Tensor.neg: lambda x: -x,
-    torch.Tensor.__neg__: lambda x: -x,
-    torch.addcmul: _addcmul, torch.Tensor.addcmul: _addcmul,
-    torch.reshape: _method("reshape"), torch.Tensor.reshape: _method("reshape"), torch.Tensor.view: _method("view"),
-    torch.flatten: _method("flatten"), torch.Tensor.flatten: _method("flatten"),
-    torch.unsqueeze: _method("unsqueeze"), torch.Tensor.unsqueeze: _method("unsqueeze"),
-    torch.squeeze: _method("squeeze"), torch.Tensor.squeeze: _method("squeeze"),
-    torch.Tensor.expand: _method("expand"), torch.Tensor.__getitem__: _method("__getitem__"),
-    torch.sum: _method("sum"), torch.Tensor.sum: _method("sum"),
-    torch.mean: _method("mean"), torch.Tensor.mean: _method("mean"),
-    torch.square: _method("square"), torch.Tensor.square: _method("square"),
-    torch.pow: _method("__pow__"), torch.Tensor.pow: _method("__pow__"), torch.Tensor.__pow__: _method("__pow__"),
-}
-
-# Activations a Dense layer may carry, mapped to their series rule.
-_ACTIVATION_RULES: dict[Any, Callable[[TaylorSeries], TaylorSeries]] = {
-    torch.tanh: tanh, F.tanh: tanh, torch.Tensor.tanh: tanh,
-    torch.sigmoid: sigmoid, F.sigmoid: sigmoid, torch.special.expit: sigmoid, torch.Tensor.sigmoid: sigmoid,
-    F.softplus: softplus,
-    torch.relu: relu, F.relu: relu, torch.Tensor.relu: relu,
-    torch.exp: exp, torch.Tensor.exp: exp,
-}
-
-
-def _activation_rule(activation: Any) -> Callable[[TaylorSeries], TaylorSeries] | None:
-    if activation is None:
-        return lambda x: x
-    if isinstance(activation, functools.partial) and activation.func is F.softplus and not activation.args:
-        extra = set(activation.keywords) - {"beta", "threshold"}
-        if not extra:
-            return lambda x: softplus(x, **activation.keywords)
-        return None
-    try:
-        return _ACTIVATION_RULES.get(activation)
-    except TypeError:  # an unhashable callable
-        return None
-
-
-# --------------------------------------------------------------------- fallback
-
-def _curve_derivatives(fn: Callable[..., torch.Tensor], curves: Sequence[Sequence[torch.Tensor]],
-                       depth: int) -> list[torch.Tensor]:
-    r""":math:`[h(0), h'(0), \dots, h^{(\mathrm{depth})}(0)]` for :math:`h(t) = fn(x^1(t), x^2(t), \dots)`.
-
-    Each :math:`x^i(t) = \sum_j x^i_j t^j` is a polynomial given by its
-    coefficients. ``torch.func.jvp`` nested ``depth`` times, each level
-    doubling the work: :math:`2^{\mathrm{depth}}` evaluations of ``fn``.
-    """
-    reference = curves[0][0]
-    t0 = torch.zeros((), dtype=reference.dtype, device=reference.device)
-
-    def at(t):
-        values = []
-        for coeffs in curves:
-            acc = coeffs[-1]
-            for c in reversed(coeffs[:-1]):
-                acc = acc * t + c
-            values.append(acc)
-        return (fn(*values),)
-
-    nested = at
-    for _ in range(depth):
-        nested = _extend_by_jvp(nested)
-    return list(nested(t0))
-
-
-def _extend_by_jvp(fn):
-    def extended(t):
-        primals, tangents = torch.func.jvp(fn, (t,), (torch.ones_like(t),))
-        return (*primals, tangents[-1])
-    return extended
-
-
-def _fallback(fn: Callable[..., torch.Tensor], inputs: Sequence[TaylorSeries], name: str,
-              strict: bool) -> TaylorSeries:
-    """Series of ``fn(*inputs)`` by nested jvp along the inputs' polynomial curves (cost 2^K)."""
-    if strict:
-        raise TaylorRuleError(f"no Taylor-mode rule for {name} (strict=True); use layers and functions with "
-                              "rules (Dense with tanh/sigmoid/softplus/relu/exp or none, Chain, Scale, "
-                              "WrappedFunction of those) or strict=False for the nested-jvp fallback")
-    order = min(x.order for x in inputs)
-    warnings.warn(f"no Taylor-mode rule for {name}: its Taylor coefficients come from torch.func.jvp nested "
-                  "K times, which costs 2^K evaluations of it (exponential in the order K) instead of O(K^2)",
-                  TaylorFallbackWarning, stacklevel=3)
-    cache: dict[int, torch.Tensor] = {}
-
-    def compute(upto):
-        derivs = _curve_derivatives(fn, [x._coeffs[:upto + 1] for x in inputs], upto)
-        for k, d in enumerate(derivs):
-            cache.setdefault(k, d / math.factorial(k))
-
-    compute(order)
-    node = TaylorSeries._node(inputs, cache[0])
-
-    def rule(k):
-        if k not in cache:
-            compute(k)
-        return cache[k]
-
-    return node._bind(rule)
-
-
-# --------------------------------------------------------------------- layers and functions
-
-def _layer_series(layer: AbstractLayer, x: TaylorSeries, ps: Mapping, st: Mapping, strict: bool,
-                  path: str) -> TaylorSeries:
-    name = f"{path} ({layer!r})" if path else repr(layer)
-    if isinstance(layer, Chain):
-        for key, child in layer.layers.items():
-            x = _layer_series(child, x, ps[key], st[key], strict, f"{path}.{key}" if path else key)
-        return x
-    if isinstance(layer, NoOpLayer):
-        return x
-    if isinstance(layer, SkipConnection) and isinstance(layer.connection, str) and layer.connection == "+":
-        inner = _layer_series(layer.layers["layers"], x, ps["layers"], st["layers"], strict, f"{path}.layers")
-        return inner + x
-    if isinstance(layer, (Dense, Scale)):
-        _check_dense_input(layer, x, ps)
-        if isinstance(layer, Dense):
-            pre = linear(x, ps["weight"], ps.get("bias"))
-        else:
-            pre = x * ps["weight"] + ps["bias"] if layer.use_bias else x * ps["weight"]
-        rule = _activation_rule(layer.activation)
-        if rule is not None:
-            return rule(pre)
-        return _fallback(layer.activation, [pre], f"the activation of {name}", strict)
-    if isinstance(layer, WrappedFunction):
-        rule = _activation_rule(layer.fn)
-        if rule is not None:
-            return rule(x)
-        try:
-            out = layer.fn(x)
-        except TaylorRuleError as error:
-            name = f"{name} ({str(error).split('.')[0].removeprefix('TaylorSeries: ')})"
-            out = None
-        if _is_series(out):
-            return out
-        return _fallback(layer.fn, [x], name, strict)
-    # Any other layer may still be made of operations with rules (the series is a tensor to it).
-    try:
-        out = layer(x, ps, st)[0]
-    except TaylorRuleError as error:
-        name = f"{name} ({str(error).split('.')[0].removeprefix('TaylorSeries: ')})"
-        out = None
-    if _is_series(out) and out.order == x.order:
-        return out
-    return _fallback(lambda v: layer(v, ps, st)[0], [x], name, strict)
-
-
-def _check_dense_input(layer, x: TaylorSeries, ps: Mapping) -> None:
-    expected = ("weight", "bias") if layer.use_bias else ("weight",)
-    if not isinstance(ps, Mapping) or set(ps) != set(expected):
-        raise ValueError(f"{layer!r}: expected parameters with keys {list(expected)}, got "
-                         f"{sorted(ps) if isinstance(ps, Mapping) else type(ps).__name__}")
-    if isinstance(layer, Dense) and (x.dim() == 0 or x.shape[-1] != layer.in_dims):
-        raise ValueError(f"{layer!r}: expected a series with last dimension {layer.in_dims}, "
-                         f"got shape {tuple(x.shape)}")
 
 
 def _as_series(x: Any, owner: str) -> TaylorSeries:
@@ -768,22 +97,6 @@ def _as_series(x: Any, owner: str) -> TaylorSeries:
     raise TypeError(f"{owner}: expected a TaylorSeries (or a list of its coefficient tensors), "
                     f"got {type(x).__name__}")
 
-
-def _call_function(fn: Callable, inputs: Sequence[TaylorSeries], strict: bool, owner: str,
-                   name: str | None = None) -> TaylorSeries:
-    name = name or f"the function {getattr(fn, '__qualname__', repr(fn))}"
-    try:
-        out = fn(*inputs)
-    except TaylorRuleError as error:
-        reason = str(error).split(".")[0].removeprefix("TaylorSeries: ")
-        return _fallback(fn, inputs, f"{name} ({reason})", strict)
-    if _is_series(out):
-        return out
-    if isinstance(out, torch.Tensor):
-        # Constant in the inputs: a curve that does not move.
-        return TaylorSeries._node(inputs, out)._bind(lambda k: torch.zeros_like(out))
-    raise TypeError(f"{owner}: the function returned a {type(out).__name__}, expected a TaylorSeries "
-                    "or a tensor")
 
 
 def taylor_coefficients(f: AbstractLayer | Callable, x: TaylorSeries | Sequence[torch.Tensor],
@@ -816,10 +129,10 @@ def taylor_coefficients(f: AbstractLayer | Callable, x: TaylorSeries | Sequence[
     if isinstance(f, AbstractLayer):
         if ps is None:
             raise TypeError("taylor_coefficients: a pylux layer needs its parameters ps")
-        return _layer_series(f, x, ps, {} if st is None else st, strict, "")
+        return layer_series(f, x, ps, {} if st is None else st, strict=strict)
     if not callable(f):
         raise TypeError(f"taylor_coefficients: f must be a pylux layer or a callable, got {type(f).__name__}")
-    return _call_function(f, [x], strict, "taylor_coefficients")
+    return call_with_fallback(f, [x], strict, "taylor_coefficients")
 
 
 def solution_taylor_coefficients(f: AbstractLayer | Callable, z0: torch.Tensor, order: int, t0: Any = 0.0,
@@ -869,10 +182,10 @@ def _solution_series(f, z0, order, t0, ps, st, strict: bool, name: str | None) -
     if isinstance(f, AbstractLayer):
         if ps is None:
             raise TypeError("solution_taylor_coefficients: a pylux layer needs its parameters ps")
-        out = _layer_series(f, z, ps, {} if st is None else st, strict, "")
+        out = layer_series(f, z, ps, {} if st is None else st, strict=strict)
     elif callable(f):
         t = TaylorSeries.time(t0, 0, dtype=z0.dtype, device=z0.device)
-        out = _call_function(f, [z, t], strict, "solution_taylor_coefficients", name)
+        out = call_with_fallback(f, [z, t], strict, "solution_taylor_coefficients", name)
     else:
         raise TypeError(f"solution_taylor_coefficients: f must be a pylux layer or a callable, "
                         f"got {type(f).__name__}")
@@ -918,12 +231,14 @@ class TaylorRegularization(AbstractIntegralRegularizer):
         strict: raise :class:`TaylorRuleError` instead of falling back to nested jvp.
 
     Raises:
-        ValueError: ``order < 1``.  TypeError: a non-int order or non-bool strict.
+        ValueError: ``order < 1``.
+        TypeError: a non-int order or non-bool strict; an unknown keyword (named, with the closest known one).
     """
 
     needs_input_grad = False
 
-    def __init__(self, order: int = 2, *, strict: bool = False):
+    def __init__(self, order: int = 2, *, strict: bool = False, **unknown: Any):
+        check_keywords(unknown, "TaylorRegularization", ("order", "strict"))
         self.order = _check_order(order, "TaylorRegularization")
         if not isinstance(strict, bool):
             raise TypeError(f"TaylorRegularization: strict must be a bool, got {type(strict).__name__}")
