@@ -46,7 +46,8 @@ class NeuralODE(AbstractLayer):
             reports a zero regularization, so prediction cost is that of the
             unregularized layer.
         **solve_kwargs: passed to :func:`pylux.solve` (``reltol``, ``abstol``,
-            ``maxiters``, …); misspelt names are rejected when the layer is built.
+            ``maxiters``, …); misspelt names are rejected when the layer is built,
+            with the closest known keyword.
 
     Raises:
         TypeError: a model, solver or regularizer of the wrong type, an unknown keyword.
@@ -69,6 +70,10 @@ class NeuralODE(AbstractLayer):
     name -> 0-d tensor, one per regularizer) and ``"regularization_nfe"`` (int:
     evaluations of ``f`` the regularizers made after the solve, e.g. the local
     regularizer's extra step).
+
+    The regularizers run through :class:`pylux.regularize.RegularizedSolve`
+    (``layer.regularized``), which augments the state with the integral
+    regularizers' channels, solves, splits them off and fills these entries.
     """
 
     def __init__(self, model: AbstractLayer, tspan, solver: AbstractSolver | None = None, *,

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..core.keywords import check_keywords
 from .base import AbstractRegularizer, RegularizationContext, differentiates_solver
 
 __all__ = ["ErrorEstimateRegularization", "StiffnessRegularization"]
@@ -52,12 +53,13 @@ class ErrorEstimateRegularization(AbstractRegularizer):
         squared: use :math:`\sum_j E_j^2` instead of :math:`\sum_j E_j |\Delta t_j|`.
 
     Raises:
-        TypeError: ``squared`` not a bool.
+        TypeError: ``squared`` not a bool; an unknown keyword (named, with the closest known one).
         NotImplementedError: (when the layer is built) with an adjoint sensealg.
         ValueError: (after the solve) a solver without an embedded error estimate.
     """
 
-    def __init__(self, squared: bool = False) -> None:
+    def __init__(self, squared: bool = False, **unknown: Any) -> None:
+        check_keywords(unknown, "ErrorEstimateRegularization", ("squared",))
         if not isinstance(squared, bool):
             raise TypeError(f"ErrorEstimateRegularization: squared must be a bool, got {squared!r}")
         self.squared = squared

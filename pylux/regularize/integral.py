@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..core.keywords import check_keywords
 from .base import AbstractIntegralRegularizer, batch_size
 from .hutchinson import hutchinson_vjp_frobenius, rademacher_like
 
@@ -49,12 +50,14 @@ class JacobianFrobeniusRegularization(AbstractIntegralRegularizer):
             per-call one.
 
     Raises:
-        TypeError: ``generator`` not a ``torch.Generator``.
+        TypeError: ``generator`` not a ``torch.Generator``; an unknown keyword (named, with
+            the closest known one).
     """
 
     needs_input_grad = True
 
-    def __init__(self, generator: torch.Generator | None = None) -> None:
+    def __init__(self, generator: torch.Generator | None = None, **unknown: Any) -> None:
+        check_keywords(unknown, "JacobianFrobeniusRegularization", ("generator",))
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"JacobianFrobeniusRegularization: generator must be a torch.Generator or None, "
                             f"got {type(generator).__name__}")

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..core.keywords import check_keywords
 from ..diffeq.norms import scaled_error_norm
 from ..diffeq.solvers import AbstractAdaptiveSolver
 from .base import AbstractRegularizer, RegularizationContext, differentiates_solver
@@ -70,12 +71,14 @@ class LocalErrorRegularization(AbstractRegularizer):
     Raises:
         ValueError: an unknown ``sampling``; ``t_reg`` with biased sampling;
             ``t_reg`` outside the span; a non-positive ``dt``.
-        TypeError: ``generator`` not a ``torch.Generator``.
+        TypeError: ``generator`` not a ``torch.Generator``; an unknown keyword (named,
+            with the closest known one).
         NotImplementedError: (after the solve) a solver without an error estimate.
     """
 
     def __init__(self, sampling: str = "unbiased", generator: torch.Generator | None = None, *,
-                 t_reg: float | None = None, dt: float | None = None) -> None:
+                 t_reg: float | None = None, dt: float | None = None, **unknown: Any) -> None:
+        check_keywords(unknown, "LocalErrorRegularization", ("sampling", "generator", "t_reg", "dt"))
         if sampling not in _SAMPLINGS:
             raise ValueError(f"LocalErrorRegularization: sampling must be one of {_SAMPLINGS}, got "
                              f"{sampling!r}")

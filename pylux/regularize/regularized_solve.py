@@ -45,15 +45,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..core import LayerError, check_generator
+from ..core import LayerError, draw_key, key_generator
 from ..diffeq import ODEProblem, Solution, solve
 from ..diffeq.options import make_options
-from ..nn.dropout import split_key
 from .base import AbstractIntegralRegularizer, AbstractRegularizer, RegularizationContext, batch_size
 
 __all__ = ["RegularizedSolve", "RegularizedSolution", "as_regularizers", "solution_state"]
-
-_MASK64 = (1 << 64) - 1
 
 #: ``field(u, p, t) -> du/dt``: a layer's vector field, parameters passed explicitly.
 LayerField = Callable[[torch.Tensor, Any, torch.Tensor], torch.Tensor]
@@ -209,10 +206,9 @@ class RegularizedSolve:
         """
         if not self.regularizers:
             return {}
-        rng = check_generator(rng, f"{self.owner}.init_state")
         # read back once at setup; forward passes advance the Python int
-        key = int(torch.randint(0, 2**62, (1,), generator=rng, device=rng.device).cpu()[0])
-        return {"training": True, "rng": key, "regularization": torch.zeros(()),
+        return {"training": True, "rng": draw_key(rng, f"{self.owner}.init_state"),
+                "regularization": torch.zeros(()),
                 "regularization_terms": {name: torch.zeros(()) for name in self.term_names()},
                 "regularization_nfe": 0}
 
@@ -259,7 +255,7 @@ class RegularizedSolve:
             ValueError: a regularizer asked for the state outside the solved span,
                 or returned a value that is not a 0-d tensor.
         """
-        generator, next_key = _call_generator(st, x)
+        generator, next_key = key_generator(st["rng"], x.device)  # as in Dropout
         t0, t1 = self.tspan[0], self._end_time(generator)
         datas = [reg.begin(x, t0, t1, generator) for reg in self.regularizers]
         augmented = _AugmentedState(x, self.regularizers, datas)
@@ -347,18 +343,6 @@ def _term_name(regs: Sequence[AbstractRegularizer], i: int) -> str:
 
 def _bind(field: LayerField, p: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     return lambda u, t: field(u, p, t)
-
-
-def _call_generator(st: Mapping, x: torch.Tensor) -> tuple[torch.Generator, int]:
-    """The generator of this call, seeded from ``st["rng"]``, and the key of the next call (as in Dropout)."""
-    key = st["rng"]
-    if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key <= _MASK64:
-        raise LayerError(f"state 'rng' must be an int key in [0, 2**64), got {key!r}; "
-                         "re-create the state with pylux.setup")
-    seed, next_key = split_key(key)
-    generator = torch.Generator(device=x.device)
-    generator.manual_seed(seed)
-    return generator, next_key
 
 
 class _AugmentedState:

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..core.keywords import check_keywords
 from .base import AbstractRegularizer, RegularizationContext
 
 __all__ = ["STEER"]
@@ -28,9 +29,11 @@ class STEER(AbstractRegularizer):
     Raises:
         ValueError: ``b`` not a finite positive number; (when the layer is built)
             ``b >= |t1 - t0|``.
+        TypeError: an unknown keyword (named, with the closest known one).
     """
 
-    def __init__(self, b: float) -> None:
+    def __init__(self, b: float, **unknown: Any) -> None:
+        check_keywords(unknown, "STEER", ("b",))
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not (math.isfinite(b) and b > 0):
             raise ValueError(f"STEER: b must be a finite number > 0, got {b!r}")
         self.b = float(b)
