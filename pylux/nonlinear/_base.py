@@ -25,13 +25,16 @@ from __future__ import annotations
 
 import abc
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
-from ._options import check_float, check_int, reject_unknown
+from ..core.keywords import check_keywords
 
-__all__ = ["AbstractNonlinearSolver", "rowdot", "axpy_rows", "combine_rows", "backtracking_line_search"]
+from ._options import check_float, check_int
+
+__all__ = ["AbstractNonlinearSolver", "rowdot", "axpy_rows", "combine_rows", "backtracking_line_search",
+           "LineSearchResult", "MAX_INCREASE"]
 
 FlatMap = Callable[[torch.Tensor], torch.Tensor]
 
@@ -54,7 +57,7 @@ class AbstractNonlinearSolver(abc.ABC):
 
     def _set_common(self, maxiters, abstol, reltol, unknown: dict) -> None:
         where = type(self).__name__
-        reject_unknown(where, unknown, self._option_names + self._common_names)
+        check_keywords(unknown, where, self._option_names + self._common_names)
         self._set("maxiters", check_int(where, "maxiters", maxiters, 0, allow_none=True))
         self._set("abstol", check_float(where, "abstol", abstol, low=0.0, allow_none=True))
         self._set("reltol", check_float(where, "reltol", reltol, low=0.0, allow_none=True))
@@ -78,7 +81,7 @@ class AbstractNonlinearSolver(abc.ABC):
     def replace(self, **changes) -> "AbstractNonlinearSolver":
         """A copy with some options changed (validated like the constructor)."""
         opts = self.options()
-        reject_unknown(f"{self.name}.replace", {k: v for k, v in changes.items() if k not in opts}, opts)
+        check_keywords({k: v for k, v in changes.items() if k not in opts}, f"{self.name}.replace", opts)
         opts.update(changes)
         return type(self)(**opts)
 
@@ -96,6 +99,14 @@ class AbstractNonlinearSolver(abc.ABC):
     @abc.abstractmethod
     def init(self, z: torch.Tensor, gz: torch.Tensor, maxiters: int) -> Any:
         """Implemented by each concrete subclass."""
+
+    def diagnosis(self, state: Any, unconverged: torch.Tensor) -> str:
+        """A sentence on what went wrong inside the solver for the ``(B,)`` mask ``unconverged``, or ``""``.
+
+        :func:`~pylux.nonlinear.nlsolve` appends it to its failure message (for
+        example, Newton-Krylov names a singular Jacobian here).
+        """
+        return ""
 
     @abc.abstractmethod
     def step(self, fn: FlatMap, z: torch.Tensor, gz: torch.Tensor, F: torch.Tensor, state: Any,
@@ -146,25 +157,56 @@ def combine_rows(coeffs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return axpy_rows(None, coeffs, rows)
 
 
-def backtracking_line_search(fn: FlatMap, z: torch.Tensor, direction: torch.Tensor,
+class LineSearchResult(NamedTuple):
+    """What :func:`backtracking_line_search` decided, per batch element.
+
+    ``z`` and ``gz``: the new iterate and its image (the current ones where the
+    search was rejected). ``rejected``: ``(B,)`` bool, no acceptable trial was
+    found, so the element did not move. ``z_trial`` and ``gz_trial``: for the
+    rejected elements, their trial of smallest residual (a secant point a
+    quasi-Newton method can learn from); ``trial_finite``: whether that trial
+    and its image are finite. ``nfe``: evaluations of ``fn``.
+    """
+
+    z: torch.Tensor
+    gz: torch.Tensor
+    nfe: int
+    rejected: torch.Tensor
+    z_trial: torch.Tensor
+    gz_trial: torch.Tensor
+    trial_finite: torch.Tensor
+
+
+#: A line search never keeps a trial whose residual exceeds the current one by more than this factor.
+MAX_INCREASE = 10.0
+
+
+def backtracking_line_search(fn: FlatMap, z: torch.Tensor, gz: torch.Tensor, direction: torch.Tensor,
                              residual_norm: torch.Tensor, active: torch.Tensor | None,
-                             max_backtracks: int, armijo: float = 1e-4
-                             ) -> tuple[torch.Tensor, torch.Tensor, int]:
+                             max_backtracks: int, armijo: float = 1e-4,
+                             max_increase: float = MAX_INCREASE) -> LineSearchResult:
     """Per-sample backtracking on the merit ``||F(z)|| = ||g(z) - z||``.
 
     Tries the step lengths ``alpha = 1, 1/2, 1/4, ...`` (each batch element its
     own) and accepts the first with the sufficient decrease
     ``||F(z + alpha d)|| <= (1 - armijo * alpha) ||F(z)||`` (Dennis & Schnabel
-    1996, Alg. A6.3.1 with halving). Elements that accept no trial within
-    ``max_backtracks`` halvings keep the trial of smallest residual.
+    1996, Alg. A6.3.1 with halving). An element that accepts no trial within
+    ``max_backtracks`` halvings takes its trial of smallest residual if that
+    residual is at most ``max_increase * ||F(z)||`` (a bounded non-monotone
+    step, in the spirit of the derivative-free search of Li & Fukushima 2000,
+    "A derivative-free line search and global convergence of Broyden-like
+    method for nonlinear equations", Optim. Methods Softw. 13); otherwise the
+    search is *rejected* for that element and it stays at ``z``. A trial whose
+    residual is NaN or infinite counts as infinitely large. Inactive elements
+    (``active`` False) count as accepted and are never moved here.
 
-    Returns ``(z_new, g(z_new), nfe)``. One host synchronisation per halving.
+    Returns a :class:`LineSearchResult`. One host synchronisation per halving.
     """
     alpha = torch.ones_like(residual_norm)
     z_best = z + direction
     gz_best = fn(z_best)
     nfe = 1
-    res_best = torch.linalg.vector_norm(gz_best - z_best, dim=1)
+    res_best = _merit(gz_best, z_best)
     accepted = res_best <= (1.0 - armijo) * residual_norm
     if active is not None:
         accepted = accepted | ~active
@@ -175,11 +217,20 @@ def backtracking_line_search(fn: FlatMap, z: torch.Tensor, direction: torch.Tens
         z_try = torch.addcmul(z, alpha.unsqueeze(1), direction)
         gz_try = fn(z_try)
         nfe += 1
-        res_try = torch.linalg.vector_norm(gz_try - z_try, dim=1)
+        res_try = _merit(gz_try, z_try)
         ok_try = res_try <= (1.0 - armijo * alpha) * residual_norm
         take = ~accepted & (ok_try | (res_try < res_best))
         z_best = torch.where(take.unsqueeze(1), z_try, z_best)
         gz_best = torch.where(take.unsqueeze(1), gz_try, gz_best)
         res_best = torch.where(take, res_try, res_best)
         accepted = accepted | ok_try
-    return z_best, gz_best, nfe
+    rejected = ~accepted & ~(res_best <= max_increase * residual_norm)
+    keep = rejected.unsqueeze(1)
+    return LineSearchResult(torch.where(keep, z, z_best), torch.where(keep, gz, gz_best), nfe, rejected,
+                            z_best, gz_best, torch.isfinite(res_best))
+
+
+def _merit(gz: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``||g(z) - z||`` per row, with NaN read as +inf (so that any finite trial beats it)."""
+    res = torch.linalg.vector_norm(gz - z, dim=1)
+    return torch.nan_to_num(res, nan=float("inf"))

@@ -2,26 +2,23 @@
 
 from __future__ import annotations
 
-import difflib
 import math
 import numbers
 from typing import Any, Iterable
+
+from ..core.keywords import check_keywords
 
 __all__ = ["reject_unknown", "check_int", "check_float", "check_bool", "check_choice"]
 
 
 def reject_unknown(where: str, unknown: dict, allowed: Iterable[str]) -> None:
-    """Raise ``TypeError`` naming every unknown keyword, with the closest valid spelling."""
-    if not unknown:
-        return
-    allowed = sorted(allowed)
-    parts = []
-    for name in sorted(unknown):
-        close = difflib.get_close_matches(name, allowed, n=1)
-        parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    raise TypeError(
-        f"{where}: unknown option{'s' if len(parts) > 1 else ''} {', '.join(parts)}; "
-        f"valid options are {', '.join(allowed)}.")
+    """:func:`pylux.core.keywords.check_keywords` with this module's argument order.
+
+    Not a second checker: the message is check_keywords' own. Kept for the
+    packages above that still import it from here; new code calls
+    ``check_keywords(unknown, where, known)`` directly.
+    """
+    check_keywords(unknown, where, allowed)
 
 
 def check_int(where: str, name: str, value: Any, minimum: int, allow_none: bool = False) -> Any:

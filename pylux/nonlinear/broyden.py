@@ -54,11 +54,40 @@ class _LowRankBroyden(AbstractNonlinearSolver):
         state.z_prev, state.F_prev, state.d_prev = z, F, direction
         if self.line_search:
             residual_norm = torch.linalg.vector_norm(F, dim=1)
-            z_new, gz_new, nfe = backtracking_line_search(
-                fn, z, direction, residual_norm, active, self.max_backtracks)
-            return z_new, gz_new, state, nfe
+            search = backtracking_line_search(fn, z, gz, direction, residual_norm, active, self.max_backtracks)
+            if bool(search.rejected.any()):
+                self._learn_from_rejected(state, z, F, search)
+            return search.z, search.gz, state, search.nfe
         z_new = z + direction
         return z_new, fn(z_new), state, 1
+
+    def _learn_from_rejected(self, state, z, F, search):
+        """Elements whose line search was rejected stay at ``z``; their next update uses the best trial.
+
+        Their previous point becomes the trial ``z_t`` (with ``F_t = g(z_t) - z_t``
+        and ``d_prev = -H F_t``), so the next Broyden update uses the secant
+        pair ``(z - z_t, F(z) - F(z_t))``: the direction was bad because ``H``
+        was, and the rejected trial says how. Where even that trial is NaN/Inf,
+        the element's ``H`` restarts from ``-I`` (its next step is a
+        fixed-point step).
+        """
+        rejected = search.rejected
+        learn = rejected & search.trial_finite
+        reset = rejected & ~search.trial_finite
+        z_t = search.z_trial
+        F_t = search.gz_trial - z_t
+        k = state.filled
+        if k:
+            minus_HF_t = axpy_rows(F_t, rowdot(state.vs[:, :k], F_t), state.us[:, :k], alpha=-1.0)
+            wipe = reset.view(-1, 1, 1)
+            state.us[:, :k].masked_fill_(wipe, 0.0)
+            state.vs[:, :k].masked_fill_(wipe, 0.0)
+        else:
+            minus_HF_t = F_t
+        rows = learn.unsqueeze(1)
+        state.z_prev = torch.where(rows, z_t, z)
+        state.F_prev = torch.where(rows, F_t, F)
+        state.d_prev = torch.where(rows, minus_HF_t, torch.where(reset.unsqueeze(1), F, state.d_prev))
 
     def _update(self, z, F, state):
         """Broyden-update ``H`` with the last step and return the new direction ``-H F``."""

@@ -31,7 +31,9 @@ from typing import Callable
 import torch
 
 from ._base import combine_rows, rowdot
-from ._options import check_choice, check_float, check_int, reject_unknown
+from ..core.keywords import check_keywords
+
+from ._options import check_choice, check_float, check_int
 
 __all__ = ["gmres", "GMRESResult"]
 
@@ -96,7 +98,7 @@ def gmres(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, x0: t
     and one per restart.
     """
     where = "gmres"
-    reject_unknown(where, unknown, ("restart", "maxiters", "rtol", "atol", "orthogonalization"))
+    check_keywords(unknown, where, ("restart", "maxiters", "rtol", "atol", "orthogonalization"))
     if not isinstance(b, torch.Tensor):
         raise TypeError(f"{where}: b must be a torch.Tensor, got {type(b).__name__}.")
     if not callable(matvec):
@@ -151,11 +153,13 @@ def gmres(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, x0: t
     converged = rnorm <= target
     iterations = 0
     while iterations < maxiters:
-        n_converged = int(converged.sum())
-        if n_converged == batch:
+        # An element whose residual is NaN/Inf cannot improve: it stops too (converged=False).
+        stopped = converged | ~torch.isfinite(rnorm)
+        n_stopped = int(stopped.sum())
+        if n_stopped == batch:
             break
         steps = min(m, maxiters - iterations)
-        x, taken = _cycle(apply_a, x, r, rnorm, target, converged, n_converged > 0, steps,
+        x, taken = _cycle(apply_a, x, r, rnorm, target, stopped, n_stopped > 0, steps,
                           orthogonalization)
         iterations += taken
         matvecs += taken + 1
@@ -187,7 +191,7 @@ def _cycle(apply_a, x, r, rnorm, target, done_before, some_done, steps, orthogon
     mgs = orthogonalization == "mgs"
     store = x.new_empty(steps + 1, batch, n) if mgs else x.new_empty(batch, steps + 1, n)
     basis = store.transpose(0, 1) if mgs else store  # (B, j, N) view either way
-    torch.mul(r, inv_beta.unsqueeze(1), out=basis[:, 0])
+    basis[:, 0] = torch.where(active.unsqueeze(1), r * inv_beta.unsqueeze(1), torch.zeros_like(r))
     tri = x.new_zeros(batch, steps, steps)  # the rotated Hessenberg matrix R
     rot = torch.eye(steps + 1, dtype=dtype, device=device).repeat(batch, 1, 1)  # Q = G_(j)...G_0
     done = done_before.clone()
@@ -197,7 +201,7 @@ def _cycle(apply_a, x, r, rnorm, target, done_before, some_done, steps, orthogon
         w = apply_a(basis[:, j])
         if some_done:
             # Finished elements stop growing their basis: their new vectors are zero.
-            w = w * (~done).to(dtype).unsqueeze(1)
+            w = torch.where(done.unsqueeze(1), torch.zeros_like(w), w)
         taken += 1
         h, w = _orthogonalize(basis[:, :j + 1], w, orthogonalization)
         h_next = torch.linalg.vector_norm(w, dim=1)

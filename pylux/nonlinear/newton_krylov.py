@@ -13,6 +13,18 @@ from .gmres import gmres
 
 __all__ = ["NewtonKrylov"]
 
+#: GMRES must reduce the Newton-system residual below this fraction of ||F|| to count as progress.
+_ETA_MAX = 0.9
+
+
+class _NewtonKrylovState:
+    """Per-element count of iterations whose Newton step failed (singular system or rejected step)."""
+
+    __slots__ = ("singular",)
+
+    def __init__(self, singular):
+        self.singular = singular
+
 
 class NewtonKrylov(AbstractNonlinearSolver):
     """Inexact Newton's method on ``F(z) = g(z) - z`` with GMRES and a line search.
@@ -39,6 +51,16 @@ class NewtonKrylov(AbstractNonlinearSolver):
 
     Then ``z_(k+1) = z_k + alpha_k d_k`` with ``alpha_k`` from per-element
     backtracking on ``||F||`` (sufficient decrease ``1 - 1e-4 alpha``).
+
+    Where ``J_g - I`` is singular or nearly so (e.g. ``F(z) = 1/4 - z^2`` at
+    ``z = 0``), the Newton step does not exist or is useless. An element falls
+    back to the fixed-point step ``d_k = F(z_k)`` (searched the same way) when
+    GMRES does not reduce the linear residual below ``0.9 ||F(z_k)||`` (then
+    ``d_k`` need not be a descent direction of ``||F||^2``; Brown & Saad 1990,
+    "Hybrid Krylov methods for nonlinear systems of equations", SIAM J. Sci.
+    Stat. Comput. 11(3)), or when the line search rejects every step length of
+    the Newton direction. The failure message of :func:`nlsolve` names the
+    elements whose Newton systems were singular.
     Converges quadratically near a regular root (linearly with rate about
     ``linear_rtol`` for the inexact solves), in few iterations but several
     ``g`` evaluations (one per Jacobian-vector product, counted in ``nfe``)
@@ -74,24 +96,68 @@ class NewtonKrylov(AbstractNonlinearSolver):
                                                     ("mgs", "cgs2")))
 
     def init(self, z, gz, maxiters):
-        return None
+        batch = z.shape[0]
+        return _NewtonKrylovState(torch.zeros(batch, dtype=torch.long, device=z.device))
 
     def step(self, fn, z, gz, F, state, active):
         jacobian_g, setup_nfe = self._jvp(fn, z, gz)
-        rhs = -F if active is None else torch.where(active.unsqueeze(1), -F, torch.zeros_like(F))
+        residual_norm = torch.linalg.vector_norm(F, dim=1)
+        if active is None:
+            rhs = -F
+
+            def newton_matrix(v):
+                return jacobian_g(v) - v
+        else:
+            rows = active.unsqueeze(1)
+            rhs = torch.where(rows, -F, torch.zeros_like(F))
+
+            def newton_matrix(v):  # the identity on frozen rows, whatever g does there
+                return torch.where(rows, jacobian_g(v) - v, v)
         with torch.no_grad():
-            linear = gmres(lambda v: jacobian_g(v) - v, rhs, restart=self.restart,
-                           maxiters=self.linear_maxiters, rtol=self.linear_rtol,
-                           orthogonalization=self.orthogonalization)
-        direction = linear.x
+            linear = gmres(newton_matrix, rhs, restart=self.restart, maxiters=self.linear_maxiters,
+                           rtol=self.linear_rtol, orthogonalization=self.orthogonalization)
         nfe = setup_nfe + linear.matvecs
-        if self.line_search:
-            residual_norm = torch.linalg.vector_norm(F, dim=1)
-            z_new, gz_new, searched = backtracking_line_search(
-                fn, z, direction, residual_norm, active, self.max_backtracks)
-            return z_new, gz_new, state, nfe + searched
-        z_new = z + direction
-        return z_new, fn(z_new), state, nfe + 1
+        # GMRES made progress iff ||(J_g - I) d + F|| <= eta_max ||F||, eta_max < 1: then d is a
+        # descent direction of ||F||^2 (Brown & Saad 1990). Otherwise (J_g - I) is singular or
+        # too ill-conditioned along F: fall back to the fixed-point step d = F.
+        progress = torch.isfinite(linear.x).all(dim=1) & (linear.residual_norm <= _ETA_MAX * residual_norm)
+        stalled = ~progress if active is None else ~progress & active
+        direction = torch.where(stalled.unsqueeze(1), F, linear.x)
+        if not self.line_search:
+            state.singular += stalled
+            z_new = z + direction
+            return z_new, fn(z_new), state, nfe + 1
+        search = backtracking_line_search(fn, z, gz, direction, residual_norm, active, self.max_backtracks)
+        nfe += search.nfe
+        z_new, gz_new = search.z, search.gz
+        # A Newton direction that no step length of the line search accepts means the
+        # linear model is useless here (a near-singular J_g - I gives a huge d): try the
+        # fixed-point step on those elements instead.
+        retry = search.rejected & ~stalled
+        if bool(retry.any()):
+            fallback = backtracking_line_search(fn, z, gz, F, residual_norm, retry, self.max_backtracks)
+            nfe += fallback.nfe
+            rows = retry.unsqueeze(1)
+            z_new = torch.where(rows, fallback.z, z_new)
+            gz_new = torch.where(rows, fallback.gz, gz_new)
+            stalled = stalled | retry
+        state.singular += stalled
+        return z_new, gz_new, state, nfe
+
+    def diagnosis(self, state, unconverged):
+        if state is None:
+            return ""
+        singular = (state.singular > 0) & unconverged
+        count = int(singular.sum())
+        if not count:
+            return ""
+        elements = singular.nonzero().flatten().tolist()
+        shown = ", ".join(str(i) for i in elements[:10]) + (", ..." if len(elements) > 10 else "")
+        return (f"The Newton system (J_g - I) d = -F was singular or too ill-conditioned for GMRES to make "
+                f"progress (or its step was rejected by the line search) in {count} unconverged batch "
+                f"element(s) [{shown}], at up to {int(state.singular.max())} iterations each; a "
+                f"fixed-point step was taken instead. Near a point where J_g - I is singular, try "
+                f"Broyden() or Anderson(), or start from another z0.")
 
     def _jvp(self, fn, z, gz):
         """``(v -> J_g(z) v, evaluations of g spent on setting it up)``."""

@@ -8,9 +8,12 @@ from typing import Callable
 
 import torch
 
+from ..core.failures import failure_policy
+from ..core.keywords import check_keywords
+
 from ._base import AbstractNonlinearSolver
-from ._errors import ConvergenceWarning, NonlinearReturnCode, NonlinearSolveError
-from ._options import check_bool, check_choice, check_float, check_int, reject_unknown
+from ._errors import ConvergenceWarning, NonlinearReturnCode, NonlinearSolveError, maxiters_advice
+from ._options import check_bool, check_choice, check_float, check_int
 
 __all__ = ["nlsolve", "NonlinearSolution"]
 
@@ -18,6 +21,7 @@ DEFAULT_ABSTOL = 1e-6
 DEFAULT_RELTOL = 1e-6
 DEFAULT_MAXITERS = 100
 _LISTED = 10
+_KEYWORDS = ("abstol", "reltol", "maxiters", "on_failure", "throw", "check_every", "record_history")
 
 
 @dataclass(frozen=True)
@@ -27,25 +31,33 @@ class NonlinearSolution:
     Attributes:
         z: the solution, shape of ``z0``. For a converged batch element, the first
             iterate that met the tolerance (it is frozen from then on); for the
-            others, the iterate of lowest residual seen (not necessarily the last).
-        retcode: :class:`NonlinearReturnCode` (``Success`` when every element converged).
+            others, the iterate of lowest residual seen (not necessarily the last),
+            which is finite for an element whose iterates became NaN/Inf.
+        retcode: :class:`NonlinearReturnCode`: ``Success`` when every element
+            converged, ``Unstable`` when some element's iterates became NaN/Inf
+            (the others were still solved), ``MaxIters`` otherwise.
         iterations: solver iterations taken (the same for the whole batch).
-        nfe: evaluations of ``g`` (Jacobian-vector products and line-search
-            trials included; one per batched call).
+        nf: evaluations of ``g`` (Jacobian-vector products and line-search
+            trials included; one per batched call). ``nfe`` is the same number
+            under its older name.
         residual: ``(B,)`` absolute residuals ``||g(z) - z||`` of the returned ``z``.
         relative_residual: ``(B,)`` ``residual / ||z||`` (``inf`` where ``z = 0`` and the residual is not).
         converged: ``(B,)`` bool, whether each element met ``abstol + reltol ||z||``.
-        sample_iterations: ``(B,)`` iterations each element took to converge
-            (``iterations`` for elements that did not).
+        sample_iterations: ``(B,)`` iterations each element took to converge;
+            for an unstable element, the iteration at which its residual was
+            found non-finite; ``iterations`` for the others.
         residual_history: ``(iterations + 1, B)`` residual norms of the current
             iterates, starting with ``z0``; ``None`` unless ``record_history``.
         solver: the solver used. abstol, reltol, maxiters: the settings used.
+        unstable: ``(B,)`` bool, whether each element's residual became NaN or
+            infinite (such an element is frozen at its best finite iterate and
+            does not take part in the rest of the solve).
     """
 
     z: torch.Tensor
     retcode: NonlinearReturnCode
     iterations: int
-    nfe: int
+    nf: int
     residual: torch.Tensor
     relative_residual: torch.Tensor
     converged: torch.Tensor
@@ -55,16 +67,22 @@ class NonlinearSolution:
     abstol: float
     reltol: float
     maxiters: int
+    unstable: torch.Tensor
 
     @property
     def success(self) -> bool:
         return self.retcode is NonlinearReturnCode.Success
 
+    @property
+    def nfe(self) -> int:
+        """Evaluations of ``g``: the same as :attr:`nf` (the name the ODE solves' statistics use)."""
+        return self.nf
+
 
 def nlsolve(g: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, solver: AbstractNonlinearSolver,
             *, abstol: float | None = None, reltol: float | None = None, maxiters: int | None = None,
-            on_failure: str = "warn", check_every: int = 1, record_history: bool = True,
-            **unknown) -> NonlinearSolution:
+            on_failure: str | None = None, throw: bool | None = None, check_every: int = 1,
+            record_history: bool = True, **unknown) -> NonlinearSolution:
     """Solve the fixed-point problem ``z = g(z)`` (the root of ``F(z) = g(z) - z``), batched.
 
     ``z0`` has shape ``(B, ...)``: each of the ``B`` batch elements is its own
@@ -80,6 +98,13 @@ def nlsolve(g: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, solver:
     stops when every element has converged (``Success``) or after
     ``maxiters`` iterations (``MaxIters``); elements that did not converge
     return their lowest-residual iterate.
+
+    Failures are per sample: an element whose residual becomes NaN or
+    infinite is marked ``unstable`` at the next convergence check, frozen at
+    its best finite iterate and left out of the remaining iterations, while
+    the other elements go on to convergence (a diverging element never aborts
+    or spoils the batch). The retcode is then ``Unstable`` and the message
+    names how many elements converged and which ones failed.
 
     The iteration runs under ``torch.no_grad()`` and the returned ``z`` does
     not require grad: differentiate the solution with the implicit function
@@ -101,12 +126,16 @@ def nlsolve(g: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, solver:
             ``1e-6`` each, or the solver's own ``abstol``/``reltol`` if it has them.
             In float32, ``reltol`` much below ``1e-6`` is usually unreachable.
         maxiters: iteration limit (default 100, or the solver's ``maxiters``).
-        on_failure: what ``MaxIters`` does: ``"warn"`` (a
+        on_failure: what ``MaxIters`` does: ``"warn"`` (the default; a
             :class:`ConvergenceWarning` naming the solver, the iterations and
             the residual reached), ``"raise"`` (:class:`NonlinearSolveError`)
             or ``"ignore"``. NaN/Inf raises :class:`NonlinearSolveError`
-            naming the iteration, except with ``"ignore"``, which returns
-            retcode ``Unstable`` and the best finite iterates.
+            naming the iteration once the rest of the batch is solved (the
+            solution reached is its ``.solution``), except with ``"ignore"``,
+            which returns retcode ``Unstable`` and the best finite iterates.
+        throw: the same choice in the ODE solves' spelling
+            (:func:`pylux.core.failures.failure_policy`): ``True`` is
+            ``on_failure="raise"``, ``False`` is ``on_failure="ignore"``.
         check_every: iterations between convergence checks (>= 1).
         record_history: keep the per-iteration residual norms.
 
@@ -117,12 +146,12 @@ def nlsolve(g: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, solver:
         TypeError: unknown or misspelt keyword (named), a non-tensor or
             non-floating ``z0``, ``g`` returning another dtype/device.
         ValueError: a 0-d or non-finite ``z0``, ``g`` returning another shape,
-            bad tolerances, or a setting given both here and in the solver.
+            bad tolerances, a setting given both here and in the solver, or
+            ``throw`` contradicting ``on_failure``.
         NonlinearSolveError: NaN/Inf in the iterates, or ``MaxIters`` with ``on_failure="raise"``.
     """
     where = "nlsolve"
-    reject_unknown(where, unknown, ("abstol", "reltol", "maxiters", "on_failure", "check_every",
-                                    "record_history"))
+    check_keywords(unknown, where, _KEYWORDS)
     if not isinstance(solver, AbstractNonlinearSolver):
         raise TypeError(f"{where}: solver must be a pylux nonlinear solver (e.g. Broyden(), Anderson()), "
                         f"got {type(solver).__name__}.")
@@ -137,7 +166,9 @@ def nlsolve(g: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, solver:
         raise ValueError(f"{where}: abstol and reltol are both zero, so no iterate can be accepted; "
                          "give a positive abstol (e.g. 1e-6).")
     maxiters = check_int(where, "maxiters", maxiters, 0)
-    check_choice(where, "on_failure", on_failure, ("warn", "raise", "ignore"))
+    if on_failure is not None:
+        check_choice(where, "on_failure", on_failure, ("warn", "raise", "ignore"))
+    on_failure = failure_policy(where, on_failure, throw, default="warn")
     check_every = check_int(where, "check_every", check_every, 1)
     check_bool(where, "record_history", record_history)
     _check_z0(where, z0)
@@ -205,48 +236,52 @@ def _iterate(g, z0, solver, abstol, reltol, maxiters, on_failure, check_every, r
     device = z0.device
     fn = _flat_map(g, shape, batch, n, z0, where)
     z = z0.reshape(batch, n)
+    no = torch.zeros(batch, dtype=torch.bool, device=device)
     if batch == 0 or n == 0:
         zeros = z0.new_zeros(batch)
         history = zeros.unsqueeze(0) if record_history else None
-        return NonlinearSolution(z0.clone(), NonlinearReturnCode.Success, 0, 0, zeros, zeros,
-                                 torch.ones(batch, dtype=torch.bool, device=device),
+        return NonlinearSolution(z0.clone(), NonlinearReturnCode.Success, 0, 0, zeros, zeros, ~no,
                                  torch.zeros(batch, dtype=torch.long, device=device), history,
-                                 solver, abstol, reltol, maxiters)
+                                 solver, abstol, reltol, maxiters, no)
     gz = fn(z)
-    nfe = 1
+    nf = 1
     F = gz - z
     res = torch.linalg.vector_norm(F, dim=1)
     tol = _tolerance(z, abstol, reltol)
     converged = res <= tol
     converged_at = torch.zeros(batch, dtype=torch.long, device=device)
+    unstable = no
+    unstable_at = torch.zeros(batch, dtype=torch.long, device=device)
+    first_window = None  # (last check before, check that found) the first non-finite residual
     best_z, best_res = z, res
     history = [res] if record_history else None
     state = solver.init(z, gz, maxiters)
     iterations = 0
     last_check = 0
     some_frozen = check_every > 1
-    retcode = NonlinearReturnCode.MaxIters
     while True:
         due = iterations % check_every == 0 or iterations == maxiters
         if due:
-            # One transfer answers: all converged? any converged? any non-finite?
-            # did every element improve on its best (so the best is the current iterate)?
-            bad = ~torch.isfinite(res)
+            # One transfer answers: how many converged? newly non-finite? did every element
+            # improve on its best (so the best is the current iterate)? how many unstable?
+            bad = ~torch.isfinite(res) & ~unstable
             improved = res <= best_res
-            counts = torch.stack([converged, bad, improved]).sum(dim=1).tolist()
+            counts = torch.stack([converged, bad, improved, unstable]).sum(dim=1).tolist()
             if counts[2] == batch:
                 best_z, best_res = z, res
             else:
                 best_z = torch.where(improved.unsqueeze(1), z, best_z)
                 best_res = torch.where(improved, res, best_res)
             if counts[1]:
-                retcode = NonlinearReturnCode.Unstable
-                _unstable(where, bad, history, iterations, last_check, on_failure)
+                # Freeze the element at its best finite iterate; the rest of the batch goes on.
+                unstable = unstable | bad
+                unstable_at.masked_fill_(bad, iterations)
+                counts[3] += counts[1]
+                if first_window is None:
+                    first_window = (last_check, iterations)
+            if counts[0] + counts[3] == batch:
                 break
-            if counts[0] == batch:
-                retcode = NonlinearReturnCode.Success
-                break
-            some_frozen = counts[0] > 0 or check_every > 1
+            some_frozen = counts[0] + counts[3] > 0 or check_every > 1
             last_check = iterations
         else:
             improved = res <= best_res
@@ -254,9 +289,9 @@ def _iterate(g, z0, solver, abstol, reltol, maxiters, on_failure, check_every, r
             best_res = torch.where(improved, res, best_res)
         if iterations == maxiters:
             break
-        active = ~converged if some_frozen else None
+        active = ~(converged | unstable) if some_frozen else None
         z_new, gz_new, state, used = solver.step(fn, z, gz, F, state, active)
-        nfe += used
+        nf += used
         iterations += 1
         if active is not None:
             keep = active.unsqueeze(1)
@@ -268,32 +303,46 @@ def _iterate(g, z0, solver, abstol, reltol, maxiters, on_failure, check_every, r
         res = torch.linalg.vector_norm(F, dim=1)
         if reltol:
             tol = _tolerance(z, abstol, reltol)
-        newly = ~converged & (res <= tol)
+        newly = ~converged & ~unstable & (res <= tol)
         converged_at.masked_fill_(newly, iterations)
         converged = converged | newly
         if record_history:
             history.append(res)
 
+    history = torch.stack(history) if record_history else None
+    if first_window is not None:
+        retcode = NonlinearReturnCode.Unstable
+        if history is not None:
+            # The exact iteration of each element's first non-finite residual.
+            finite = torch.isfinite(history)
+            first_bad = torch.argmin(finite.to(torch.int8), dim=0)
+            unstable_at = torch.where(unstable, first_bad, unstable_at)
+    elif bool(converged.all()):
+        retcode = NonlinearReturnCode.Success
+    else:
+        retcode = NonlinearReturnCode.MaxIters
     # Converged elements are frozen at their converging iterate; the rest return their best.
     z_out = torch.where(converged.unsqueeze(1), z, best_z)
     res_out = torch.where(converged, res, best_res)
-    if retcode is NonlinearReturnCode.Unstable:
-        finite = torch.isfinite(res)
-        z_out = torch.where((converged & finite).unsqueeze(1), z, best_z)
-        res_out = torch.where(converged & finite, res, best_res)
     znorm = torch.linalg.vector_norm(z_out, dim=1)
     relative = torch.where(znorm > 0, res_out / torch.where(znorm > 0, znorm, torch.ones_like(znorm)),
                            torch.where(res_out > 0, torch.full_like(res_out, float("inf")),
                                        torch.zeros_like(res_out)))
-    sample_iterations = torch.where(converged, converged_at, torch.full_like(converged_at, iterations))
+    sample_iterations = torch.where(converged, converged_at,
+                                    torch.where(unstable, unstable_at, torch.full_like(converged_at, iterations)))
     solution = NonlinearSolution(
-        z_out.reshape(shape), retcode, iterations, nfe, res_out, relative, converged, sample_iterations,
-        torch.stack(history) if record_history else None, solver, abstol, reltol, maxiters)
-    if retcode is NonlinearReturnCode.MaxIters and on_failure != "ignore":
-        message = _maxiters_message(where, solution, abstol, reltol, maxiters)
-        if on_failure == "raise":
-            raise NonlinearSolveError(message, retcode, iterations)
-        warnings.warn(message, ConvergenceWarning, stacklevel=3)
+        z_out.reshape(shape), retcode, iterations, nf, res_out, relative, converged, sample_iterations,
+        history, solver, abstol, reltol, maxiters, unstable)
+    if retcode is NonlinearReturnCode.Success or on_failure == "ignore":
+        return solution
+    note = solver.diagnosis(state, ~converged)
+    if retcode is NonlinearReturnCode.Unstable:
+        raise NonlinearSolveError(_unstable_message(where, solution, first_window, record_history, note),
+                                  retcode, _first_unstable(solution, first_window, record_history), solution)
+    message = _maxiters_message(where, solution, abstol, reltol, maxiters, note)
+    if on_failure == "raise":
+        raise NonlinearSolveError(message, retcode, iterations, solution)
+    warnings.warn(message, ConvergenceWarning, stacklevel=3)
     return solution
 
 
@@ -303,33 +352,43 @@ def _tolerance(z, abstol, reltol):
     return abstol + reltol * torch.linalg.vector_norm(z, dim=1)
 
 
-def _unstable(where, bad, history, iterations, last_check, on_failure):
-    if on_failure == "ignore":
-        return
-    samples = bad.nonzero().flatten().tolist()
-    if history is not None:
-        finite_rows = torch.isfinite(torch.stack(history)).all(dim=1).tolist()
-        first = finite_rows.index(False)
+def _first_unstable(solution, window, record_history):
+    """The iteration of the first non-finite residual (exact with a history, else the check that found it)."""
+    if record_history:
+        return int(solution.sample_iterations[solution.unstable].min())
+    return window[1]
+
+
+def _unstable_message(where, solution, window, record_history, note):
+    samples = solution.unstable.nonzero().flatten().tolist()
+    first = _first_unstable(solution, window, record_history)
+    last_check, found = window
+    if record_history or last_check + 1 >= found:
         when = f"at iteration {first}"
-    elif iterations == last_check:
-        when = f"at iteration {iterations}"
     else:
-        when = f"between iterations {last_check + 1} and {iterations}"
-    origin = "g(z0)" if iterations == 0 else "the iterate or its image under g"
-    raise NonlinearSolveError(
-        f"{where}: non-finite residual (NaN/Inf in {origin}) {when}, in batch elements {_list(samples)}. "
-        + NonlinearReturnCode.Unstable.advice, NonlinearReturnCode.Unstable,
-        first if history is not None else iterations)
+        when = f"between iterations {last_check + 1} and {found}"
+    origin = "g(z0)" if first == 0 else "the iterate or its image under g"
+    batch = solution.converged.shape[0]
+    n_converged = int(solution.converged.sum())
+    rest = batch - n_converged - len(samples)
+    outcome = f"{n_converged} of {batch} batch elements converged"
+    if rest:
+        others = (~solution.converged & ~solution.unstable).nonzero().flatten().tolist()
+        outcome += (f", {rest} ({_list(others)}) did not within maxiters={solution.maxiters} "
+                    f"(iterations={solution.iterations})")
+    return (f"{where}: non-finite residual (NaN/Inf in {origin}) {when}, in batch elements {_list(samples)} "
+            f"({len(samples)} of {batch}; each is returned at its best finite iterate); {outcome}. "
+            + (note + " " if note else "") + NonlinearReturnCode.Unstable.message)
 
 
-def _maxiters_message(where, solution, abstol, reltol, maxiters):
+def _maxiters_message(where, solution, abstol, reltol, maxiters, note):
     failed = (~solution.converged).nonzero().flatten().tolist()
     res = solution.residual
     worst_value, worst = torch.where(solution.converged, torch.zeros_like(res), res).max(dim=0)
     worst = int(worst)
     tol_worst = abstol + reltol * float(torch.linalg.vector_norm(solution.z.reshape(res.shape[0], -1)[worst]))
-    return (f"{where}: no convergence within maxiters={maxiters} iterations (nfe={solution.nfe}); "
+    return (f"{where}: no convergence within maxiters={maxiters} iterations (nfe={solution.nf}); "
             f"{len(failed)} of {res.shape[0]} batch elements above tolerance ({_list(failed)}); "
             f"largest residual ||g(z) - z|| = {float(worst_value):.3e} in element {worst}, tolerance "
-            f"{tol_worst:.3e} (abstol={abstol:g}, reltol={reltol:g}). Try: "
-            + NonlinearReturnCode.MaxIters.advice)
+            f"{tol_worst:.3e} (abstol={abstol:g}, reltol={reltol:g}). "
+            + (note + " " if note else "") + "Try: " + maxiters_advice(solution.solver.name))
