@@ -107,7 +107,8 @@ def taylor_coefficients(f: AbstractLayer | Callable, x: TaylorSeries | Sequence[
     Args:
         f: a pylux layer — ``Chain``/``Dense``/``Scale``/``WrappedFunction``/
             ``NoOpLayer``/``SkipConnection('+')`` with activations tanh, sigmoid,
-            softplus, relu, exp or none get exact :math:`O(K^2)` rules; any
+            softplus, relu, exp or none get exact :math:`O(K^2)` rules, as does
+            any layer class given a rule with :func:`register_taylor_rule`; any
             other layer or activation falls back to nested jvp — or a callable
             of one series written with the series' operations (plain torch
             functions dispatch to the rules).

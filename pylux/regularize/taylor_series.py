@@ -56,6 +56,7 @@ __all__ = [
     "exp", "log", "tanh", "sigmoid", "softplus", "relu",
 ]
 
+
 class TaylorRuleError(NotImplementedError):
     """An operation on a :class:`TaylorSeries` has no Taylor-mode rule (and fallback was not allowed)."""
 
@@ -71,7 +72,8 @@ class TaylorSeries(torch.Tensor):
 
     A series is a ``torch.Tensor`` subclass whose shape, dtype and device are
     those of :math:`x_0`, so pylux layers accept it as input (``Dense`` checks
-    pass, its ``F.linear`` and activation dispatch to the rules below). It
+    pass, its ``F.linear`` and activation dispatch to the rules of the rule
+    table, :mod:`pylux.regularize.taylor_rules`). It
     supports ``+ - * /`` with series, tensors and scalars, ``-x``, ``x ** n``
     (integer ``n >= 0``), ``x @ W``, ``W @ x``, indexing, ``reshape``/``view``,
     ``expand``, ``unsqueeze``/``squeeze``, ``flatten``, ``sum``/``mean`` and,
@@ -527,7 +529,13 @@ _METADATA = {
 }
 
 
+_table_lookup: Callable[[Any], Callable | None] | None = None
+
+
 def _torch_rule(func: Any) -> Callable | None:
     """The rule the table holds for the torch function ``func`` (``None`` if it has none)."""
-    from .taylor_rules import torch_function_rule  # noqa: PLC0415 (the table is built from this module)
-    return torch_function_rule(func)
+    global _table_lookup
+    if _table_lookup is None:  # the table is built from this module, so it is found on first use
+        from .taylor_rules import torch_function_rule  # noqa: PLC0415
+        _table_lookup = torch_function_rule
+    return _table_lookup(func)
