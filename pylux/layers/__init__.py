@@ -1,9 +1,22 @@
-"""pylux.layers: implicit layers built from the solvers (so far :class:`NeuralODE`)."""
+"""pylux.layers: layers built from the solvers.
+
+* :class:`NeuralODE`: :math:`x \\mapsto z(t_1)` with :math:`\\dot z = f_\\theta(z)`, :math:`z(t_0) = x`
+  (or the trajectory at ``saveat``; optionally time-dependent and regularized);
+* deep equilibrium layers: :class:`DEQ` (Bai, Kolter & Koltun 2019), :class:`SkipDEQ`
+  (Skip and Skip Reg. DEQs; Pal, Edelman & Rackauckas 2022) and :class:`MultiScaleDEQ`
+  (Bai, Koltun & Kolter 2020), with their DeepEquilibriumNetworks.jl names
+  (:class:`DeepEquilibriumNetwork`, :class:`SkipDeepEquilibriumNetwork`,
+  :class:`MultiScaleDeepEquilibriumNetwork`), each solved discretely (:class:`DiscreteSolve`)
+  or continuously (:class:`ContinuousSolve`; Pal et al. 2022); their state holds a
+  :class:`DEQSolution`, and a solve strategy returns an :class:`EquilibriumResult`.
+"""
 
 from .neural_ode import NeuralODE
-from .deq import (DEQ, DEQSolution, DeepEquilibriumNetwork, MultiScaleDEQ, MultiScaleDeepEquilibriumNetwork,
-                  SkipDEQ, SkipDeepEquilibriumNetwork)
+from .deq import (DEQ, AbstractEquilibriumSolve, ContinuousSolve, DEQSolution, DeepEquilibriumNetwork, DiscreteSolve,
+                  EquilibriumResult, MultiScaleDEQ, MultiScaleDeepEquilibriumNetwork, SkipDEQ,
+                  SkipDeepEquilibriumNetwork)
 
 __all__ = ["NeuralODE"]
 __all__ += ["DEQ", "DEQSolution", "DeepEquilibriumNetwork", "MultiScaleDEQ",
-            "MultiScaleDeepEquilibriumNetwork", "SkipDEQ", "SkipDeepEquilibriumNetwork"]
+            "MultiScaleDeepEquilibriumNetwork", "SkipDEQ", "SkipDeepEquilibriumNetwork",
+            "AbstractEquilibriumSolve", "DiscreteSolve", "ContinuousSolve", "EquilibriumResult"]

@@ -3,13 +3,17 @@
 A deep equilibrium model (Bai, Kolter & Koltun, NeurIPS 2019) maps ``x`` to the
 fixed point :math:`z^* = f_\\theta(z^*, x)` of a layer ``f``. It is found either
 
-* **discretely**, by a root solver from :mod:`pylux.nonlinear` (Broyden,
-  Anderson, ...) applied to :math:`z = f(z, x)`, or
-* **continuously** (Pal, Edelman & Rackauckas 2022, "Mixing implicit and
-  explicit deep learning with skip DEQs and infinite time neural ODEs
-  (continuous DEQs)"), by integrating :math:`\\mathrm{d}z/\\mathrm{d}t = f(z, x) - z`
+* **discretely** (:class:`DiscreteSolve`), by a root solver from
+  :mod:`pylux.nonlinear` (Broyden, Anderson, ...) applied to :math:`z = f(z, x)`, or
+* **continuously** (:class:`ContinuousSolve`; Pal, Edelman & Rackauckas 2022,
+  "Mixing implicit and explicit deep learning with skip DEQs and infinite time
+  neural ODEs (continuous DEQs)"), by integrating :math:`\\mathrm{d}z/\\mathrm{d}t = f(z, x) - z`
   with an ODE solver from :mod:`pylux.diffeq` (Tsit5, ...) until its steady
   state, where :math:`f(z^*, x) = z^*`.
+
+Both strategies return one :class:`EquilibriumResult` (the fixed point, the
+residual, the evaluation and iteration counts, the verdict); a layer given a
+bare nonlinear or ODE solver wraps it in the matching strategy.
 
 Either way the forward pass runs without building a graph, and the backward
 pass is the implicit one of :class:`~pylux.sensitivity.SteadyStateAdjoint`
@@ -29,42 +33,51 @@ initial guess, the residual, the auxiliary losses and the evaluation count.
 
 from __future__ import annotations
 
+import abc
 import math
 import warnings
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
-from ..core import AbstractLayer, LayerError, check_generator
+from ..core import AbstractLayer, LayerError, check_key, draw_key, key_generator, tree_map
+from ..core.failures import failure_policy
+from ..core.keywords import check_keywords
 from ..diffeq import ODEProblem, ReturnCode, solve
 from ..diffeq.callbacks import AbstractTerminationCallback
 from ..diffeq.options import SOLVE_KEYWORDS
 from ..diffeq.solvers import AbstractSolver
-from ..nn.dropout import split_key
 from ..nonlinear import (AbstractNonlinearSolver, ConvergenceWarning, NonlinearReturnCode, NonlinearSolveError,
                          nlsolve)
-from ..nonlinear._options import check_choice, check_float, check_int, reject_unknown
+from ..nonlinear._options import check_float, check_int
 from ..regularize import hutchinson_vjp_frobenius, rademacher_like
 from ..sensitivity import AbstractImplicitSensitivity, SteadyStateAdjoint
 
-__all__ = ["DEQSolution", "DEQ", "DeepEquilibriumNetwork", "SkipDEQ", "SkipDeepEquilibriumNetwork",
-           "MultiScaleDEQ", "MultiScaleDeepEquilibriumNetwork"]
+__all__ = ["DEQSolution", "EquilibriumResult", "AbstractEquilibriumSolve", "DiscreteSolve", "ContinuousSolve",
+           "DEQ", "DeepEquilibriumNetwork", "SkipDEQ", "SkipDeepEquilibriumNetwork", "MultiScaleDEQ",
+           "MultiScaleDeepEquilibriumNetwork"]
 
 #: default iteration limits: nonlinear-solver iterations (discrete), ODE trial steps (continuous).
 DEFAULT_MAXITERS_DISCRETE = 100
 DEFAULT_MAXITERS_CONTINUOUS = 1000
+#: default end time of a continuous solve.
+DEFAULT_HORIZON = 1e3
 #: default ODE tolerances of a continuous DEQ, relative to the layer's abstol/reltol.
 ODE_TOLERANCE_FACTOR = 0.1
 #: the layer chooses these solve() keywords itself.
 _LAYER_SOLVE_KEYWORDS = ("saveat", "save_everystep", "save_start", "save_end", "dense", "callback",
                          "maxiters", "throw", "sensealg", "save_stats")
 
+#: ``fmap(z) -> z``: the fixed-point map with the input and the parameters bound (no grad).
+FixedPointMap = Callable[[torch.Tensor], torch.Tensor]
+
 
 class DEQSolution(NamedTuple):
     """What one forward pass of a DEQ layer found (``st["solution"]``, DEQ.jl's ``DeepEquilibriumSolution``).
 
     A named tuple, so the tree utilities (``tree_map``, detaching in the
-    training loop) treat its tensors as leaves.
+    training loop, ``testmode``) treat its tensors as leaves and rebuild it
+    field by field; :func:`pylux.training.save_checkpoint` stores it.
 
     Attributes:
         z_star: the fixed point, as returned by the layer (differentiable
@@ -74,10 +87,10 @@ class DEQSolution(NamedTuple):
         residual: ``(B,)`` residual norms :math:`\\lVert f(z^*, x) - z^*\\rVert_2` (detached).
         jacobian_loss: :math:`\\gamma\\,\\mathrm{mean}_b \\lVert \\varepsilon_b^\\top J_f(z^*_b)\\rVert^2 / d`
             (0-d, differentiable), or ``None`` when ``jacobian_regularization == 0``
-            or grad mode is off.
+            or grad mode is off; 0 for an empty batch.
         skip_loss: :math:`\\mathrm{mean}((z^* - u_0)^2)` over all entries (0-d,
-            differentiable) for SkipDEQ, ``None`` for a plain DEQ. At the fixed point
-            :math:`z^* = f(z^*, x)`, so this is the paper's
+            differentiable) for SkipDEQ, ``None`` for a plain DEQ, 0 for an empty batch.
+            At the fixed point :math:`z^* = f(z^*, x)`, so this is the paper's
             :math:`\\lVert f(z^*, x) - g_\\phi(x)\\rVert^2` (Skip) or
             :math:`\\lVert f(z^*, x) - f(0, x)\\rVert^2` (Skip Reg.), divided by ``B·d``.
         nfe: evaluations of ``f`` by the forward solve (plus the one giving
@@ -107,6 +120,45 @@ class DEQSolution(NamedTuple):
     backward_stats: dict
 
 
+class EquilibriumResult(NamedTuple):
+    """What a solve strategy (:class:`DiscreteSolve`, :class:`ContinuousSolve`) found, without gradients.
+
+    Attributes:
+        z_star: the fixed point, ``(B, ...)``, detached.
+        residual: ``(B,)`` norms :math:`\\lVert f(z^*) - z^*\\rVert_2`.
+        nfe: evaluations of ``f``.
+        iterations: nonlinear-solver iterations, or accepted ODE steps.
+        retcode: ``NonlinearReturnCode.Success`` iff every element met the layer's test, else ``MaxIters``.
+        solver_retcode: the solver's own code (``NonlinearReturnCode`` or ODE ``ReturnCode``).
+        converged: host bool, ``retcode is Success``.
+        t: the time the continuous solve stopped at; ``None`` for a discrete solve.
+    """
+
+    z_star: torch.Tensor
+    residual: torch.Tensor
+    nfe: int
+    iterations: int
+    retcode: NonlinearReturnCode
+    solver_retcode: Any
+    converged: bool
+    t: float | None
+
+
+class _ConvergenceTest(NamedTuple):
+    """The layer's test :math:`\\lVert f(z) - z\\rVert \\le` ``abstol + reltol ||z||``, its limit and policy."""
+
+    abstol: float
+    reltol: float
+    maxiters: int
+    on_failure: str
+    where: str
+
+
+def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` 2-norms of the batch elements (an empty batch gives an empty vector)."""
+    return torch.linalg.vector_norm(t.reshape(t.shape[0], math.prod(t.shape[1:])), dim=1)
+
+
 class _PerSampleSteadyState(AbstractTerminationCallback):
     """Stop when every batch element has ``||du_b|| <= abstol + reltol ||u_b||`` (nlsolve's test).
 
@@ -120,10 +172,9 @@ class _PerSampleSteadyState(AbstractTerminationCallback):
         self.last_t: float | None = None
 
     def should_terminate(self, u, t, du):
-        batch = u.shape[0]
-        residual = torch.linalg.vector_norm(du().detach().reshape(batch, -1), dim=1)
+        residual = _per_sample_norm(du().detach())
         self.last_residual, self.last_t = residual, t
-        tolerance = self.abstol + self.reltol * torch.linalg.vector_norm(u.detach().reshape(batch, -1), dim=1)
+        tolerance = self.abstol + self.reltol * _per_sample_norm(u.detach())
         return (residual <= tolerance).all()
 
 
@@ -131,24 +182,240 @@ def _describe(solver) -> str:
     return type(solver).__name__
 
 
+# ---------------------------------------------------------------------------- solve strategies
+class AbstractEquilibriumSolve(abc.ABC):
+    """How a DEQ layer finds :math:`z^* = f(z^*, x)`: the base of :class:`DiscreteSolve` and :class:`ContinuousSolve`.
+
+    :meth:`solve` returns one :class:`EquilibriumResult` whichever way the
+    fixed point was found; an empty batch returns at once (no evaluation of
+    ``f``, converged, an empty residual).
+    """
+
+    #: the layer's ``maxiters`` when none is given.
+    default_maxiters: int
+
+    def __init__(self, solver) -> None:
+        self.solver = solver
+
+    def solve(self, fmap: FixedPointMap, z0: torch.Tensor, test: _ConvergenceTest) -> EquilibriumResult:
+        """The fixed point of ``fmap`` from ``z0`` (no grad), judged by the layer's ``test``."""
+        if z0.shape[0] == 0:
+            return EquilibriumResult(z0, z0.new_zeros(0), 0, 0, NonlinearReturnCode.Success,
+                                     self._empty_retcode, True, self._empty_t)
+        return self._solve(fmap, z0, test)
+
+    _empty_retcode: Any = NonlinearReturnCode.Success
+    _empty_t: float | None = None
+
+    @abc.abstractmethod
+    def _solve(self, fmap: FixedPointMap, z0: torch.Tensor, test: _ConvergenceTest) -> EquilibriumResult:
+        """:meth:`solve` for a non-empty batch."""
+
+    def _options(self) -> dict:
+        return {}
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {k}={v!r}" for k, v in self._options().items())
+        return f"{type(self).__name__}({self.solver!r}{extra})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.solver == other.solver and self._options() == other._options()
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+
+class DiscreteSolve(AbstractEquilibriumSolve):
+    """A discrete DEQ (Bai, Kolter & Koltun 2019): a root solver applied to :math:`z = f(z, x)`.
+
+    Runs :func:`pylux.nonlinear.nlsolve` with the layer's tolerances,
+    ``maxiters`` (default 100 iterations) and failure policy; NaN/Inf in the
+    iterates raises :class:`~pylux.nonlinear.NonlinearSolveError` with the iteration.
+
+    Args:
+        nonlinear_solver: ``Broyden()``, ``Anderson()``, ``LimitedMemoryBroyden()``,
+            ``NewtonKrylov()`` or ``FixedPointIteration()``.
+
+    Raises:
+        TypeError: ``nonlinear_solver`` is not a pylux nonlinear solver.
+    """
+
+    default_maxiters = DEFAULT_MAXITERS_DISCRETE
+
+    def __init__(self, nonlinear_solver: AbstractNonlinearSolver) -> None:
+        if not isinstance(nonlinear_solver, AbstractNonlinearSolver):
+            raise TypeError(f"DiscreteSolve: expected a pylux.nonlinear solver (Broyden(), Anderson(), ...), got "
+                            f"{type(nonlinear_solver).__name__}.")
+        super().__init__(nonlinear_solver)
+
+    def _solve(self, fmap, z0, test):
+        try:
+            sol = nlsolve(fmap, z0, self.solver, abstol=test.abstol, reltol=test.reltol, maxiters=test.maxiters,
+                          on_failure=test.on_failure, record_history=False)
+        except NonlinearSolveError as error:
+            raise NonlinearSolveError(f"{test.where}: {error}", error.retcode, error.iteration) from None
+        if sol.retcode is NonlinearReturnCode.Unstable:
+            raise NonlinearSolveError(f"{test.where}: the fixed-point iterates became NaN/Inf after "
+                                      f"{sol.iterations} iterations. " + NonlinearReturnCode.Unstable.advice,
+                                      NonlinearReturnCode.Unstable, sol.iterations)
+        return EquilibriumResult(sol.z, sol.residual, sol.nfe, sol.iterations, sol.retcode, sol.retcode,
+                                 sol.retcode is NonlinearReturnCode.Success, None)
+
+
+class ContinuousSolve(AbstractEquilibriumSolve):
+    """A continuous DEQ (Pal, Edelman & Rackauckas 2022): :math:`\\dot z = f(z, x) - z` to its steady state.
+
+    Integrates from ``t = 0`` with an ODE solver of :mod:`pylux.diffeq` and stops
+    at the first accepted step where every batch element passes the layer's test
+    :math:`\\lVert f(z, x) - z\\rVert_2 \\le \\text{abstol} + \\text{reltol}\\lVert z\\rVert_2`
+    (read from the FSAL stage, no extra evaluation), at most at ``horizon``;
+    reaching ``horizon`` or ``maxiters`` ODE trial steps (default 1000) without
+    the steady state is non-convergence.
+
+    The ODE tolerances default to a tenth of the layer's (local step errors at
+    the level of the steady-state test would keep the residual from falling
+    below it), but never below :math:`4\\varepsilon` of the state's dtype, the
+    smallest ``reltol`` :func:`pylux.solve` accepts without clamping: a float32
+    layer with default tolerances integrates with ``reltol`` :math:`4\\varepsilon
+    \\approx 4.8\\cdot 10^{-7}`, a float64 one with ``1e-7``.
+
+    Args:
+        ode_solver: ``Tsit5()``, ``DP5()``, ... (any pylux ODE solver).
+        horizon: the end time (default 1e3, > 0).
+        ode_options: further keywords of :func:`pylux.solve` (``reltol``, ``abstol``,
+            ``dt``, ``controller``, ...); those the layer chooses itself (``callback``,
+            ``maxiters``, ``saveat``, ...) are refused.
+
+    Raises:
+        TypeError: not an ODE solver, a misspelt ODE option (named), or one the layer chooses.
+        ValueError: ``horizon`` not positive and finite.
+    """
+
+    default_maxiters = DEFAULT_MAXITERS_CONTINUOUS
+    _empty_retcode = ReturnCode.Terminated
+    _empty_t = 0.0
+
+    def __init__(self, ode_solver: AbstractSolver, *, horizon: float = DEFAULT_HORIZON,
+                 ode_options: Mapping | None = None) -> None:
+        where = "ContinuousSolve"
+        if not isinstance(ode_solver, AbstractSolver):
+            raise TypeError(f"{where}: expected a pylux ODE solver (Tsit5(), ...), got {type(ode_solver).__name__}.")
+        super().__init__(ode_solver)
+        self.horizon = check_float(where, "horizon", horizon, low=0.0, low_open=True, high=math.inf,
+                                   high_open=True)
+        options = dict(ode_options or {})
+        taken = sorted(set(options) & set(_LAYER_SOLVE_KEYWORDS))
+        if taken:
+            raise TypeError(f"{where}: ode_options {taken} are chosen by the layer (maxiters is the layer's own "
+                            "option).")
+        check_keywords({k: v for k, v in options.items() if k not in SOLVE_KEYWORDS}, "ode_options for solve",
+                       [k for k in SOLVE_KEYWORDS if k not in _LAYER_SOLVE_KEYWORDS])
+        self.ode_options = options
+
+    def _options(self) -> dict:
+        return {"horizon": self.horizon, "ode_options": self.ode_options}
+
+    def tolerances(self, abstol: float, reltol: float, dtype: torch.dtype) -> dict:
+        """The ODE's ``reltol``/``abstol`` for a layer test ``(abstol, reltol)`` and a state of ``dtype``."""
+        # solve() clamps (with a warning) any reltol below 4 machine epsilons of the state's dtype.
+        floor = 4 * torch.finfo(dtype).eps
+        return {"reltol": self.ode_options.get("reltol", max(ODE_TOLERANCE_FACTOR * reltol, floor, 1e-12)),
+                "abstol": self.ode_options.get("abstol", max(ODE_TOLERANCE_FACTOR * abstol, 1e-12))}
+
+    def _solve(self, fmap, z0, test):
+        sol, callback = self._integrate(fmap, z0, test)
+        t_end = float(sol.t[-1]) if sol.t.numel() else 0.0
+        steps, nfe = sol.stats.naccept, sol.stats.nf
+        if sol.retcode is ReturnCode.Unstable:
+            raise NonlinearSolveError(
+                f"{test.where}: integrating dz/dt = f(z, x) - z produced NaN/Inf at t = {t_end!r} after "
+                f"{steps} accepted steps (nfe={nfe}); check f at the initial state, lower the "
+                "learning rate, or regularise the Jacobian (jacobian_regularization).",
+                NonlinearReturnCode.Unstable, steps)
+        z_star = sol.u[-1]
+        if sol.retcode is ReturnCode.Terminated:
+            return EquilibriumResult(z_star, callback.last_residual, nfe, steps, NonlinearReturnCode.Success,
+                                     sol.retcode, True, t_end)
+        residual, tolerance = self._final_residual(fmap, z_star, test, t_end, steps)
+        nfe += 1
+        if bool((residual <= tolerance).all()):
+            return EquilibriumResult(z_star, residual, nfe, steps, NonlinearReturnCode.Success, sol.retcode, True,
+                                     t_end)
+        self._report_no_steady_state(test, sol.retcode, residual, tolerance, t_end, steps, nfe)
+        return EquilibriumResult(z_star, residual, nfe, steps, NonlinearReturnCode.MaxIters, sol.retcode, False,
+                                 t_end)
+
+    def _integrate(self, fmap, z0, test):
+        callback = _PerSampleSteadyState(test.abstol, test.reltol)
+        problem = ODEProblem(lambda u, p, t: fmap(u) - u, z0, (0.0, self.horizon))
+        options = {**self.ode_options, **self.tolerances(test.abstol, test.reltol, z0.dtype)}
+        with torch.no_grad():
+            sol = solve(problem, self.solver, save_everystep=False, save_start=False, save_end=True,
+                        callback=callback, maxiters=test.maxiters, throw=False, **options)
+        return sol, callback
+
+    @staticmethod
+    def _final_residual(fmap, z_star, test, t_end, steps):
+        """Residual norms at the end of a solve the steady-state callback did not stop, and their tolerances."""
+        with torch.no_grad():
+            residual = _per_sample_norm(fmap(z_star) - z_star)
+        if not torch.isfinite(residual).all():
+            raise NonlinearSolveError(f"{test.where}: f(z*, x) is NaN/Inf at the end of the continuous solve "
+                                      f"(t = {t_end!r}).", NonlinearReturnCode.Unstable, steps)
+        return residual, test.abstol + test.reltol * _per_sample_norm(z_star)
+
+    def _report_no_steady_state(self, test, retcode, residual, tolerance, t_end, steps, nfe):
+        if test.on_failure == "ignore":
+            return
+        worst = int(torch.argmax(residual - tolerance))
+        message = (f"{test.where}: no steady state of dz/dt = f(z, x) - z (ODE retcode {retcode.name} at "
+                   f"t = {t_end!r}, {steps} accepted steps, nfe={nfe}, maxiters={test.maxiters}, "
+                   f"horizon={self.horizon:g}); largest residual ||f(z) - z|| = {float(residual[worst]):.3e} in "
+                   f"element {worst}, tolerance {float(tolerance[worst]):.3e} (abstol={test.abstol:g}, "
+                   f"reltol={test.reltol:g}). Increase maxiters or horizon, loosen the tolerances, or "
+                   "regularise the Jacobian.")
+        if test.on_failure == "raise":
+            raise NonlinearSolveError(message, NonlinearReturnCode.MaxIters, steps)
+        warnings.warn(message, ConvergenceWarning, stacklevel=6)
+
+
+def _solve_strategy(where: str, solver, horizon, ode_options) -> AbstractEquilibriumSolve:
+    """The layer's strategy from its ``solver`` argument (a strategy, a nonlinear solver or an ODE solver)."""
+    if isinstance(solver, AbstractEquilibriumSolve):
+        given = [name for name, value in (("horizon", horizon), ("ode_options", ode_options)) if value is not None]
+        if given:
+            raise TypeError(f"{where}: {' and '.join(given)} belong to ContinuousSolve(ode_solver, horizon=..., "
+                            f"ode_options=...); the solver {solver!r} already says how to solve.")
+        return solver
+    if isinstance(solver, AbstractNonlinearSolver):
+        for name, value in (("ode_options", ode_options), ("horizon", horizon)):
+            if value is not None and (name == "horizon" or dict(value)):
+                raise TypeError(f"{where}: {name} apply to continuous DEQs (an ODE solver such as Tsit5()); "
+                                f"the solver {_describe(solver)} is a nonlinear solver.")
+        return DiscreteSolve(solver)
+    if isinstance(solver, AbstractSolver):
+        try:
+            return ContinuousSolve(solver, horizon=DEFAULT_HORIZON if horizon is None else horizon,
+                                   ode_options=ode_options)
+        except (TypeError, ValueError) as error:
+            raise type(error)(str(error).replace("ContinuousSolve", where, 1)) from None
+    raise TypeError(f"{where}: solver must be a pylux nonlinear solver (Broyden(), Anderson(), ...) for a "
+                    f"discrete DEQ, a pylux ODE solver (Tsit5(), ...) for a continuous DEQ, or "
+                    f"DiscreteSolve(...)/ContinuousSolve(...), got {type(solver).__name__}.")
+
+
+# ---------------------------------------------------------------------------- the layers' shared machinery
 class _EquilibriumLayer(AbstractLayer):
     """Shared machinery: option validation, the forward solve, gradients and regularisers."""
 
-    _options = ("sensealg", "jacobian_regularization", "abstol", "reltol", "maxiters", "on_failure",
+    _options = ("sensealg", "jacobian_regularization", "abstol", "reltol", "maxiters", "on_failure", "throw",
                 "horizon", "ode_options")
+    _extra_options: tuple[str, ...] = ()
 
     def _init_solver_options(self, where: str, solver, sensealg, jacobian_regularization, abstol, reltol,
-                             maxiters, on_failure, horizon, ode_options, unknown) -> None:
-        reject_unknown(where, unknown, self._options + self._extra_options)
-        if isinstance(solver, AbstractNonlinearSolver):
-            self.continuous = False
-        elif isinstance(solver, AbstractSolver):
-            self.continuous = True
-        else:
-            raise TypeError(f"{where}: solver must be a pylux.nonlinear solver (Broyden(), Anderson(), ...) for a "
-                            f"discrete DEQ or a pylux ODE solver (Tsit5(), ...) for a continuous DEQ, got "
-                            f"{type(solver).__name__}.")
-        self.solver = solver
+                             maxiters, on_failure, throw, horizon, ode_options, unknown) -> None:
+        check_keywords(unknown, where, self._options + self._extra_options)
+        self.solve_strategy = _solve_strategy(where, solver, horizon, ode_options)
         sensealg = SteadyStateAdjoint() if sensealg is None else sensealg
         if not isinstance(sensealg, AbstractImplicitSensitivity):
             raise TypeError(f"{where}: sensealg must be SteadyStateAdjoint(...) or JacobianFreeBackprop(), got "
@@ -160,95 +427,21 @@ class _EquilibriumLayer(AbstractLayer):
         self.reltol = check_float(where, "reltol", reltol, low=0.0, high=math.inf, high_open=True)
         if self.abstol == 0.0 and self.reltol == 0.0:
             raise ValueError(f"{where}: abstol and reltol are both zero; give a positive abstol (e.g. 1e-6).")
-        default = DEFAULT_MAXITERS_CONTINUOUS if self.continuous else DEFAULT_MAXITERS_DISCRETE
+        default = self.solve_strategy.default_maxiters
         self.maxiters = default if maxiters is None else check_int(where, "maxiters", maxiters, 1)
-        self.on_failure = check_choice(where, "on_failure", on_failure, ("warn", "raise", "ignore"))
-        self.horizon = check_float(where, "horizon", horizon, low=0.0, low_open=True, high=math.inf,
-                                   high_open=True)
-        options = dict(ode_options or {})
-        if options and not self.continuous:
-            raise TypeError(f"{where}: ode_options apply to continuous DEQs (an ODE solver such as Tsit5()); "
-                            f"the solver {_describe(solver)} is a nonlinear solver.")
-        taken = sorted(set(options) & set(_LAYER_SOLVE_KEYWORDS))
-        if taken:
-            raise TypeError(f"{where}: ode_options {taken} are chosen by the layer (maxiters is the layer's own "
-                            "option).")
-        reject_unknown(f"{where} ode_options", {k: v for k, v in options.items() if k not in SOLVE_KEYWORDS},
-                       [k for k in SOLVE_KEYWORDS if k not in _LAYER_SOLVE_KEYWORDS])
-        # The steady-state test needs the ODE's per-step error below it: a step error at
-        # the level of the test keeps the residual hovering at that level.
-        options.setdefault("reltol", max(ODE_TOLERANCE_FACTOR * self.reltol, 1e-12))
-        options.setdefault("abstol", max(ODE_TOLERANCE_FACTOR * self.abstol, 1e-12))
-        self.ode_options = options
+        self.on_failure = failure_policy(where, on_failure, throw, default="warn")
 
-    _extra_options: tuple[str, ...] = ()
+    @property
+    def solver(self):
+        """The nonlinear or ODE solver of the layer's :attr:`solve_strategy`."""
+        return self.solve_strategy.solver
 
     def _base_state(self, rng: torch.Generator) -> dict:
-        rng = check_generator(rng, f"{type(self).__name__}.init_state")
-        key = int(torch.randint(0, 2 ** 62, (1,), generator=rng, device=rng.device).cpu()[0])
-        return {"solution": None, "rng": key}
+        return {"solution": None, "rng": draw_key(rng, f"{type(self).__name__}.init_state")}
 
     @property
     def _where(self) -> str:
         return f"{type(self).__name__}({_describe(self.solver)})"
-
-    # ------------------------------------------------------------------ forward solve
-    def _solve(self, fmap, z0: torch.Tensor):
-        """Fixed point of ``fmap`` (no grad) from ``z0``: ``(z*, residual, nfe, iterations, retcode, raw, t)``."""
-        if self.continuous:
-            return self._solve_continuous(fmap, z0)
-        try:
-            sol = nlsolve(fmap, z0, self.solver, abstol=self.abstol, reltol=self.reltol, maxiters=self.maxiters,
-                          on_failure=self.on_failure, record_history=False)
-        except NonlinearSolveError as error:
-            raise NonlinearSolveError(f"{self._where}: {error}", error.retcode, error.iteration) from None
-        if sol.retcode is NonlinearReturnCode.Unstable:
-            raise NonlinearSolveError(f"{self._where}: the fixed-point iterates became NaN/Inf after "
-                                      f"{sol.iterations} iterations. " + NonlinearReturnCode.Unstable.advice,
-                                      NonlinearReturnCode.Unstable, sol.iterations)
-        return sol.z, sol.residual, sol.nfe, sol.iterations, sol.retcode, sol.retcode, None
-
-    def _solve_continuous(self, fmap, z0):
-        callback = _PerSampleSteadyState(self.abstol, self.reltol)
-        problem = ODEProblem(lambda u, p, t: fmap(u) - u, z0, (0.0, self.horizon))
-        with torch.no_grad():
-            sol = solve(problem, self.solver, save_everystep=False, save_start=False, save_end=True,
-                        callback=callback, maxiters=self.maxiters, throw=False, **self.ode_options)
-        z_star = sol.u[-1]
-        nfe = sol.stats.nf
-        t_end = float(sol.t[-1]) if sol.t.numel() else 0.0
-        if sol.retcode is ReturnCode.Unstable:
-            raise NonlinearSolveError(
-                f"{self._where}: integrating dz/dt = f(z, x) - z produced NaN/Inf at t = {t_end!r} after "
-                f"{sol.stats.naccept} accepted steps (nfe={nfe}); check f at the initial state, lower the "
-                "learning rate, or regularise the Jacobian (jacobian_regularization).",
-                NonlinearReturnCode.Unstable, sol.stats.naccept)
-        if sol.retcode is ReturnCode.Terminated:
-            return z_star, callback.last_residual, nfe, sol.stats.naccept, NonlinearReturnCode.Success, \
-                sol.retcode, t_end
-        with torch.no_grad():
-            residual_vec = fmap(z_star) - z_star
-        nfe += 1
-        batch = z_star.shape[0]
-        residual = torch.linalg.vector_norm(residual_vec.reshape(batch, -1), dim=1)
-        if not torch.isfinite(residual).all():
-            raise NonlinearSolveError(f"{self._where}: f(z*, x) is NaN/Inf at the end of the continuous solve "
-                                      f"(t = {t_end!r}).", NonlinearReturnCode.Unstable, sol.stats.naccept)
-        tolerance = self.abstol + self.reltol * torch.linalg.vector_norm(z_star.reshape(batch, -1), dim=1)
-        if bool((residual <= tolerance).all()):
-            return z_star, residual, nfe, sol.stats.naccept, NonlinearReturnCode.Success, sol.retcode, t_end
-        if self.on_failure != "ignore":
-            worst = int(torch.argmax(residual - tolerance))
-            message = (f"{self._where}: no steady state of dz/dt = f(z, x) - z (ODE retcode {sol.retcode.name} at "
-                       f"t = {t_end!r}, {sol.stats.naccept} accepted steps, nfe={nfe}, maxiters={self.maxiters}, "
-                       f"horizon={self.horizon:g}); largest residual ||f(z) - z|| = {float(residual[worst]):.3e} in "
-                       f"element {worst}, tolerance {float(tolerance[worst]):.3e} (abstol={self.abstol:g}, "
-                       f"reltol={self.reltol:g}). Increase maxiters or horizon, loosen the tolerances, or "
-                       "regularise the Jacobian.")
-            if self.on_failure == "raise":
-                raise NonlinearSolveError(message, NonlinearReturnCode.MaxIters, sol.stats.naccept)
-            warnings.warn(message, ConvergenceWarning, stacklevel=4)
-        return z_star, residual, nfe, sol.stats.naccept, NonlinearReturnCode.MaxIters, sol.retcode, t_end
 
     # ------------------------------------------------------------------ the whole pass
     def _equilibrium(self, f, x, ps_model, z0, u0_loss, extra_nfe, key):
@@ -258,33 +451,33 @@ class _EquilibriumLayer(AbstractLayer):
         ``u0_loss`` the (differentiable) initial guess for the skip loss, or None.
         Returns ``(z_out, DEQSolution, next_key)``.
         """
-        detached_ps = _detach_tree(ps_model)
-        x_detached = x.detach() if isinstance(x, torch.Tensor) else x
-
-        def fmap(z):
-            return f(z, x_detached, detached_ps)
-
-        z_star, residual, nfe, iterations, retcode, raw, t_end = self._solve(fmap, z0)
-        converged = retcode is NonlinearReturnCode.Success
+        test = _ConvergenceTest(self.abstol, self.reltol, self.maxiters, self.on_failure, self._where)
+        result = self.solve_strategy.solve(_frozen_map(f, x, ps_model), z0, test)
         backward_stats: dict = {}
-        z_out = self.sensealg.attach_gradient(f, z_star, x, ps_model, converged=converged, residual=residual,
-                                              where=self._where, record=backward_stats)
-        jacobian_loss = None
-        next_key = key
-        if self.jacobian_regularization > 0 and torch.is_grad_enabled():
-            probe_seed, next_key = split_key(key)
-            generator = torch.Generator(device=z_star.device).manual_seed(probe_seed)
-            z_leaf = z_star.detach().requires_grad_(True)
-            fz = f(z_leaf, x, ps_model)
-            probe = rademacher_like(fz, generator)
-            per_sample = hutchinson_vjp_frobenius(fz, z_leaf, probe, batched=True, create_graph=True)
-            d = z_star[0].numel() if z_star.shape[0] else 1
-            jacobian_loss = self.jacobian_regularization * per_sample.mean() / d
-        skip_loss = None if u0_loss is None else (z_out - u0_loss).pow(2).mean()
-        solution = DEQSolution(z_out, u0_loss if u0_loss is not None else z0, residual.detach(), jacobian_loss,
-                               skip_loss, nfe + extra_nfe, iterations, retcode, raw, converged, t_end,
-                               backward_stats)
+        z_out = self.sensealg.attach_gradient(f, result.z_star, x, ps_model, converged=result.converged,
+                                              residual=result.residual, where=self._where, record=backward_stats)
+        jacobian_loss, next_key = self._jacobian_loss(f, result.z_star, x, ps_model, key)
+        skip_loss = None if u0_loss is None else _mean_square(z_out - u0_loss)
+        solution = DEQSolution(z_out, u0_loss if u0_loss is not None else z0, result.residual.detach(),
+                               jacobian_loss, skip_loss, result.nfe + extra_nfe, result.iterations, result.retcode,
+                               result.solver_retcode, result.converged, result.t, backward_stats)
         return z_out, solution, next_key
+
+    def _jacobian_loss(self, f, z_star, x, ps_model, key):
+        """The Hutchinson estimate of :math:`\\gamma\\,\\mathrm{mean}_b\\lVert J_f(z^*_b)\\rVert_F^2/d` and the next key.
+
+        ``None`` (and the key unchanged) when the regulariser is off or grad mode is off.
+        """
+        if self.jacobian_regularization == 0 or not torch.is_grad_enabled():
+            return None, key
+        generator, next_key = key_generator(key, z_star.device)
+        z_leaf = z_star.detach().requires_grad_(True)
+        fz = f(z_leaf, x, ps_model)
+        if z_star.shape[0] == 0:
+            return fz.sum() * 0.0, next_key  # an empty batch: zero, still connected to the parameters
+        probe = rademacher_like(fz, generator)
+        per_sample = hutchinson_vjp_frobenius(fz, z_leaf, probe, batched=True, create_graph=True)
+        return self.jacobian_regularization * per_sample.mean() / z_star[0].numel(), next_key
 
     def _check_input(self, x) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -295,21 +488,22 @@ class _EquilibriumLayer(AbstractLayer):
         return x
 
     def _check_key(self, st: Mapping) -> int:
-        key = st.get("rng") if isinstance(st, Mapping) else None
-        if isinstance(key, bool) or not isinstance(key, int):
-            raise LayerError(f"state 'rng' must be an int key, got {key!r}; re-create the state with pylux.setup")
-        return key
+        return check_key(st.get("rng") if isinstance(st, Mapping) else None)
 
 
-def _detach_tree(tree):
-    if isinstance(tree, dict):
-        return {k: _detach_tree(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        items = [_detach_tree(v) for v in tree]
-        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
-    if isinstance(tree, torch.Tensor):
-        return tree.detach()
-    return tree
+def _frozen_map(f, x, ps_model) -> FixedPointMap:
+    """``z -> f(z, x, ps)`` with ``x`` and every tensor of ``ps`` detached (the forward solve builds no graph)."""
+    detached_ps = tree_map(lambda t: t.detach(), ps_model)
+    x_detached = x.detach() if isinstance(x, torch.Tensor) else x
+
+    def fmap(z):
+        return f(z, x_detached, detached_ps)
+    return fmap
+
+
+def _mean_square(t: torch.Tensor) -> torch.Tensor:
+    """``mean(t**2)``, and a (differentiable) 0 for an empty ``t`` instead of NaN."""
+    return t.pow(2).mean() if t.numel() else t.pow(2).sum()
 
 
 def _state_shape(where: str, state_shape):
@@ -332,8 +526,11 @@ _COMMON_DOC = """
             input-injected cell :math:`\\tanh(W z + b + x)` is
             ``Chain(Parallel("+", Dense(d, d), NoOpLayer()), WrappedFunction(torch.tanh))``.
             It must act on each batch element independently (no batch statistics).
-        solver: a nonlinear solver (``Broyden()``, ``Anderson()``, ... : discrete DEQ,
+        solver: how to find the fixed point: a :class:`DiscreteSolve` or a
+            :class:`ContinuousSolve`, or, as a shorthand for them, a nonlinear solver
+            (``Broyden()``, ``Anderson()``, ... : ``DiscreteSolve(solver)``, a discrete DEQ,
             nlsolve of :math:`z = f(z, x)`) or an ODE solver (``Tsit5()``, ... :
+            ``ContinuousSolve(solver, horizon=horizon, ode_options=ode_options)``, a
             continuous DEQ, :math:`\\dot z = f(z, x) - z` from ``t = 0`` until the steady
             state, at most until ``horizon``).
         sensealg: :class:`~pylux.sensitivity.SteadyStateAdjoint` (default) or
@@ -355,12 +552,17 @@ _COMMON_DOC = """
             (:class:`~pylux.nonlinear.NonlinearSolveError`) or ``"ignore"``. NaN/Inf always
             raises. The backward pass of a non-converged forward pass is flagged again
             by the sensealg.
+        throw: the other spelling of the same policy (:func:`pylux.core.failures.failure_policy`):
+            ``True`` is ``on_failure="raise"``, ``False`` is ``"ignore"``; giving both,
+            with different meanings, is an error.
         horizon: the continuous solve's end time (default 1e3); reaching it without a
-            steady state counts as non-convergence.
+            steady state counts as non-convergence. Continuous DEQs only.
         ode_options: keywords for :func:`pylux.solve` of the continuous solve
             (``reltol``, ``abstol``, ``dt``, ``controller``, ...; default ``reltol`` and
             ``abstol`` a tenth of the layer's: local step errors at the level of the
-            steady-state test would keep the residual from falling below it).
+            steady-state test would keep the residual from falling below it; ``reltol``
+            never below 4 machine epsilons of the state's dtype, where :func:`pylux.solve`
+            would clamp it). Continuous DEQs only.
 """
 
 
@@ -388,13 +590,14 @@ class DEQ(_EquilibriumLayer):
 
     def __init__(self, model: AbstractLayer, solver, *, sensealg: AbstractImplicitSensitivity | None = None,
                  jacobian_regularization: float = 0.0, abstol: float = 1e-6, reltol: float = 1e-6,
-                 maxiters: int | None = None, on_failure: str = "warn", horizon: float = 1e3,
-                 ode_options: Mapping | None = None, state_shape: Sequence[int] | None = None, **unknown):
+                 maxiters: int | None = None, on_failure: str | None = None, throw: bool | None = None,
+                 horizon: float | None = None, ode_options: Mapping | None = None,
+                 state_shape: Sequence[int] | None = None, **unknown):
         where = type(self).__name__
         if not isinstance(model, AbstractLayer):
             raise TypeError(f"{where}: model must be a pylux layer taking (z, x), got {type(model).__name__}")
         self._init_solver_options(where, solver, sensealg, jacobian_regularization, abstol, reltol, maxiters,
-                                  on_failure, horizon, ode_options, unknown)
+                                  on_failure, throw, horizon, ode_options, unknown)
         self.model = model
         self.state_shape = _state_shape(where, state_shape)
 
@@ -436,8 +639,8 @@ class DEQ(_EquilibriumLayer):
 
     def __repr__(self) -> str:
         inner = repr(self.model).replace("\n", "\n  ")
-        return (f"{type(self).__name__}(\n  {inner},\n  solver={self.solver!r}, sensealg={self.sensealg!r}, "
-                f"jacobian_regularization={self.jacobian_regularization:g}\n)")
+        return (f"{type(self).__name__}(\n  {inner},\n  solver={self.solve_strategy!r}, "
+                f"sensealg={self.sensealg!r}, jacobian_regularization={self.jacobian_regularization:g}\n)")
 
 
 class SkipDEQ(DEQ):
@@ -555,10 +758,11 @@ class MultiScaleDEQ(_EquilibriumLayer):
                  post_fuse_layers: Sequence[AbstractLayer] | None, solver, *, scales: Sequence[Sequence[int]],
                  sensealg: AbstractImplicitSensitivity | None = None, jacobian_regularization: float = 0.0,
                  abstol: float = 1e-6, reltol: float = 1e-6, maxiters: int | None = None,
-                 on_failure: str = "warn", horizon: float = 1e3, ode_options: Mapping | None = None, **unknown):
+                 on_failure: str | None = None, throw: bool | None = None, horizon: float | None = None,
+                 ode_options: Mapping | None = None, **unknown):
         where = "MultiScaleDEQ"
         self._init_solver_options(where, solver, sensealg, jacobian_regularization, abstol, reltol, maxiters,
-                                  on_failure, horizon, ode_options, unknown)
+                                  on_failure, throw, horizon, ode_options, unknown)
         scales = [_state_shape(where, s) for s in scales]
         n = len(scales)
         if n < 1:
@@ -589,6 +793,8 @@ class MultiScaleDEQ(_EquilibriumLayer):
         self.layers = children
         self.scales = scales
         self.sizes = [int(torch.Size(s).numel()) for s in scales]
+
+    _extra_options = ("scales",)
 
     def init_params(self, rng: torch.Generator) -> dict:
         return {name: layer.init_params(rng) for name, layer in self.layers.items()}
@@ -644,7 +850,7 @@ class MultiScaleDEQ(_EquilibriumLayer):
 
     def __repr__(self) -> str:
         inner = ",\n".join(f"  {k} = " + repr(v).replace("\n", "\n  ") for k, v in self.layers.items())
-        return f"MultiScaleDEQ(\n{inner},\n  scales={self.scales}, solver={self.solver!r}\n)"
+        return f"MultiScaleDEQ(\n{inner},\n  scales={self.scales}, solver={self.solve_strategy!r}\n)"
 
 
 MultiScaleDeepEquilibriumNetwork = MultiScaleDEQ

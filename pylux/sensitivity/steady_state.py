@@ -31,20 +31,30 @@ direction when ``f`` is contractive enough, at the cost of a single VJP.
 Both formulas hold only at a fixed point. The layers pass the forward
 solve's verdict; a backward pass at a point the forward solve did not bring
 to its tolerance warns (or raises, with ``on_failure="raise"``) instead of
-silently returning a gradient of the wrong point.
+silently returning a gradient of the wrong point. A NaN or Inf in the
+adjoint or in the final products :math:`\\lambda^\\top \\partial f/\\partial(\\theta, x)`
+raises (never passed on to the optimizer).
+
+The algorithms are immutable option objects: the counters of a backward pass
+go to the record of the forward pass it belongs to (the ``record`` dict of
+:meth:`AbstractImplicitSensitivity.attach_gradient`, a DEQ layer's
+``st["solution"].backward_stats``), never to an attribute of the algorithm.
 """
 
 from __future__ import annotations
 
 import abc
+import math
 import warnings
 from typing import Any, Callable
 
 import torch
 
 from ..nonlinear import ConvergenceWarning, NonlinearReturnCode, NonlinearSolveError, gmres
-from ..nonlinear._options import check_choice, check_float, check_int, reject_unknown
-from ._params import check_no_hidden_parameters, grad_leaves, refuse_higher_order, replace_leaves
+from ..core import tree_replace_at_paths
+from ..core.keywords import check_keywords
+from ..nonlinear._options import check_choice, check_float, check_int
+from ._params import check_no_hidden_parameters, grad_leaves, refuse_higher_order
 
 __all__ = ["AbstractImplicitSensitivity", "SteadyStateAdjoint", "JacobianFreeBackprop"]
 
@@ -72,8 +82,6 @@ class AbstractImplicitSensitivity(abc.ABC):
 
     def __init__(self, on_failure: str = "warn") -> None:
         self.on_failure = check_choice(type(self).__name__, "on_failure", on_failure, ("warn", "raise"))
-        #: statistics of the latest backward pass (GMRES iterations, residual), or ``None``.
-        self.last_backward_stats: dict | None = None
 
     def options(self) -> dict:
         return {name: getattr(self, name) for name in self._option_names}
@@ -106,8 +114,8 @@ class AbstractImplicitSensitivity(abc.ABC):
                 message when ``converged`` is False.
             where: a name for messages (e.g. ``"DEQ(Broyden)"``).
             record: a dict that this gradient's backward pass fills with its
-                counters (those of ``last_backward_stats``), so that each
-                forward pass has its own record.
+                counters (``iterations``, ``matvecs``, ``residual``, ``converged``),
+                so that each forward pass has its own record.
 
         Returns:
             a tensor equal to ``z_star`` (a copy) whose backward runs this
@@ -138,11 +146,24 @@ class AbstractImplicitSensitivity(abc.ABC):
         warnings.warn(message, ConvergenceWarning, stacklevel=3)
 
     def _check_gradients(self, grads, where: str) -> None:
-        """Hook on the final gradients of a backward pass (the adjoint itself is checked in ``_cotangent``)."""
+        """Raise if a final product :math:`\\lambda^\\top \\partial f/\\partial(\\theta, x)` is NaN or Inf.
+
+        One host synchronisation per backward pass (FAULTS.md 17: NaN in the
+        iterates, forward or backward, is raised, never passed on). The adjoint
+        :math:`\\lambda` itself is checked in ``_cotangent``; this catches a finite
+        adjoint times a parameter derivative of ``f`` that is not finite.
+        """
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            raise NonlinearSolveError(
+                f"{type(self).__name__}: the gradient of {where} is NaN or Inf; the map's vector-Jacobian "
+                "product at the fixed point overflowed. Check the forward residual and the map's scale.",
+                NonlinearReturnCode.Unstable, 0)
 
     @abc.abstractmethod
-    def _cotangent(self, fz: torch.Tensor, z: torch.Tensor, grad: torch.Tensor, where: str) -> torch.Tensor:
-        """The vector :math:`\\lambda` that multiplies :math:`\\partial f / \\partial(\\theta, x)`."""
+    def _cotangent(self, fz: torch.Tensor, z: torch.Tensor, grad: torch.Tensor,
+                   where: str) -> tuple[torch.Tensor, dict]:
+        """The vector :math:`\\lambda` that multiplies :math:`\\partial f / \\partial(\\theta, x)`, and the
+        backward counters (``iterations``, ``matvecs``, ``residual``, ``converged``)."""
 
 
 class SteadyStateAdjoint(AbstractImplicitSensitivity):
@@ -167,10 +188,12 @@ class SteadyStateAdjoint(AbstractImplicitSensitivity):
     Raises:
         TypeError: an unknown or misspelt option (named, with the closest valid one).
         ValueError: an option out of range.
-        NonlinearSolveError (in backward): NaN/Inf in the adjoint; non-convergence with ``"raise"``.
+        NonlinearSolveError (in backward): NaN/Inf in the adjoint or in the final parameter and
+            input gradients; non-convergence with ``"raise"``.
 
-    After each backward pass ``last_backward_stats`` holds ``{"iterations",
-    "matvecs", "residual" (largest relative GMRES residual), "converged"}``.
+    Each backward pass fills the ``record`` of its forward pass (a DEQ layer's
+    ``st["solution"].backward_stats``) with ``{"iterations", "matvecs",
+    "residual" (largest relative GMRES residual), "converged"}``.
     """
 
     _option_names = ("tol", "atol", "restart", "maxiters", "on_failure")
@@ -178,7 +201,7 @@ class SteadyStateAdjoint(AbstractImplicitSensitivity):
     def __init__(self, *, tol: float = 1e-6, atol: float = 0.0, restart: int = 20, maxiters: int | None = None,
                  on_failure: str = "warn", **unknown) -> None:
         where = "SteadyStateAdjoint"
-        reject_unknown(where, unknown, self._option_names)
+        check_keywords(unknown, where, self._option_names)
         super().__init__(on_failure)
         self.tol = check_float(where, "tol", tol, low=0.0, high=1.0)
         self.atol = check_float(where, "atol", atol, low=0.0)
@@ -193,18 +216,21 @@ class SteadyStateAdjoint(AbstractImplicitSensitivity):
             return v if vjp is None else v - vjp  # None: f does not depend on z, so J = 0
 
         result = gmres(matvec, grad, restart=self.restart, maxiters=self.maxiters, rtol=self.tol, atol=self.atol)
-        scale = torch.linalg.vector_norm(grad.reshape(grad.shape[0], -1), dim=1)
+        scale = torch.linalg.vector_norm(grad.reshape(grad.shape[0], math.prod(grad.shape[1:])), dim=1)
         relative = result.residual_norm / torch.where(scale > 0, scale, torch.ones_like(scale))
-        worst, finite = torch.stack([relative.max(), torch.isfinite(result.x).all().to(relative.dtype)]).tolist() \
+        # one read-back: the worst relative residual, and whether the adjoint and its residual are finite
+        # (GMRES stops an element whose residual is NaN/Inf, e.g. from a NaN incoming gradient)
+        finite_all = torch.isfinite(result.x).all() & torch.isfinite(relative).all()
+        worst, finite = torch.stack([relative.max(), finite_all.to(relative.dtype)]).tolist() \
             if relative.numel() else (0.0, 1.0)
         converged = bool(result.converged.all())
-        self.last_backward_stats = {"iterations": result.iterations, "matvecs": result.matvecs,
-                                    "residual": worst, "converged": converged}
+        stats = {"iterations": result.iterations, "matvecs": result.matvecs, "residual": worst,
+                 "converged": converged}
         if not finite:
             raise NonlinearSolveError(
                 f"SteadyStateAdjoint: the adjoint of {where} is NaN/Inf after {result.iterations} GMRES "
-                "iterations; f or its Jacobian is not finite at z*, or I - J is singular there.",
-                NonlinearReturnCode.Unstable, result.iterations)
+                "iterations; the incoming gradient, f or its Jacobian is not finite at z*, or I - J is "
+                "singular there.", NonlinearReturnCode.Unstable, result.iterations)
         if not converged:
             failed = int((~result.converged).sum())
             message = (f"SteadyStateAdjoint: GMRES for the adjoint of {where} stopped after {result.iterations} "
@@ -214,7 +240,7 @@ class SteadyStateAdjoint(AbstractImplicitSensitivity):
             if self.on_failure == "raise":
                 raise NonlinearSolveError(message, NonlinearReturnCode.MaxIters, result.iterations)
             warnings.warn(message, ConvergenceWarning, stacklevel=4)
-        return result.x
+        return result.x, stats
 
 
 class JacobianFreeBackprop(AbstractImplicitSensitivity):
@@ -230,23 +256,18 @@ class JacobianFreeBackprop(AbstractImplicitSensitivity):
 
     Raises:
         TypeError: an unknown or misspelt option.
+        NonlinearSolveError (in backward): a NaN or Inf gradient.
+
+    Each backward pass fills the ``record`` of its forward pass with
+    ``{"iterations": 0, "matvecs": 0, "residual": 0.0, "converged": True}``.
     """
 
     def __init__(self, *, on_failure: str = "warn", **unknown) -> None:
-        reject_unknown("JacobianFreeBackprop", unknown, self._option_names)
+        check_keywords(unknown, "JacobianFreeBackprop", self._option_names)
         super().__init__(on_failure)
 
     def _cotangent(self, fz, z, grad, where):
-        self.last_backward_stats = {"iterations": 0, "matvecs": 0, "residual": 0.0, "converged": True}
-        return grad
-
-    def _check_gradients(self, grads, where):
-        # one check per backward pass (FAULTS 17: NaN in the backward is raised, never passed on)
-        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-            raise NonlinearSolveError(
-                f"JacobianFreeBackprop: the gradient of {where} is NaN or Inf; the map's vector-Jacobian "
-                "product at the fixed point overflowed. Check the forward residual and the map's scale.",
-                NonlinearReturnCode.Unstable, 0)
+        return grad, {"iterations": 0, "matvecs": 0, "residual": 0.0, "converged": True}
 
 
 class _ImplicitFunction(torch.autograd.Function):
@@ -275,7 +296,7 @@ class _ImplicitFunction(torch.autograd.Function):
             z = z_star.detach().requires_grad_(True)
             x_ = x.detach().requires_grad_(x_needs) if ctx.x_is_tensor else x
             ps_ = [p.detach().requires_grad_(True) for p in params]
-            tree = replace_leaves(ctx.ps, ctx.paths, ps_) if ctx.paths else ctx.ps
+            tree = tree_replace_at_paths(ctx.ps, ctx.paths, ps_) if ctx.paths else ctx.ps
             fz = ctx.f(z, x_, tree)
             if not isinstance(fz, torch.Tensor) or fz.shape != z.shape:
                 got = tuple(fz.shape) if isinstance(fz, torch.Tensor) else type(fz).__name__
@@ -283,12 +304,12 @@ class _ImplicitFunction(torch.autograd.Function):
                                  f"{tuple(z.shape)}; a fixed-point map must return its input's shape.")
             check_no_hidden_parameters(fz, [z, *([x_] if ctx.x_is_tensor else []), *ps_],
                                        where=f"{type(alg).__name__}: the map of {where}")
-            lam = alg._cotangent(fz, z, grad_z.contiguous(), where)
+            lam, stats = alg._cotangent(fz, z, grad_z.contiguous(), where)
             wrt = ([x_] if x_needs else []) + ps_
             grads = torch.autograd.grad(fz, wrt, grad_outputs=lam, allow_unused=True) if wrt else ()
         grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, wrt)]
-        alg._check_gradients(grads, where)
         if record is not None:
-            record.update(alg.last_backward_stats)
+            record.update(stats)
+        alg._check_gradients(grads, where)
         grad_x = grads.pop(0) if x_needs else None
         return (None, None, None, None, None, None, None, grad_x, *grads)
