@@ -513,3 +513,93 @@ def test_checkpoint_errors(tmp_path):
     torch.save({"something": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a pylux checkpoint"):
         load_checkpoint(tmp_path / "other.pt", model, Adam())
+
+
+def _assert_trees_identical(a, b, path="st"):
+    """Same structure, same container and leaf types, tensors equal bit for bit, other leaves equal."""
+    assert type(a) is type(b), f"{path}: {type(a).__name__} != {type(b).__name__}"
+    if isinstance(a, dict):
+        assert list(a) == list(b), f"{path}: keys {list(a)} != {list(b)}"
+        for k in a:
+            _assert_trees_identical(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_trees_identical(x, y, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), path
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def _deq_classifier(solver):
+    from pylux.nn import Chain, Dense, NoOpLayer, Parallel, WrappedFunction
+    cell = Chain(Parallel("+", Dense(8, 8), NoOpLayer()), WrappedFunction(torch.tanh))
+    return Chain(Dense(5, 8, torch.tanh), lx.SkipDEQ(cell, None, solver, jacobian_regularization=0.5,
+                                                     abstol=1e-8, reltol=0.0), Dense(8, 3))
+
+
+def _deq_loss(model, ps, st, batch):
+    x, y = batch
+    logits, st = model(x, ps, st)
+    solution = st["layer_2"]["solution"]
+    loss = F.cross_entropy(logits, y) + solution.jacobian_loss + 0.1 * solution.skip_loss
+    return loss, st, {"nfe": solution.nfe}
+
+
+@pytest.mark.parametrize("solver", [lx.Broyden(), lx.Tsit5()], ids=["discrete", "continuous"])
+def test_checkpoint_round_trip_of_a_trained_deq(tmp_path, solver):
+    model = _deq_classifier(solver)
+    ps, st = lx.setup(torch.Generator().manual_seed(0), model, dtype=DT)
+    ts = TrainState(model, ps, st, Adam(1e-2))
+    gen = torch.Generator().manual_seed(1)
+    batch = (torch.randn(6, 5, generator=gen, dtype=DT), torch.randint(0, 3, (6,), generator=gen))
+    for _ in range(3):
+        _, _, _, ts = single_train_step(_deq_loss, batch, ts)
+    solution = ts.st["layer_2"]["solution"]
+    assert isinstance(solution, lx.DEQSolution) and solution.converged
+    assert solution.backward_stats["converged"] and solution.backward_stats["iterations"] > 0
+    path = tmp_path / "deq.pt"
+    save_checkpoint(path, ts)  # used to refuse the DEQSolution ("Keep such objects out of the model state")
+    loaded = load_checkpoint(path, model, Adam(1e-2))
+    assert loaded.step == 3 and torch.equal(loaded.params, ts.params)
+    _assert_trees_identical(loaded.ps, ts.ps, "ps")
+    _assert_trees_identical(loaded.st, ts.st)
+    restored = loaded.st["layer_2"]["solution"]
+    assert restored.retcode is lx.NonlinearReturnCode.Success and restored.solver_retcode is solution.solver_retcode
+    assert (restored.t is None) == isinstance(solver, lx.Broyden)
+    # the next forward pass and the next step are the same from the checkpoint
+    y_a, st_a = model(batch[0], ts.ps, ts.st)
+    y_b, st_b = model(batch[0], loaded.ps, loaded.st)
+    assert torch.equal(y_a, y_b) and st_a["layer_2"]["rng"] == st_b["layer_2"]["rng"]
+    _, loss_a, _, ts_a = single_train_step(_deq_loss, batch, ts)
+    _, loss_b, _, ts_b = single_train_step(_deq_loss, batch, loaded)
+    assert torch.equal(loss_a, loss_b) and torch.equal(ts_a.params, ts_b.params)
+
+
+def test_checkpoint_rebuilds_only_pylux_records(tmp_path):
+    from collections import namedtuple
+
+    from pylux.sensitivity import BackwardStats
+    model = mlp()
+    ps, st = lx.setup(torch.Generator().manual_seed(0), model)
+    ts = TrainState(model, ps, st, Adam())
+    record = BackwardStats(nf=12, nvjp=4)
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, ts.with_state({**st, "stats": record, "code": lx.ReturnCode.Terminated}))
+    loaded = load_checkpoint(path, model, Adam())
+    assert type(loaded.st["stats"]) is BackwardStats and loaded.st["stats"] == {"nf": 12, "nvjp": 4}
+    assert loaded.st["code"] is lx.ReturnCode.Terminated
+    Point = namedtuple("Point", "x y")
+    with pytest.raises(CheckpointError, match=r"st.point is a Point"):
+        save_checkpoint(tmp_path / "bad.pt", ts.with_state({**st, "point": Point(1, 2)}))
+    # a file naming a class outside pylux is refused, not imported
+    payload = torch.load(path, weights_only=True)
+    payload["st"]["code"]["class"] = "os:system"
+    torch.save(payload, tmp_path / "forged.pt")
+    with pytest.raises(CheckpointError, match="only pylux's own records"):
+        load_checkpoint(tmp_path / "forged.pt", model, Adam())
+    payload["st"]["code"]["class"] = "pylux.core.tree:TreeStructureError"
+    torch.save(payload, tmp_path / "forged.pt")
+    with pytest.raises(CheckpointError, match="not a enum"):
+        load_checkpoint(tmp_path / "forged.pt", model, Adam())
