@@ -464,7 +464,11 @@ class _EquilibriumLayer(AbstractLayer):
         return z_out, solution, next_key
 
     def _jacobian_loss(self, f, z_star, x, ps_model, key):
-        """The Hutchinson estimate of :math:`\\gamma\\,\\mathrm{mean}_b\\lVert J_f(z^*_b)\\rVert_F^2/d` and the next key.
+        """The Jacobian loss :math:`\\gamma\\,\\mathrm{mean}_b\\lVert J_f(z^*_b)\\rVert_F^2/d` and the next key.
+
+        Hutchinson's estimate of the Frobenius norm.
+        One Rademacher probe per sample from the state's key (Bai, Koltun & Kolter 2021), :math:`z^*` held
+        fixed; an empty batch gives a zero that is still connected to the parameters.
 
         ``None`` (and the key unchanged) when the regulariser is off or grad mode is off.
         """
