@@ -95,5 +95,3 @@ def test_split_key_is_splitmix64_and_key_helpers_check_their_input():
     assert core.draw_key(torch.Generator().manual_seed(3)) == core.draw_key(torch.Generator().manual_seed(3))
     with pytest.raises(TypeError, match="expected a torch.Generator"):
         core.draw_key(3)
-    from pylux.nn import dropout
-    assert dropout.split_key is core.split_key

@@ -11,7 +11,7 @@ import torch
 import pylux as lx
 from pylux import nn
 from pylux.layers import ContinuousSolve, DiscreteSolve, EquilibriumResult
-from pylux.nonlinear import ConvergenceWarning, NonlinearSolveError, nlsolve
+from pylux.nonlinear import NonlinearSolveError, nlsolve
 from pylux.sensitivity import JacobianFreeBackprop, SteadyStateAdjoint
 
 F64 = torch.float64

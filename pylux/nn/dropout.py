@@ -16,7 +16,6 @@ from typing import Any, Mapping
 import torch
 
 from ..core import AbstractLayer, draw_key, key_generator
-from ..core import split_key  # noqa: F401  re-exported: pylux.layers.neural_ode imports it from here
 from ._common import check_floating, check_keys, check_tensor, check_training_flag
 
 __all__ = ["Dropout"]
