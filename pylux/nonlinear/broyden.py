@@ -171,6 +171,15 @@ class Broyden(_LowRankBroyden):
     element per iteration), grown on demand up to ``maxiters``; for long
     solves on large states use :class:`LimitedMemoryBroyden`.
 
+    With ``line_search=True``, each element backtracks on ``||F||``
+    (:func:`~pylux.nonlinear._base.backtracking_line_search`); a trial that
+    would raise the residual more than tenfold is never taken. An element
+    whose search finds no acceptable step stays where it is and learns from
+    the rejected trial: its next update uses the secant pair between the
+    current point and that trial (a poor ``H``, e.g. after a near-zero
+    ``dF``, gives a huge direction; the trial corrects ``H`` along it), and
+    restarts from ``H = -I`` if even that trial was NaN/Inf.
+
     Args:
         line_search: per-element backtracking on ``||F||`` (off by default:
             DEQ maps are usually close enough to contractions for full steps).

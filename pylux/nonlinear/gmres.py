@@ -73,7 +73,10 @@ def gmres(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, x0: t
     (the residual estimate ``|g_(k+1)|`` decides within a cycle; the true
     residual is recomputed at the end of every cycle and decides overall).
     Without restart (``restart >= n``) an ``n``-dimensional system converges
-    in at most ``n`` steps in exact arithmetic.
+    in at most ``n`` steps in exact arithmetic. An element stops early, not
+    converged, when its residual is NaN/Inf or a whole cycle did not decrease
+    it (restarting from the same point would repeat that cycle: a singular
+    ``A`` with ``b`` outside its range).
 
     Args:
         matvec: ``v -> A v``, taking and returning tensors of ``b``'s shape;
@@ -152,20 +155,33 @@ def gmres(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, x0: t
     rnorm = torch.linalg.vector_norm(r, dim=1)
     converged = rnorm <= target
     iterations = 0
+    # Elements that cannot improve stop too (converged=False): a NaN/Inf residual, or a whole
+    # cycle without any decrease. GMRES(m) restarted from the same x repeats the same cycle,
+    # so a cycle that gained nothing (a singular A with b outside its range) would repeat forever.
+    # A cycle that made the true residual worse (rounding in a numerically singular system)
+    # is undone, so every element returns its best iterate.
+    stuck = ~torch.isfinite(rnorm)
+    anorm = torch.zeros_like(rnorm)  # per element, the largest ||A v|| seen: a lower bound of ||A||
     while iterations < maxiters:
-        # An element whose residual is NaN/Inf cannot improve: it stops too (converged=False).
-        stopped = converged | ~torch.isfinite(rnorm)
+        stopped = converged | stuck
         n_stopped = int(stopped.sum())
         if n_stopped == batch:
             break
         steps = min(m, maxiters - iterations)
-        x, taken = _cycle(apply_a, x, r, rnorm, target, stopped, n_stopped > 0, steps,
-                          orthogonalization)
+        x_new, taken = _cycle(apply_a, x, r, rnorm, target, stopped, n_stopped > 0, steps,
+                              orthogonalization, anorm)
         iterations += taken
         matvecs += taken + 1
-        r = b_flat - apply_a(x)
-        rnorm = torch.linalg.vector_norm(r, dim=1)
+        r_new = b_flat - apply_a(x_new)
+        rnorm_new = torch.linalg.vector_norm(r_new, dim=1)
+        gained = rnorm_new < rnorm
+        worse = ~stopped & ~gained & torch.isfinite(rnorm)
+        keep = worse.unsqueeze(1)
+        x = torch.where(keep, x, x_new)
+        r = torch.where(keep, r, r_new)
+        rnorm = torch.where(worse, rnorm, rnorm_new)
         converged = rnorm <= target
+        stuck = stuck | ~torch.isfinite(rnorm) | (~stopped & ~gained)
     return GMRESResult(x.view(shape), rnorm, iterations, converged, matvecs)
 
 
@@ -178,10 +194,16 @@ def _check_like(where: str, what: str, t: object, ref: torch.Tensor) -> None:
         raise TypeError(f"{where}: {what} is {t.dtype} on {t.device} but b is {ref.dtype} on {ref.device}.")
 
 
-def _cycle(apply_a, x, r, rnorm, target, done_before, some_done, steps, orthogonalization):
-    """One GMRES(steps) cycle from ``x`` with residual ``r``; returns the new x and the steps taken."""
+def _cycle(apply_a, x, r, rnorm, target, done_before, some_done, steps, orthogonalization, anorm):
+    """One GMRES(steps) cycle from ``x`` with residual ``r``; returns the new x and the steps taken.
+
+    ``anorm`` (updated in place) is each element's largest ``||A v||`` so far; a pivot of the
+    rotated Hessenberg matrix below ``16 eps anorm`` counts as zero (a numerically singular
+    system), so its column is dropped instead of dividing by rounding noise.
+    """
     batch, n = x.shape
     dtype, device = x.dtype, x.device
+    pivot_floor = 16.0 * torch.finfo(dtype).eps
     active = ~done_before
     beta = torch.where(active, rnorm, torch.zeros_like(rnorm))
     inv_beta = torch.where(beta > 0, 1.0 / beta, torch.zeros_like(beta))
@@ -203,6 +225,7 @@ def _cycle(apply_a, x, r, rnorm, target, done_before, some_done, steps, orthogon
             # Finished elements stop growing their basis: their new vectors are zero.
             w = torch.where(done.unsqueeze(1), torch.zeros_like(w), w)
         taken += 1
+        torch.maximum(anorm, torch.linalg.vector_norm(w, dim=1), out=anorm)
         h, w = _orthogonalize(basis[:, :j + 1], w, orthogonalization)
         h_next = torch.linalg.vector_norm(w, dim=1)
         inv_next = torch.where(h_next > 0, 1.0 / h_next, torch.zeros_like(h_next))
@@ -210,7 +233,7 @@ def _cycle(apply_a, x, r, rnorm, target, done_before, some_done, steps, orthogon
         col = torch.bmm(rot[:, :j + 1, :j + 1], h.unsqueeze(2)).squeeze(2)
         diag = col[:, j]
         radius = torch.hypot(diag, h_next)
-        nonzero = radius > 0
+        nonzero = radius > pivot_floor * anorm
         safe = torch.where(nonzero, radius, torch.ones_like(radius))
         c = torch.where(nonzero, diag / safe, torch.ones_like(radius))
         s = torch.where(nonzero, h_next / safe, torch.zeros_like(radius))

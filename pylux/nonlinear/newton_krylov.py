@@ -155,8 +155,8 @@ class NewtonKrylov(AbstractNonlinearSolver):
         shown = ", ".join(str(i) for i in elements[:10]) + (", ..." if len(elements) > 10 else "")
         return (f"The Newton system (J_g - I) d = -F was singular or too ill-conditioned for GMRES to make "
                 f"progress (or its step was rejected by the line search) in {count} unconverged batch "
-                f"element(s) [{shown}], at up to {int(state.singular.max())} iterations each; a "
-                f"fixed-point step was taken instead. Near a point where J_g - I is singular, try "
+                f"element(s) [{shown}] (in up to {int(state.singular.max())} iteration(s) each), where "
+                f"a fixed-point step was taken instead. Near a point where J_g - I is singular, try "
                 f"Broyden() or Anderson(), or start from another z0.")
 
     def _jvp(self, fn, z, gz):
