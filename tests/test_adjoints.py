@@ -40,7 +40,7 @@ def test_reversible_gradient_is_the_exact_discrete_gradient(tspan, saveat, steps
     for g, ref in zip(grads, ref_grads):
         assert ref.abs().max() > 1e-2
         torch.testing.assert_close(g, ref, rtol=1e-9, atol=1e-11)
-    stats = alg.last_backward_stats
+    stats = sol.backward_stats
     assert stats["nsteps"] == sol.stats.naccept
     assert stats["reconstruction_error"] < 1e-12
     assert stats["nvjp"] == 2 * stats["nsteps"]
@@ -59,9 +59,9 @@ def test_reconstruction_error_grows_like_inverse_coupling_power():
     errors = {}
     for coupling in (0.99, 0.999):
         alg = ReversibleAdjoint(coupling=coupling)
-        loss_and_grads(alg, solver=lx.Midpoint(), reltol=1e-7, abstol=1e-7)
-        assert alg.last_backward_stats["nsteps"] > 2000
-        errors[coupling] = alg.last_backward_stats["reconstruction_error"]
+        _, _, sol = loss_and_grads(alg, solver=lx.Midpoint(), reltol=1e-7, abstol=1e-7)
+        assert sol.backward_stats["nsteps"] > 2000
+        errors[coupling] = sol.backward_stats["reconstruction_error"]
     assert errors[0.999] < 1e-12 < 1e-8 < errors[0.99], errors
 
 
@@ -84,11 +84,11 @@ def test_reversible_method_keeps_the_base_order():
                                  InterpolatingAdjoint(checkpointing=7),
                                  InterpolatingAdjoint(checkpointing=[0.05, 0.5, 0.95])], ids=repr)
 def test_quadrature_and_checkpointed_agree_with_interpolating(alg):
-    _, grads, _ = loss_and_grads(alg, reltol=1e-10, abstol=1e-10)
+    _, grads, sol = loss_and_grads(alg, reltol=1e-10, abstol=1e-10)
     _, ref, _ = loss_and_grads(InterpolatingAdjoint(), reltol=1e-10, abstol=1e-10)
     for g, r in zip(grads, ref):
         torch.testing.assert_close(g, r, rtol=1e-7, atol=1e-9)
-    stats = alg.last_backward_stats
+    stats = sol.backward_stats
     assert stats["nf"] > 0 and stats["nvjp"] > 0
     if isinstance(alg, QuadratureAdjoint):
         assert stats["nquadrature"] >= stats["naccept"]
@@ -106,7 +106,7 @@ def test_checkpointing_stores_no_dense_output_and_resolves_each_interval():
     ctx = sol.u.grad_fn
     assert ctx.dense is None and len(ctx.times) == 4  # three interior checkpoints and t1
     sol.u.sum().backward()
-    assert alg.last_backward_stats["nf_forward_resolve"] > 0
+    assert sol.backward_stats["nf_forward_resolve"] > 0
 
 
 def test_zero_length_span_gives_identity_gradient():
@@ -141,7 +141,7 @@ def test_seminorm_cuts_backward_evaluations_on_the_mnist_shaped_field():
         sol = lx.solve(lx.ODEProblem(f, u0, (0.0, 1.0), p), lx.Tsit5(), saveat=[1.0], reltol=1e-4,
                        abstol=1e-4, sensealg=alg)
         grads[seminorm] = torch.autograd.grad((sol.u ** 2).sum(), list(p.values()))
-        counts[seminorm] = alg.last_backward_stats["nf"]
+        counts[seminorm] = sol.backward_stats["nf"]
     assert counts[True] < counts[False], counts
     for g, r in zip(grads[True], grads[False]):
         torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-4 * float(r.abs().max()))
@@ -276,7 +276,7 @@ def test_interpolating_backward_reads_the_dense_output_without_host_copies(monke
     loss = sol.u.sum()
     counter = SyncCounter(monkeypatch)
     loss.backward()
-    stats = alg.last_backward_stats
+    stats = sol.backward_stats
     # per backward trial step one (the error norm), per segment two (the initial-step heuristic);
     # none per stage evaluation, though each reads z(t) from the forward dense output
     assert stats["nf"] > 3 * (stats["naccept"] + stats["nreject"])

@@ -7,46 +7,58 @@ User API (DifferentialEquations.jl names)::
 
 Internal contracts used by ``pylux.sensitivity`` and ``pylux.regularize`` (kept stable):
 
-* the pure step — ``solver.init(f, t0, u0, dt0, f0=None)`` and
-  ``solver.step(f, t, u, dt, state) -> StepResult`` (:mod:`.solvers`);
-* the loop on plain tensors — ``integrate(f, u0, t0, t1, solver, options)``
-  with ``f(u, t)`` and canonical :class:`SolveOptions` (:mod:`.integrate`,
-  :mod:`.options`);
+* terms — ``ODETerm(f)``, ``ControlTerm(g, control)``, ``MultiTerm(...)``
+  (:mod:`.terms`): what a solver steps over, bound to parameters with ``term.bind(p)``;
+* the pure step — ``solver.init(term, t0, u0, dt0, f0=None)`` and
+  ``solver.step(term, t, u, dt, state) -> StepResult`` with ``t``, ``dt``
+  0-d device tensors and a step status (:mod:`.solvers`);
+* the one loop on plain tensors — ``integrate(term, u0, t0, t1, solver, options)``
+  with a bound term or ``f(u, t)`` and canonical :class:`SolveOptions`
+  (:mod:`.integrate`, :mod:`.options`); fixed steps are the
+  :class:`ConstantStepSize` controller;
 * per-step internals in ``sol.stats`` with ``save_stats=True`` (:class:`SolverStats`);
 * ``AbstractSensitivityAlgorithm.solve_with(problem, solver, options)``, which
   ``solve(..., sensealg=...)`` dispatches to.
 
-This package depends on torch and numpy only; it imports no other pylux package.
+This package depends on torch and numpy, and on ``pylux.core`` (failure vocabulary,
+keyword checker); it imports no higher pylux package.
 """
 
 from .callbacks import AbstractTerminationCallback, TerminateSteadyState, TerminateWhen
-from .controllers import AbstractController, ControllerState, IController, PIController, initial_step_size
+from .controllers import (AbstractController, ConstantStepSize, ControllerState, IController, PIController,
+                          initial_step_size)
 from .integrate import integrate
 from .interpolation import AbstractInterpolant, DenseOutput, HermiteInterpolant, StageInterpolant
 from .multistep import VCAB3
 from .norms import MixedNorm, SemiNorm, max_norm, rms_norm, scaled_error_norm
 from .options import SolveOptions, make_options
 from .problem import ODEProblem
-from .solution import (DtLessThanMinError, MaxItersError, ReturnCode, Solution, SolverError,
+from .reversible import Reversible
+from .solution import (DtLessThanMinError, FailureError, MaxItersError, ReturnCode, Solution, SolverError,
                        SolverStats, UnstableError)
-from .solve import AbstractSensitivityAlgorithm, solve
+from .solve import AbstractSensitivityAlgorithm, check_sensealg, solve
 from .solvers import (BS3, DP5, RK4, AbstractAdaptiveSolver, AbstractSolver, Euler,
-                      ExplicitRungeKutta, Heun, Midpoint, StepResult, Tsit5)
+                      ExplicitRungeKutta, Heun, Midpoint, StepResult, StepStatus, Tsit5)
+from .terms import AbstractControl, AbstractTerm, BoundTerm, ControlTerm, MultiTerm, ODETerm
 from .tableau import ButcherTableau, TableauError
 
 __all__ = [
     # problems and solving
     "ODEProblem", "solve", "integrate", "SolveOptions", "make_options",
+    # terms
+    "AbstractTerm", "ODETerm", "ControlTerm", "MultiTerm", "BoundTerm", "AbstractControl",
     # solvers
     "AbstractSolver", "AbstractAdaptiveSolver", "ExplicitRungeKutta", "ButcherTableau", "TableauError",
-    "StepResult", "Euler", "Midpoint", "Heun", "RK4", "BS3", "Tsit5", "DP5", "VCAB3",
+    "StepResult", "StepStatus", "Euler", "Midpoint", "Heun", "RK4", "BS3", "Tsit5", "DP5", "VCAB3",
+    "Reversible",
     # step-size control and norms
-    "AbstractController", "PIController", "IController", "ControllerState", "initial_step_size",
+    "AbstractController", "PIController", "IController", "ConstantStepSize", "ControllerState",
+    "initial_step_size",
     "rms_norm", "max_norm", "SemiNorm", "MixedNorm", "scaled_error_norm",
     # output
     "Solution", "SolverStats", "ReturnCode", "SolverError", "MaxItersError", "DtLessThanMinError",
-    "UnstableError", "AbstractInterpolant", "StageInterpolant", "HermiteInterpolant", "DenseOutput",
+    "UnstableError", "FailureError", "AbstractInterpolant", "StageInterpolant", "HermiteInterpolant", "DenseOutput",
     # callbacks and sensitivity hook
     "AbstractTerminationCallback", "TerminateSteadyState", "TerminateWhen",
-    "AbstractSensitivityAlgorithm",
+    "AbstractSensitivityAlgorithm", "check_sensealg",
 ]

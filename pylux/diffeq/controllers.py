@@ -7,6 +7,12 @@ lives in a :class:`ControllerState` that :meth:`decide` returns anew.
 
 ``decide(state, error_norm, dt) -> (accept, dt_next, state_new)``, with ``dt``
 and ``dt_next`` signed host floats (their sign is the direction of time).
+``step_end(state, t, dt, t_stop, time_dtype) -> (dt_step, t_new, state)`` says where
+a trial step from ``t`` ends (never past ``t_stop``, rounded to the time
+dtype), and ``start(t0, t1, dt0, time_dtype)`` makes the per-solve state.
+Fixed stepping is a controller too, :class:`ConstantStepSize`: it accepts
+every step, needs no error estimate (so the loop does not synchronise per
+step) and walks the grid ``t0 + i dt``.
 
 PI control follows OrdinaryDiffEq.jl's ``PIController`` (Söderlind, "Automatic
 control and adaptive time-stepping", Numer. Algorithms 31 (2002); Hairer &
@@ -32,15 +38,65 @@ from dataclasses import dataclass
 
 import torch
 
-from ._device import scalar_like
+from ._device import time_scalar
 
 __all__ = [
     "AbstractController",
     "PIController",
     "IController",
+    "ConstantStepSize",
     "ControllerState",
+    "clamp_step",
     "initial_step_size",
 ]
+
+
+def _round_time(value: float, time_dtype: torch.dtype) -> float:
+    if time_dtype == torch.float32:
+        import numpy as np
+        return float(np.float32(value))
+    return value
+
+
+def clamp_step(t: float, dt: float, t1: float, time_dtype: torch.dtype) -> tuple[float, float]:
+    """The step actually taken from ``t`` with proposed signed ``dt``: ``(dt_step, t_new)``.
+
+    Never steps past ``t1`` (the step that reaches it ends exactly at ``t1``);
+    otherwise ``t_new`` is ``t + dt`` rounded to the time dtype, and ``dt_step =
+    t_new - t`` is the representable step (0 when ``t + dt == t``).
+    """
+    if (dt > 0 and t + dt >= t1) or (dt < 0 and t + dt <= t1):
+        return t1 - t, t1
+    t_new = _round_time(t + dt, time_dtype)
+    return t_new - t, t_new
+
+
+class FixedTimeGrid:
+    """The times ``t0, t0 + dt, ..., t1`` of a fixed-step solve, generated on demand.
+
+    ``t_i = t0 + i dt`` (no accumulated rounding), rounded to the time dtype; a
+    ``dt`` that does not divide the span shortens the last step so the grid
+    ends exactly at ``t1``. A ratio within 1e-10 of an integer counts as
+    dividing (``1 / 0.1`` is 10 steps, not 11). ``len(grid)`` is the number of
+    points (steps + 1); nothing is stored, so a tiny ``dt`` costs no memory
+    before ``maxiters`` stops it.
+    """
+
+    def __init__(self, t0: float, t1: float, dt: float, time_dtype: torch.dtype) -> None:
+        self.t0, self.t1, self.time_dtype = t0, t1, time_dtype
+        self.step = dt if t1 >= t0 else -dt
+        ratio = abs(t1 - t0) / dt
+        nearest = round(ratio)
+        steps = nearest if abs(ratio - nearest) <= 1e-10 * max(1.0, ratio) else math.ceil(ratio)
+        self.steps = max(int(steps), 1)
+
+    def __len__(self) -> int:
+        return self.steps + 1
+
+    def __getitem__(self, i: int) -> float:
+        if i == self.steps:
+            return self.t1
+        return _round_time(self.t0 + i * self.step, self.time_dtype)
 
 
 @dataclass(frozen=True)
@@ -66,9 +122,19 @@ class AbstractController(abc.ABC):
     qmin: float
     qmax: float
     gamma: float
+    #: the controller reads the scaled error of each trial step (the loop fetches it: one sync per step)
+    needs_error_estimate: bool = True
 
     def init(self) -> ControllerState:
         return ControllerState(qold=1e-4)
+
+    def start(self, t0: float, t1: float, dt0: float, time_dtype: torch.dtype):
+        """The per-solve state; ``dt0`` is the signed first step."""
+        return self.init()
+
+    def step_end(self, state, t: float, dt: float, t_stop: float, time_dtype: torch.dtype):
+        """``(dt_step, t_new, state)`` of a trial step from ``t`` with proposal ``dt`` (see :func:`clamp_step`)."""
+        return (*clamp_step(t, dt, t_stop, time_dtype), state)
 
     @abc.abstractmethod
     def decide(self, state: ControllerState, error_norm: float, dt: float
@@ -195,8 +261,49 @@ class IController(AbstractController):
         return accept, dt / q, state
 
 
+@dataclass(frozen=True)
+class _GridState:
+    grid: FixedTimeGrid
+    index: int
+    dt: float
+
+
+@dataclass(frozen=True)
+class ConstantStepSize(AbstractController):
+    """Fixed steps: accept every step; the steps walk the grid ``t0 + i dt`` (see :class:`FixedTimeGrid`).
+
+    The grid restarts at every stop time the loop must step onto (``tstops``,
+    or ``saveat`` for a solver without an interpolant), so a stop between grid
+    points shortens one step instead of shifting the rest. ``solve(...,
+    adaptive=False, dt=h)`` uses it; it needs no error estimate, so the loop
+    takes no host synchronisation per step.
+    """
+
+    qmin: float = 1.0
+    qmax: float = 1.0
+    gamma: float = 1.0
+    needs_error_estimate = False
+
+    def start(self, t0, t1, dt0, time_dtype):
+        return _GridState(FixedTimeGrid(t0, t1, abs(dt0), time_dtype), 0, abs(dt0))
+
+    def step_end(self, state, t, dt, t_stop, time_dtype):
+        grid, index = state.grid, state.index
+        if grid.t1 != t_stop or grid[index] != t:
+            grid, index = FixedTimeGrid(t, t_stop, state.dt, time_dtype), 0
+        t_new = grid[index + 1]
+        return t_new - t, t_new, _GridState(grid, index, state.dt)
+
+    def decide(self, state, error_norm, dt):
+        return True, dt, _GridState(state.grid, state.index + 1, state.dt)
+
+    def __repr__(self) -> str:
+        return "ConstantStepSize()"
+
+
 def initial_step_size(field, t0: float, u0: torch.Tensor, t1: float, order: int, abstol, reltol,
-                      norm, f0: torch.Tensor, dtmax: float) -> float:
+                      norm, f0: torch.Tensor, dtmax: float, time_dtype: torch.dtype = torch.float64
+                      ) -> tuple[float, str]:
     """Hairer's starting step size (Hairer, Nørsett & Wanner, *Solving ODEs I*, II.4, p. 169).
 
     With ``sc = abstol + |u0| reltol`` and ``||.||`` the solve's norm::
@@ -208,24 +315,43 @@ def initial_step_size(field, t0: float, u0: torch.Tensor, t1: float, order: int,
         h  = min(100 h0, h1, |t1 - t0|, dtmax)
 
     Costs one evaluation of ``field`` (``f0`` is given) and two host
-    synchronisations, once per solve. Returns the magnitude ``h`` (> 0).
+    synchronisations, once per solve. The norms are formed as
+    ``m ||x / m||`` with ``m = max |x|`` (a norm is homogeneous), so a tiny
+    ``abstol`` over a zero state component cannot overflow them.
+
+    Returns:
+        ``(h, problem)``: the magnitude ``h > 0`` and ``""``, or ``(nan, why)``
+        when ``f(u0, t0)`` is NaN/Inf or the error scale itself is unusable.
     """
     direction = 1.0 if t1 >= t0 else -1.0
     span = abs(t1 - t0)
     scale = u0.abs() * reltol + abstol
-    d0, d1 = torch.stack([norm(u0 / scale), norm(f0 / scale)]).detach().tolist()
+    d0, d1, f0_finite = torch.stack([_scaled_norm(norm, u0 / scale), _scaled_norm(norm, f0 / scale),
+                                     torch.isfinite(f0).all().to(u0.dtype)]).detach().tolist()
+    if not f0_finite:
+        return math.nan, "f(u0, t0) is NaN or Inf"
     if not (math.isfinite(d0) and math.isfinite(d1)):
-        return math.nan
+        return math.nan, (f"the error scale abstol + reltol |u0| is zero or too small for "
+                          f"{str(u0.dtype).replace('torch.', '')} (abstol = {abstol!r}); raise abstol")
     h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
     h0 = min(h0, span, dtmax)
     u1 = u0 + (direction * h0) * f0
-    t_probe = scalar_like(t0 + direction * h0, u0)
-    f1 = field(u1, t_probe)
-    d2 = float(norm((f1 - f0) / scale).detach()) / h0
+    t_probe = time_scalar(t0 + direction * h0, time_dtype, u0.device)
+    f1 = field.vf(u1, t_probe) if hasattr(field, "vf") else field(u1, t_probe)
+    d2 = float(_scaled_norm(norm, (f1 - f0) / scale).detach()) / h0
     if not math.isfinite(d2):
-        return h0
+        return h0, ""
     if max(d1, d2) <= 1e-15:
         h1 = max(1e-6, h0 * 1e-3)
     else:
         h1 = (0.01 / max(d1, d2)) ** (1.0 / order)
-    return min(100.0 * h0, h1, span, dtmax)
+    return min(100.0 * h0, h1, span, dtmax), ""
+
+
+def _scaled_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` as ``m * norm(x / m)``, ``m = max |x|``: no overflow from squaring huge entries."""
+    if x.numel() == 0:
+        return norm(x)
+    m = x.detach().abs().amax()
+    safe = torch.where((m > 0) & torch.isfinite(m), m, torch.ones_like(m))
+    return norm(x / safe) * safe

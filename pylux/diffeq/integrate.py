@@ -1,133 +1,132 @@
-"""The integration loop: ``integrate(f, u0, t0, t1, solver, options) -> Solution``.
+"""The integration loop: ``integrate(term, u0, t0, t1, solver, options) -> Solution``.
 
 This is the internal entry the sensitivity algorithms call directly: it works
-on plain tensors (any shape, e.g. an adjoint's flat augmented state) with an
-already-bound vector field ``f(u, t) -> du`` (``t`` a 0-d tensor of ``u``'s
-dtype and device) and canonical :class:`~pylux.diffeq.options.SolveOptions`.
+on plain tensors (any shape, e.g. an adjoint's flat augmented state) with a
+bound term (:mod:`pylux.diffeq.terms`) or an already-bound vector field
+``f(u, t) -> du``, and canonical :class:`~pylux.diffeq.options.SolveOptions`.
 It works under ``torch.no_grad()``, with ``f`` that itself calls autograd, and
-backward in time (``t1 < t0``).
+backward in time (``t1 < t0``). There is one loop for every solver and every
+controller: fixed stepping is the :class:`~pylux.diffeq.controllers.ConstantStepSize`
+controller, and the reversible pair is a solver like the others.
 
 The loop is a composition of small helpers, each testable on its own:
 
-* ``solver.step`` — one trial step (the pure contract of :mod:`pylux.diffeq.solvers`);
+* ``solver.step`` — one trial step (the pure contract of :mod:`pylux.diffeq.solvers`),
+  which returns a status: a solver may reject its own step (an implicit
+  method whose Newton iteration failed) or fail the solve;
 * :class:`~pylux.diffeq.norms.ScaledErrorNorm` — the scaled error ``E`` (workspace buffers
   when no gradient of ``E`` is needed);
-* ``controller.decide`` — accept/reject and the next ``dt``;
-* :func:`clamp_step` — do not step past ``t1``, round to the time dtype;
+* ``controller.step_end`` / ``controller.decide`` — where the step ends (never
+  past the next stop time: ``tstops``, ``t1``, and ``saveat`` for solvers
+  without an interpolant) and accept/reject with the next ``dt``;
 * :class:`Saver` — what to store (every step, ``saveat`` by interpolation, ends);
 * :func:`check_termination` — the termination callbacks;
 * :class:`StatsRecorder` — per-step internals when ``save_stats=True``.
 
 Host synchronisation: the accept/reject decision needs ``E`` on the host; the
-loop fetches it, together with every termination flag, in ONE transfer per
-step. Nothing else synchronises inside the loop: stage times reach the device
-without blocking copies, fixed-step solves check for NaN/Inf once at the end
-(and synchronise per step only to read termination flags), and the
-initial-step heuristic synchronises twice per solve. Time is kept on the host
-as Python floats, in the time dtype (rounded to float32 when ``tspan`` is
-float32); ``f`` receives ``t`` as a 0-d tensor in the state's dtype.
+loop fetches it, together with every termination flag and a tensor step
+status, in ONE transfer per step. Nothing else synchronises inside the loop:
+time reaches the step as 0-d device tensors made by fill kernels, stage times
+reach the device without blocking copies, constant-step solves check for
+NaN/Inf once at the end (and synchronise per step only to read termination
+flags), and the initial-step heuristic synchronises twice per solve. The loop
+keeps each time as a host float too, in the time dtype (rounded to float32
+when ``tspan`` is float32), for clamping, saving and messages; ``f`` receives
+``t`` as a 0-d tensor in the time dtype, so a float32 state with a float64
+``tspan`` still sees full-precision time.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable
 
 import torch
 
-from ._device import host_to_device, scalar_like
-from .controllers import initial_step_size
+from ._device import host_to_device, time_scalar
+from .controllers import FixedTimeGrid, clamp_step, initial_step_size
 from .interpolation import AbstractInterpolant, DenseOutput
 from .norms import ScaledErrorNorm, scaled_error_norm
-from .options import SolveOptions, _round_time
+from .options import SolveOptions
 from .solution import ERROR_FOR_RETCODE, ReturnCode, Solution, SolverStats
-from .solvers import AbstractSolver, StepResult
+from .solvers import AbstractSolver, StepResult, StepStatus
+from .terms import BoundTerm, _FunctionTerm, as_bound_term
 
 __all__ = ["integrate", "Saver", "StatsRecorder", "clamp_step", "check_termination",
-           "FixedTimeGrid", "fixed_time_grid", "stiffness_estimate", "CountingField"]
+           "FixedTimeGrid", "fixed_time_grid", "stiffness_estimate", "CountingField",
+           "STATUS_REJECT_SHRINK", "NONFINITE_SHRINK", "MAX_NONFINITE_STREAK"]
 
 #: After a step whose error is NaN/Inf, the step size is multiplied by this.
 NONFINITE_SHRINK = 0.2
 #: This many consecutive non-finite trial steps make the solve Unstable.
 MAX_NONFINITE_STREAK = 10
+#: After a step the solver itself rejected (StepStatus.REJECT), the step size is multiplied by this
+#: (OrdinaryDiffEq's failfactor of 2 after a Newton failure).
+STATUS_REJECT_SHRINK = 0.5
 
 
-class CountingField:
-    """Wraps ``f(u, t)``: counts evaluations and checks the first output against ``u0``.
+class CountingField(BoundTerm):
+    """A bound term that counts vector-field evaluations and checks the first output against ``u0``.
 
-    The first call's result must be a tensor with ``u0``'s shape, dtype and
-    device; a mismatch raises before any step is taken, naming both. Exceptions
-    raised by ``f`` propagate unchanged.
+    The first evaluation's result must have ``u0``'s shape, dtype and device
+    (for an ODE term; a control term is checked on its first product, where
+    the control's increment is known); a mismatch raises before any step is
+    taken, naming both. Exceptions raised by ``f`` propagate unchanged, except
+    a ``TypeError`` on the first call of a field that cannot take
+    ``(u, p, t)``, which is re-raised saying what pylux expects.
     """
 
-    __slots__ = ("f", "count", "_u0")
+    __slots__ = ("count", "_u0", "_products_checked")
 
-    def __init__(self, f: Callable, u0: torch.Tensor) -> None:
-        self.f = f
+    def __init__(self, term, u0: torch.Tensor) -> None:
+        term = as_bound_term(term)
+        super().__init__(term.term, term.p)
         self.count = 0
         self._u0 = u0
+        self._products_checked = False
 
-    def __call__(self, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = self.f(u, t)
+    def vf(self, u: torch.Tensor, t: torch.Tensor):
         if self.count == 0:
-            _check_field_output(out, self._u0)
+            out = _first_call(self.term, u, self.p, t)
+            if self.control_is_time:
+                self.term.check(out, None, self._u0)
+        else:
+            out = self.term.vf(u, self.p, t)
         self.count += 1
         return out
 
+    def prod(self, vf, control):
+        if not self._products_checked:
+            self.term.check(vf, control, self._u0)
+            self._products_checked = True
+        return self.term.prod(vf, control)
 
-def _check_field_output(out, u0: torch.Tensor) -> None:
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"f must return a tensor du/dt, but returned {type(out).__name__}")
-    if out.shape != u0.shape:
-        raise ValueError(f"f returned a tensor of shape {tuple(out.shape)} but u0 has shape "
-                         f"{tuple(u0.shape)}; f(u, p, t) must return du/dt with u's shape")
-    if out.dtype != u0.dtype:
-        raise TypeError(f"f returned dtype {out.dtype} but u0 has dtype {u0.dtype}; f must return "
-                        "du/dt in u's dtype (cast inside f, or build u0 with the dtype f computes in)")
-    if out.device != u0.device:
-        raise ValueError(f"f returned a tensor on device {out.device} but u0 is on {u0.device}; "
-                         "move the parameters or u0 so that both live on the same device")
+    def vf_prod(self, u, t, control):
+        return self.prod(self.vf(u, t), control)
 
 
-def clamp_step(t: float, dt: float, t1: float, time_dtype: torch.dtype) -> tuple[float, float]:
-    """The step actually taken from ``t`` with proposed signed ``dt``: ``(dt_step, t_new)``.
+def _first_call(term, u, p, t):
+    try:
+        return term.vf(u, p, t)
+    except TypeError as err:
+        f = getattr(term, "f", None) or getattr(term, "g", None)
+        if f is None or isinstance(term, _FunctionTerm) or _accepts(f, 3):
+            raise
+        raise TypeError(f"{getattr(f, '__name__', type(f).__name__)} cannot be called as f(u, p, t): pylux "
+                        "calls the vector field with the state first, then the parameters, then time "
+                        "(Julia's order). A torchdiffeq-style f(t, u) must become f(u, p, t), e.g. "
+                        "lambda u, p, t: f(t, u)") from err
 
-    Never steps past ``t1`` (the step that reaches it ends exactly at ``t1``);
-    otherwise ``t_new`` is ``t + dt`` rounded to the time dtype, and ``dt_step =
-    t_new - t`` is the representable step (0 when ``t + dt == t``).
-    """
-    if (dt > 0 and t + dt >= t1) or (dt < 0 and t + dt <= t1):
-        return t1 - t, t1
-    t_new = _round_time(t + dt, time_dtype)
-    return t_new - t, t_new
 
-
-class FixedTimeGrid:
-    """The times ``t0, t0 + dt, ..., t1`` of a fixed-step solve, generated on demand.
-
-    ``t_i = t0 + i dt`` (no accumulated rounding), rounded to the time dtype; a
-    ``dt`` that does not divide the span shortens the last step so the grid
-    ends exactly at ``t1``. A ratio within 1e-10 of an integer counts as
-    dividing (``1 / 0.1`` is 10 steps, not 11). ``len(grid)`` is the number of
-    points (steps + 1); nothing is stored, so a tiny ``dt`` costs no memory
-    before ``maxiters`` stops it.
-    """
-
-    def __init__(self, t0: float, t1: float, dt: float, time_dtype: torch.dtype) -> None:
-        self.t0, self.t1, self.time_dtype = t0, t1, time_dtype
-        self.step = dt if t1 >= t0 else -dt
-        ratio = abs(t1 - t0) / dt
-        nearest = round(ratio)
-        steps = nearest if abs(ratio - nearest) <= 1e-10 * max(1.0, ratio) else math.ceil(ratio)
-        self.steps = max(int(steps), 1)
-
-    def __len__(self) -> int:
-        return self.steps + 1
-
-    def __getitem__(self, i: int) -> float:
-        if i == self.steps:
-            return self.t1
-        return _round_time(self.t0 + i * self.step, self.time_dtype)
+def _accepts(f, n: int) -> bool:
+    try:
+        inspect.signature(f).bind(*range(n))
+    except TypeError:
+        return False
+    except ValueError:  # no signature (a builtin): let the call itself decide
+        return True
+    return True
 
 
 def fixed_time_grid(t0: float, t1: float, dt: float, time_dtype: torch.dtype) -> list[float]:
@@ -258,31 +257,33 @@ def check_termination(callbacks, u_new: torch.Tensor, t_new: float, du: Callable
     return [cb.should_terminate(u_new, t_new, du) for cb in callbacks]
 
 
-def _fetch(error_norm: torch.Tensor | None, flags: list) -> tuple[float, bool]:
-    """The host synchronisation of a step: ``E`` and whether any callback fired, in one transfer."""
+def _fetch(error_norm: torch.Tensor | None, flags: list, status) -> tuple[float, bool, int]:
+    """The host synchronisation of a step: ``E``, whether a callback fired and the step status, in
+    one transfer (none at all when nothing is a tensor)."""
     tensor_flags = [f for f in flags if isinstance(f, torch.Tensor)]
     fired = any(bool(f) for f in flags if not isinstance(f, torch.Tensor))
-    if error_norm is None and not tensor_flags:
-        return 0.0, fired
+    status_tensor = isinstance(status, torch.Tensor)
+    code = 0 if status_tensor else int(status)
+    if error_norm is None and not tensor_flags and not status_tensor:
+        return 0.0, fired, code
+    dtype = error_norm.dtype if error_norm is not None else torch.float32
     values = ([error_norm.detach().reshape(())] if error_norm is not None else []) + [
-        f.detach().reshape(()).to(error_norm.dtype if error_norm is not None else torch.float32)
-        for f in tensor_flags]
+        f.detach().reshape(()).to(dtype) for f in tensor_flags + ([status] if status_tensor else [])]
     host = torch.stack(values).tolist() if len(values) > 1 else [values[0].item()]
-    if error_norm is not None:
-        e, host = host[0], host[1:]
-    else:
-        e = 0.0
-    return e, fired or any(v != 0 for v in host)
+    e = host.pop(0) if error_norm is not None else 0.0
+    if status_tensor:
+        code = int(host.pop())
+    return e, fired or any(v != 0 for v in host), code
 
 
-def _du_provider(field, result: StepResult, u_new: torch.Tensor, t_new: float):
+def _du_provider(field, result: StepResult, u_new: torch.Tensor, t_new: torch.Tensor):
     cache: list[torch.Tensor] = []
 
     def du() -> torch.Tensor:
         if result.du_new is not None:
             return result.du_new
         if not cache:
-            cache.append(field(u_new, scalar_like(t_new, u_new)))
+            cache.append(field.vf(u_new, t_new))
         return cache[0]
     return du
 
@@ -292,152 +293,218 @@ def _retry_state(result: StepResult, state):
 
 
 class _Outcome:
-    __slots__ = ("retcode", "t", "u", "dt", "naccept", "nreject", "detail")
+    __slots__ = ("retcode", "t", "u", "dt", "naccept", "nreject", "detail", "solver_state")
 
     def __init__(self, t0, u0, dt):
         self.retcode = ReturnCode.Success
         self.t, self.u, self.dt = t0, u0, dt
         self.naccept = self.nreject = 0
         self.detail = ""
+        self.solver_state = None
+
+    def stop(self, retcode: ReturnCode, detail: str = "") -> None:
+        self.retcode, self.detail = retcode, detail
 
 
-def _adaptive_loop(field: CountingField, solver: AbstractSolver, u0, t0, t1, options: SolveOptions,
-                   saver: Saver, dense: DenseOutput | None, stats: StatsRecorder) -> _Outcome:
-    direction = 1.0 if t1 > t0 else -1.0
-    controller = options.controller
-    cstate = controller.init()
-    f0 = None
-    if options.dt is None or solver.needs_f0:
-        f0 = field(u0, scalar_like(t0, u0))
-    if options.dt is None:
-        dt_abs = initial_step_size(field, t0, u0, t1, solver.order, options.abstol, options.reltol,
-                                   options.norm, f0, options.dtmax)
-        if math.isnan(dt_abs):
-            out = _Outcome(t0, u0, 0.0)
-            out.retcode = ReturnCode.Unstable
-            out.detail = "f(u0, t0) is NaN or Inf"
+def _stop_times(t0: float, t1: float, options: SolveOptions, solver: AbstractSolver) -> list[float]:
+    """The times the loop must step exactly onto, in the direction of integration, ending with t1."""
+    direction = 1.0 if t1 >= t0 else -1.0
+    stops = set(options.tstops)
+    if solver.steps_onto_saveat and options.saveat:
+        stops |= set(options.saveat)
+    inside = [x for x in stops if direction * t0 < direction * x < direction * t1]
+    return sorted(inside, key=lambda x: direction * x) + [t1]
+
+
+class _Loop:
+    """The one integration loop: any solver, any controller (adaptive or constant steps).
+
+    Per trial step: clamp to the next stop time, step, measure (the scaled
+    error when the controller needs it, termination flags, the step status:
+    one host transfer), then reject (status REJECT, NaN/Inf, error too large)
+    or accept (record, save, advance). Constant stepping needs no error, so
+    it does not synchronise per step: NaN/Inf are checked once at the end.
+    """
+
+    def __init__(self, field: CountingField, solver: AbstractSolver, u0, t0: float, t1: float,
+                 options: SolveOptions, saver: Saver, dense: DenseOutput | None, stats: StatsRecorder):
+        self.field, self.solver, self.options = field, solver, options
+        self.saver, self.dense, self.stats = saver, dense, stats
+        self.t0, self.t1, self.u0 = t0, t1, u0
+        self.direction = 1.0 if t1 > t0 else -1.0
+        self.controller = options.controller
+        self.adaptive = self.controller.needs_error_estimate
+        self.time = (options.time_dtype, u0.device)
+        self.stops = _stop_times(t0, t1, options, solver)
+        self.error_norm_of = ScaledErrorNorm(options.abstol, options.reltol, options.norm,
+                                             differentiable=options.save_stats)
+        self.finite_flags: list[torch.Tensor] = []
+        self.fixed_steps: list[tuple[float, float]] = []
+
+    def first_step(self, out: _Outcome) -> float | None:
+        """The signed first ``dt`` (Hairer's heuristic unless given), and the solver's initial state."""
+        options, field, u0, t0 = self.options, self.field, self.u0, self.t0
+        f0 = None
+        needs_f0 = options.dt is None or (self.solver.needs_f0 and field.control_is_time)
+        if needs_f0:
+            f0 = field.vf(u0, time_scalar(t0, *self.time))
+        if options.dt is None:
+            dt_abs, problem = initial_step_size(field, t0, u0, self.t1, self.solver.order, options.abstol,
+                                                options.reltol, options.norm, f0, options.dtmax,
+                                                options.time_dtype)
+            if problem:
+                out.stop(ReturnCode.Unstable, problem)
+                return None
+        else:
+            dt_abs = min(options.dt, options.dtmax)
+        dt = self.direction * dt_abs
+        self.state = self.solver.init(field, time_scalar(t0, *self.time), u0,
+                                      time_scalar(dt, *self.time), f0)
+        self.cstate = self.controller.start(t0, self.t1, dt, options.time_dtype)
+        return dt
+
+    def run(self) -> _Outcome:
+        out = _Outcome(self.t0, self.u0, 0.0)
+        dt = self.first_step(out)
+        if dt is None:
             return out
-    else:
-        dt_abs = min(options.dt, options.dtmax)
-    dt = direction * dt_abs
-    state = solver.init(field, t0, u0, dt, f0)
-    out = _Outcome(t0, u0, dt)
-    t, u = t0, u0
-    nonfinite_streak = 0
-    last_error = math.nan
-    callbacks = options.callbacks
-    error_norm_of = ScaledErrorNorm(options.abstol, options.reltol, options.norm,
-                                    differentiable=options.save_stats)
-    while t != t1:
-        if out.naccept + out.nreject >= options.maxiters:
-            out.retcode = ReturnCode.MaxIters
-            break
-        dt_step, t_new = clamp_step(t, dt, t1, options.time_dtype)
-        if t_new == t:
-            out.retcode = ReturnCode.DtLessThanMin
-            out.detail = f"t + dt == t in {str(options.time_dtype).replace('torch.', '')} time"
-            if not math.isnan(last_error):
-                out.detail += f"; the last scaled error estimate was {last_error:.3g}"
-            break
-        result = solver.step(field, t, u, dt_step, state)
-        u_new = result.u_new
-        error_norm = error_norm_of(result, u)
-        flags = check_termination(callbacks, u_new, t_new, _du_provider(field, result, u_new, t_new)) \
-            if callbacks else []
-        e, fired = _fetch(error_norm, flags)
+        out.dt = dt
+        self.t, self.u, self.stop_index = self.t0, self.u0, 0
+        self.nonfinite_streak, self.last_error = 0, math.nan
+        while self.t != self.t1 and out.retcode == ReturnCode.Success:
+            if out.naccept + out.nreject >= self.options.maxiters:
+                out.stop(ReturnCode.MaxIters)
+                break
+            dt = self.trial(out, dt)
+        if not self.adaptive:
+            self.check_fixed_steps(out)
+        out.solver_state = self.state
+        return out
+
+    def trial(self, out: _Outcome, dt: float) -> float:
+        """One trial step from ``self.t`` with proposed ``dt``; returns the next proposal."""
+        t, u = self.t, self.u
+        stop = self.stops[self.stop_index]
+        dt_step, t_new, self.cstate = self.controller.step_end(self.cstate, t, dt, stop,
+                                                               self.options.time_dtype)
         out.dt = dt_step
-        if not math.isfinite(e):
-            out.nreject += 1
-            nonfinite_streak += 1
-            state = _retry_state(result, state)
-            dt = dt_step * NONFINITE_SHRINK
-            if nonfinite_streak >= MAX_NONFINITE_STREAK or abs(dt) < options.dtmin:
-                out.retcode = ReturnCode.Unstable
-                out.detail = (f"the step from t = {t!r} produced NaN/Inf {nonfinite_streak} times in "
-                              f"a row, shrinking dt down to {dt_step!r}")
-                break
-            continue
-        nonfinite_streak = 0
-        last_error = e
-        accept, dt_next, cstate_new = controller.decide(cstate, e, dt_step)
+        if t_new == t:
+            out.stop(ReturnCode.DtLessThanMin, self._time_resolution_detail())
+            return dt
+        t_new_dev = time_scalar(t_new, *self.time)
+        result = self.solver.step(self.field, time_scalar(t, *self.time), u, time_scalar(dt_step, *self.time),
+                                  self.state)
+        error_norm = self.error_norm(result, u)
+        callbacks = self.options.callbacks
+        flags = check_termination(callbacks, result.u_new, t_new,
+                                  _du_provider(self.field, result, result.u_new, t_new_dev)) if callbacks else []
+        e, fired, code = _fetch(error_norm if self.adaptive else None, flags, result.status)
+        if code == StepStatus.FAILURE:
+            out.stop(ReturnCode.Failure, f"the step from t = {t!r} failed: {result.reason or 'no reason given'}")
+            return dt
+        if code == StepStatus.REJECT:
+            return self.reject_status(out, result, dt_step)
+        if self.adaptive and not math.isfinite(e):
+            return self.reject_nonfinite(out, result, dt_step)
+        self.nonfinite_streak = 0
+        if self.adaptive:
+            self.last_error = e
+        accept, dt_next, cstate_new = self.controller.decide(self.cstate, e if self.adaptive else None, dt_step)
         if accept:
-            out.naccept += 1
-            stats.record(t, dt_step, error_norm, result)
-            saver.on_step(t, t_new, u_new, result.dense_info)
-            if dense is not None:
-                dense.append(t, t_new, result.dense_info)
-            t, u, state, cstate = t_new, u_new, result.solver_state_new, cstate_new
-            out.t, out.u = t, u
+            self.accept(out, result, t_new, dt_step, error_norm, cstate_new, stop)
             if fired:
-                out.retcode = ReturnCode.Terminated
-                break
+                out.stop(ReturnCode.Terminated)
         else:
             out.nreject += 1
-            state = _retry_state(result, state)
-        if abs(dt_next) > options.dtmax:
-            dt_next = direction * options.dtmax
-        if t != t1 and abs(dt_next) < options.dtmin:
-            out.retcode = ReturnCode.DtLessThanMin
-            out.dt = dt_next
-            out.detail = (f"the next step dt = {dt_next!r} is below dtmin = {options.dtmin!r}; "
-                          f"the last scaled error estimate was {e:.3g}")
-            break
-        dt = dt_next
-    return out
+            self.state = _retry_state(result, self.state)
+        return self.bound_next(out, dt_next, e)
 
-
-def _fixed_loop(field: CountingField, solver: AbstractSolver, u0, t0, t1, options: SolveOptions,
-                saver: Saver, dense: DenseOutput | None, stats: StatsRecorder) -> _Outcome:
-    grid = FixedTimeGrid(t0, t1, options.dt, options.time_dtype)
-    state = solver.init(field, t0, u0, grid[1] - grid[0], None)
-    out = _Outcome(t0, u0, grid[1] - grid[0])
-    t, u = t0, u0
-    finite_flags: list[torch.Tensor] = []
-    callbacks = options.callbacks
-    for i in range(len(grid) - 1):
-        if i >= options.maxiters:
-            out.retcode = ReturnCode.MaxIters
-            break
-        t_new = grid[i + 1]
-        dt = t_new - t
-        out.dt = dt
-        if dt == 0:
-            out.retcode = ReturnCode.DtLessThanMin
-            out.detail = (f"t + dt == t in {str(options.time_dtype).replace('torch.', '')} time; "
-                          "the fixed dt is below the time resolution at this t")
-            break
-        result = solver.step(field, t, u, dt, state)
-        u_new = result.u_new
-        fired = False
-        if callbacks:
-            flags = check_termination(callbacks, u_new, t_new, _du_provider(field, result, u_new, t_new))
-            _, fired = _fetch(None, flags)
-        finite_flags.append(torch.isfinite(u_new).all() if u_new.numel() else
-                            torch.ones((), dtype=torch.bool, device=u_new.device))
-        error_norm = None
+    def error_norm(self, result: StepResult, u) -> torch.Tensor | None:
+        if self.adaptive:
+            if result.error_scale is not None:
+                return self.error_norm_of.of_states(result, *result.error_scale)
+            return self.error_norm_of(result, u)
+        stats = self.stats
         if stats.enabled and not stats.steps_only and result.error_estimate is not None:
-            error_norm = scaled_error_norm(result.error_estimate, u, u_new, options.abstol,
-                                           options.reltol, options.norm)
+            options = self.options
+            return scaled_error_norm(result.error_estimate, u, result.u_new, options.abstol, options.reltol,
+                                     options.norm)
+        return None
+
+    def accept(self, out, result, t_new, dt_step, error_norm, cstate_new, stop) -> None:
+        t, u_new = self.t, result.u_new
         out.naccept += 1
-        stats.record(t, dt, error_norm, result)
-        saver.on_step(t, t_new, u_new, result.dense_info)
-        if dense is not None:
-            dense.append(t, t_new, result.dense_info)
-        t, u, state = t_new, u_new, result.solver_state_new
-        out.t, out.u = t, u
-        if fired:
-            out.retcode = ReturnCode.Terminated
-            break
-    if finite_flags:
-        flags = torch.stack(finite_flags).tolist()
-        if not all(flags):
-            first_bad = flags.index(False)
-            out.retcode = ReturnCode.Unstable
-            out.detail = (f"the fixed step from t = {grid[first_bad]!r} to {grid[first_bad + 1]!r} "
-                          "produced NaN/Inf; fixed steps cannot be shrunk, so use a smaller dt or "
-                          "adaptive stepping")
-            out.t = grid[first_bad + 1]
-    return out
+        self.stats.record(t, dt_step, error_norm, result)
+        self.saver.on_step(t, t_new, u_new, result.dense_info)
+        if self.dense is not None:
+            self.dense.append(t, t_new, result.dense_info)
+        if not self.adaptive:
+            self.finite_flags.append(torch.isfinite(u_new).all() if u_new.numel() else
+                                     torch.ones((), dtype=torch.bool, device=u_new.device))
+            self.fixed_steps.append((t, t_new))
+        self.t, self.u, self.state, self.cstate = t_new, u_new, result.solver_state_new, cstate_new
+        out.t, out.u = t_new, u_new
+        if t_new == stop and stop != self.t1:
+            self.stop_index += 1
+
+    def reject_status(self, out, result, dt_step: float) -> float:
+        """A step the solver itself rejected (e.g. Newton did not converge): shrink and retry."""
+        out.nreject += 1
+        self.state = _retry_state(result, self.state)
+        if not self.adaptive:
+            out.stop(ReturnCode.Failure, f"the fixed step from t = {self.t!r} was rejected by the solver "
+                     f"({result.reason or 'no reason given'}) and fixed steps cannot be shrunk; use a "
+                     "smaller dt or adaptive stepping")
+            return dt_step
+        dt = dt_step * STATUS_REJECT_SHRINK
+        if abs(dt) < self.options.dtmin:
+            out.stop(ReturnCode.DtLessThanMin, f"the solver kept rejecting the step from t = {self.t!r} "
+                     f"({result.reason or 'no reason given'}) down to dt = {dt_step!r}")
+        return dt
+
+    def reject_nonfinite(self, out, result, dt_step: float) -> float:
+        out.nreject += 1
+        self.nonfinite_streak += 1
+        self.state = _retry_state(result, self.state)
+        dt = dt_step * NONFINITE_SHRINK
+        if self.nonfinite_streak >= MAX_NONFINITE_STREAK or abs(dt) < self.options.dtmin:
+            out.stop(ReturnCode.Unstable, f"the step from t = {self.t!r} produced NaN/Inf "
+                     f"{self.nonfinite_streak} times in a row, shrinking dt down to {dt_step!r}")
+        return dt
+
+    def bound_next(self, out, dt_next: float, e: float) -> float:
+        """Cap the proposal at dtmax; a proposal below dtmin ends the solve (adaptive steps only)."""
+        if not self.adaptive:
+            return dt_next
+        options = self.options
+        if abs(dt_next) > options.dtmax:
+            dt_next = self.direction * options.dtmax
+        if self.t != self.t1 and abs(dt_next) < options.dtmin and out.retcode == ReturnCode.Success:
+            out.dt = dt_next
+            out.stop(ReturnCode.DtLessThanMin, f"the next step dt = {dt_next!r} is below dtmin = "
+                     f"{options.dtmin!r}; the last scaled error estimate was {e:.3g}")
+        return dt_next
+
+    def _time_resolution_detail(self) -> str:
+        detail = f"t + dt == t in {str(self.options.time_dtype).replace('torch.', '')} time"
+        if not self.adaptive:
+            return detail + "; the fixed dt is below the time resolution at this t"
+        if not math.isnan(self.last_error):
+            detail += f"; the last scaled error estimate was {self.last_error:.3g}"
+        return detail
+
+    def check_fixed_steps(self, out: _Outcome) -> None:
+        """Constant steps: one synchronisation at the end tells whether any step produced NaN/Inf."""
+        if not self.finite_flags:
+            return
+        flags = torch.stack(self.finite_flags).tolist()
+        if all(flags):
+            return
+        first_bad = flags.index(False)
+        start, end = self.fixed_steps[first_bad]
+        out.stop(ReturnCode.Unstable, f"the fixed step from t = {start!r} to {end!r} produced NaN/Inf; fixed "
+                 "steps cannot be shrunk, so use a smaller dt or adaptive stepping")
+        out.t = end
 
 
 def _failure_message(out: _Outcome, options: SolveOptions) -> str:
@@ -450,19 +517,23 @@ def _failure_message(out: _Outcome, options: SolveOptions) -> str:
     return f"solve stopped with retcode {out.retcode.name} {where}{detail}. Meaning: {out.retcode.message}."
 
 
-def integrate(f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], u0: torch.Tensor, t0: float,
-              t1: float, solver: AbstractSolver, options: SolveOptions) -> Solution:
-    """Solve ``du/dt = f(u, t)`` from ``u(t0) = u0`` to ``t1`` (internal entry; see the module docstring).
+def integrate(f, u0: torch.Tensor, t0: float, t1: float, solver: AbstractSolver,
+              options: SolveOptions) -> Solution:
+    """Solve ``du = term(u, t)`` from ``u(t0) = u0`` to ``t1`` (internal entry; see the module docstring).
 
     Args:
-        f: the vector field with parameters bound, ``f(u, t) -> du``.
+        f: what to integrate: a :class:`~pylux.diffeq.terms.BoundTerm` (a term
+            with its parameters bound, e.g. ``ODETerm(f).bind(p)``), or a bound
+            vector field ``f(u, t) -> du`` (an ODE term).
         u0: the initial state (validated by the caller; any shape, may be empty).
         t0, t1: host floats; ``t1 < t0`` integrates backward.
         solver: an :class:`~pylux.diffeq.solvers.AbstractSolver`.
         options: canonical :class:`~pylux.diffeq.options.SolveOptions`.
 
     Returns:
-        a :class:`~pylux.diffeq.solution.Solution`.
+        a :class:`~pylux.diffeq.solution.Solution`; its ``final_state`` is
+        ``(u, solver_state)`` where the solve stopped (the reversible pair's
+        ``Z`` lives in the solver state).
 
     Raises:
         the :class:`~pylux.diffeq.solution.SolverError` subclass of the return
@@ -478,19 +549,23 @@ def integrate(f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], u0: torch
     saver.start(u0)
     if t0 == t1:
         out = _Outcome(t0, u0, 0.0)
-    elif options.adaptive:
-        out = _adaptive_loop(field, solver, u0, t0, t1, options, saver, dense, stats_recorder)
     else:
-        out = _fixed_loop(field, solver, u0, t0, t1, options, saver, dense, stats_recorder)
+        out = _Loop(field, solver, u0, t0, t1, options, saver, dense, stats_recorder).run()
+    return _finish(out, field, u0, solver, options, saver, dense, stats_recorder)
+
+
+def _finish(out: _Outcome, field: CountingField, u0, solver, options: SolveOptions, saver: Saver,
+            dense, stats_recorder: StatsRecorder) -> Solution:
     times, blocks = saver.finish(out.t, out.u)
     stats = SolverStats(nf=field.count, naccept=out.naccept, nreject=out.nreject)
     stats_recorder.finish(stats, options.time_dtype, u0)
     t_tensor = host_to_device(times, options.time_dtype, u0.device)
     u_tensor = torch.cat(blocks) if blocks else u0.new_zeros((0,) + tuple(u0.shape))
-    failed = out.retcode not in (ReturnCode.Success, ReturnCode.Terminated)
+    failed = not out.retcode.successful
     message = _failure_message(out, options) if failed else out.retcode.message
     sol = Solution(t_tensor, u_tensor, out.retcode, stats, message=message, dense=dense,
                    solver=solver, u0=u0)
+    sol.final_state = (out.u, out.solver_state)
     if failed and options.throw:
         raise ERROR_FOR_RETCODE[out.retcode](
             message + " Pass throw=False to get the partial solution instead of this error "

@@ -34,16 +34,28 @@ __all__ = ["AbstractInterpolant", "StageInterpolant", "HermiteInterpolant", "Den
 
 
 def linear_combination(base: torch.Tensor | None, terms: Sequence[torch.Tensor],
-                       weights: Sequence[float], out: torch.Tensor | None = None) -> torch.Tensor:
-    """``base + sum_j weights[j] * terms[j]`` as a short chain of fused ``add(alpha=)`` ops.
+                       weights: Sequence, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``base + sum_j weights[j] * terms[j]`` as a short chain of fused kernels.
 
-    Zero weights are skipped. The first term allocates the result (or writes
-    into ``out``); the rest accumulate in place into that fresh tensor, which
-    autograd allows because nothing has saved it yet. ``base`` is never
-    modified (it is returned as is when every weight is zero and no ``out``).
+    A weight is a host float (``add(alpha=)``; zero weights are skipped) or a
+    0-d tensor (``addcmul``, the compiled path, where weights are device
+    values). The first term allocates the result (or writes into ``out``);
+    the rest accumulate in place into that fresh tensor, which autograd
+    allows because nothing has saved it yet. ``base`` is never modified (it is
+    returned as is when every weight is zero and no ``out``).
     """
     acc = None
     for term, weight in zip(terms, weights):
+        if isinstance(weight, torch.Tensor):
+            if acc is None:
+                if base is not None:
+                    acc = torch.addcmul(base, term, weight, out=out) if out is not None else \
+                        torch.addcmul(base, term, weight)
+                else:
+                    acc = torch.mul(term, weight, out=out) if out is not None else term * weight
+            else:
+                acc.addcmul_(term, weight)
+            continue
         if weight == 0.0:
             continue
         if acc is None:
@@ -70,11 +82,16 @@ class AbstractInterpolant(abc.ABC):
 
 
 class StageInterpolant(AbstractInterpolant):
-    """``u + dt * sum_i b_i(theta) k_i`` with the stage polynomials of ``tableau.dense``."""
+    """``u + dt * sum_i b_i(theta) k_i`` with the stage polynomials of ``tableau.dense``.
+
+    ``dt`` is the step as a host float (or a 0-d tensor from a compiled step),
+    or 1.0 when the stages already carry their control increment (a term
+    other than an ODE term).
+    """
 
     __slots__ = ("u", "dt", "stages", "tableau")
 
-    def __init__(self, u: torch.Tensor, dt: float, stages: Sequence[torch.Tensor],
+    def __init__(self, u: torch.Tensor, dt, stages: Sequence[torch.Tensor],
                  tableau: ButcherTableau) -> None:
         self.u = u
         self.dt = dt
@@ -82,6 +99,12 @@ class StageInterpolant(AbstractInterpolant):
         self.tableau = tableau
 
     def evaluate(self, thetas: Sequence[float]) -> torch.Tensor:
+        if isinstance(self.dt, torch.Tensor):  # a compiled step's device dt
+            weights = host_to_device([self.tableau.dense_weights(th) for th in thetas], self.u.dtype,
+                                     self.u.device) * self.dt.to(self.u.dtype)
+            stacked = torch.stack([k.reshape(-1) for k in self.stages])
+            out = torch.addmm(self.u.reshape(1, -1), weights, stacked)
+            return out.reshape((len(thetas),) + tuple(self.u.shape))
         weights = [[w * self.dt for w in self.tableau.dense_weights(th)] for th in thetas]
         if len(weights) == 1:
             return linear_combination(self.u, self.stages, weights[0]).unsqueeze(0)

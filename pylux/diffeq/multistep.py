@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import torch
 
-from ._device import scalar_like
+from ._device import host_time, time_scalar
 from .interpolation import HermiteInterpolant, linear_combination
-from .solvers import BS3, AbstractAdaptiveSolver, RKState, StepResult
+from .solvers import BS3, AbstractAdaptiveSolver, RKState, StepResult, as_step_times
+from .terms import as_bound_term
 
 __all__ = ["VCAB3", "VCAB3State", "adams_bashforth_weights"]
 
@@ -80,31 +81,45 @@ class VCAB3(AbstractAdaptiveSolver):
     needs_f0 = True
     _startup = BS3()
 
-    def init(self, f, t0, u0, dt0, f0=None):
+    def init(self, term, t0, u0, dt0, f0=None):
+        term = _ode_term(term)
+        t0, _ = as_step_times(t0, 0.0, u0)
         if f0 is None:
-            f0 = f(u0, scalar_like(t0, u0))
-        return VCAB3State((t0,), (f0,))
+            f0 = term.vf(u0, t0)
+        return VCAB3State((host_time(t0),), (f0,))
 
-    def step(self, f, t, u, dt, state):
+    def step(self, term, t, u, dt, state):
+        term = _ode_term(term)
+        t, dt = as_step_times(t, dt, u)
+        # the weights depend on the step history: host arithmetic on the host mirrors of t and dt
+        t_h, dt_h = host_time(t), host_time(dt)
         if len(state.times) < 3:
-            result = self._startup.step(f, t, u, dt, RKState(state.derivatives[0]))
-            new_state = VCAB3State((t + dt,) + state.times, (result.du_new,) + state.derivatives)
+            result = self._startup.step(term, t, u, dt, RKState(state.derivatives[0]))
+            new_state = VCAB3State((t_h + dt_h,) + state.times, (result.du_new,) + state.derivatives)
             return StepResult(
                 result.u_new, dense_info=result.dense_info, solver_state_new=new_state,
                 nfe=result.nfe, du_new=result.du_new, stiffness_stages=result.stiffness_stages,
                 solver_state_retry=state, error_fn=lambda out: result.compute_error_estimate(out))
-        (w0, w1, w2), (v0, v1) = adams_bashforth_weights(t, dt, state.times)
+        (w0, w1, w2), (v0, v1) = adams_bashforth_weights(t_h, dt_h, state.times)
         f0, f1, f2 = state.derivatives
-        u_new = linear_combination(u, (f0, f1, f2), (dt * w0, dt * w1, dt * w2))
-        f_new = f(u_new, scalar_like(t + dt, u))
-        error_weights = (dt * (w0 - v0), dt * (w1 - v1), dt * w2)
+        u_new = linear_combination(u, (f0, f1, f2), (dt_h * w0, dt_h * w1, dt_h * w2))
+        f_new = term.vf(u_new, time_scalar(t_h + dt_h, t.dtype, t.device))
+        error_weights = (dt_h * (w0 - v0), dt_h * (w1 - v1), dt_h * w2)
         return StepResult(
             u_new,
-            dense_info=HermiteInterpolant(u, u_new, f0, f_new, dt),
-            solver_state_new=VCAB3State((t + dt, t, state.times[1]), (f_new, f0, f1)),
+            dense_info=HermiteInterpolant(u, u_new, f0, f_new, dt_h),
+            solver_state_new=VCAB3State((t_h + dt_h, t_h, state.times[1]), (f_new, f0, f1)),
             nfe=1,
             du_new=f_new,
             stiffness_stages=(f0, f_new, u, u_new),
             solver_state_retry=state,
             error_fn=lambda out: linear_combination(None, (f0, f1, f2), error_weights, out),
         )
+
+
+def _ode_term(term):
+    term = as_bound_term(term)
+    if not term.control_is_time:
+        raise TypeError("VCAB3 steps over an ODE term only (its Adams weights integrate f over time); "
+                        "use an explicit Runge–Kutta method for a term with another control")
+    return term

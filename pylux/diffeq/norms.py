@@ -170,8 +170,14 @@ class ScaledErrorNorm:
         self._abs_u = self._abs_new = self._work = self._error = None
         self._abs_u_of = self._abs_new_of = None
 
-    def __call__(self, result, u: torch.Tensor) -> torch.Tensor:
-        u_new = result.u_new
+    def of_states(self, result, u: torch.Tensor, u_new: torch.Tensor) -> torch.Tensor:
+        """``E`` of ``result``'s error estimate scaled by the states ``u`` and ``u_new`` given here
+        (a step whose error belongs to other states than the loop's, as the reversible pair's)."""
+        return self(result, u, u_new)
+
+    def __call__(self, result, u: torch.Tensor, u_new: torch.Tensor | None = None) -> torch.Tensor:
+        if u_new is None:
+            u_new = result.u_new
         if self.differentiable and torch.is_grad_enabled() and (u.requires_grad or u_new.requires_grad):
             return scaled_error_norm(result.error_estimate, u, u_new, self.abstol, self.reltol, self.norm)
         with torch.no_grad():

@@ -21,14 +21,14 @@ import torch
 
 from ..core.keywords import check_keywords
 from .callbacks import AbstractTerminationCallback
-from .controllers import AbstractController, IController
+from .controllers import AbstractController, ConstantStepSize, IController, _round_time
 from .norms import rms_norm
 from .solvers import AbstractAdaptiveSolver, AbstractSolver
 
 __all__ = ["SolveOptions", "make_options", "SOLVE_KEYWORDS", "check_keywords"]
 
 SOLVE_KEYWORDS = (
-    "dt", "adaptive", "saveat", "save_everystep", "save_start", "save_end", "dense", "reltol",
+    "dt", "adaptive", "saveat", "tstops", "save_everystep", "save_start", "save_end", "dense", "reltol",
     "abstol", "controller", "norm", "dtmin", "dtmax", "maxiters", "callback", "save_stats", "throw",
     "sensealg",
 )
@@ -66,6 +66,8 @@ class SolveOptions:
     #: record each accepted step's host ``t`` and ``dt`` (``sol.stats.t``/``.dt``) without the tensor
     #: internals of ``save_stats``; the adjoint sensealgs set it on their forward solves
     save_steps: bool = False
+    #: times the solve steps exactly onto (host floats inside tspan, in the direction of integration)
+    tstops: tuple[float, ...] = ()
 
     def replace(self, **changes) -> "SolveOptions":
         """``dataclasses.replace`` with unknown field names rejected by name."""
@@ -135,16 +137,15 @@ def _check_tolerances(reltol, abstol, u0: torch.Tensor):
     return reltol, abstol
 
 
-def _round_time(value: float, time_dtype: torch.dtype) -> float:
-    if time_dtype == torch.float32:
-        import numpy as np
-        return float(np.float32(value))
-    return value
-
-
-def _normalize_saveat(saveat, t0: float, t1: float, time_dtype: torch.dtype) -> tuple[float, ...]:
+def _normalize_saveat(saveat, t0: float, t1: float, time_dtype: torch.dtype,
+                      name: str = "saveat") -> tuple[float, ...]:
     direction = 1.0 if t1 >= t0 else -1.0
     if isinstance(saveat, torch.Tensor):
+        if saveat.requires_grad:
+            raise ValueError(
+                f"solve: {name} requires grad, but gradients with respect to the saved times are not "
+                f"supported; pass {name} detached (e.g. {name}.detach()). To differentiate a loss with "
+                "respect to a time, evaluate sol(t) of a dense solve under DirectAdjoint()")
         if saveat.dim() == 0:
             saveat = float(saveat)
         elif saveat.dim() == 1:
@@ -167,33 +168,38 @@ def _normalize_saveat(saveat, t0: float, t1: float, time_dtype: torch.dtype) -> 
     try:
         times = [float(x) for x in saveat]
     except (TypeError, ValueError):
-        raise TypeError(f"solve: saveat must be a sequence or 1-D tensor of times (or a spacing), got "
+        raise TypeError(f"solve: {name} must be a sequence or 1-D tensor of times (or a spacing), got "
                         f"{type(saveat).__name__}") from None
+    if any(isinstance(x, torch.Tensor) and x.requires_grad for x in saveat):
+        raise ValueError(f"solve: {name} holds tensors that require grad; gradients with respect to "
+                         f"the saved times are not supported, so pass them detached")
     lo, hi = min(t0, t1), max(t0, t1)
     for i, x in enumerate(times):
         if not math.isfinite(x):
-            raise ValueError(f"solve: saveat[{i}] = {x!r} is not finite")
-        if not (lo <= x <= hi):
-            raise ValueError(f"solve: saveat[{i}] = {x!r} is outside tspan = ({t0!r}, {t1!r}); "
-                             "every saved time must lie in tspan")
+            raise ValueError(f"solve: {name}[{i}] = {x!r} is not finite")
+        # compared in the time dtype: a float32 tspan's t1 is t1 rounded to float32
+        if not (lo <= _round_time(x, time_dtype) <= hi):
+            raise ValueError(f"solve: {name}[{i}] = {x!r} is outside tspan = ({t0!r}, {t1!r}); "
+                             f"every {'saved' if name == 'saveat' else 'stop'} time must lie in tspan")
+    times = [_round_time(x, time_dtype) for x in times]
     for i in range(1, len(times)):
         step = direction * (times[i] - times[i - 1])
         if step == 0:
-            raise ValueError(f"solve: saveat has a duplicated time {times[i]!r} at positions {i - 1} "
+            raise ValueError(f"solve: {name} has a duplicated time {times[i]!r} at positions {i - 1} "
                              f"and {i}; give each time once")
         if step < 0:
             order = "increasing" if direction > 0 else "decreasing (tspan runs backward)"
-            raise ValueError(f"solve: saveat must be strictly {order}, but saveat[{i - 1}] = "
-                             f"{times[i - 1]!r} and saveat[{i}] = {times[i]!r}; pass the times in the "
+            raise ValueError(f"solve: {name} must be strictly {order}, but {name}[{i - 1}] = "
+                             f"{times[i - 1]!r} and {name}[{i}] = {times[i]!r}; pass the times in the "
                              "direction of integration (they are never sorted silently)")
-    return tuple(_round_time(x, time_dtype) for x in times)
+    return tuple(times)
 
 
 def make_options(solver: AbstractSolver, u0: torch.Tensor, t0: float, t1: float, *,
                  time_dtype: torch.dtype = torch.float64, dt=None, adaptive=None, saveat=None,
                  save_everystep=None, save_start=None, save_end=None, dense=None, reltol=1e-3,
                  abstol=1e-6, controller=None, norm=None, dtmin=None, dtmax=None,
-                 maxiters=100_000, callback=None, save_stats=False, throw=True) -> SolveOptions:
+                 maxiters=100_000, callback=None, save_stats=False, throw=True, tstops=None) -> SolveOptions:
     """Validate ``solve()``'s keywords and return the canonical :class:`SolveOptions`.
 
     Raises ``TypeError`` / ``ValueError`` with a message naming the keyword,
@@ -225,6 +231,8 @@ def make_options(solver: AbstractSolver, u0: torch.Tensor, t0: float, t1: float,
 
     if saveat is not None:
         saveat = _normalize_saveat(saveat, t0, t1, time_dtype)
+    tstops = () if tstops is None else tuple(x for x in _normalize_saveat(tstops, t0, t1, time_dtype, "tstops")
+                                             if x != t0 and x != t1)
     for name, value in (("save_everystep", save_everystep), ("save_start", save_start),
                         ("save_end", save_end), ("dense", dense), ("save_stats", save_stats),
                         ("throw", throw)):
@@ -242,10 +250,12 @@ def make_options(solver: AbstractSolver, u0: torch.Tensor, t0: float, t1: float,
         dense = saveat is None and save_everystep
 
     if controller is None:
-        controller = solver.default_controller() if adaptive else None
+        controller = solver.default_controller() if adaptive else ConstantStepSize()
     elif not isinstance(controller, AbstractController):
         raise TypeError(f"solve: controller must be a PIController or IController, got "
-                        f"{type(controller).__name__}")
+                        f"{type(controller).__name__} (fixed steps: adaptive=False, or ConstantStepSize())")
+    elif not adaptive:
+        controller = ConstantStepSize()  # adaptive=False: fixed steps, whatever controller was named
     if isinstance(controller, IController) and controller.error_order is None:
         controller = dataclasses.replace(controller, error_order=solver.error_order or solver.order)
     if norm is None:
@@ -279,4 +289,4 @@ def make_options(solver: AbstractSolver, u0: torch.Tensor, t0: float, t1: float,
         adaptive=adaptive, dt=dt, saveat=saveat, save_everystep=save_everystep,
         save_start=save_start, save_end=save_end, dense=dense, reltol=reltol, abstol=abstol,
         controller=controller, norm=norm, dtmin=dtmin, dtmax=dtmax, maxiters=maxiters,
-        callbacks=callbacks, save_stats=save_stats, throw=throw, time_dtype=time_dtype)
+        callbacks=callbacks, save_stats=save_stats, throw=throw, time_dtype=time_dtype, tstops=tstops)

@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 import torch
 
+from .terms import ODETerm
+
 __all__ = ["ODEProblem"]
 
 
@@ -64,7 +66,10 @@ class ODEProblem:
     Args:
         f: the vector field, out of place, Julia's argument order:
             ``f(u, p, t) -> du`` with ``du`` of ``u``'s shape, dtype and device.
-            ``t`` is passed as a 0-d tensor of the state's dtype and device.
+            ``t`` is passed as a 0-d tensor in the time dtype (below) on the
+            state's device: a float32 state with a float64 ``tspan`` still
+            sees float64 time. The problem steps over ``ODETerm(f)``
+            (``prob.term``).
         u0: the initial state, a real floating-point tensor of any shape; a batch
             is part of the state (``(B, D)``, ``(B, C, H, W)``, …).
         tspan: ``(t0, t1)``, numbers or scalar tensors; ``t1 < t0`` integrates
@@ -79,7 +84,7 @@ class ODEProblem:
             non-finite end, or requiring grad.
     """
 
-    __slots__ = ("f", "u0", "tspan", "p", "time_dtype")
+    __slots__ = ("f", "u0", "tspan", "p", "time_dtype", "term")
 
     def __init__(self, f: Callable, u0: torch.Tensor, tspan, p: Any = None) -> None:
         if not callable(f):
@@ -106,6 +111,7 @@ class ODEProblem:
             import numpy as np
             t0, t1 = float(np.float32(t0)), float(np.float32(t1))
         self.f = f
+        self.term = ODETerm(f)
         self.u0 = u0
         self.tspan = (t0, t1)
         self.p = p

@@ -9,12 +9,13 @@ solution is returned with ``sol.retcode`` set.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
+from ..core.failures import AbstractReturnCode, SolveFailure
+from ._device import host_time
 from .interpolation import DenseOutput
 
 __all__ = [
@@ -25,10 +26,11 @@ __all__ = [
     "MaxItersError",
     "DtLessThanMinError",
     "UnstableError",
+    "FailureError",
 ]
 
 
-class ReturnCode(enum.Enum):
+class ReturnCode(AbstractReturnCode):
     """Why a solve stopped. ``code.message`` says what it means and how to fix it."""
 
     Success = "the solve reached the end of tspan"
@@ -44,17 +46,8 @@ class ReturnCode(enum.Enum):
     Unstable = ("f produced NaN or Inf, and shrinking the step did not make it go away. Check f "
                 "for overflow or invalid operations (log/sqrt of negatives, division by zero) "
                 "near this t, rescale the problem, or use float64")
-
-    @property
-    def message(self) -> str:
-        return self.value
-
-    @property
-    def successful(self) -> bool:
-        return self in (ReturnCode.Success, ReturnCode.Terminated)
-
-    def __repr__(self) -> str:
-        return f"ReturnCode.{self.name}"
+    Failure = ("the solver's own step failed in a way a smaller step cannot fix (an implicit "
+               "method's linear solve, say); the message names the reason")
 
 
 @dataclass
@@ -132,6 +125,8 @@ class Solution:
         #: counters of the backward pass through this solve (a dict filled when it runs), set by
         #: the sensitivity algorithms that have one; None otherwise
         self.backward_stats: dict | None = None
+        #: ``(u, solver_state)`` where the solve stopped (internal: the reversible pair's Z)
+        self.final_state = None
 
     @property
     def success(self) -> bool:
@@ -166,9 +161,8 @@ class Solution:
 
 def _host_times(t) -> tuple[bool, list[float]]:
     if isinstance(t, torch.Tensor):
-        host_value = getattr(t, "host_value", None)
-        if host_value is not None and t.dim() == 0:  # a solver's time tensor: no device-to-host copy
-            return True, [host_value]
+        if t.dim() == 0:  # a solver's time tensor comes from the host table: no device-to-host copy
+            return True, [host_time(t)]
         if t.dim() > 1:
             raise ValueError(f"sol(t): t must be a scalar or 1-D, got shape {tuple(t.shape)}")
         return t.dim() == 0, [float(x) for x in t.detach().reshape(-1).tolist()]
@@ -180,7 +174,7 @@ def _host_times(t) -> tuple[bool, list[float]]:
                     f"{type(t).__name__}")
 
 
-class SolverError(RuntimeError):
+class SolverError(SolveFailure):
     """A solve that did not reach the end of tspan. ``err.solution`` holds the partial solution.
 
     Attributes: ``retcode``, ``solution``, ``t`` (where it stopped), ``dt``
@@ -190,8 +184,7 @@ class SolverError(RuntimeError):
     retcode: ReturnCode
 
     def __init__(self, message: str, *, solution: Solution, t: float, dt: float) -> None:
-        super().__init__(message)
-        self.solution = solution
+        super().__init__(message, type(self).retcode, solution)
         self.t = t
         self.dt = dt
         self.naccept = solution.stats.naccept
@@ -216,7 +209,14 @@ class UnstableError(SolverError):
     retcode = ReturnCode.Unstable
 
 
+class FailureError(SolverError):
+    """The solver's step failed and could not be retried (``result.reason`` is in the message)."""
+
+    retcode = ReturnCode.Failure
+
+
 ERROR_FOR_RETCODE = {
+    ReturnCode.Failure: FailureError,
     ReturnCode.MaxIters: MaxItersError,
     ReturnCode.DtLessThanMin: DtLessThanMinError,
     ReturnCode.Unstable: UnstableError,

@@ -17,7 +17,7 @@ from .problem import ODEProblem
 from .solution import Solution
 from .solvers import AbstractSolver, Tsit5
 
-__all__ = ["solve", "AbstractSensitivityAlgorithm"]
+__all__ = ["solve", "AbstractSensitivityAlgorithm", "check_sensealg"]
 
 
 class AbstractSensitivityAlgorithm(abc.ABC):
@@ -46,8 +46,23 @@ class AbstractSensitivityAlgorithm(abc.ABC):
         """Solve ``problem`` with ``solver`` and ``options``, arranging gradients this algorithm's way."""
 
 
+def check_sensealg(sensealg, where: str):
+    """``sensealg`` if it is ``None`` or a sensitivity-algorithm instance; else a ``TypeError`` saying what to pass.
+
+    A class passed where an instance belongs (``sensealg=BacksolveAdjoint``) is
+    refused here, at construction, not at the first backward pass.
+    """
+    if sensealg is None or isinstance(sensealg, AbstractSensitivityAlgorithm):
+        return sensealg
+    if isinstance(sensealg, type) and issubclass(sensealg, AbstractSensitivityAlgorithm):
+        raise TypeError(f"{where}: sensealg={sensealg.__name__} is a class; pass an instance, "
+                        f"sensealg={sensealg.__name__}()")
+    raise TypeError(f"{where}: sensealg must be a sensitivity algorithm (an AbstractSensitivityAlgorithm "
+                    f"such as BacksolveAdjoint()) or None, got {type(sensealg).__name__}")
+
+
 def solve(prob: ODEProblem, solver: AbstractSolver | None = None, *, dt=None, adaptive=None,
-          saveat=None, save_everystep=None, save_start=None, save_end=None, dense=None,
+          saveat=None, tstops=None, save_everystep=None, save_start=None, save_end=None, dense=None,
           reltol=1e-3, abstol=1e-6, controller=None, norm=None, dtmin=None, dtmax=None,
           maxiters=100_000, callback=None, save_stats=False, throw=True, sensealg=None,
           **unknown: Any) -> Solution:
@@ -66,12 +81,16 @@ def solve(prob: ODEProblem, solver: AbstractSolver | None = None, *, dt=None, ad
         saveat: times to save (sequence or 1-D tensor, strictly monotone in the
             direction of integration, inside tspan; never sorted silently), or a
             number = spacing. Values between steps come from the dense output.
+        tstops: times the solver must step exactly onto (same rules as
+            ``saveat``): discontinuities of ``f``, jump times of a control.
         save_everystep: save every accepted step (default: iff ``saveat`` is None).
         save_start, save_end: store ``t0`` / the final time. Default, as in
             DifferentialEquations.jl: True without ``saveat``; with ``saveat``,
             True iff ``t0`` / ``t1`` is one of the saveat times.
         dense: keep every step's interpolant so ``sol(t)`` works (default: iff
-            saving every step without ``saveat``). Costs the stages' memory.
+            saving every step without ``saveat``, and never under a sensealg
+            that does not backpropagate through the solver, where
+            ``dense=True`` is refused). Costs the stages' memory.
         reltol, abstol: tolerances of the scaled error
             ``err / (abstol + reltol * max(|u|, |u_new|))`` (abstol may be a tensor
             broadcastable to ``u0``). Both must be > 0; a reltol below 4 machine
@@ -110,15 +129,20 @@ def solve(prob: ODEProblem, solver: AbstractSolver | None = None, *, dt=None, ad
     if solver is None:
         solver = Tsit5()
     t0, t1 = prob.tspan
+    if check_sensealg(sensealg, "solve") is not None and not sensealg.differentiates_solver:
+        if dense:
+            raise NotImplementedError(
+                f"solve: dense=True is not supported under {type(sensealg).__name__}: its forward solve "
+                "runs without autograd, so sol(t) would carry no gradient. Pass saveat=... for the times "
+                "you need (their gradients are exact), or use sensealg=DirectAdjoint() for a "
+                "differentiable sol(t)")
+        dense = False
     options = make_options(
         solver, prob.u0, t0, t1, time_dtype=prob.time_dtype, dt=dt, adaptive=adaptive,
         saveat=saveat, save_everystep=save_everystep, save_start=save_start, save_end=save_end,
         dense=dense, reltol=reltol, abstol=abstol, controller=controller, norm=norm, dtmin=dtmin,
-        dtmax=dtmax, maxiters=maxiters, callback=callback, save_stats=save_stats, throw=throw)
+        dtmax=dtmax, maxiters=maxiters, callback=callback, save_stats=save_stats, throw=throw,
+        tstops=tstops)
     if sensealg is not None:
-        if not isinstance(sensealg, AbstractSensitivityAlgorithm):
-            raise TypeError(f"solve: sensealg must be a sensitivity algorithm (an "
-                            f"AbstractSensitivityAlgorithm) or None, got {type(sensealg).__name__}")
         return sensealg.solve_with(prob, solver, options)
-    f, p = prob.f, prob.p
-    return integrate(lambda u, t: f(u, p, t), prob.u0, t0, t1, solver, options)
+    return integrate(prob.term.bind(prob.p), prob.u0, t0, t1, solver, options)

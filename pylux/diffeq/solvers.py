@@ -4,26 +4,41 @@ The step contract (stable; the adjoints in ``pylux.sensitivity`` build on it)
 ------------------------------------------------------------------------------
 A solver is immutable. Its two methods are pure functions of their arguments::
 
-    state  = solver.init(f, t0, u0, dt0, f0=None)
-    result = solver.step(f, t, u, dt, state)        # -> StepResult
+    state  = solver.init(term, t0, u0, dt0, f0=None)
+    result = solver.step(term, t, u, dt, state)        # -> StepResult
 
-* ``f(u, t) -> du`` is the vector field with parameters bound; ``t`` is a 0-d
-  tensor of ``u``'s dtype and device. ``t`` and ``dt`` given to ``step`` are
-  host floats; ``dt`` is signed (negative when integrating backward).
+* ``term`` is a :class:`~pylux.diffeq.terms.BoundTerm` (parameters bound):
+  ``term.vf(u, t)``, ``term.contr(t0, t1)``, ``term.prod(vf, control)``. A
+  plain field ``f(u, t)`` is accepted and treated as an ODE term.
+* ``t`` and ``dt`` are 0-d tensors in the time dtype on the state's device
+  (host floats are accepted and converted); ``dt`` is signed (negative when
+  integrating backward). Their host values, when a stepper wants them for
+  Python-side arithmetic, come from the host-side table
+  (:func:`~pylux.diffeq._device.host_time`); under ``torch.compile`` the
+  same arithmetic runs on the device instead, so a step compiles without
+  graph breaks.
 * ``result.u_new``: the state at ``t + dt``.
 * ``result.error_estimate``: the unscaled local error estimate, a tensor like
   ``u`` (``dt * sum_i e_i k_i`` for an embedded pair), or ``None`` for methods
-  without one (Euler, RK4). Computed lazily on first access, so fixed-step
-  solves that never read it do not pay for it.
+  without one (Euler, RK4). Computed lazily on first access in eager mode,
+  so fixed-step solves that never read it do not pay for it.
+* ``result.status``: a :class:`StepStatus` (or a 0-d integer tensor of one):
+  ``SUCCESS``; ``REJECT`` — the step failed in a way a smaller step can fix
+  (an implicit method's Newton iteration did not converge), so the loop
+  rejects it and shrinks ``dt``; ``FAILURE`` — the solve cannot go on
+  (``result.reason`` says why).
 * ``result.dense_info``: an :class:`~pylux.diffeq.interpolation.AbstractInterpolant`
   over ``[t, t + dt]``.
 * ``result.solver_state_new``: the state to pass to the next step if this one
   is accepted; ``result.solver_state_retry``: the state to retry from if it is
   rejected (it may cache ``f(u, t)`` so a retry does not recompute it).
-* ``result.nfe``: evaluations of ``f`` this step made.
+* ``result.nfe``: evaluations of the vector field this step made.
 * ``result.du_new``: ``f(u_new, t + dt)`` if the step computed it (FSAL), else ``None``.
 * ``result.stiffness_stages``: ``(k_{s-1}, k_s, Y_{s-1}, Y_s)``, the last two
   stage derivatives and stage values, for Shampine's stiffness estimate.
+* ``result.error_scale``: ``(u_ref, u_ref_new)``, the states whose magnitudes
+  scale the error (default ``(u, u_new)``; a reversible pair scales by the
+  base step's own states).
 
 Nothing mutates ``self``; the loop in :mod:`pylux.diffeq.integrate` owns all state.
 
@@ -36,19 +51,24 @@ Order metadata lives on the class: ``order`` (of the propagated solution),
 from __future__ import annotations
 
 import abc
+import enum
 
 from typing import Any, Callable
 
 import torch
 
-from ._device import scalar_like, vector_like, with_host_values
+from ._device import host_time, time_scalar, time_vector
 from .controllers import AbstractController, PIController
 from .interpolation import StageInterpolant, linear_combination
+from .terms import BoundTerm, as_bound_term
 from .tableau import (BS3_TABLEAU, DP5_TABLEAU, EULER_TABLEAU, HEUN_TABLEAU, MIDPOINT_TABLEAU,
                       RK4_TABLEAU, TSIT5_TABLEAU, ButcherTableau)
 
 __all__ = [
+    "StepStatus",
     "StepResult",
+    "as_step_times",
+    "time_add",
     "AbstractSolver",
     "AbstractAdaptiveSolver",
     "ExplicitRungeKutta",
@@ -65,23 +85,34 @@ __all__ = [
 VectorField = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class StepStatus(enum.IntEnum):
+    """How a trial step ended (see the module docstring): it may be a 0-d tensor of these values."""
+
+    SUCCESS = 0
+    REJECT = 1
+    FAILURE = 2
+
+
 class StepResult:
     """What one step returns (see the module docstring for the contract).
 
     Either give ``error_estimate`` directly, or ``error_fn(out)`` that computes it
     on demand (writing into ``out`` when that is a tensor, allocating when it
     is ``None``). ``solver_state_retry=None`` means: retry from the state the
-    step was given.
+    step was given. ``status`` defaults to success; ``reason`` explains a
+    ``REJECT`` or ``FAILURE``.
     """
 
     __slots__ = ("u_new", "_error", "_error_fn", "dense_info", "solver_state_new", "nfe", "du_new",
-                 "stiffness_stages", "solver_state_retry")
+                 "stiffness_stages", "solver_state_retry", "status", "reason", "error_scale")
 
     def __init__(self, u_new: torch.Tensor, error_estimate: torch.Tensor | None = None,
                  dense_info: Any = None, solver_state_new: Any = None, nfe: int = 0, *,
                  du_new: torch.Tensor | None = None, stiffness_stages: tuple | None = None,
                  solver_state_retry: Any = None,
-                 error_fn: Callable[[torch.Tensor | None], torch.Tensor] | None = None) -> None:
+                 error_fn: Callable[[torch.Tensor | None], torch.Tensor] | None = None,
+                 status: Any = StepStatus.SUCCESS, reason: str = "",
+                 error_scale: tuple | None = None) -> None:
         self.u_new = u_new
         self._error = error_estimate
         self._error_fn = error_fn
@@ -91,6 +122,9 @@ class StepResult:
         self.du_new = du_new
         self.stiffness_stages = stiffness_stages
         self.solver_state_retry = solver_state_retry
+        self.status = status
+        self.reason = reason
+        self.error_scale = error_scale
 
     @property
     def error_estimate(self) -> torch.Tensor | None:
@@ -123,13 +157,16 @@ class AbstractSolver(abc.ABC):
     #: True when ``init`` needs ``f(u0, t0)`` (it will evaluate it when ``f0`` is not given).
     needs_f0: bool = False
 
+    #: True when the solver has no interpolant of its own, so the loop steps exactly onto every
+    #: saveat time instead of interpolating (the reversible pair).
+    steps_onto_saveat: bool = False
+
     @abc.abstractmethod
-    def init(self, f: VectorField, t0: float, u0: torch.Tensor, dt0: float,
-             f0: torch.Tensor | None = None) -> Any:
+    def init(self, term: BoundTerm, t0, u0: torch.Tensor, dt0, f0: torch.Tensor | None = None) -> Any:
         """Implemented by each concrete subclass."""
 
     @abc.abstractmethod
-    def step(self, f: VectorField, t: float, u: torch.Tensor, dt: float, state: Any) -> StepResult:
+    def step(self, term: BoundTerm, t, u: torch.Tensor, dt, state: Any) -> StepResult:
         """Implemented by each concrete subclass."""
 
     def default_controller(self) -> AbstractController:
@@ -159,10 +196,45 @@ class RKState:
         self.f_at_u = f_at_u
 
 
-def _stage_times(t: float, dt: float, c, like: torch.Tensor):
-    # One host-to-device transfer per step for all stage times.
-    values = [t + ci * dt for ci in c]
-    return with_host_values(vector_like(values, like).unbind(0), values)
+def as_step_times(t, dt, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t`` and ``dt`` as 0-d time tensors (host floats are converted, float64 time, ``like``'s device)."""
+    if not isinstance(t, torch.Tensor):
+        t = time_scalar(float(t), torch.float64, like.device)
+    if not isinstance(dt, torch.Tensor):
+        dt = time_scalar(float(dt), t.dtype, like.device)
+    return t, dt
+
+
+def time_add(t: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+    """``t + dt`` as a time tensor: from the host mirrors in eager mode (registered), on the device when compiling."""
+    if torch.compiler.is_compiling():
+        return t + dt
+    return time_scalar(host_time(t) + host_time(dt), t.dtype, t.device)
+
+
+def _stage_times(t: torch.Tensor, dt: torch.Tensor, c) -> list[torch.Tensor]:
+    """``t + c_i dt`` for every stage: one transfer from host values in eager mode, device arithmetic
+    when compiling (where host values do not exist)."""
+    if torch.compiler.is_compiling():
+        return list((t + torch.tensor(c, dtype=t.dtype, device=t.device) * dt).unbind(0))
+    t_h, dt_h = host_time(t), host_time(dt)
+    return list(time_vector([t_h + ci * dt_h for ci in c], t.dtype, t.device))
+
+
+def step_scale(dt: torch.Tensor):
+    """``dt`` as the Runge–Kutta methods fold it into their weights: its host float in eager mode
+    (fused ``add(alpha=)`` kernels), the device tensor when compiling."""
+    return dt if torch.compiler.is_compiling() else host_time(dt)
+
+
+def scaled_weights(row, scale, like: torch.Tensor) -> list:
+    """``scale * row`` as weights for :func:`linear_combination`: floats for a host ``scale``;
+    0-d tensor views of one device product for a tensor ``scale`` (zero entries stay 0.0)."""
+    if not isinstance(scale, torch.Tensor):
+        return [scale * a for a in row]
+    vec = torch.tensor(row, dtype=scale.dtype, device=scale.device) * scale
+    vec = vec.to(like.dtype)
+    return [vec[j] if row[j] != 0 else 0.0 for j in range(len(row))]
 
 
 class ExplicitRungeKutta(AbstractSolver):
@@ -212,45 +284,65 @@ class ExplicitRungeKutta(AbstractSolver):
     def needs_f0(self) -> bool:  # type: ignore[override]
         return self.tableau.fsal
 
-    def init(self, f, t0, u0, dt0, f0=None):
+    def init(self, term, t0, u0, dt0, f0=None):
         if f0 is None and self.tableau.fsal:
-            f0 = f(u0, scalar_like(t0, u0))
+            term = as_bound_term(term)
+            if term.control_is_time:
+                t0, _ = as_step_times(t0, 0.0, u0)
+                f0 = term.vf(u0, t0)
         return RKState(f0)
 
-    def step(self, f, t, u, dt, state):
+    def step(self, term, t, u, dt, state):
+        term = as_bound_term(term)
+        t, dt = as_step_times(t, dt, u)
         tab = self.tableau
-        times = _stage_times(t, dt, tab.c, u)
+        times = _stage_times(t, dt, tab.c)
+        # an ODE term folds dt into the weights; another term multiplies each stage by its control
+        if term.control_is_time:
+            scale = step_scale(dt)
+
+            def stage(y, ti):
+                return term.vf(y, ti)
+        else:
+            scale = 1.0
+            control = term.contr(t, t + dt)
+
+            def stage(y, ti):
+                return term.vf_prod(y, ti, control)
         nfe = 0
-        k1 = state.f_at_u
+        k1 = state.f_at_u if term.control_is_time else None
         if k1 is None:
-            k1 = f(u, times[0])
+            k1 = stage(u, times[0])
             nfe += 1
         stages = [k1]
         y_prev = y_last = u
         for i in range(1, tab.stages):
-            y = linear_combination(u, stages, [dt * a for a in tab.a[i]])
-            stages.append(f(y, times[i]))
+            y = linear_combination(u, stages, scaled_weights(tab.a[i], scale, u))
+            stages.append(stage(y, times[i]))
             nfe += 1
             y_prev, y_last = y_last, y
         if tab.fsal:
             u_new = y_last
         else:
-            u_new = linear_combination(u, stages, [dt * b for b in tab.b])
-        error_fn = None
+            u_new = linear_combination(u, stages, scaled_weights(tab.b, scale, u))
+        error_fn = error = None
         if tab.b_error is not None:
-            weights = [dt * e for e in tab.b_error]
+            weights = scaled_weights(tab.b_error, scale, u)
 
             def error_fn(out):
                 return linear_combination(None, stages, weights, out)
-        fsal = tab.fsal
+            if torch.compiler.is_compiling():
+                error, error_fn = error_fn(None), None
+        fsal = tab.fsal and term.control_is_time
         return StepResult(
             u_new,
-            dense_info=StageInterpolant(u, dt, stages, tab),
+            error,
+            dense_info=StageInterpolant(u, scale, stages, tab),
             solver_state_new=RKState(stages[-1] if fsal else None),
             nfe=nfe,
             du_new=stages[-1] if fsal else None,
             stiffness_stages=(stages[-2], stages[-1], y_prev, y_last) if tab.stages > 1 else None,
-            solver_state_retry=state if state.f_at_u is not None else RKState(k1),
+            solver_state_retry=state if (state.f_at_u is not None or not term.control_is_time) else RKState(k1),
             error_fn=error_fn,
         )
 

@@ -103,12 +103,28 @@ def apply_adjoint_function(function, alg, problem, solver, options) -> Solution:
     pairs = grad_leaves(problem.p)
     paths = [path for path, _ in pairs]
     params = [leaf for _, leaf in pairs]
+    if torch.is_grad_enabled() and not params and not problem.u0.requires_grad:
+        _refuse_closure_only_gradients(problem, type(alg).__name__)
     holder: dict = {"backward_stats": BackwardStats()}
     u = function.apply(alg, problem, solver, options, paths, holder, problem.u0, *params)
     sol = holder["solution"]
     out = Solution(sol.t, u, sol.retcode, sol.stats, message=sol.message, solver=solver)
     out.backward_stats = holder["backward_stats"]
     return out
+
+
+def _refuse_closure_only_gradients(problem, where: str) -> None:
+    """Raise before the solve when ``f`` depends on a tensor that requires grad while neither ``u0`` nor
+    ``p`` does: the adjoint's backward would never run, so that tensor would silently get no gradient.
+
+    Costs one evaluation of ``f`` at ``(u0, t0)``, only in that case (with grad enabled and
+    nothing to differentiate with respect to).
+    """
+    t0 = torch.full((), problem.tspan[0], dtype=problem.time_dtype, device=problem.u0.device)
+    with torch.enable_grad():
+        out = problem.f(problem.u0.detach(), problem.p, t0)
+    if isinstance(out, torch.Tensor) and out.requires_grad:
+        check_no_hidden_parameters(out, [], where=f"{where}: f")
 
 
 def refuse_higher_order(name: str) -> None:

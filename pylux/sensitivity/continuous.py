@@ -57,7 +57,7 @@ __all__ = ["BacksolveAdjoint", "InterpolatingAdjoint", "QuadratureAdjoint", "Bac
 
 def _bound_field(problem: ODEProblem, paths, params):
     p = replace_leaves(problem.p, paths, params) if paths else problem.p
-    return lambda u, t: problem.f(u, p, t)
+    return problem.term.bind(p)
 
 
 class _ContinuousAdjoint(AbstractSensitivityAlgorithm):
@@ -80,7 +80,6 @@ class _ContinuousAdjoint(AbstractSensitivityAlgorithm):
         self.seminorm = seminorm
         self.reltol = reltol
         self.abstol = abstol
-        self.last_backward_stats: BackwardStats | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(seminorm={self.seminorm})"
@@ -130,7 +129,7 @@ class BacksolveAdjoint(_ContinuousAdjoint):
     ``p`` that requires grad. A tensor that requires grad but reaches ``f``
     only through a closure raises :class:`~pylux.sensitivity.HiddenParameterError`
     instead of silently getting a zero gradient. The backward counters are in
-    ``self.last_backward_stats`` (a :class:`BackwardStats`) after ``backward()``.
+    the solve's ``sol.backward_stats`` (a :class:`BackwardStats`) after ``backward()``.
 
     Raises:
         NotImplementedError: with a tensor ``abstol`` or ``save_stats=True``
@@ -363,7 +362,10 @@ class _Backward:
                 check_no_hidden_parameters(out, [z_, *ps_], where=f"{type(self.alg).__name__}: f")
                 self.checked = True
             wrt = [z_, *ps_] if with_params else [z_]
-            grads = torch.autograd.grad(out, wrt, grad_outputs=a_z, allow_unused=True)
+            if out.requires_grad:
+                grads = torch.autograd.grad(out, wrt, grad_outputs=a_z, allow_unused=True)
+            else:  # f depends on neither z nor the parameters (e.g. a forcing term of t alone)
+                grads = (None,) * len(wrt)
         self.stats["nvjp"] += 1
         return out, grads
 
@@ -372,7 +374,7 @@ class _Backward:
         z = self.segment_dense(t) if self.alg._interpolates else aug[:n_z].view(shape)
         a_z = aug[zc:zc + n_z].view(shape)
         out, grads = self._vjp(z, t, a_z, with_params=bool(self.theta_channels))
-        pieces = [out.reshape(-1).detach()] if not self.alg._interpolates else []
+        pieces = [out.reshape(-1).detach().to(aug.dtype)] if not self.alg._interpolates else []
         pieces.append(_neg_flat(grads[0], n_z, aug))
         if self.theta_channels:
             pieces += [_neg_flat(g, x.numel(), aug) for g, x in zip(grads[1:], self.params)]
@@ -441,7 +443,7 @@ class _Backward:
                     term = term * (-h * halves[i])
                     total = term if total is None else total + term
             self.stats["nquadrature"] += len(dense.pieces) * n_nodes
-            if total is None:
+            if total is None or not total.requires_grad:
                 return
             grads = torch.autograd.grad(total, ps_, allow_unused=True)
         self.stats["nvjp"] += 1
@@ -470,7 +472,6 @@ class _Backward:
                 aug[self.z_channels:self.z_channels + self.n_z] += grad_at[k - 1].reshape(-1)
         if times and times[0] != self.t0:
             aug = self._integrate_segment(aug, times[0], self.t0, 0)
-        self.alg.last_backward_stats = self.stats
         self.record.update(self.stats)
         zc, n_z = self.z_channels, self.n_z
         grad_u0 = aug[zc:zc + n_z].view(self.shape)
@@ -478,7 +479,7 @@ class _Backward:
         grads = []
         for j, x in enumerate(self.params):
             if self.theta_channels:
-                grads.append(aug[offset:offset + x.numel()].view(x.shape))
+                grads.append(aug[offset:offset + x.numel()].view(x.shape).to(x.dtype))
                 offset += x.numel()
             else:
                 grads.append(self.param_grads[j])
@@ -486,7 +487,8 @@ class _Backward:
 
 
 def _neg_flat(g, n: int, like: torch.Tensor) -> torch.Tensor:
-    return -g.reshape(-1) if g is not None else torch.zeros(n, dtype=like.dtype, device=like.device)
+    # in the augmented state's dtype: a float64 parameter of a float32 model must not promote it
+    return -g.reshape(-1).to(like.dtype) if g is not None else torch.zeros(n, dtype=like.dtype, device=like.device)
 
 
 def _flat_or_zero(g, n: int, dtype, device) -> torch.Tensor:

@@ -22,9 +22,8 @@ class DirectAdjoint(AbstractSensitivityAlgorithm):
     differentiates_solver = True
 
     def solve_with(self, problem: ODEProblem, solver, options: SolveOptions) -> Solution:
-        p = problem.p
         t0, t1 = problem.tspan
-        return integrate(lambda u, t: problem.f(u, p, t), problem.u0, t0, t1, solver, options)
+        return integrate(problem.term.bind(problem.p), problem.u0, t0, t1, solver, options)
 
     def __repr__(self) -> str:
         return "DirectAdjoint()"
