@@ -115,7 +115,9 @@ def nlsolve(g: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, solver:
     and NaN test), plus those a solver documents (GMRES inside
     :class:`NewtonKrylov`, line searches). With ``check_every > 1`` the solve
     may run up to ``check_every - 1`` iterations past convergence (converged
-    elements stay frozen meanwhile).
+    elements stay frozen meanwhile), and an element's NaN/Inf is found at the
+    next check (without ``record_history`` the message then names the window
+    of iterations it appeared in).
 
     Args:
         g: the map, ``(B, ...) -> (B, ...)``, same shape, dtype and device as ``z0``.
@@ -148,7 +150,10 @@ def nlsolve(g: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, solver:
         ValueError: a 0-d or non-finite ``z0``, ``g`` returning another shape,
             bad tolerances, a setting given both here and in the solver, or
             ``throw`` contradicting ``on_failure``.
-        NonlinearSolveError: NaN/Inf in the iterates, or ``MaxIters`` with ``on_failure="raise"``.
+        NonlinearSolveError: NaN/Inf in the iterates of some element (raised
+            once the others are solved; ``.solution`` holds the result and
+            ``.iteration`` the first non-finite iteration), or ``MaxIters``
+            with ``on_failure="raise"``.
     """
     where = "nlsolve"
     check_keywords(unknown, where, _KEYWORDS)
@@ -315,7 +320,7 @@ def _iterate(g, z0, solver, abstol, reltol, maxiters, on_failure, check_every, r
         if history is not None:
             # The exact iteration of each element's first non-finite residual.
             finite = torch.isfinite(history)
-            first_bad = torch.argmin(finite.to(torch.int8), dim=0)
+            first_bad = torch.argmin(finite.to(history.dtype), dim=0)
             unstable_at = torch.where(unstable, first_bad, unstable_at)
     elif bool(converged.all()):
         retcode = NonlinearReturnCode.Success
