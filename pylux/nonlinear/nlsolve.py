@@ -75,7 +75,7 @@ class NonlinearSolution:
 
     @property
     def nfe(self) -> int:
-        """Evaluations of ``g``: the same as :attr:`nf` (the name the ODE solves' statistics use)."""
+        """Evaluations of ``g`` under their older name: the same as :attr:`nf`, the ODE solves' name."""
         return self.nf
 
 
