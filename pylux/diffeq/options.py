@@ -165,14 +165,14 @@ def _normalize_saveat(saveat, t0: float, t1: float, time_dtype: torch.dtype,
         else:
             times[-1] = t1
         return tuple(_round_time(x, time_dtype) for x in times)
+    if isinstance(saveat, (list, tuple)) and any(isinstance(x, torch.Tensor) and x.requires_grad for x in saveat):
+        raise ValueError(f"solve: {name} holds tensors that require grad; gradients with respect to "
+                         f"the saved times are not supported, so pass them detached")
     try:
         times = [float(x) for x in saveat]
     except (TypeError, ValueError):
         raise TypeError(f"solve: {name} must be a sequence or 1-D tensor of times (or a spacing), got "
                         f"{type(saveat).__name__}") from None
-    if any(isinstance(x, torch.Tensor) and x.requires_grad for x in saveat):
-        raise ValueError(f"solve: {name} holds tensors that require grad; gradients with respect to "
-                         f"the saved times are not supported, so pass them detached")
     lo, hi = min(t0, t1), max(t0, t1)
     for i, x in enumerate(times):
         if not math.isfinite(x):

@@ -68,10 +68,12 @@ def check_floating(x: torch.Tensor) -> torch.Tensor:
 def check_matches(x: torch.Tensor, param: torch.Tensor, param_name: str) -> None:
     """Raise a LayerError if ``x`` and ``param`` disagree on dtype or device."""
     if x.dtype != param.dtype:
+        # parameters are floating point: only a floating input dtype is a sensible setup() dtype
+        alternative = (f" or set up the parameters with setup(rng, model, dtype={x.dtype})"
+                       if x.is_floating_point() else "")
         raise LayerError(
             f"input dtype {x.dtype} does not match parameter {param_name!r} dtype {param.dtype}; "
-            f"cast the input with x.to({param.dtype}) or set up the parameters with "
-            f"setup(rng, model, dtype={x.dtype})")
+            f"cast the input with x.to({param.dtype}){alternative}")
     if x.device != param.device:
         raise LayerError(
             f"input is on device {x.device} but parameter {param_name!r} is on {param.device}; "
