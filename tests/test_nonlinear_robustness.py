@@ -23,7 +23,6 @@ from pylux.nonlinear import (
     nlsolve,
 )
 from pylux.nonlinear._base import MAX_INCREASE, backtracking_line_search
-from pylux.nonlinear._options import reject_unknown
 
 F64 = torch.float64
 
@@ -305,6 +304,10 @@ def test_unknown_keywords_go_through_the_one_checker():
         nlsolve(torch.tanh, torch.ones(1, 2), Broyden(), thrown=True)
     with pytest.raises(TypeError, match=r"^Broyden\(\) got unknown keyword argument\(s\): 'memory'"):
         Broyden(memory=3)
-    with pytest.raises(TypeError, match=r"^DEQ\(\) got unknown keyword argument\(s\): 'abstl' "
-                                        r"\(did you mean 'abstol'\?\)"):
-        reject_unknown("DEQ", {"abstl": 1.0}, ("abstol", "reltol"))
+    with pytest.raises(TypeError, match=r"^gmres\(\) got unknown keyword argument\(s\): 'rtl' "
+                                        r"\(did you mean 'rtol'\?\)"):
+        gmres(lambda v: v, torch.ones(1, 2), rtl=1e-3)
+    with pytest.raises(TypeError, match=r"^Anderson\.replace\(\) got unknown keyword argument\(s\): 'betta'"):
+        Anderson().replace(betta=0.5)
+    import pylux.nonlinear._options as options
+    assert not hasattr(options, "reject_unknown")  # one checker: core.keywords

@@ -1,24 +1,15 @@
-"""Validation of solver options: typed errors that name the option and say what is allowed."""
+"""Validation of solver option values: typed errors that name the option and say what is allowed.
+
+Unknown keyword names are refused by :func:`pylux.core.keywords.check_keywords`.
+"""
 
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Iterable
+from typing import Any
 
-from ..core.keywords import check_keywords
-
-__all__ = ["reject_unknown", "check_int", "check_float", "check_bool", "check_choice"]
-
-
-def reject_unknown(where: str, unknown: dict, allowed: Iterable[str]) -> None:
-    """:func:`pylux.core.keywords.check_keywords` with this module's argument order.
-
-    Not a second checker: the message is check_keywords' own. Kept for the
-    packages above that still import it from here; new code calls
-    ``check_keywords(unknown, where, known)`` directly.
-    """
-    check_keywords(unknown, where, allowed)
+__all__ = ["check_int", "check_float", "check_bool", "check_choice"]
 
 
 def check_int(where: str, name: str, value: Any, minimum: int, allow_none: bool = False) -> Any:
