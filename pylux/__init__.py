@@ -27,20 +27,27 @@ from .diffeq import (
     VCAB3,
     AbstractSensitivityAlgorithm,
     ButcherTableau,
+    ConstantStepSize,
+    ControlTerm,
     DtLessThanMinError,
     Euler,
     ExplicitRungeKutta,
     Heun,
     IController,
+    FailureError,
     MaxItersError,
     Midpoint,
+    MultiTerm,
     ODEProblem,
+    ODETerm,
     PIController,
     ReturnCode,
+    Reversible,
     SemiNorm,
     Solution,
     SolverError,
     SolverStats,
+    StepStatus,
     TerminateSteadyState,
     TerminateWhen,
     Tsit5,
@@ -62,8 +69,8 @@ from .nonlinear import (
     nlsolve,
 )
 from .layers import NeuralODE
-from .layers import (DEQ, DEQSolution, DeepEquilibriumNetwork, MultiScaleDEQ, MultiScaleDeepEquilibriumNetwork,
-                     SkipDEQ, SkipDeepEquilibriumNetwork)
+from .layers import (DEQ, ContinuousSolve, DEQSolution, DeepEquilibriumNetwork, DiscreteSolve, EquilibriumResult,
+                     MultiScaleDEQ, MultiScaleDeepEquilibriumNetwork, SkipDEQ, SkipDeepEquilibriumNetwork)
 from .sensitivity import JacobianFreeBackprop, SteadyStateAdjoint
 from .regularize import (
     STEER,
