@@ -96,7 +96,7 @@ def main() -> None:
         deq_bwd.append(b)
     solution = st_new["solution"]
     t_star = solution.t
-    gmres = deq.sensealg.last_backward_stats
+    gmres = solution.backward_stats
     rows = [("continuous DEQ (SteadyStateAdjoint)", statistics.median(deq_fwd[1:]), statistics.median(deq_bwd[1:]),
              f"forward nfe {solution.nfe}, t* = {t_star:.2f}, GMRES iterations {gmres['iterations']}")]
 
@@ -113,8 +113,7 @@ def main() -> None:
             f, b, node_st = timed_step(node, z0, ps["model"], node_st, leaves)
             fwd.append(f)
             bwd.append(b)
-        stats = sensealg.last_backward_stats
-        back_nf = stats["nf"]
+        back_nf = node_st["backward_stats"]["nf"]
         results[label] = statistics.median(bwd[1:])
         rows.append((f"neural ODE over (0, {label}) (BacksolveAdjoint)", statistics.median(fwd[1:]),
                      results[label], f"forward nfe {node_st['nfe']}, backward nfe {back_nf}"))

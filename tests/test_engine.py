@@ -315,3 +315,24 @@ def test_f_raising_type_error_itself_reaches_the_user_unchanged():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lx.solve(lx.ODEProblem(lambda u, p, t: -u, torch.ones(2), (0.0, 1.0)))
+
+
+def test_layers_refuse_a_sensealg_class_at_construction():
+    model = nn.Dense(2, 2)
+    with pytest.raises(TypeError, match="sensealg=BacksolveAdjoint is a class; pass an instance"):
+        lx.NeuralODE(model, (0.0, 1.0), sensealg=BacksolveAdjoint)
+    with pytest.raises(TypeError, match="a class: pass an instance, SteadyStateAdjoint\\(\\)"):
+        lx.DEQ(model, lx.Broyden(), sensealg=lx.SteadyStateAdjoint)
+
+
+def test_flatten_round_trips_a_tree_with_a_named_tuple():
+    from typing import NamedTuple
+
+    class Pair(NamedTuple):
+        a: torch.Tensor
+        n: int
+    tree = {"x": Pair(torch.arange(2.0), 3), "y": [torch.zeros(3), None]}
+    flat, unflatten = lx.flatten(tree)
+    back = unflatten(flat + 1)
+    assert isinstance(back["x"], Pair) and back["x"].n == 3 and back["y"][1] is None
+    torch.testing.assert_close(back["x"].a, torch.tensor([1.0, 2.0]))

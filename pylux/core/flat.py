@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from .tree import Tree, tree_leaves_with_path
+from .tree import Tree, tree_leaves_with_path, tree_map_with_path
 
 __all__ = ["flatten", "Unflatten"]
 
@@ -114,23 +114,14 @@ def _shared_buffer(pairs, total):
 
 
 def _skeleton(tree):
-    if isinstance(tree, dict):
-        return {k: _skeleton(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_skeleton(v) for v in tree)
-    if isinstance(tree, torch.Tensor):
-        return None
-    return tree
+    """``tree`` with every tensor leaf replaced by ``None`` (containers, named tuples included, rebuilt)."""
+    return tree_map_with_path(lambda path, x: None if isinstance(x, torch.Tensor) else x, tree,
+                              where="flatten")
 
 
-def _fill(skel, leaves, path):
-    if isinstance(skel, dict):
-        return {k: _fill(v, leaves, path + (k,)) for k, v in skel.items()}
-    if isinstance(skel, (list, tuple)):
-        return type(skel)(_fill(v, leaves, path + (i,)) for i, v in enumerate(skel))
-    if path in leaves:
-        return leaves[path]
-    return skel
+def _fill(skel, leaves, path=()):
+    """The skeleton with the leaf at each path of ``leaves`` put back."""
+    return tree_map_with_path(lambda p, x: leaves.get(p, x), skel, where="unflatten")
 
 
 FlatFn = Callable[[torch.Tensor], Any]

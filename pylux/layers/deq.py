@@ -418,8 +418,9 @@ class _EquilibriumLayer(AbstractLayer):
         self.solve_strategy = _solve_strategy(where, solver, horizon, ode_options)
         sensealg = SteadyStateAdjoint() if sensealg is None else sensealg
         if not isinstance(sensealg, AbstractImplicitSensitivity):
+            hint = (f" (a class: pass an instance, {sensealg.__name__}())" if isinstance(sensealg, type) else "")
             raise TypeError(f"{where}: sensealg must be SteadyStateAdjoint(...) or JacobianFreeBackprop(), got "
-                            f"{type(sensealg).__name__}.")
+                            f"{type(sensealg).__name__}{hint}.")
         self.sensealg = sensealg
         self.jacobian_regularization = check_float(where, "jacobian_regularization", jacobian_regularization,
                                                    low=0.0, high=math.inf, high_open=True)

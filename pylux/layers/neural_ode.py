@@ -8,7 +8,7 @@ import torch
 
 from ..core import AbstractLayer, LayerError
 from ..core.keywords import check_keywords
-from ..diffeq import AbstractSensitivityAlgorithm, ODEProblem, Tsit5, solve
+from ..diffeq import AbstractSensitivityAlgorithm, ODEProblem, Tsit5, check_sensealg, solve
 from ..diffeq.options import SOLVE_KEYWORDS
 from ..diffeq.solvers import AbstractSolver
 from ..regularize.regularized_solve import RegularizedSolve, solution_state
@@ -97,7 +97,7 @@ class NeuralODE(AbstractLayer):
         self.model = model
         self.tspan = tuple(float(t) for t in tspan)
         self.solver = solver
-        self.sensealg = sensealg
+        self.sensealg = check_sensealg(sensealg, "NeuralODE")
         self.saveat = None if saveat is None else [float(t) for t in saveat]
         self.solve_kwargs = dict(solve_kwargs)
         self.regularized = RegularizedSolve(regularize, self.tspan, solver, sensealg, saveat=self.saveat,

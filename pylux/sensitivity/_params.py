@@ -14,10 +14,10 @@ from typing import Any, Sequence
 
 import torch
 
-from ..core import tree_leaves_with_path, tree_map
+from ..core import tree_leaves_with_path
 from ..diffeq import Solution
 
-__all__ = ["HiddenParameterError", "grad_leaves", "check_no_hidden_parameters", "replace_leaves",
+__all__ = ["HiddenParameterError", "grad_leaves", "check_no_hidden_parameters",
            "apply_adjoint_function", "BackwardStats", "refuse_higher_order"]
 
 
@@ -28,22 +28,6 @@ class HiddenParameterError(ValueError):
 def grad_leaves(p: Any) -> list[tuple[tuple, torch.Tensor]]:
     """``(path, leaf)`` for every tensor of the parameter tree that requires grad."""
     return [(path, leaf) for path, leaf in tree_leaves_with_path(p) if leaf.requires_grad]
-
-
-def replace_leaves(p: Any, paths: Sequence[tuple], new: Sequence[torch.Tensor]) -> Any:
-    """A copy of the tree ``p`` with the leaves at ``paths`` replaced by ``new``."""
-    mapping = dict(zip(paths, new))
-    return _replace(p, mapping, ())
-
-
-def _replace(tree, mapping, path):
-    if path in mapping:
-        return mapping[path]
-    if isinstance(tree, dict):
-        return {k: _replace(v, mapping, path + (k,)) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_replace(v, mapping, path + (i,)) for i, v in enumerate(tree))
-    return tree
 
 
 def check_no_hidden_parameters(output: torch.Tensor, inputs: Sequence[torch.Tensor],
@@ -73,11 +57,6 @@ def check_no_hidden_parameters(output: torch.Tensor, inputs: Sequence[torch.Tens
         for next_node, _ in node.next_functions:
             if next_node is not None:
                 stack.append(next_node)
-
-
-def detached_tree(p: Any) -> Any:
-    """``p`` with every tensor leaf detached."""
-    return tree_map(lambda x: x.detach(), p)
 
 
 class BackwardStats(dict):

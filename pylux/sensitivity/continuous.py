@@ -46,17 +46,17 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..core import tree_replace_at_paths
 from ..diffeq import (AbstractSensitivityAlgorithm, MixedNorm, ODEProblem, SemiNorm, Solution, integrate,
                       rms_norm)
 from ..diffeq.options import SolveOptions, _round_time
-from ._params import (BackwardStats, apply_adjoint_function, check_no_hidden_parameters, refuse_higher_order,
-                      replace_leaves)
+from ._params import (BackwardStats, apply_adjoint_function, check_no_hidden_parameters, refuse_higher_order)
 
 __all__ = ["BacksolveAdjoint", "InterpolatingAdjoint", "QuadratureAdjoint", "BackwardStats"]
 
 
 def _bound_field(problem: ODEProblem, paths, params):
-    p = replace_leaves(problem.p, paths, params) if paths else problem.p
+    p = tree_replace_at_paths(problem.p, paths, params) if paths else problem.p
     return problem.term.bind(p)
 
 

@@ -38,12 +38,13 @@ from __future__ import annotations
 
 import torch
 
+from ..core import tree_replace_at_paths
 from ..diffeq import AbstractSensitivityAlgorithm, ODEProblem, Reversible, Solution, integrate
 from ..diffeq._device import time_scalar
 from ..diffeq.options import SolveOptions
 from ..diffeq.solvers import ExplicitRungeKutta
 from ..diffeq.solvers import RKState
-from ._params import apply_adjoint_function, check_no_hidden_parameters, refuse_higher_order, replace_leaves
+from ._params import apply_adjoint_function, check_no_hidden_parameters, refuse_higher_order
 
 __all__ = ["ReversibleAdjoint"]
 
@@ -134,7 +135,7 @@ class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, alg, problem, reversible, options, paths, holder, u0, *params):
         detached = [x.detach() for x in params]
-        p = replace_leaves(problem.p, paths, detached) if paths else problem.p
+        p = tree_replace_at_paths(problem.p, paths, detached) if paths else problem.p
         with torch.no_grad():
             term = problem.term.bind(p)
             sol = integrate(term, u0.detach(), *problem.tspan, reversible, options)
@@ -172,7 +173,7 @@ def _steps_of(sol: Solution) -> list[tuple[float, float, float]]:
 
 
 def _counted_field(ctx, ps_, u0, counter):
-    p = replace_leaves(ctx.problem.p, ctx.paths, ps_) if ctx.paths else ctx.problem.p
+    p = tree_replace_at_paths(ctx.problem.p, ctx.paths, ps_) if ctx.paths else ctx.problem.p
     checked = []
 
     def field(u, t):
