@@ -255,3 +255,30 @@ def test_tree_map_and_global_norm_on_a_model_tree():
     assert torch.allclose(core.tree_global_norm(doubled), 2 * torch.linalg.vector_norm(vector))
     zeros = core.tree_zeros_like(ps)
     assert core.tree_global_norm(zeros) == 0.0
+
+
+def test_option_value_checkers_name_the_caller_the_option_and_what_is_allowed():
+    import importlib.util
+
+    from pylux.core.validation import check_bool, check_choice, check_float, check_int
+    assert importlib.util.find_spec("pylux.nonlinear._options") is None  # one home: pylux.core.validation
+    assert check_int("f", "n", 3, 1) == 3 and check_int("f", "n", None, 1, allow_none=True) is None
+    with pytest.raises(TypeError, match=r"^f: n must be an int, got bool True\.$"):
+        check_int("f", "n", True, 0)
+    with pytest.raises(TypeError, match=r"^f: n must be an int, got float 3\.0\.$"):
+        check_int("f", "n", 3.0, 0)
+    with pytest.raises(ValueError, match=r"^f: n must be >= 1, got 0\.$"):
+        check_int("f", "n", 0, 1)
+    assert check_float("f", "tol", 1, low=0.0) == 1.0 and type(check_float("f", "tol", 1)) is float
+    with pytest.raises(ValueError, match=r"^f: tol must lie in \(0, inf\), got 0\.0\.$"):
+        check_float("f", "tol", 0.0, low=0.0, low_open=True, high_open=True)
+    with pytest.raises(ValueError, match=r"must lie in \[-inf, inf\], got nan"):
+        check_float("f", "tol", float("nan"))
+    with pytest.raises(TypeError, match=r"^f: tol must be a real number, got str '1'\.$"):
+        check_float("f", "tol", "1")
+    assert check_bool("f", "flag", False) is False
+    with pytest.raises(TypeError, match=r"^f: flag must be True or False, got int 1\.$"):
+        check_bool("f", "flag", 1)
+    assert check_choice("f", "mode", "b", ("a", "b")) == "b"
+    with pytest.raises(ValueError, match=r"^f: mode must be one of 'a', 'b', got 'c'\.$"):
+        check_choice("f", "mode", "c", ("a", "b"))

@@ -309,5 +309,5 @@ def test_unknown_keywords_go_through_the_one_checker():
         gmres(lambda v: v, torch.ones(1, 2), rtl=1e-3)
     with pytest.raises(TypeError, match=r"^Anderson\.replace\(\) got unknown keyword argument\(s\): 'betta'"):
         Anderson().replace(betta=0.5)
-    import pylux.nonlinear._options as options
-    assert not hasattr(options, "reject_unknown")  # one checker: core.keywords
+    import pylux.core.validation as validation
+    assert not hasattr(validation, "reject_unknown")  # one checker: core.keywords

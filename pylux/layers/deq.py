@@ -43,13 +43,13 @@ import torch
 from ..core import AbstractLayer, LayerError, check_key, draw_key, key_generator, tree_map
 from ..core.failures import failure_policy
 from ..core.keywords import check_keywords
+from ..core.validation import check_float, check_int
 from ..diffeq import ODEProblem, ReturnCode, solve
 from ..diffeq.callbacks import AbstractTerminationCallback
 from ..diffeq.options import SOLVE_KEYWORDS
 from ..diffeq.solvers import AbstractSolver
 from ..nonlinear import (AbstractNonlinearSolver, ConvergenceWarning, NonlinearReturnCode, NonlinearSolveError,
                          nlsolve)
-from ..nonlinear._options import check_float, check_int
 from ..regularize import hutchinson_vjp_frobenius, rademacher_like
 from ..sensitivity import AbstractImplicitSensitivity, SteadyStateAdjoint
 

@@ -33,8 +33,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from ..core.keywords import check_keywords
-
-from ._options import check_float, check_int
+from ..core.validation import check_float, check_int
 
 __all__ = ["AbstractNonlinearSolver", "rowdot", "axpy_rows", "combine_rows", "backtracking_line_search",
            "LineSearchResult", "MAX_INCREASE"]

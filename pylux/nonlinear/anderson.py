@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..core.validation import check_float, check_int
+
 from ._base import AbstractNonlinearSolver, axpy_rows, combine_rows
-from ._options import check_float, check_int
 
 __all__ = ["Anderson"]
 

@@ -6,8 +6,9 @@ import abc
 
 import torch
 
+from ..core.validation import check_bool, check_choice, check_int
+
 from ._base import AbstractNonlinearSolver, axpy_rows, backtracking_line_search, rowdot
-from ._options import check_bool, check_choice, check_int
 
 __all__ = ["Broyden", "LimitedMemoryBroyden"]
 

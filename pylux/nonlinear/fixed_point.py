@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from ..core.validation import check_float
+
 from ._base import AbstractNonlinearSolver
-from ._options import check_float
 
 __all__ = ["FixedPointIteration"]
 

@@ -30,10 +30,10 @@ from typing import Callable
 
 import torch
 
-from ._base import combine_rows, rowdot
 from ..core.keywords import check_keywords
+from ..core.validation import check_choice, check_float, check_int
 
-from ._options import check_choice, check_float, check_int
+from ._base import combine_rows, rowdot
 
 __all__ = ["gmres", "GMRESResult"]
 

@@ -7,8 +7,9 @@ import math
 import torch
 from torch.autograd import forward_ad
 
+from ..core.validation import check_bool, check_choice, check_float, check_int
+
 from ._base import AbstractNonlinearSolver, backtracking_line_search
-from ._options import check_bool, check_choice, check_float, check_int
 from .gmres import gmres
 
 __all__ = ["NewtonKrylov"]

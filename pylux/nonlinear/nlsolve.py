@@ -10,10 +10,10 @@ import torch
 
 from ..core.failures import failure_policy
 from ..core.keywords import check_keywords
+from ..core.validation import check_bool, check_choice, check_float, check_int
 
 from ._base import AbstractNonlinearSolver
 from ._errors import ConvergenceWarning, NonlinearReturnCode, NonlinearSolveError, maxiters_advice
-from ._options import check_bool, check_choice, check_float, check_int
 
 __all__ = ["nlsolve", "NonlinearSolution"]
 

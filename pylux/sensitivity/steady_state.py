@@ -50,10 +50,10 @@ from typing import Any, Callable
 
 import torch
 
-from ..nonlinear import ConvergenceWarning, NonlinearReturnCode, NonlinearSolveError, gmres
 from ..core import tree_replace_at_paths
 from ..core.keywords import check_keywords
-from ..nonlinear._options import check_choice, check_float, check_int
+from ..core.validation import check_choice, check_float, check_int
+from ..nonlinear import ConvergenceWarning, NonlinearReturnCode, NonlinearSolveError, gmres
 from ._params import check_no_hidden_parameters, grad_leaves, refuse_higher_order
 
 __all__ = ["AbstractImplicitSensitivity", "SteadyStateAdjoint", "JacobianFreeBackprop"]
