@@ -102,6 +102,29 @@ def gmres(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, x0: t
     """
     where = "gmres"
     check_keywords(unknown, where, ("restart", "maxiters", "rtol", "atol", "orthogonalization"))
+    restart, maxiters, rtol, atol = _check_arguments(where, matvec, b, restart, maxiters, rtol, atol,
+                                                     orthogonalization)
+    shape = b.shape
+    batch = shape[0]
+    n = b[0].numel() if batch > 0 else int(torch.Size(shape[1:]).numel())
+    b_flat = b.reshape(batch, n)
+    if x0 is not None:
+        _check_like(where, "x0", x0, b)
+    if batch == 0 or n == 0:
+        x = torch.zeros_like(b) if x0 is None else x0.clone()
+        return GMRESResult(x, b.new_zeros(batch), 0, torch.ones(batch, dtype=torch.bool, device=b.device), 0)
+    m = min(restart, n)
+    if maxiters is None:
+        maxiters = 10 * m
+    apply_a = _flat_operator(where, matvec, b)
+    x0_flat = None if x0 is None else x0.reshape(batch, n)
+    x, rnorm, iterations, converged, matvecs = _restarted(apply_a, b_flat, x0_flat, rtol, atol, m, maxiters,
+                                                          orthogonalization)
+    return GMRESResult(x.view(shape), rnorm, iterations, converged, matvecs)
+
+
+def _check_arguments(where, matvec, b, restart, maxiters, rtol, atol, orthogonalization):
+    """Refuse a bad ``b``, ``matvec`` or option value; returns ``(restart, maxiters, rtol, atol)`` checked."""
     if not isinstance(b, torch.Tensor):
         raise TypeError(f"{where}: b must be a torch.Tensor, got {type(b).__name__}.")
     if not callable(matvec):
@@ -120,20 +143,13 @@ def gmres(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, x0: t
         raise ValueError(f"{where}: rtol and atol are both zero, so GMRES could stop only on an exact "
                          "zero residual; give a positive rtol (e.g. 1e-8) or atol.")
     check_choice(where, "orthogonalization", orthogonalization, ("mgs", "cgs2"))
+    return restart, maxiters, rtol, atol
 
+
+def _flat_operator(where, matvec, b):
+    """``v -> A v`` on the flattened ``(B, N)`` batch; the first output is checked against ``b``."""
     shape = b.shape
-    batch = shape[0]
-    n = b[0].numel() if batch > 0 else int(torch.Size(shape[1:]).numel())
-    b_flat = b.reshape(batch, n)
-    if x0 is not None:
-        _check_like(where, "x0", x0, b)
-    if batch == 0 or n == 0:
-        x = torch.zeros_like(b) if x0 is None else x0.clone()
-        return GMRESResult(x, b.new_zeros(batch), 0, torch.ones(batch, dtype=torch.bool, device=b.device), 0)
-    m = min(restart, n)
-    if maxiters is None:
-        maxiters = 10 * m
-
+    batch, n = shape[0], b[0].numel()
     checked = [False]
 
     def apply_a(v: torch.Tensor) -> torch.Tensor:
@@ -142,24 +158,33 @@ def gmres(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, x0: t
             _check_like(where, "matvec output", out, b)
             checked[0] = True
         return out.reshape(batch, n)
+    return apply_a
 
+
+def _restarted(apply_a, b_flat, x0, rtol, atol, m, maxiters, orthogonalization):
+    """GMRES(m) cycles from ``x0`` (zeros when ``None``) until every element has stopped or ``maxiters``.
+
+    Returns ``(x, rnorm, iterations, converged, matvecs)`` on the flattened batch.
+    Elements that cannot improve stop too (``converged=False``): a NaN/Inf
+    residual, or a whole cycle without any decrease. GMRES(m) restarted from
+    the same x repeats the same cycle, so a cycle that gained nothing (a
+    singular A with b outside its range) would repeat forever. A cycle that
+    made the true residual worse (rounding in a numerically singular system)
+    is undone, so every element returns its best iterate.
+    """
+    batch = b_flat.shape[0]
     target = torch.clamp_min(rtol * torch.linalg.vector_norm(b_flat, dim=1), atol)
     matvecs = 0
     if x0 is None:
         x = torch.zeros_like(b_flat)
         r = b_flat
     else:
-        x = x0.reshape(batch, n).clone()
+        x = x0.clone()
         r = b_flat - apply_a(x)
         matvecs += 1
     rnorm = torch.linalg.vector_norm(r, dim=1)
     converged = rnorm <= target
     iterations = 0
-    # Elements that cannot improve stop too (converged=False): a NaN/Inf residual, or a whole
-    # cycle without any decrease. GMRES(m) restarted from the same x repeats the same cycle,
-    # so a cycle that gained nothing (a singular A with b outside its range) would repeat forever.
-    # A cycle that made the true residual worse (rounding in a numerically singular system)
-    # is undone, so every element returns its best iterate.
     stuck = ~torch.isfinite(rnorm)
     anorm = torch.zeros_like(rnorm)  # per element, the largest ||A v|| seen: a lower bound of ||A||
     while iterations < maxiters:
@@ -182,7 +207,7 @@ def gmres(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, x0: t
         rnorm = torch.where(worse, rnorm, rnorm_new)
         converged = rnorm <= target
         stuck = stuck | ~torch.isfinite(rnorm) | (~stopped & ~gained)
-    return GMRESResult(x.view(shape), rnorm, iterations, converged, matvecs)
+    return x, rnorm, iterations, converged, matvecs
 
 
 def _check_like(where: str, what: str, t: object, ref: torch.Tensor) -> None:
@@ -200,76 +225,112 @@ def _cycle(apply_a, x, r, rnorm, target, done_before, some_done, steps, orthogon
     ``anorm`` (updated in place) is each element's largest ``||A v||`` so far; a pivot of the
     rotated Hessenberg matrix below ``16 eps anorm`` counts as zero (a numerically singular
     system), so its column is dropped instead of dividing by rounding noise.
+
+    Host synchronisation: one per Arnoldi step (has every element stopped?).
     """
-    batch, n = x.shape
-    dtype, device = x.dtype, x.device
-    pivot_floor = 16.0 * torch.finfo(dtype).eps
-    active = ~done_before
-    beta = torch.where(active, rnorm, torch.zeros_like(rnorm))
-    inv_beta = torch.where(beta > 0, 1.0 / beta, torch.zeros_like(beta))
-    # Basis vector j is written before it is read. MGS touches one vector at a time,
-    # so it keeps each contiguous (j, B, N); CGS2 multiplies with the whole basis
-    # per batch element, so it keeps (B, j, N).
-    mgs = orthogonalization == "mgs"
-    store = x.new_empty(steps + 1, batch, n) if mgs else x.new_empty(batch, steps + 1, n)
-    basis = store.transpose(0, 1) if mgs else store  # (B, j, N) view either way
-    basis[:, 0] = torch.where(active.unsqueeze(1), r * inv_beta.unsqueeze(1), torch.zeros_like(r))
-    tri = x.new_zeros(batch, steps, steps)  # the rotated Hessenberg matrix R
-    rot = torch.eye(steps + 1, dtype=dtype, device=device).repeat(batch, 1, 1)  # Q = G_(j)...G_0
-    done = done_before.clone()
-    used = torch.zeros(batch, dtype=torch.long, device=device)  # columns each element keeps
+    batch = x.shape[0]
+    cycle = _Cycle(x, r, rnorm, done_before, steps, orthogonalization, anorm)
     taken = 0
     for j in range(steps):
-        w = apply_a(basis[:, j])
+        n_done = cycle.arnoldi_step(apply_a, j, target, some_done)
+        taken += 1
+        if n_done == batch:
+            break
+        some_done = n_done > 0
+    return cycle.update(x, taken), taken
+
+
+class _Cycle:
+    """The working memory of one GMRES cycle, per batch element.
+
+    The Krylov basis (``store``; ``basis`` is its ``(B, j, N)`` view), the
+    rotated Hessenberg matrix ``R`` (``tri``), the accumulated rotations
+    ``Q = G_(j)...G_0`` (``rot``), ``beta = ||r||``, which elements are done and
+    how many basis columns each keeps (``used``).
+    """
+
+    def __init__(self, x, r, rnorm, done_before, steps, orthogonalization, anorm):
+        batch, n = x.shape
+        dtype, device = x.dtype, x.device
+        self.orthogonalization = orthogonalization
+        self.anorm = anorm
+        self.pivot_floor = 16.0 * torch.finfo(dtype).eps
+        active = ~done_before
+        self.beta = beta = torch.where(active, rnorm, torch.zeros_like(rnorm))
+        inv_beta = torch.where(beta > 0, 1.0 / beta, torch.zeros_like(beta))
+        # Basis vector j is written before it is read. MGS touches one vector at a time,
+        # so it keeps each contiguous (j, B, N); CGS2 multiplies with the whole basis
+        # per batch element, so it keeps (B, j, N).
+        self.mgs = mgs = orthogonalization == "mgs"
+        self.store = x.new_empty(steps + 1, batch, n) if mgs else x.new_empty(batch, steps + 1, n)
+        self.basis = self.store.transpose(0, 1) if mgs else self.store  # (B, j, N) view either way
+        self.basis[:, 0] = torch.where(active.unsqueeze(1), r * inv_beta.unsqueeze(1), torch.zeros_like(r))
+        self.tri = x.new_zeros(batch, steps, steps)  # the rotated Hessenberg matrix R
+        self.rot = torch.eye(steps + 1, dtype=dtype, device=device).repeat(batch, 1, 1)  # Q = G_(j)...G_0
+        self.done = done_before.clone()
+        self.used = torch.zeros(batch, dtype=torch.long, device=device)  # columns each element keeps
+
+    def arnoldi_step(self, apply_a, j, target, some_done) -> int:
+        """Arnoldi step ``j``: basis vector ``j + 1``, column ``j`` of R; returns how many elements are done."""
+        w = apply_a(self.basis[:, j])
         if some_done:
             # Finished elements stop growing their basis: their new vectors are zero.
-            w = torch.where(done.unsqueeze(1), torch.zeros_like(w), w)
-        taken += 1
-        torch.maximum(anorm, torch.linalg.vector_norm(w, dim=1), out=anorm)
-        h, w = _orthogonalize(basis[:, :j + 1], w, orthogonalization)
+            w = torch.where(self.done.unsqueeze(1), torch.zeros_like(w), w)
+        torch.maximum(self.anorm, torch.linalg.vector_norm(w, dim=1), out=self.anorm)
+        h, w = _orthogonalize(self.basis[:, :j + 1], w, self.orthogonalization)
         h_next = torch.linalg.vector_norm(w, dim=1)
         inv_next = torch.where(h_next > 0, 1.0 / h_next, torch.zeros_like(h_next))
-        torch.mul(w, inv_next.unsqueeze(1), out=basis[:, j + 1])
+        torch.mul(w, inv_next.unsqueeze(1), out=self.basis[:, j + 1])
+        nonzero = self._rotate(j, h, h_next)
+        estimate = self.beta * self.rot[:, j + 1, 0].abs()
+        # A zero pivot (A v in the span with no new direction and a zero diagonal)
+        # means the system is singular here: drop that column and stop the element.
+        singular = ~self.done & ~nonzero
+        finished = ~self.done & nonzero & (estimate <= target)
+        self.used.masked_fill_(finished, j + 1).masked_fill_(singular, j)
+        self.done = self.done | finished | singular
+        return int(self.done.sum())
+
+    def _rotate(self, j, h, h_next):
+        """Rotate the new Hessenberg column ``(h, h_next)`` into R and append its Givens rotation to Q.
+
+        Returns where the pivot is nonzero (above ``pivot_floor * anorm``).
+        """
+        rot = self.rot
         col = torch.bmm(rot[:, :j + 1, :j + 1], h.unsqueeze(2)).squeeze(2)
         diag = col[:, j]
         radius = torch.hypot(diag, h_next)
-        nonzero = radius > pivot_floor * anorm
+        nonzero = radius > self.pivot_floor * self.anorm
         safe = torch.where(nonzero, radius, torch.ones_like(radius))
         c = torch.where(nonzero, diag / safe, torch.ones_like(radius))
         s = torch.where(nonzero, h_next / safe, torch.zeros_like(radius))
         col = torch.cat([col[:, :j], radius.unsqueeze(1)], dim=1)
-        tri[:, :j + 1, j] = col
+        self.tri[:, :j + 1, j] = col
         row_j = rot[:, j, :j + 1].clone()
         rot[:, j, :j + 1] = row_j * c.unsqueeze(1)
         rot[:, j, j + 1] = s
         rot[:, j + 1, :j + 1] = row_j * (-s).unsqueeze(1)
         rot[:, j + 1, j + 1] = c
-        estimate = beta * rot[:, j + 1, 0].abs()
-        # A zero pivot (A v in the span with no new direction and a zero diagonal)
-        # means the system is singular here: drop that column and stop the element.
-        singular = ~done & ~nonzero
-        finished = ~done & nonzero & (estimate <= target)
-        used.masked_fill_(finished, j + 1).masked_fill_(singular, j)
-        done = done | finished | singular
-        n_done = int(done.sum())
-        if n_done == batch:
-            break
-        some_done = n_done > 0
-    used.masked_fill_(~done, taken)
-    k = taken
-    idx = torch.arange(k, device=device)
-    keep = idx.unsqueeze(0) < used.unsqueeze(1)  # (B, k)
-    keep2 = keep.unsqueeze(2) & keep.unsqueeze(1)
-    eye = torch.eye(k, dtype=dtype, device=device)
-    system = torch.where(keep2, tri[:, :k, :k], eye)
-    rhs = (beta.unsqueeze(1) * rot[:, :k, 0]) * keep.to(dtype)
-    y = torch.linalg.solve_triangular(system, rhs.unsqueeze(2), upper=True).squeeze(2)
-    if mgs:
-        update = x.clone()
-        for i in range(k):
-            update.addcmul_(store[i], y[:, i:i + 1])
-        return update, taken
-    return x + combine_rows(y, basis[:, :k]), taken
+        return nonzero
+
+    def update(self, x, taken):
+        """``x + V y`` with ``R y = Q (beta e1)`` over the columns each element keeps (identity elsewhere)."""
+        self.used.masked_fill_(~self.done, taken)
+        k = taken
+        dtype, device = x.dtype, x.device
+        idx = torch.arange(k, device=device)
+        keep = idx.unsqueeze(0) < self.used.unsqueeze(1)  # (B, k)
+        keep2 = keep.unsqueeze(2) & keep.unsqueeze(1)
+        eye = torch.eye(k, dtype=dtype, device=device)
+        system = torch.where(keep2, self.tri[:, :k, :k], eye)
+        rhs = (self.beta.unsqueeze(1) * self.rot[:, :k, 0]) * keep.to(dtype)
+        y = torch.linalg.solve_triangular(system, rhs.unsqueeze(2), upper=True).squeeze(2)
+        if self.mgs:
+            update = x.clone()
+            for i in range(k):
+                update.addcmul_(self.store[i], y[:, i:i + 1])
+            return update
+        return x + combine_rows(y, self.basis[:, :k])
 
 
 def _orthogonalize(vs: torch.Tensor, w: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -235,120 +235,176 @@ def _flat_map(g, shape, batch, n, z0, where):
 
 def _iterate(g, z0, solver, abstol, reltol, maxiters, on_failure, check_every, record_history):
     where = f"nlsolve({solver.name})"
-    shape = z0.shape
-    batch = shape[0]
-    n = int(torch.Size(shape[1:]).numel())
-    device = z0.device
-    fn = _flat_map(g, shape, batch, n, z0, where)
-    z = z0.reshape(batch, n)
-    no = torch.zeros(batch, dtype=torch.bool, device=device)
+    batch = z0.shape[0]
+    n = int(torch.Size(z0.shape[1:]).numel())
     if batch == 0 or n == 0:
-        zeros = z0.new_zeros(batch)
-        history = zeros.unsqueeze(0) if record_history else None
-        return NonlinearSolution(z0.clone(), NonlinearReturnCode.Success, 0, 0, zeros, zeros, ~no,
-                                 torch.zeros(batch, dtype=torch.long, device=device), history,
-                                 solver, abstol, reltol, maxiters, no)
-    gz = fn(z)
-    nf = 1
-    F = gz - z
-    res = torch.linalg.vector_norm(F, dim=1)
-    tol = _tolerance(z, abstol, reltol)
-    converged = res <= tol
-    converged_at = torch.zeros(batch, dtype=torch.long, device=device)
-    unstable = no
-    unstable_at = torch.zeros(batch, dtype=torch.long, device=device)
-    first_window = None  # (last check before, check that found) the first non-finite residual
-    best_z, best_res = z, res
-    history = [res] if record_history else None
-    state = solver.init(z, gz, maxiters)
-    iterations = 0
-    last_check = 0
-    some_frozen = check_every > 1
-    while True:
-        due = iterations % check_every == 0 or iterations == maxiters
-        if due:
-            # One transfer answers: how many converged? newly non-finite? did every element
-            # improve on its best (so the best is the current iterate)? how many unstable?
-            bad = ~torch.isfinite(res) & ~unstable
-            improved = res <= best_res
-            counts = torch.stack([converged, bad, improved, unstable]).sum(dim=1).tolist()
-            if counts[2] == batch:
-                best_z, best_res = z, res
-            else:
-                best_z = torch.where(improved.unsqueeze(1), z, best_z)
-                best_res = torch.where(improved, res, best_res)
-            if counts[1]:
-                # Freeze the element at its best finite iterate; the rest of the batch goes on.
-                unstable = unstable | bad
-                unstable_at.masked_fill_(bad, iterations)
-                counts[3] += counts[1]
-                if first_window is None:
-                    first_window = (last_check, iterations)
-            if counts[0] + counts[3] == batch:
-                break
-            some_frozen = counts[0] + counts[3] > 0 or check_every > 1
-            last_check = iterations
-        else:
-            improved = res <= best_res
-            best_z = torch.where(improved.unsqueeze(1), z, best_z)
-            best_res = torch.where(improved, res, best_res)
-        if iterations == maxiters:
-            break
-        active = ~(converged | unstable) if some_frozen else None
-        z_new, gz_new, state, used = solver.step(fn, z, gz, F, state, active)
-        nf += used
-        iterations += 1
-        if active is not None:
-            keep = active.unsqueeze(1)
-            z = torch.where(keep, z_new, z)
-            gz = torch.where(keep, gz_new, gz)
-        else:
-            z, gz = z_new, gz_new
-        F = gz - z
-        res = torch.linalg.vector_norm(F, dim=1)
-        if reltol:
-            tol = _tolerance(z, abstol, reltol)
-        newly = ~converged & ~unstable & (res <= tol)
-        converged_at.masked_fill_(newly, iterations)
-        converged = converged | newly
-        if record_history:
-            history.append(res)
-
-    history = torch.stack(history) if record_history else None
-    if first_window is not None:
-        retcode = NonlinearReturnCode.Unstable
-        if history is not None:
-            # The exact iteration of each element's first non-finite residual.
-            finite = torch.isfinite(history)
-            first_bad = torch.argmin(finite.to(history.dtype), dim=0)
-            unstable_at = torch.where(unstable, first_bad, unstable_at)
-    elif bool(converged.all()):
-        retcode = NonlinearReturnCode.Success
-    else:
-        retcode = NonlinearReturnCode.MaxIters
-    # Converged elements are frozen at their converging iterate; the rest return their best.
-    z_out = torch.where(converged.unsqueeze(1), z, best_z)
-    res_out = torch.where(converged, res, best_res)
-    znorm = torch.linalg.vector_norm(z_out, dim=1)
-    relative = torch.where(znorm > 0, res_out / torch.where(znorm > 0, znorm, torch.ones_like(znorm)),
-                           torch.where(res_out > 0, torch.full_like(res_out, float("inf")),
-                                       torch.zeros_like(res_out)))
-    sample_iterations = torch.where(converged, converged_at,
-                                    torch.where(unstable, unstable_at, torch.full_like(converged_at, iterations)))
-    solution = NonlinearSolution(
-        z_out.reshape(shape), retcode, iterations, nf, res_out, relative, converged, sample_iterations,
-        history, solver, abstol, reltol, maxiters, unstable)
-    if retcode is NonlinearReturnCode.Success or on_failure == "ignore":
+        return _empty_solution(z0, solver, abstol, reltol, maxiters, record_history)
+    fn = _flat_map(g, z0.shape, batch, n, z0, where)
+    run = _Iteration(fn, z0.reshape(batch, n), solver, abstol, reltol, maxiters, check_every, record_history)
+    run.run()
+    solution = run.finish(z0.shape)
+    if solution.retcode is NonlinearReturnCode.Success or on_failure == "ignore":
         return solution
-    note = solver.diagnosis(state, ~converged)
-    if retcode is NonlinearReturnCode.Unstable:
-        raise NonlinearSolveError(_unstable_message(where, solution, first_window, record_history, note),
-                                  retcode, _first_unstable(solution, first_window, record_history), solution)
+    note = solver.diagnosis(run.state, ~solution.converged)
+    if solution.retcode is NonlinearReturnCode.Unstable:
+        window = run.first_window
+        raise NonlinearSolveError(_unstable_message(where, solution, window, record_history, note),
+                                  solution.retcode, _first_unstable(solution, window, record_history), solution)
     message = _maxiters_message(where, solution, abstol, reltol, maxiters, note)
     if on_failure == "raise":
-        raise NonlinearSolveError(message, retcode, iterations, solution)
+        raise NonlinearSolveError(message, solution.retcode, solution.iterations, solution)
     warnings.warn(message, ConvergenceWarning, stacklevel=3)
     return solution
+
+
+def _empty_solution(z0, solver, abstol, reltol, maxiters, record_history):
+    """The solution of a problem with no batch element or elements of size 0: converged, nothing evaluated."""
+    batch = z0.shape[0]
+    no = torch.zeros(batch, dtype=torch.bool, device=z0.device)
+    zeros = z0.new_zeros(batch)
+    history = zeros.unsqueeze(0) if record_history else None
+    return NonlinearSolution(z0.clone(), NonlinearReturnCode.Success, 0, 0, zeros, zeros, ~no,
+                             torch.zeros(batch, dtype=torch.long, device=z0.device), history,
+                             solver, abstol, reltol, maxiters, no)
+
+
+class _Iteration:
+    """The state of one batched iteration of :func:`nlsolve` on the flattened ``(B, N)`` problem.
+
+    :meth:`run` alternates :meth:`check` (every ``check_every`` iterations and
+    at ``maxiters``: one host transfer) or :meth:`track_best` (no transfer)
+    with :meth:`step`; :meth:`finish` assembles the :class:`NonlinearSolution`.
+
+    Per element it keeps the current iterate ``z``, ``gz = g(z)``, ``F = gz - z``
+    and its norm ``res``, the lowest-residual iterate seen (``best_z``,
+    ``best_res``), whether it has converged or become unstable (NaN/Inf) and
+    the iteration at which it did. Converged and unstable elements are frozen:
+    once some element is (or whenever ``check_every > 1``, since the solve may
+    pass convergence between checks), a step only moves the ``active`` ones.
+    """
+
+    def __init__(self, fn, z, solver, abstol, reltol, maxiters, check_every, record_history):
+        self.fn, self.solver = fn, solver
+        self.abstol, self.reltol, self.maxiters, self.check_every = abstol, reltol, maxiters, check_every
+        self.batch = batch = z.shape[0]
+        device = z.device
+        self.z = z
+        self.gz = fn(z)
+        self.nf = 1
+        self.F = self.gz - z
+        self.res = torch.linalg.vector_norm(self.F, dim=1)
+        self.tol = _tolerance(z, abstol, reltol)
+        self.converged = self.res <= self.tol
+        self.converged_at = torch.zeros(batch, dtype=torch.long, device=device)
+        self.unstable = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.unstable_at = torch.zeros(batch, dtype=torch.long, device=device)
+        self.first_window = None  # (last check before, check that found) the first non-finite residual
+        self.best_z, self.best_res = z, self.res
+        self.history = [self.res] if record_history else None
+        self.state = solver.init(z, self.gz, maxiters)
+        self.iterations = 0
+        self.last_check = 0
+        self.some_frozen = check_every > 1
+
+    def run(self) -> None:
+        """Iterate until every element has converged or is unstable (found at a check), or ``maxiters``."""
+        while True:
+            if self.iterations % self.check_every == 0 or self.iterations == self.maxiters:
+                if self.check():
+                    return
+            else:
+                self.track_best()
+            if self.iterations == self.maxiters:
+                return
+            self.step()
+
+    def check(self) -> bool:
+        """The convergence and NaN test; ``True`` when every element has converged or is unstable.
+
+        One transfer answers: how many converged? newly non-finite? did every
+        element improve on its best (so the best is the current iterate)? how
+        many unstable? A newly non-finite element is frozen at its best finite
+        iterate; the rest of the batch goes on.
+        """
+        bad = ~torch.isfinite(self.res) & ~self.unstable
+        improved = self.res <= self.best_res
+        n_converged, n_bad, n_improved, n_unstable = (
+            torch.stack([self.converged, bad, improved, self.unstable]).sum(dim=1).tolist())
+        if n_improved == self.batch:
+            self.best_z, self.best_res = self.z, self.res
+        else:
+            self._keep_best(improved)
+        if n_bad:
+            self.unstable = self.unstable | bad
+            self.unstable_at.masked_fill_(bad, self.iterations)
+            n_unstable += n_bad
+            if self.first_window is None:
+                self.first_window = (self.last_check, self.iterations)
+        if n_converged + n_unstable == self.batch:
+            return True
+        self.some_frozen = n_converged + n_unstable > 0 or self.check_every > 1
+        self.last_check = self.iterations
+        return False
+
+    def track_best(self) -> None:
+        """Between checks: keep each element's lowest-residual iterate, without a transfer."""
+        self._keep_best(self.res <= self.best_res)
+
+    def _keep_best(self, improved: torch.Tensor) -> None:
+        self.best_z = torch.where(improved.unsqueeze(1), self.z, self.best_z)
+        self.best_res = torch.where(improved, self.res, self.best_res)
+
+    def step(self) -> None:
+        """One solver step; frozen elements keep their iterate; newly converged ones are recorded."""
+        active = ~(self.converged | self.unstable) if self.some_frozen else None
+        z_new, gz_new, self.state, used = self.solver.step(self.fn, self.z, self.gz, self.F, self.state, active)
+        self.nf += used
+        self.iterations += 1
+        if active is not None:
+            keep = active.unsqueeze(1)
+            self.z = torch.where(keep, z_new, self.z)
+            self.gz = torch.where(keep, gz_new, self.gz)
+        else:
+            self.z, self.gz = z_new, gz_new
+        self.F = self.gz - self.z
+        self.res = torch.linalg.vector_norm(self.F, dim=1)
+        if self.reltol:
+            self.tol = _tolerance(self.z, self.abstol, self.reltol)
+        newly = ~self.converged & ~self.unstable & (self.res <= self.tol)
+        self.converged_at.masked_fill_(newly, self.iterations)
+        self.converged = self.converged | newly
+        if self.history is not None:
+            self.history.append(self.res)
+
+    def finish(self, shape: torch.Size) -> NonlinearSolution:
+        """The result: converged elements at their converging iterate, the others at their best."""
+        history = torch.stack(self.history) if self.history is not None else None
+        converged, unstable, unstable_at = self.converged, self.unstable, self.unstable_at
+        if self.first_window is not None:
+            retcode = NonlinearReturnCode.Unstable
+            if history is not None:
+                # The exact iteration of each element's first non-finite residual.
+                first_bad = torch.argmin(torch.isfinite(history).to(history.dtype), dim=0)
+                unstable_at = torch.where(unstable, first_bad, unstable_at)
+        elif bool(converged.all()):
+            retcode = NonlinearReturnCode.Success
+        else:
+            retcode = NonlinearReturnCode.MaxIters
+        z_out = torch.where(converged.unsqueeze(1), self.z, self.best_z)
+        res_out = torch.where(converged, self.res, self.best_res)
+        sample_iterations = torch.where(
+            converged, self.converged_at,
+            torch.where(unstable, unstable_at, torch.full_like(self.converged_at, self.iterations)))
+        return NonlinearSolution(
+            z_out.reshape(shape), retcode, self.iterations, self.nf, res_out, _relative(res_out, z_out), converged,
+            sample_iterations, history, self.solver, self.abstol, self.reltol, self.maxiters, unstable)
+
+
+def _relative(res, z):
+    """``res / ||z||`` per row; ``inf`` where ``z = 0`` and the residual is not, ``0`` where both are."""
+    znorm = torch.linalg.vector_norm(z, dim=1)
+    return torch.where(znorm > 0, res / torch.where(znorm > 0, znorm, torch.ones_like(znorm)),
+                       torch.where(res > 0, torch.full_like(res, float("inf")), torch.zeros_like(res)))
 
 
 def _tolerance(z, abstol, reltol):
