@@ -1,0 +1,294 @@
+"""BrownianTree: the law of its increments and Lévy areas, reproducibility in any query order, exact
+additivity, consistency of the Lévy area with the path, the control protocol, and its errors."""
+
+import math
+
+import pytest
+import torch
+
+from pylux.diffeq.brownian import BrownianTree
+from pylux.diffeq.terms import ControlTerm
+
+F64 = torch.float64
+N = 20000                  # independent paths (entries of the shape) for the statistical tests
+SIGMAS = 4.0               # statistical tests pass within this many standard errors
+
+
+def _check_gaussian(x: torch.Tensor, var: float, what: str) -> None:
+    """mean 0, variance ``var`` and kurtosis 3 within SIGMAS standard errors; a Kolmogorov–Smirnov test."""
+    n = x.numel()
+    mean, sample_var = x.mean().item(), x.var().item()
+    assert abs(mean) < SIGMAS * math.sqrt(var / n), f"{what}: mean {mean}"
+    assert abs(sample_var - var) < SIGMAS * var * math.sqrt(2.0 / n), f"{what}: variance {sample_var} vs {var}"
+    kurtosis = ((x - mean) ** 4).mean().item() / sample_var ** 2
+    assert abs(kurtosis - 3.0) < SIGMAS * math.sqrt(24.0 / n), f"{what}: kurtosis {kurtosis}"
+    stats = pytest.importorskip("scipy.stats")
+    assert stats.kstest((x / math.sqrt(var)).numpy(), "norm").pvalue > 1e-4, what
+
+
+def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.corrcoef(torch.stack((a.flatten(), b.flatten())))[0, 1].item()
+
+
+# intervals of very different lengths, none aligned with the tree's dyadic points; all above tol
+# (the default tol is 2**-20 ~ 9.5e-7: the last interval spans about 7 leaves)
+INTERVALS = [(0.0, 1.0), (0.1, 0.35), (0.5, 0.501), (0.7, 0.70003), (0.93, 0.93 + 7e-6)]
+# the Lévy area of an interval of n leaves with unaligned ends is low by about 40%/n (documented), so its
+# law is checked over at least ~70 leaves
+LEVY_INTERVALS = [(0.0, 1.0), (0.1, 0.35), (0.5, 0.501), (0.7, 0.70003), (0.93, 0.93 + 7e-5)]
+
+
+# --- the law -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("levy", [None, "space-time"])
+def test_increments_are_gaussian_with_variance_h(levy):
+    tree = BrownianTree(0.0, 1.0, (N,), seed=11, levy_area=levy)
+    for s, t in INTERVALS:
+        _check_gaussian(tree.increment(s, t), t - s, f"dW over [{s}, {t}]")
+
+
+def test_brownian_covariance_min_s_t_on_a_shifted_span():
+    # W(t) - W(t0) on [2, 5]: Cov(W_s, W_t) = min(s, t) - t0
+    tree = BrownianTree(2.0, 5.0, (N,), seed=3)
+    a, b = tree(2.9), tree(4.2)
+    cov = (a * b).mean().item()
+    assert abs(cov - 0.9) < SIGMAS * math.sqrt((0.9 * 2.2 + 0.9 ** 2) / N)
+    _check_gaussian(b, 2.2, "W(4.2)")
+
+
+def test_non_overlapping_increments_and_entries_and_seeds_are_uncorrelated():
+    bound = SIGMAS / math.sqrt(N)
+    tree = BrownianTree(0.0, 1.0, (2, N), seed=5)
+    first, second, third = tree.increment(0.1, 0.3), tree.increment(0.3, 0.6), tree.increment(0.6, 0.600001)
+    assert abs(_corr(first, second)) < bound
+    assert abs(_corr(second, third)) < bound
+    assert abs(_corr(first[0], first[1])) < bound          # entries of the shape are independent
+    other = BrownianTree(0.0, 1.0, (2, N), seed=6)
+    assert abs(_corr(tree(1.0), other(1.0))) < bound         # different seeds: independent paths
+    assert abs(_corr(tree(0.37), other(0.37))) < bound
+
+
+def test_levy_area_is_gaussian_with_variance_h_over_12_and_independent_of_dw():
+    bound = SIGMAS / math.sqrt(N)
+    tree = BrownianTree(0.0, 1.0, (N,), seed=17, levy_area="space-time")
+    for s, t in LEVY_INTERVALS:
+        dw, dh = tree.increment(s, t, levy_area=True)
+        _check_gaussian(dh, (t - s) / 12.0, f"H over [{s}, {t}]")
+        assert abs(_corr(dw, dh)) < bound, (s, t)
+    # Lévy areas of adjacent intervals are independent too
+    _, h1 = tree.increment(0.2, 0.45, levy_area=True)
+    _, h2 = tree.increment(0.45, 0.6, levy_area=True)
+    assert abs(_corr(h1, h2)) < bound
+
+
+def test_below_tol_the_path_is_the_documented_interpolant():
+    # inside one leaf the path is W_a + u dW + 6u(1-u) H: an increment over a tenth of a leaf has much
+    # less than its Brownian variance (the documented approximation), one over many leaves has it all
+    tree = BrownianTree(0.0, 1.0, (N,), seed=2, tol=2.0 ** -10)
+    leaf = 2.0 ** -10
+    small = tree.increment(300 * leaf + 0.45 * leaf, 300 * leaf + 0.55 * leaf)
+    assert small.var().item() < 0.5 * (0.1 * leaf)
+    _check_gaussian(tree.increment(300 * leaf, 340 * leaf), 40 * leaf, "40 leaves")
+
+
+# --- reproducibility, additivity, symmetry ----------------------------------------------------
+
+@pytest.mark.parametrize("levy", [None, "space-time"])
+def test_values_do_not_depend_on_query_order_or_on_the_cache(levy):
+    shape = (3, 5)
+    forward = BrownianTree(0.0, 1.0, shape, seed=4, levy_area=levy)
+    backward = BrownianTree(0.0, 1.0, shape, seed=4, levy_area=levy)
+    uncached = BrownianTree(0.0, 1.0, shape, seed=4, levy_area=levy, cache_size=0)
+    times = [0.7, 0.3, 0.31, 0.9999, 0.0, 1.0, 0.5, 0.123456789]
+    a = [forward(t) for t in times]
+    b = [backward(t) for t in reversed(times)][::-1]
+    c = [uncached(t) for t in times]
+    for t, x, y, z in zip(times, a, b, c):
+        assert torch.equal(x, y) and torch.equal(x, z), t
+        assert torch.equal(forward(t), x), t                  # re-query gives the same values
+    if levy:
+        k = (0.3, 0.7)
+        first = forward.increment(*k, levy_area=True)
+        forward.increment(0.05, 0.95, levy_area=True)
+        again = forward.increment(*k, levy_area=True)
+        fresh = BrownianTree(0.0, 1.0, shape, seed=4, levy_area=levy, cache_size=0).increment(*k, levy_area=True)
+        for x, y, z in zip(first, again, fresh):
+            assert torch.equal(x, y) and torch.equal(x, z)
+
+
+def test_small_cache_stays_bounded_and_does_not_change_values():
+    tree = BrownianTree(0.0, 1.0, (4,), seed=9, cache_size=5)
+    reference = BrownianTree(0.0, 1.0, (4,), seed=9)
+    for k in range(40):
+        t = (k * 0.618034) % 1.0
+        assert torch.equal(tree(t), reference(t))
+        assert len(tree._nodes) <= 5
+
+
+def test_query_cost_is_logarithmic_and_warm_queries_build_nothing():
+    tree = BrownianTree(0.0, 1.0, (4,), seed=1)              # depth 20
+    tree(0.3)
+    assert tree.nodes_built == 20                             # one split per level, root to leaf
+    tree(0.3)
+    tree.increment(0.3, 0.3)
+    assert tree.nodes_built == 20                             # warm: nothing new
+    tree(0.301)                                               # a nearby point shares the upper tree:
+    diverge = (int(0.3 * 2 ** 20) ^ int(0.301 * 2 ** 20)).bit_length()   # only the levels below the
+    assert 0 < diverge < 20 and tree.nodes_built == 20 + diverge       # paths' last common node are new
+    deep = BrownianTree(0.0, 1.0, (4,), seed=1, tol=2.0 ** -40)
+    deep(0.3)
+    assert deep.depth == 40 and deep.nodes_built == 40
+
+
+@pytest.mark.parametrize("levy", [None, "space-time"])
+def test_exact_additivity_start_at_zero_and_reversal(levy):
+    tree = BrownianTree(-1.0, 2.0, (64,), seed=8, levy_area=levy)
+    assert torch.equal(tree(-1.0), torch.zeros(64, dtype=F64))
+    for s, t, u in [(-1.0, 0.3, 2.0), (0.1, 0.1000004, 0.2), (1.5, 1.2, 1.9), (0.3, 0.3, 0.9)]:
+        whole = tree.increment(s, u)
+        parts = tree.increment(s, t) + tree.increment(t, u)
+        assert torch.allclose(whole, parts, rtol=0.0, atol=1e-12), (s, t, u)
+        assert torch.equal(tree.increment(t, s), -tree.increment(s, t))
+        assert torch.equal(tree.increment(s, t), tree(t) - tree(s))
+    assert torch.equal(tree.increment(0.4, 0.4), torch.zeros(64, dtype=F64))
+    if levy:
+        dw, dh = tree.increment(0.2, 1.1, levy_area=True)
+        rw, rh = tree.increment(1.1, 0.2, levy_area=True)
+        assert torch.equal(rw, -dw)
+        assert torch.allclose(rh, dh, rtol=0.0, atol=1e-12)    # H is even under reversal of the interval
+        zw, zh = tree.increment(0.4, 0.4, levy_area=True)
+        assert torch.equal(zh, torch.zeros(64, dtype=F64))
+
+
+def _integral(tree, s, t):
+    """∫_s^t (W_r - W_s) dr = h (H + dW/2) from the tree's (dW, H)."""
+    dw, dh = tree.increment(s, t, levy_area=True)
+    return (t - s) * (dh + dw / 2), dw
+
+
+def test_levy_area_is_additive_through_the_time_integral():
+    # ∫_s^u (W - W_s) = ∫_s^t (W - W_s) + ∫_t^u (W - W_t) + (u - t)(W_t - W_s), to 1e-10
+    tree = BrownianTree(0.0, 3.0, (500,), seed=21, levy_area="space-time")
+    splits = [(0.2, 0.45, 0.6), (0.0, 1.5, 3.0), (1.0, 1.0000001, 1.0000003), (2.2, 2.9999, 3.0),
+              (0.7, 0.4, 2.5)]
+    for s, t, u in splits:
+        whole, _ = _integral(tree, s, u)
+        left, dw_left = _integral(tree, s, t)
+        right, _ = _integral(tree, t, u)
+        err = (whole - (left + right + (u - t) * dw_left)).abs().max().item()
+        assert err < 1e-10, (s, t, u, err)
+
+
+def test_levy_area_is_the_space_time_area_of_the_returned_path():
+    # with leaves of width 2**-8 the path is quadratic on each leaf, so Simpson's rule on the leaves
+    # (each with its midpoint) integrates tree(r) exactly: H must equal (1/h)∫(W_r - W_s)dr - dW/2
+    leaf = 2.0 ** -8
+    tree = BrownianTree(0.0, 1.0, (300,), seed=13, tol=leaf, levy_area="space-time")
+    s, t = 40 * leaf, 105 * leaf
+    grid = torch.stack([tree(s + k * leaf / 2) for k in range(2 * 65 + 1)])
+    w_s = grid[0]
+    simpson = sum((grid[2 * k] + 4 * grid[2 * k + 1] + grid[2 * k + 2] - 6 * w_s) * (leaf / 6) for k in range(65))
+    dw, dh = tree.increment(s, t, levy_area=True)
+    h = t - s
+    assert torch.allclose(dh, simpson / h - dw / 2, rtol=0.0, atol=1e-10)
+    assert torch.allclose(dw, grid[-1] - w_s, rtol=0.0, atol=1e-13)
+
+
+def test_seed_and_generator_give_reproducible_paths():
+    a = BrownianTree(0.0, 1.0, (8,), seed=123, levy_area="space-time")
+    b = BrownianTree(0.0, 1.0, (8,), seed=123, levy_area="space-time")
+    c = BrownianTree(0.0, 1.0, (8,), seed=124, levy_area="space-time")
+    for x, y in zip(a.increment(0.2, 0.9, levy_area=True), b.increment(0.2, 0.9, levy_area=True)):
+        assert torch.equal(x, y)
+    assert not torch.equal(a(0.5), c(0.5))
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    p, q = BrownianTree(0.0, 1.0, (8,), generator=g1), BrownianTree(0.0, 1.0, (8,), generator=g2)
+    assert p.seed == q.seed and torch.equal(p(0.4), q(0.4))
+    r = BrownianTree(0.0, 1.0, (8,), generator=g1)          # the generator advanced: a new path
+    assert not torch.equal(p(0.4), r(0.4))
+    torch.manual_seed(0)
+    u = BrownianTree(0.0, 1.0, (8,))
+    torch.manual_seed(0)
+    v = BrownianTree(0.0, 1.0, (8,))
+    assert torch.equal(u(0.4), v(0.4))
+
+
+# --- times, dtypes, the control protocol --------------------------------------------------------
+
+def test_time_tensors_float32_times_and_output_dtype():
+    tree = BrownianTree(0.0, 0.1, (6,), seed=0, levy_area="space-time")
+    for dtype in (torch.float32, F64):
+        s, t = torch.tensor(0.025, dtype=dtype), torch.tensor(0.1, dtype=dtype)   # float32 0.1 > 0.1
+        expected = tree.increment(float(s), min(float(t), 0.1))
+        assert torch.equal(tree.increment(s, t), expected)
+    table = torch.tensor([0.0, 0.025, 0.05, 0.075, 0.1], dtype=F64)        # times that are entries of a table
+    assert torch.equal(tree.increment(table[1], table[3]), tree.increment(0.025, 0.075))
+    low = BrownianTree(0.0, 0.1, (6,), seed=0, dtype=torch.float32, levy_area="space-time")
+    dw, dh = low.increment(0.01, 0.02, levy_area=True)
+    assert dw.dtype == dh.dtype == torch.float32 and dw.shape == dh.shape == (6,)
+    assert low(0.05).dtype == torch.float32
+    scalar = BrownianTree(0.0, 1.0, (), seed=0)
+    assert scalar(0.5).shape == () and scalar.increment(0.1, 0.2).shape == ()
+
+
+def test_returned_tensors_are_fresh():
+    tree = BrownianTree(0.0, 1.0, (4,), seed=0)
+    first = tree(0.5).clone()
+    tree(0.5).add_(100.0)
+    tree.increment(0.0, 0.5).add_(100.0)
+    assert torch.equal(tree(0.5), first)
+
+
+def test_control_protocol_euler_reproduces_the_path():
+    # du = I dW integrated by the engine's control term: Euler over any grid gives u(t) = W(t) exactly
+    # up to rounding, with the engine's 0-d time tensors
+    tree = BrownianTree(0.0, 1.0, (3,), seed=31)
+    term = ControlTerm(lambda u, p, t: torch.eye(3, dtype=F64).expand(3, 3), tree)
+    ts = torch.linspace(0.0, 1.0, 17, dtype=F64)
+    u = torch.zeros(3, dtype=F64)
+    for a, b in zip(ts[:-1], ts[1:]):
+        u = u + term.prod(term.vf(u, None, a), term.contr(a, b))
+    assert torch.allclose(u, tree(1.0), rtol=0.0, atol=1e-13)
+
+
+def test_repr_is_short():
+    text = repr(BrownianTree(0.0, 1.0, (512, 32), seed=0, levy_area="space-time"))
+    assert text.startswith("BrownianTree(") and "space-time" in text and len(text) < 160
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+def test_bad_inputs_raise_errors_naming_the_fix():
+    with pytest.raises(ValueError, match="t0 < t1"):
+        BrownianTree(1.0, 1.0, (2,), seed=0)
+    with pytest.raises(ValueError, match="t0 < t1"):
+        BrownianTree(1.0, 0.0, (2,), seed=0)
+    with pytest.raises(ValueError, match="finite"):
+        BrownianTree(0.0, math.inf, (2,), seed=0)
+    tree = BrownianTree(0.0, 1.0, (2,), seed=0)
+    with pytest.raises(ValueError, match=r"outside the span \[0.0, 1.0\].*covers every query time"):
+        tree(1.5)
+    with pytest.raises(ValueError, match="outside the span"):
+        tree.increment(-0.1, 0.5)
+    with pytest.raises(ValueError, match="outside the span"):
+        tree(math.nan)
+    with pytest.raises(ValueError, match="levy_area='space-time'"):
+        tree.increment(0.1, 0.2, levy_area=True)
+    with pytest.raises(ValueError, match="None or 'space-time'"):
+        BrownianTree(0.0, 1.0, (2,), seed=0, levy_area="davie")
+    with pytest.raises(ValueError, match="either seed or generator"):
+        BrownianTree(0.0, 1.0, (2,), seed=0, generator=torch.Generator())
+    with pytest.raises(TypeError, match="torch.Generator"):
+        BrownianTree(0.0, 1.0, (2,), generator=0)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        BrownianTree(0.0, 1.0, (2,), seed=1.5)
+    with pytest.raises(ValueError, match="tol must be a positive"):
+        BrownianTree(0.0, 1.0, (2,), seed=0, tol=0.0)
+    with pytest.raises(ValueError, match=r"tol >= \(t1 - t0\) \* 2\*\*-52"):
+        BrownianTree(0.0, 1.0, (2,), seed=0, tol=1e-20)
+    with pytest.raises(ValueError, match="shape must be a tuple of ints"):
+        BrownianTree(0.0, 1.0, (2, -1), seed=0)
+    with pytest.raises(TypeError, match="floating"):
+        BrownianTree(0.0, 1.0, (2,), seed=0, dtype=torch.int64)
+    with pytest.raises(TypeError, match="one time at a time"):
+        tree(torch.tensor([0.1, 0.2]))
