@@ -373,14 +373,24 @@ def test_non_convergence_warns_by_default_and_raises_on_request():
             raising(x, ps, st)
 
 
-@pytest.mark.parametrize("solver", [lx.Broyden(), lx.Tsit5()], ids=["discrete", "continuous"])
-def test_nan_in_the_fixed_point_map_raises(solver):
+def test_nan_in_the_fixed_point_map_raises():
     d = 3
     model = nn.Chain(injected_cell(d), nn.WrappedFunction(lambda z: z / (z - z)))
-    layer = lx.DEQ(model, solver, on_failure="ignore")
+    # a continuous solve carries the whole batch in one ODE solve: NaN/Inf raises whatever the policy
+    layer = lx.DEQ(model, lx.Tsit5(), on_failure="ignore")
     ps, st = lx.setup(_gen(0), layer, dtype=F64)
     with pytest.raises(NonlinearSolveError, match="NaN/Inf"):
         layer(torch.randn(2, d, dtype=F64), ps, st)
+    # a discrete solve reports NaN/Inf per batch element through the layer's policy
+    discrete = lx.DEQ(model, lx.Broyden(), on_failure="raise")
+    with pytest.raises(NonlinearSolveError, match="NaN/Inf") as info:
+        discrete(torch.randn(2, d, dtype=F64), ps, st)
+    assert info.value.solution.unstable.tolist() == [True, True]
+    z, st_new = lx.DEQ(model, lx.Broyden(), on_failure="ignore")(torch.randn(2, d, dtype=F64), ps, st)
+    solution = st_new["solution"]
+    assert solution.retcode is lx.NonlinearReturnCode.Unstable and not solution.converged
+    assert solution.sample_unstable.tolist() == [True, True] and not solution.sample_converged.any()
+    assert torch.equal(z, torch.zeros_like(z))  # every element at its best finite iterate: the start
 
 
 def test_init_model_output_shape_must_match_the_state():

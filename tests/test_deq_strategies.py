@@ -11,7 +11,7 @@ import torch
 import pylux as lx
 from pylux import nn
 from pylux.layers import ContinuousSolve, DiscreteSolve, EquilibriumResult
-from pylux.nonlinear import NonlinearSolveError, nlsolve
+from pylux.nonlinear import ConvergenceWarning, NonlinearSolution, NonlinearSolveError, nlsolve
 from pylux.sensitivity import JacobianFreeBackprop, SteadyStateAdjoint
 
 F64 = torch.float64
@@ -115,6 +115,98 @@ def test_throw_is_the_other_spelling_of_on_failure():
     assert lx.DEQ(injected_cell(d), lx.Broyden()).on_failure == "warn"
     assert lx.MultiScaleDEQ([injected_cell(2)], [[None]], None, lx.Broyden(), scales=[(2,)],
                             throw=False).on_failure == "ignore"
+
+
+def nan_row_cell(d):
+    """tanh(W z + b + x), except a row whose ``x[:, 0]`` is below -50: there every evaluation is NaN."""
+    return nn.Chain(nn.Parallel("+", nn.Dense(d, d), nn.NoOpLayer()),
+                    nn.WrappedFunction(lambda u: torch.tanh(u) + 0.0 * torch.log(u[:, :1] + 50.0)))
+
+
+def _one_failing_row(layer, d, batch=4, bad=1):
+    x = torch.randn(batch, d, generator=_gen(5), dtype=F64)
+    x[bad, 0] = -100.0
+    ps, st = contractive_setup(layer, seed=3)
+    return x, ps, st
+
+
+def _check_the_batch_reached_the_state(z, st_new, x, ps, st, solver, d):
+    solution = st_new["solution"]
+    assert solution.retcode is lx.NonlinearReturnCode.Unstable
+    assert solution.solver_retcode is lx.NonlinearReturnCode.Unstable and not solution.converged
+    assert solution.sample_unstable.tolist() == [False, True, False, False]
+    assert solution.sample_converged.tolist() == [True, False, True, True]
+    assert torch.isfinite(z).all() and solution.residual.shape == (4,)
+    good = [0, 2, 3]
+    assert bool((solution.residual[good] <= TIGHT["abstol"]).all())
+    # the other elements are solved as without the failing one
+    reference, _ = lx.DEQ(injected_cell(d), solver, **TIGHT)(x[good], ps, st)
+    torch.testing.assert_close(z[good], reference, atol=1e-9, rtol=0.0)
+
+
+@pytest.mark.parametrize("solver", [lx.Broyden(), lx.Anderson(), lx.FixedPointIteration()], ids=repr)
+def test_a_diverging_sample_with_ignore_reaches_the_state(solver):
+    # used to raise NonlinearSolveError whatever the policy, losing the rest of the batch
+    d = 4
+    for options in ({"on_failure": "ignore"}, {"throw": False}):
+        layer = lx.DEQ(nan_row_cell(d), solver, **options, **TIGHT)
+        x, ps, st = _one_failing_row(layer, d)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            z, st_new = layer(x, ps, st)
+        _check_the_batch_reached_the_state(z, st_new, x, ps, st, solver, d)
+
+
+def test_a_diverging_sample_with_warn_warns_with_the_count_and_returns_the_batch():
+    d = 4
+    for layer in (lx.DEQ(nan_row_cell(d), lx.Broyden(), on_failure="warn", **TIGHT),
+                  lx.DEQ(nan_row_cell(d), lx.Broyden(), **TIGHT)):  # "warn" is the default
+        x, ps, st = _one_failing_row(layer, d)
+        with pytest.warns(ConvergenceWarning, match=r"^DEQ\(Broyden\): nlsolve\(Broyden\): non-finite residual .* "
+                                                    r"in batch elements \[1\] \(1 of 4; .*3 of 4 batch elements "
+                                                    r"converged.*sample_unstable marks the failed elements"):
+            z, st_new = layer(x, ps, st)
+        _check_the_batch_reached_the_state(z, st_new, x, ps, st, lx.Broyden(), d)
+
+
+def test_a_diverging_sample_with_raise_raises_with_the_partial_solution():
+    d = 4
+    for options in ({"on_failure": "raise"}, {"throw": True}):
+        layer = lx.DEQ(nan_row_cell(d), lx.Broyden(), **options, **TIGHT)
+        x, ps, st = _one_failing_row(layer, d)
+        with pytest.raises(NonlinearSolveError, match=r"^DEQ\(Broyden\): .*NaN/Inf.*\[1\] \(1 of 4") as info:
+            layer(x, ps, st)
+        error = info.value
+        assert error.retcode is lx.NonlinearReturnCode.Unstable and error.iteration == 0
+        # the partial result used to be dropped when the layer re-raised
+        assert isinstance(error.solution, NonlinearSolution)
+        assert error.solution.unstable.tolist() == [False, True, False, False]
+        assert error.solution.converged.tolist() == [True, False, True, True]
+
+
+def test_a_maxiters_error_keeps_the_partial_solution():
+    d = 4
+    layer = lx.DEQ(injected_cell(d), lx.FixedPointIteration(), maxiters=2, on_failure="raise", **TIGHT)
+    ps, st = contractive_setup(layer, seed=11)
+    with pytest.raises(NonlinearSolveError, match="residual") as info:
+        layer(torch.randn(3, d, generator=_gen(10), dtype=F64), ps, st)
+    assert info.value.retcode is lx.NonlinearReturnCode.MaxIters
+    assert isinstance(info.value.solution, NonlinearSolution) and info.value.solution.iterations == 2
+
+
+def test_the_state_says_which_samples_converged_for_every_strategy():
+    d = 4
+    x = torch.randn(3, d, generator=_gen(10), dtype=F64)
+    for solver in (lx.Broyden(), lx.Tsit5()):
+        layer = lx.DEQ(injected_cell(d), solver, **TIGHT)
+        ps, st = contractive_setup(layer, seed=11)
+        _, st_new = layer(x, ps, st)
+        solution = st_new["solution"]
+        assert solution.converged and solution.sample_converged.tolist() == [True] * 3
+        assert solution.sample_unstable.tolist() == [False] * 3
+        _, st_empty = layer(x[:0], ps, st)
+        assert st_empty["solution"].sample_converged.shape == (0,)
+        assert st_empty["solution"].sample_unstable.shape == (0,)
 
 
 # ------------------------------------------------------------------ empty batches

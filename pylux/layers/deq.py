@@ -104,6 +104,14 @@ class DEQSolution(NamedTuple):
         backward_stats: this forward pass's handle to the counters of its
             backward pass (GMRES ``iterations``, ``matvecs``, ``residual``,
             ``converged``), filled in when ``backward()`` runs; empty before.
+        sample_converged: ``(B,)`` bool, which batch elements met the test
+            (``converged`` is its ``all()``).
+        sample_unstable: ``(B,)`` bool, which batch elements' iterates became
+            NaN/Inf (``retcode`` is then ``Unstable``). Only a discrete solve with
+            ``on_failure="warn"`` or ``"ignore"`` returns such elements: each at its
+            best finite iterate, with the best residual reached (NaN when already
+            :math:`f(u_0, x)` was not finite); the rest of the batch is solved as usual.
+            ``None`` only in a record saved before these fields existed.
     """
 
     z_star: torch.Tensor
@@ -118,6 +126,8 @@ class DEQSolution(NamedTuple):
     converged: bool
     t: float | None
     backward_stats: dict
+    sample_converged: torch.Tensor | None = None
+    sample_unstable: torch.Tensor | None = None
 
 
 class EquilibriumResult(NamedTuple):
@@ -128,10 +138,15 @@ class EquilibriumResult(NamedTuple):
         residual: ``(B,)`` norms :math:`\\lVert f(z^*) - z^*\\rVert_2`.
         nfe: evaluations of ``f``.
         iterations: nonlinear-solver iterations, or accepted ODE steps.
-        retcode: ``NonlinearReturnCode.Success`` iff every element met the layer's test, else ``MaxIters``.
+        retcode: ``NonlinearReturnCode.Success`` iff every element met the layer's test;
+            ``Unstable`` when some element's iterates became NaN/Inf (a discrete solve
+            with ``on_failure="warn"`` or ``"ignore"``), else ``MaxIters``.
         solver_retcode: the solver's own code (``NonlinearReturnCode`` or ODE ``ReturnCode``).
         converged: host bool, ``retcode is Success``.
         t: the time the continuous solve stopped at; ``None`` for a discrete solve.
+        sample_converged: ``(B,)`` bool, which elements met the test; ``None`` (a
+            strategy that does not say) means every element shares ``converged``.
+        sample_unstable: ``(B,)`` bool, which elements became NaN/Inf; ``None`` means none.
     """
 
     z_star: torch.Tensor
@@ -142,6 +157,8 @@ class EquilibriumResult(NamedTuple):
     solver_retcode: Any
     converged: bool
     t: float | None
+    sample_converged: torch.Tensor | None = None
+    sample_unstable: torch.Tensor | None = None
 
 
 class _ConvergenceTest(NamedTuple):
@@ -200,8 +217,9 @@ class AbstractEquilibriumSolve(abc.ABC):
     def solve(self, fmap: FixedPointMap, z0: torch.Tensor, test: _ConvergenceTest) -> EquilibriumResult:
         """The fixed point of ``fmap`` from ``z0`` (no grad), judged by the layer's ``test``."""
         if z0.shape[0] == 0:
+            none = torch.zeros(0, dtype=torch.bool, device=z0.device)
             return EquilibriumResult(z0, z0.new_zeros(0), 0, 0, NonlinearReturnCode.Success,
-                                     self._empty_retcode, True, self._empty_t)
+                                     self._empty_retcode, True, self._empty_t, none, none)
         return self._solve(fmap, z0, test)
 
     _empty_retcode: Any = NonlinearReturnCode.Success
@@ -229,8 +247,14 @@ class DiscreteSolve(AbstractEquilibriumSolve):
     """A discrete DEQ (Bai, Kolter & Koltun 2019): a root solver applied to :math:`z = f(z, x)`.
 
     Runs :func:`pylux.nonlinear.nlsolve` with the layer's tolerances,
-    ``maxiters`` (default 100 iterations) and failure policy; NaN/Inf in the
-    iterates raises :class:`~pylux.nonlinear.NonlinearSolveError` with the iteration.
+    ``maxiters`` (default 100 iterations) and failure policy, which covers both
+    failures nlsolve reports per batch element: ``MaxIters`` and NaN/Inf in an
+    element's iterates (``Unstable``; nlsolve freezes that element at its best
+    finite iterate and solves the rest of the batch). ``"raise"`` raises
+    :class:`~pylux.nonlinear.NonlinearSolveError` (its ``.solution`` is nlsolve's
+    partial result); ``"warn"`` warns (naming how many elements failed) and
+    returns the result; ``"ignore"`` returns it silently. The result's
+    ``sample_converged`` and ``sample_unstable`` say which elements failed.
 
     Args:
         nonlinear_solver: ``Broyden()``, ``Anderson()``, ``LimitedMemoryBroyden()``,
@@ -253,13 +277,16 @@ class DiscreteSolve(AbstractEquilibriumSolve):
             sol = nlsolve(fmap, z0, self.solver, abstol=test.abstol, reltol=test.reltol, maxiters=test.maxiters,
                           on_failure=test.on_failure, record_history=False)
         except NonlinearSolveError as error:
-            raise NonlinearSolveError(f"{test.where}: {error}", error.retcode, error.iteration) from None
-        if sol.retcode is NonlinearReturnCode.Unstable:
-            raise NonlinearSolveError(f"{test.where}: the fixed-point iterates became NaN/Inf after "
-                                      f"{sol.iterations} iterations. " + NonlinearReturnCode.Unstable.advice,
-                                      NonlinearReturnCode.Unstable, sol.iterations)
+            # nlsolve raises under "warn" only for NaN/Inf, once the rest of the batch is solved.
+            if test.on_failure != "warn" or error.solution is None:
+                raise NonlinearSolveError(f"{test.where}: {error}", error.retcode, error.iteration,
+                                          error.solution) from None
+            sol = error.solution
+            warnings.warn(f"{test.where}: {error} The layer returns the whole batch; "
+                          "st['solution'].sample_unstable marks the failed elements.", ConvergenceWarning,
+                          stacklevel=5)
         return EquilibriumResult(sol.z, sol.residual, sol.nfe, sol.iterations, sol.retcode, sol.retcode,
-                                 sol.retcode is NonlinearReturnCode.Success, None)
+                                 sol.retcode is NonlinearReturnCode.Success, None, sol.converged, sol.unstable)
 
 
 class ContinuousSolve(AbstractEquilibriumSolve):
@@ -333,17 +360,19 @@ class ContinuousSolve(AbstractEquilibriumSolve):
                 "learning rate, or regularise the Jacobian (jacobian_regularization).",
                 NonlinearReturnCode.Unstable, steps)
         z_star = sol.u[-1]
+        unstable = torch.zeros(z0.shape[0], dtype=torch.bool, device=z0.device)  # one ODE solve: none
         if sol.retcode is ReturnCode.Terminated:
             return EquilibriumResult(z_star, callback.last_residual, nfe, steps, NonlinearReturnCode.Success,
-                                     sol.retcode, True, t_end)
+                                     sol.retcode, True, t_end, ~unstable, unstable)
         residual, tolerance = self._final_residual(fmap, z_star, test, t_end, steps)
         nfe += 1
-        if bool((residual <= tolerance).all()):
+        met = residual <= tolerance
+        if bool(met.all()):
             return EquilibriumResult(z_star, residual, nfe, steps, NonlinearReturnCode.Success, sol.retcode, True,
-                                     t_end)
+                                     t_end, met, unstable)
         self._report_no_steady_state(test, sol.retcode, residual, tolerance, t_end, steps, nfe)
         return EquilibriumResult(z_star, residual, nfe, steps, NonlinearReturnCode.MaxIters, sol.retcode, False,
-                                 t_end)
+                                 t_end, met, unstable)
 
     def _integrate(self, fmap, z0, test):
         callback = _PerSampleSteadyState(test.abstol, test.reltol)
@@ -459,9 +488,11 @@ class _EquilibriumLayer(AbstractLayer):
                                               residual=result.residual, where=self._where, record=backward_stats)
         jacobian_loss, next_key = self._jacobian_loss(f, result.z_star, x, ps_model, key)
         skip_loss = None if u0_loss is None else _mean_square(z_out - u0_loss)
+        sample_converged, sample_unstable = _per_sample_verdict(result)
         solution = DEQSolution(z_out, u0_loss if u0_loss is not None else z0, result.residual.detach(),
                                jacobian_loss, skip_loss, result.nfe + extra_nfe, result.iterations, result.retcode,
-                               result.solver_retcode, result.converged, result.t, backward_stats)
+                               result.solver_retcode, result.converged, result.t, backward_stats,
+                               sample_converged, sample_unstable)
         return z_out, solution, next_key
 
     def _jacobian_loss(self, f, z_star, x, ps_model, key):
@@ -504,6 +535,18 @@ def _frozen_map(f, x, ps_model) -> FixedPointMap:
     def fmap(z):
         return f(z, x_detached, detached_ps)
     return fmap
+
+
+def _per_sample_verdict(result: EquilibriumResult) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sample_converged, sample_unstable)`` of a strategy's result, filled in where it gave ``None``."""
+    batch, device = result.z_star.shape[0], result.z_star.device
+    converged = result.sample_converged
+    if converged is None:
+        converged = torch.full((batch,), bool(result.converged), dtype=torch.bool, device=device)
+    unstable = result.sample_unstable
+    if unstable is None:
+        unstable = torch.zeros(batch, dtype=torch.bool, device=device)
+    return converged, unstable
 
 
 def _mean_square(t: torch.Tensor) -> torch.Tensor:
@@ -554,9 +597,15 @@ _COMMON_DOC = """
         on_failure: when the solve does not converge: ``"warn"`` (default; a
             :class:`~pylux.nonlinear.ConvergenceWarning` naming the solver and the residual
             reached, ``retcode`` MaxIters), ``"raise"``
-            (:class:`~pylux.nonlinear.NonlinearSolveError`) or ``"ignore"``. NaN/Inf always
-            raises. The backward pass of a non-converged forward pass is flagged again
-            by the sensealg.
+            (:class:`~pylux.nonlinear.NonlinearSolveError`, whose ``.solution`` is the
+            partial result) or ``"ignore"``. In a discrete solve, a batch element whose
+            iterates become NaN/Inf is a failure of the same kind: the rest of the batch
+            is still solved, and with ``"warn"`` (a warning naming how many elements
+            failed) or ``"ignore"`` the layer returns the batch, that element at its best
+            finite iterate, ``retcode`` Unstable and ``st["solution"].sample_unstable``
+            marking it. NaN/Inf in a continuous solve always raises (one ODE solve
+            carries the whole batch). The backward pass of a non-converged forward pass
+            is flagged again by the sensealg (and raises where ``f`` is not finite).
         throw: the other spelling of the same policy (:func:`pylux.core.failures.failure_policy`):
             ``True`` is ``on_failure="raise"``, ``False`` is ``"ignore"``; giving both,
             with different meanings, is an error.
@@ -590,7 +639,8 @@ class DEQ(_EquilibriumLayer):
         TypeError: a misspelt option (named), a wrong solver or sensealg type.
         ValueError: an option out of range.
         LayerError: ``x`` is not a floating tensor with a batch dimension.
-        NonlinearSolveError: NaN/Inf in the solve; non-convergence with ``on_failure="raise"``.
+        NonlinearSolveError: non-convergence or NaN/Inf with ``on_failure="raise"``;
+            NaN/Inf in a continuous solve whatever the policy.
     """
 
     def __init__(self, model: AbstractLayer, solver, *, sensealg: AbstractImplicitSensitivity | None = None,
