@@ -16,7 +16,9 @@ elements at their current value whatever the step proposes for them, so a
 step must only never mix batch elements (an inactive row may hold NaN; it
 must not reach the other rows, e.g. through a batch-wide stopping test).
 A solver may also implement ``diagnosis(state, unconverged) -> str``, a
-sentence that ``nlsolve`` adds to its failure message. Every solver works on the flattened problem: batch element ``b`` is
+sentence that ``nlsolve`` adds to its failure message.
+
+Every solver works on the flattened problem: batch element ``b`` is
 row ``b`` of ``z``, and all its algebra (dot products, small least-squares
 systems, rank-one updates) is per row, vectorised over the batch.
 
