@@ -31,18 +31,23 @@ from .diffeq import (
     ControlTerm,
     DtLessThanMinError,
     Euler,
+    EulerHeun,
+    EulerMaruyama,
     ExplicitRungeKutta,
     Heun,
     IController,
     FailureError,
     MaxItersError,
     Midpoint,
+    Milstein,
     MultiTerm,
     ODEProblem,
     ODETerm,
     PIController,
     ReturnCode,
     Reversible,
+    ReversibleHeun,
+    SDEProblem,
     SemiNorm,
     Solution,
     SolverError,
@@ -68,7 +73,7 @@ from .nonlinear import (
     gmres,
     nlsolve,
 )
-from .layers import NeuralODE
+from .layers import NeuralODE, NeuralSDE
 from .layers import (DEQ, ContinuousSolve, DEQSolution, DeepEquilibriumNetwork, DiscreteSolve, EquilibriumResult,
                      MultiScaleDEQ, MultiScaleDeepEquilibriumNetwork, SkipDEQ, SkipDeepEquilibriumNetwork)
 from .sensitivity import JacobianFreeBackprop, SteadyStateAdjoint

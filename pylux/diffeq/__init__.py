@@ -34,6 +34,7 @@ from .norms import MixedNorm, SemiNorm, max_norm, rms_norm, scaled_error_norm
 from .options import SolveOptions, make_options
 from .problem import ODEProblem
 from .reversible import Reversible
+from .sde import EulerHeun, EulerMaruyama, Milstein, ReversibleHeun, SDEProblem
 from .solution import (DtLessThanMinError, FailureError, MaxItersError, ReturnCode, Solution, SolverError,
                        SolverStats, UnstableError)
 from .solve import AbstractSensitivityAlgorithm, check_sensealg, solve
@@ -45,6 +46,8 @@ from .tableau import ButcherTableau, TableauError
 __all__ = [
     # problems and solving
     "ODEProblem", "solve", "integrate", "SolveOptions", "make_options",
+    # stochastic differential equations
+    "SDEProblem", "EulerMaruyama", "EulerHeun", "Milstein", "ReversibleHeun",
     # terms
     "AbstractTerm", "ODETerm", "ControlTerm", "MultiTerm", "BoundTerm", "AbstractControl",
     # solvers

@@ -77,14 +77,16 @@ class CountingField(BoundTerm):
     ``(u, p, t)``, which is re-raised saying what pylux expects.
     """
 
-    __slots__ = ("count", "_u0", "_products_checked")
+    __slots__ = ("count", "count_g", "_u0", "_products_checked", "_parts_checked")
 
     def __init__(self, term, u0: torch.Tensor) -> None:
         term = as_bound_term(term)
         super().__init__(term.term, term.p)
         self.count = 0
+        self.count_g = 0
         self._u0 = u0
         self._products_checked = False
+        self._parts_checked: set = set()
 
     def vf(self, u: torch.Tensor, t: torch.Tensor):
         if self.count == 0:
@@ -104,6 +106,26 @@ class CountingField(BoundTerm):
 
     def vf_prod(self, u, t, control):
         return self.prod(self.vf(u, t), control)
+
+    def part_vf(self, i: int, u, t):
+        """The ``i``-th term's field; the drift (0) counts in ``count``, the others in ``count_g``."""
+        part = self.term.terms[i]
+        if i == 0:
+            out = _first_call(part, u, self.p, t) if self.count == 0 else part.vf(u, self.p, t)
+            if self.count == 0 and part.control_is_time:
+                part.check(out, None, self._u0)
+            self.count += 1
+        else:
+            out = _first_call(part, u, self.p, t) if self.count_g == 0 else part.vf(u, self.p, t)
+            self.count_g += 1
+        return out
+
+    def part_prod(self, i: int, vf, control):
+        part = self.term.terms[i]
+        if i not in self._parts_checked:
+            part.check(vf, control, self._u0)
+            self._parts_checked.add(i)
+        return part.prod(vf, control)
 
 
 def _first_call(term, u, p, t):
@@ -316,6 +338,26 @@ def _stop_times(t0: float, t1: float, options: SolveOptions, solver: AbstractSol
     return sorted(inside, key=lambda x: direction * x) + [t1]
 
 
+class _DriftView:
+    """The drift of a drift-plus-control MultiTerm, as an ODE field for the initial-step heuristic."""
+
+    __slots__ = ("field",)
+
+    def __init__(self, field) -> None:
+        self.field = field
+
+    def vf(self, u, t):
+        return self.field.part_vf(0, u, t)
+
+
+def _drift_of(field) -> _DriftView:
+    terms = getattr(field.term, "terms", ())
+    if not terms or not terms[0].control_is_time:
+        raise ValueError("solve: the initial step size heuristic needs an ODE term first (the drift); pass "
+                         "dt=... for the first step of this solve")
+    return _DriftView(field)
+
+
 class _Loop:
     """The one integration loop: any solver, any controller (adaptive or constant steps).
 
@@ -345,10 +387,13 @@ class _Loop:
         """The signed first ``dt`` (Hairer's heuristic unless given), and the solver's initial state."""
         options, field, u0, t0 = self.options, self.field, self.u0, self.t0
         f0 = None
-        needs_f0 = options.dt is None or (self.solver.needs_f0 and field.control_is_time)
+        needs_f0 = (options.dt is None and field.control_is_time) or (self.solver.needs_f0 and field.control_is_time)
         if needs_f0:
             f0 = field.vf(u0, time_scalar(t0, *self.time))
         if options.dt is None:
+            if not field.control_is_time:
+                field = _drift_of(field)
+                f0 = field.vf(u0, time_scalar(t0, *self.time))
             dt_abs, problem = initial_step_size(field, t0, u0, self.t1, self.solver.order, options.abstol,
                                                 options.reltol, options.norm, f0, options.dtmax,
                                                 options.time_dtype)
@@ -557,7 +602,7 @@ def integrate(f, u0: torch.Tensor, t0: float, t1: float, solver: AbstractSolver,
 def _finish(out: _Outcome, field: CountingField, u0, solver, options: SolveOptions, saver: Saver,
             dense, stats_recorder: StatsRecorder) -> Solution:
     times, blocks = saver.finish(out.t, out.u)
-    stats = SolverStats(nf=field.count, naccept=out.naccept, nreject=out.nreject)
+    stats = SolverStats(nf=field.count, naccept=out.naccept, nreject=out.nreject, ng=field.count_g)
     stats_recorder.finish(stats, options.time_dtype, u0)
     t_tensor = host_to_device(times, options.time_dtype, u0.device)
     u_tensor = torch.cat(blocks) if blocks else u0.new_zeros((0,) + tuple(u0.shape))

@@ -13,20 +13,20 @@ import torch
 
 from .terms import ODETerm
 
-__all__ = ["ODEProblem"]
+__all__ = ["ODEProblem", "parse_tspan", "check_state"]
 
 
-def _time_value(x, which: str) -> tuple[float, torch.dtype | None]:
+def _time_value(x, which: str, where: str = "ODEProblem") -> tuple[float, torch.dtype | None]:
     """A tspan end as a host float, and its dtype when it was a tensor."""
     if isinstance(x, torch.Tensor):
         if x.numel() != 1:
-            raise ValueError(f"ODEProblem: tspan {which} end must be a scalar, got a tensor of shape "
+            raise ValueError(f"{where}: tspan {which} end must be a scalar, got a tensor of shape "
                              f"{tuple(x.shape)}")
         if not x.dtype.is_floating_point and x.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"ODEProblem: tspan {which} end has dtype {x.dtype}; pass a real number")
+            raise TypeError(f"{where}: tspan {which} end has dtype {x.dtype}; pass a real number")
         if x.requires_grad:
             raise ValueError(
-                "ODEProblem: tspan requires grad, but gradients with respect to the integration "
+                f"{where}: tspan requires grad, but gradients with respect to the integration "
                 "interval are not supported; pass tspan detached (e.g. (float(t0), float(t1)))")
         dtype = x.dtype if x.dtype.is_floating_point else None
         return float(x.detach().cpu()), dtype
@@ -38,7 +38,7 @@ def _time_value(x, which: str) -> tuple[float, torch.dtype | None]:
                 return float(x), dtype
         except ImportError:  # numpy is a dependency; guard only against odd installs
             pass
-        raise TypeError(f"ODEProblem: tspan {which} end must be a real number, got {type(x).__name__}")
+        raise TypeError(f"{where}: tspan {which} end must be a real number, got {type(x).__name__}")
     return float(x), None
 
 
@@ -58,6 +58,31 @@ def check_state(u0: Any, where: str = "ODEProblem") -> torch.Tensor:
         raise ValueError(f"{where}: u0 contains NaN or Inf (first at index {tuple(bad)}); "
                          "the initial state must be finite")
     return u0
+
+
+def parse_tspan(tspan, where: str) -> tuple[float, float, torch.dtype]:
+    """``(t0, t1, time_dtype)`` from a pair of numbers or scalar tensors (see :class:`ODEProblem`)."""
+    if isinstance(tspan, torch.Tensor):
+        if tspan.shape != (2,):
+            raise ValueError(f"{where}: tspan must be a pair (t0, t1), got a tensor of shape "
+                             f"{tuple(tspan.shape)}")
+        tspan = (tspan[0], tspan[1])
+    try:
+        ends = tuple(tspan)
+    except TypeError:
+        raise TypeError(f"{where}: tspan must be a pair (t0, t1), got {type(tspan).__name__}") from None
+    if len(ends) != 2:
+        raise ValueError(f"{where}: tspan must be a pair (t0, t1), got {len(ends)} values")
+    (t0, dtype0), (t1, dtype1) = _time_value(ends[0], "start", where), _time_value(ends[1], "end", where)
+    for value, which in ((t0, "start"), (t1, "end")):
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: tspan {which} is {value!r}; both ends must be finite")
+    time_dtype = torch.float32 if (dtype0 == torch.float32 and dtype1 in (torch.float32, None)) or (
+        dtype1 == torch.float32 and dtype0 is None) else torch.float64
+    if time_dtype == torch.float32:
+        import numpy as np
+        t0, t1 = float(np.float32(t0)), float(np.float32(t1))
+    return t0, t1, time_dtype
 
 
 class ODEProblem:
@@ -90,26 +115,7 @@ class ODEProblem:
         if not callable(f):
             raise TypeError(f"ODEProblem: f must be callable as f(u, p, t), got {type(f).__name__}")
         u0 = check_state(u0)
-        if isinstance(tspan, torch.Tensor):
-            if tspan.shape != (2,):
-                raise ValueError(f"ODEProblem: tspan must be a pair (t0, t1), got a tensor of shape "
-                                 f"{tuple(tspan.shape)}")
-            tspan = (tspan[0], tspan[1])
-        try:
-            ends = tuple(tspan)
-        except TypeError:
-            raise TypeError(f"ODEProblem: tspan must be a pair (t0, t1), got {type(tspan).__name__}") from None
-        if len(ends) != 2:
-            raise ValueError(f"ODEProblem: tspan must be a pair (t0, t1), got {len(ends)} values")
-        (t0, dtype0), (t1, dtype1) = _time_value(ends[0], "start"), _time_value(ends[1], "end")
-        for value, which in ((t0, "start"), (t1, "end")):
-            if not math.isfinite(value):
-                raise ValueError(f"ODEProblem: tspan {which} is {value!r}; both ends must be finite")
-        time_dtype = torch.float32 if (dtype0 == torch.float32 and dtype1 in (torch.float32, None)) or (
-            dtype1 == torch.float32 and dtype0 is None) else torch.float64
-        if time_dtype == torch.float32:
-            import numpy as np
-            t0, t1 = float(np.float32(t0)), float(np.float32(t1))
+        t0, t1, time_dtype = parse_tspan(tspan, "ODEProblem")
         self.f = f
         self.term = ODETerm(f)
         self.u0 = u0

@@ -79,6 +79,8 @@ class SolverStats:
     nf: int = 0
     naccept: int = 0
     nreject: int = 0
+    #: evaluations of an SDE's diffusion g (DifferentialEquations.jl's nf2); 0 for ODEs
+    ng: int = 0
     t: torch.Tensor | None = None
     dt: torch.Tensor | None = None
     error_estimate: torch.Tensor | None = None
@@ -91,7 +93,8 @@ class SolverStats:
 
     def __repr__(self) -> str:
         extra = ", per-step internals recorded" if self.t is not None else ""
-        return f"SolverStats(nf={self.nf}, naccept={self.naccept}, nreject={self.nreject}{extra})"
+        ng = f", ng={self.ng}" if self.ng else ""
+        return f"SolverStats(nf={self.nf}{ng}, naccept={self.naccept}, nreject={self.nreject}{extra})"
 
 
 class Solution:

@@ -14,6 +14,7 @@ from typing import Any
 from .options import SOLVE_KEYWORDS, SolveOptions, check_keywords, make_options
 from .integrate import integrate
 from .problem import ODEProblem
+from .sde import SDEProblem, check_sde_solver
 from .solution import Solution
 from .solvers import AbstractSolver, Tsit5
 
@@ -36,10 +37,13 @@ class AbstractSensitivityAlgorithm(abc.ABC):
     * ``differentiates_solver``: gradients backpropagate through the solver's
       own operations, so per-step quantities of the solve (error and stiffness
       estimates, the dense output) are differentiable in the parameters.
+    * ``handles_sde``: it can differentiate a solve of an :class:`SDEProblem`.
     """
 
     #: see the class docstring
     differentiates_solver: bool = False
+    #: the algorithm can differentiate an SDE solve (pathwise, on the solve's fixed Brownian path)
+    handles_sde: bool = False
 
     @abc.abstractmethod
     def solve_with(self, problem: ODEProblem, solver: AbstractSolver, options: SolveOptions) -> Solution:
@@ -61,15 +65,28 @@ def check_sensealg(sensealg, where: str):
                     f"such as BacksolveAdjoint()) or None, got {type(sensealg).__name__}")
 
 
+def _sde_for_one_solve(prob: SDEProblem, solver, sensealg) -> SDEProblem:
+    """Check the solver and sensealg against the SDE, and fix the Brownian path of this solve."""
+    check_sde_solver(solver, prob.noise, prob.interpretation)
+    if sensealg is not None and not getattr(sensealg, "handles_sde", False):
+        raise NotImplementedError(f"solve: {type(sensealg).__name__} does not differentiate SDE solves; use "
+                                  "sensealg=DirectAdjoint() (pathwise gradients on the solve's Brownian path)")
+    if prob.brownian is not None:
+        return prob
+    return prob.with_brownian(prob.draw_brownian(levy_area=solver.needs_levy_area))
+
+
 def solve(prob: ODEProblem, solver: AbstractSolver | None = None, *, dt=None, adaptive=None,
           saveat=None, tstops=None, save_everystep=None, save_start=None, save_end=None, dense=None,
           reltol=1e-3, abstol=1e-6, controller=None, norm=None, dtmin=None, dtmax=None,
           maxiters=100_000, callback=None, save_stats=False, throw=True, sensealg=None,
           **unknown: Any) -> Solution:
-    """Solve an :class:`ODEProblem`; names and defaults follow DifferentialEquations.jl.
+    """Solve an :class:`ODEProblem` or :class:`SDEProblem`; names and defaults follow DifferentialEquations.jl.
 
     Args:
-        prob: the problem ``du/dt = f(u, p, t)``, ``u(t0) = u0``.
+        prob: the problem ``du/dt = f(u, p, t)``, ``u(t0) = u0``, or the SDE
+            ``du = f dt + g dW`` (then ``solver`` is an SDE solver, and each
+            solve draws its Brownian path unless the problem fixes one).
         solver: ``Tsit5()`` (default), ``DP5()``, ``BS3()``, ``VCAB3()``,
             ``Heun()``, ``Midpoint()`` (adaptive) or ``Euler()``, ``RK4()``
             (fixed step only).
@@ -124,10 +141,15 @@ def solve(prob: ODEProblem, solver: AbstractSolver | None = None, *, dt=None, ad
             when ``throw=True`` (the partial solution is ``err.solution``).
     """
     check_keywords(unknown, "solve", SOLVE_KEYWORDS)
-    if not isinstance(prob, ODEProblem):
-        raise TypeError(f"solve: the first argument must be an ODEProblem, got {type(prob).__name__}")
+    if not isinstance(prob, (ODEProblem, SDEProblem)):
+        raise TypeError(f"solve: the first argument must be an ODEProblem or SDEProblem, got {type(prob).__name__}")
     if solver is None:
+        if isinstance(prob, SDEProblem):
+            raise TypeError("solve: an SDEProblem needs a solver, e.g. solve(prob, EulerMaruyama(), dt=0.01) "
+                            "or an adaptive SOSRI()")
         solver = Tsit5()
+    if isinstance(prob, SDEProblem):
+        prob = _sde_for_one_solve(prob, solver, sensealg)
     t0, t1 = prob.tspan
     if check_sensealg(sensealg, "solve") is not None and not sensealg.differentiates_solver:
         if dense:

@@ -131,19 +131,30 @@ class ControlTerm(AbstractTerm):
             whose increment has shape ``(m,)`` (shared over a batch) or
             ``(*u.shape[:-1], m)`` (one path per sample).
 
-    The contribution is the matrix–vector product ``(g @ dX[..., None])[..., 0]``. The shapes of
-    ``g``'s output and of the increment are checked on the first call; a
-    mismatch raises naming both.
+        kind: how ``g`` meets the increment. ``"general"`` (default): the
+            matrix–vector product ``(g @ dX[..., None])[..., 0]``. ``"diagonal"``:
+            ``g`` has ``u``'s shape and one control channel drives each state
+            entry, ``g * dX`` with ``dX`` of ``u``'s shape (diagonal-noise SDEs).
+            ``"scalar"``: ``g`` has ``u``'s shape and one channel drives all
+            entries, ``g * dX`` with ``dX`` of shape ``(*u.shape[:-1], 1)``.
+
+    The shapes of ``g``'s output and of the increment are checked on the first
+    call; a mismatch raises naming both.
     """
 
-    def __init__(self, g: Callable, control) -> None:
+    KINDS = ("general", "diagonal", "scalar")
+
+    def __init__(self, g: Callable, control, kind: str = "general") -> None:
         if not callable(g):
             raise TypeError(f"ControlTerm: g must be callable as g(u, p, t), got {type(g).__name__}")
         if not callable(getattr(control, "increment", None)):
             raise TypeError(f"ControlTerm: the control must have an increment(t0, t1) method (a Brownian "
                             f"path, an interpolated data path), got {type(control).__name__}")
+        if kind not in self.KINDS:
+            raise ValueError(f"ControlTerm: kind must be one of {', '.join(map(repr, self.KINDS))}, got {kind!r}")
         self.g = g
         self.control = control
+        self.kind = kind
 
     def vf(self, u, p, t):
         return self.g(u, p, t)
@@ -152,12 +163,18 @@ class ControlTerm(AbstractTerm):
         return self.control.increment(t0, t1)
 
     def prod(self, vf, control):
-        return (vf @ control.to(vf.dtype).unsqueeze(-1)).squeeze(-1)
+        control = control.to(vf.dtype)
+        if self.kind == "general":
+            return (vf @ control.unsqueeze(-1)).squeeze(-1)
+        return vf * control
 
     def check(self, vf, control, u):
         _check_tensor(vf, u, "g", "g(u, p, t)")
         if not isinstance(control, torch.Tensor):
             raise TypeError(f"the control's increment must be a tensor, got {type(control).__name__}")
+        if self.kind != "general":
+            self._check_elementwise(vf, control, u)
+            return
         expected = tuple(u.shape) + ("m",)
         if vf.dim() != u.dim() + 1 or tuple(vf.shape[:-1]) != tuple(u.shape):
             raise ValueError(f"ControlTerm: g returned shape {tuple(vf.shape)} but a state of shape "
@@ -175,8 +192,18 @@ class ControlTerm(AbstractTerm):
                              f"but the control's increment has shape {tuple(control.shape)}; it must be "
                              f"({m},) or (*batch, {m}) matching u's leading dimensions {tuple(u.shape[:-1])}")
 
+    def _check_elementwise(self, vf, control, u) -> None:
+        if tuple(vf.shape) != tuple(u.shape):
+            raise ValueError(f"ControlTerm({self.kind}): g returned shape {tuple(vf.shape)} but {self.kind} noise "
+                             f"needs g of u's shape {tuple(u.shape)}")
+        expected = tuple(u.shape) if self.kind == "diagonal" else tuple(u.shape[:-1]) + (1,)
+        if tuple(control.shape) != expected:
+            raise ValueError(f"ControlTerm({self.kind}): the increment has shape {tuple(control.shape)} but {self.kind} "
+                             f"noise on a state of shape {tuple(u.shape)} needs {expected}")
+
     def __repr__(self) -> str:
-        return f"ControlTerm({getattr(self.g, '__name__', type(self.g).__name__)}, {type(self.control).__name__})"
+        kind = "" if self.kind == "general" else f", kind={self.kind!r}"
+        return f"ControlTerm({getattr(self.g, '__name__', type(self.g).__name__)}, {type(self.control).__name__}{kind})"
 
 
 class MultiTerm(AbstractTerm):
@@ -254,6 +281,17 @@ class BoundTerm:
 
     def vf_prod(self, u, t, control):
         return self.term.prod(self.vf(u, t), control)
+
+    # the parts of a MultiTerm, for solvers that treat drift and diffusion separately (SDE methods)
+    def part_vf(self, i: int, u, t):
+        """``vf`` of the ``i``-th term of a :class:`MultiTerm` (0: the drift of an SDE, 1: its diffusion)."""
+        return self.term.terms[i].vf(u, self.p, t)
+
+    def part_prod(self, i: int, vf, control):
+        return self.term.terms[i].prod(vf, control)
+
+    def part_term(self, i: int) -> "AbstractTerm":
+        return self.term.terms[i]
 
 
 def as_bound_term(f_or_term) -> BoundTerm:

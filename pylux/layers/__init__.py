@@ -2,6 +2,7 @@
 
 * :class:`NeuralODE`: :math:`x \\mapsto z(t_1)` with :math:`\\dot z = f_\\theta(z)`, :math:`z(t_0) = x`
   (or the trajectory at ``saveat``; optionally time-dependent and regularized);
+* :class:`NeuralSDE`: the same with a diffusion layer, :math:`dz = f_\\theta(z)\\,dt + g_\\phi(z)\\,dW`;
 * deep equilibrium layers: :class:`DEQ` (Bai, Kolter & Koltun 2019), :class:`SkipDEQ`
   (Skip and Skip Reg. DEQs; Pal, Edelman & Rackauckas 2022) and :class:`MultiScaleDEQ`
   (Bai, Koltun & Kolter 2020), with their DeepEquilibriumNetworks.jl names
@@ -12,11 +13,12 @@
 """
 
 from .neural_ode import NeuralODE
+from .neural_sde import NeuralSDE
 from .deq import (DEQ, AbstractEquilibriumSolve, ContinuousSolve, DEQSolution, DeepEquilibriumNetwork, DiscreteSolve,
                   EquilibriumResult, MultiScaleDEQ, MultiScaleDeepEquilibriumNetwork, SkipDEQ,
                   SkipDeepEquilibriumNetwork)
 
-__all__ = ["NeuralODE"]
+__all__ = ["NeuralODE", "NeuralSDE"]
 __all__ += ["DEQ", "DEQSolution", "DeepEquilibriumNetwork", "MultiScaleDEQ",
             "MultiScaleDeepEquilibriumNetwork", "SkipDEQ", "SkipDeepEquilibriumNetwork",
             "AbstractEquilibriumSolve", "DiscreteSolve", "ContinuousSolve", "EquilibriumResult"]

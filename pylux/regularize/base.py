@@ -83,8 +83,13 @@ class RegularizationContext:
         solution: the solution of the solve (of the augmented state when
             integral regularizers are present: read states with :meth:`state_at`,
             integrals with :meth:`integral`).
-        field: the layer's vector field ``field(z, t)``, parameters bound and
-            differentiable with respect to them.
+        field: the term the layer's solve stepped over, parameters bound and
+            differentiable with respect to them (a
+            :class:`~pylux.diffeq.integrate.CountingField`): callable as
+            ``field(z, t)`` for an ODE layer; for an SDE layer it carries drift,
+            diffusion and the solve's own Brownian path, so one solver step from
+            it (the local regularizer's) reuses the path's increments. Its
+            evaluations are the ``regularization_nfe`` the layer reports.
         solver: the solver of the solve.
         options: its canonical :class:`~pylux.diffeq.options.SolveOptions`
             (``reltol``, ``abstol``, ``norm``, ...).

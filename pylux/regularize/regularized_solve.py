@@ -46,7 +46,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..core import LayerError, draw_key, key_generator
-from ..diffeq import ODEProblem, Solution, solve
+from ..diffeq import ODEProblem, ODETerm, Solution, solve
+from ..diffeq.integrate import CountingField
 from ..diffeq.options import make_options
 from .base import AbstractIntegralRegularizer, AbstractRegularizer, RegularizationContext, batch_size
 
@@ -123,8 +124,9 @@ class RegularizedSolve:
         sensealg: the layer's sensitivity algorithm (``None``: backprop through the solver).
         saveat: the times the layer returns, or ``None`` for the end state only.
         owner: the layer's name, which starts every message.
-        problem: ``problem(field, u0, tspan, p)`` builds the problem of the augmented
-            state (default :class:`~pylux.diffeq.ODEProblem`).
+        problem: ``problem(field, u0, tspan, p, generator)`` builds the problem of the
+            augmented state (default: an :class:`~pylux.diffeq.ODEProblem`, which
+            ignores the call's generator; an SDE layer draws its Brownian path from it).
 
     Raises:
         TypeError: an item of ``regularize`` that is not a regularizer.
@@ -136,14 +138,14 @@ class RegularizedSolve:
 
     def __init__(self, regularize: Any, tspan: Sequence[float], solver: Any, sensealg: Any, *,
                  saveat: Sequence[float] | None = None, owner: str = "NeuralODE",
-                 problem: Callable[..., Any] = ODEProblem) -> None:
+                 problem: Callable[..., Any] | None = None) -> None:
         self.owner = owner
         self.regularizers = as_regularizers(regularize, owner)
         self.tspan = (float(tspan[0]), float(tspan[1]))
         self.solver = solver
         self.sensealg = sensealg
         self.saveat = None if saveat is None else [float(t) for t in saveat]
-        self.problem = problem
+        self.problem = problem if problem is not None else _ode_problem
         self.solve_options = self._merged_solve_options()
         self._check_end_time_changers()
 
@@ -235,7 +237,7 @@ class RegularizedSolve:
                 "regularization_terms": {k: zero for k in st["regularization_terms"]}}
 
     # ----------------------------------------------------------------- per call
-    def solve(self, field: LayerField, x: torch.Tensor, ps: Any, st: Mapping,
+    def solve(self, field: LayerField, x: torch.Tensor, ps: Any, st: Mapping, *, problem: Callable | None = None,
               **solve_kwargs: Any) -> RegularizedSolution:
         """One train-mode solve of ``field`` from ``x`` with the regularizers.
 
@@ -244,6 +246,8 @@ class RegularizedSolve:
             x: the initial state.
             ps: the parameters passed to ``field``.
             st: the layer's state (its ``rng`` key seeds this call's draws).
+            problem: this call's problem factory (default: the one given when built),
+                e.g. one that closes over the layer's current inner state.
             **solve_kwargs: the layer's options for :func:`pylux.solve`; the
                 regularizers' own (``save_stats``, ``dense``) are added.
 
@@ -259,17 +263,15 @@ class RegularizedSolve:
         t0, t1 = self.tspan[0], self._end_time(generator)
         datas = [reg.begin(x, t0, t1, generator) for reg in self.regularizers]
         augmented = _AugmentedState(x, self.regularizers, datas)
-        prob = self.problem(augmented.field(field), augmented.initial(), (t0, t1), ps)
+        make_problem = problem if problem is not None else self.problem
+        prob = make_problem(augmented.field(field), augmented.initial(), (t0, t1), ps, generator)
         extra = self._save_times(datas, t0, t1)
         kwargs = dict(solve_kwargs)
         kwargs.update({k: True for k in self.solve_options if k != "save_everystep"})
         sol, y, saved, trajectory = self._solve_and_collect(prob, t0, t1, extra, augmented, kwargs)
-        calls = [0]
-        field_of_ps = _bind(field, ps)
-
-        def counted_field(u, t):
-            calls[0] += 1
-            return field_of_ps(u, t)
+        # what the regularizers may step over: the layer's own term (with an SDE's path), parameters
+        # bound; with integral channels, the layer's field alone
+        counted_field = CountingField(ODETerm(field).bind(ps) if augmented.regs else prob.term.bind(ps), x)
 
         ctx = RegularizationContext(
             solution=sol, field=counted_field, solver=self.solver, sensealg=self.sensealg, t0=t0, t1=t1,
@@ -278,7 +280,7 @@ class RegularizedSolve:
             dense_state=(lambda t: augmented.state_of(sol(t))) if sol.dense else None)
         terms = self._values(ctx, datas)
         return RegularizedSolution(solution=sol, y=y, value=torch.stack(list(terms.values())).sum(),
-                                   terms=terms, nfe=calls[0], rng=next_key)
+                                   terms=terms, nfe=counted_field.count + counted_field.count_g, rng=next_key)
 
     def _end_time(self, generator: torch.Generator) -> float:
         t0, t1 = self.tspan
@@ -329,6 +331,10 @@ class RegularizedSolve:
 
     def __repr__(self) -> str:
         return f"RegularizedSolve({list(self.regularizers)!r}, tspan={self.tspan})"
+
+
+def _ode_problem(field, u0, tspan, p, generator):
+    return ODEProblem(field, u0, tspan, p)
 
 
 def _changes_end_time(reg: AbstractRegularizer) -> bool:

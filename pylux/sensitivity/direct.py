@@ -20,6 +20,7 @@ class DirectAdjoint(AbstractSensitivityAlgorithm):
     """
 
     differentiates_solver = True
+    handles_sde = True
 
     def solve_with(self, problem: ODEProblem, solver, options: SolveOptions) -> Solution:
         t0, t1 = problem.tspan
