@@ -1,0 +1,155 @@
+"""SDEs: strong and weak orders on the same Brownian path, pathwise gradients, NeuralSDE, bad inputs."""
+
+import math
+
+import pytest
+import torch
+
+import pylux as lx
+from pylux import nn
+from pylux.diffeq.brownian import BrownianTree
+
+F64 = torch.float64
+PATHS = 300
+
+
+def gbm(interpretation, mu=0.5, sigma=0.8, paths=PATHS, seed=0, noise="diagonal"):
+    """Geometric Brownian motion du = mu u dt + sigma u dW and its exact solution on the same path."""
+    shape = (paths, 1)
+    W = BrownianTree(0.0, 1.0, shape, seed=seed, dtype=F64)
+    u0 = torch.ones(shape, dtype=F64)
+    prob = lx.SDEProblem(lambda u, p, t: mu * u, lambda u, p, t: sigma * u, u0, (0.0, 1.0),
+                         noise=noise, interpretation=interpretation, brownian=W)
+    drift = mu - 0.5 * sigma ** 2 if interpretation == "ito" else mu
+    exact = u0 * torch.exp(torch.tensor(drift, dtype=F64) + sigma * W(1.0))
+    return prob, exact
+
+
+def strong_slope(solver, interpretation, dts=(2 ** -3, 2 ** -4, 2 ** -5, 2 ** -6), **kw):
+    prob, exact = gbm(interpretation, **kw)
+    errors = [(lx.solve(prob, solver, dt=dt).u[-1] - exact).abs().mean().item() for dt in dts]
+    return math.log(errors[0] / errors[-1]) / math.log(dts[0] / dts[-1]), errors
+
+
+@pytest.mark.parametrize("solver, interpretation, order, kw", [
+    (lx.EulerMaruyama(), "ito", 0.5, {"mu": 0.1, "sigma": 1.0}),
+    (lx.Milstein(), "ito", 1.0, {}),
+    (lx.Milstein(interpretation="stratonovich"), "stratonovich", 1.0, {}),
+    (lx.EulerHeun(), "stratonovich", 1.0, {}),
+    (lx.ReversibleHeun(), "stratonovich", 1.0, {}),
+], ids=repr)
+def test_strong_order_on_geometric_brownian_motion(solver, interpretation, order, kw):
+    slope, errors = strong_slope(solver, interpretation, **kw)
+    assert abs(slope - order) < 0.25, (errors, slope)
+
+
+def test_euler_maruyama_weak_order_one():
+    # E[u(1)] = exp(mu): the bias of the mean over many paths shrinks like dt (same paths for every dt)
+    mu = 1.0
+    errors, dts = [], (0.25, 0.125, 0.0625)
+    W = BrownianTree(0.0, 1.0, (20000, 1), seed=3, dtype=F64)
+    for dt in dts:
+        prob = lx.SDEProblem(lambda u, p, t: mu * u, lambda u, p, t: 0.3 * u, torch.ones(20000, 1, dtype=F64),
+                             (0.0, 1.0), brownian=W)
+        errors.append(abs(lx.solve(prob, lx.EulerMaruyama(), dt=dt).u[-1].mean().item() - math.exp(mu)))
+    slope = math.log(errors[0] / errors[-1]) / math.log(dts[0] / dts[-1])
+    assert abs(slope - 1.0) < 0.3, (errors, slope)
+
+
+def test_scalar_and_general_noise_shapes():
+    u0 = torch.ones(64, 3, dtype=F64)
+    scalar = lx.SDEProblem(lambda u, p, t: -u, lambda u, p, t: 0.1 * u, u0, (0.0, 1.0), noise="scalar", seed=1)
+    assert scalar.noise_shape == (64, 1)
+    assert lx.solve(scalar, lx.EulerMaruyama(), dt=0.1).u.shape == (11, 64, 3)
+    # general noise, two Brownian motions: du = B dW with B all ones gives u(1) - u(0) = W1(1) + W2(1) per entry
+    W = BrownianTree(0.0, 1.0, (64, 2), seed=5, dtype=F64)
+    for interpretation, solver in (("ito", lx.EulerMaruyama()), ("stratonovich", lx.EulerHeun())):
+        general = lx.SDEProblem(lambda u, p, t: 0 * u, lambda u, p, t: torch.ones(*u.shape, 2, dtype=F64), u0,
+                                (0.0, 1.0), noise="general", noise_dim=2, interpretation=interpretation, brownian=W)
+        assert general.noise_shape == (64, 2)
+        final = lx.solve(general, solver, dt=0.1).u[-1]
+        torch.testing.assert_close(final - 1, W(1.0).sum(-1, keepdim=True).expand(64, 3))
+
+
+def test_each_solve_draws_a_path_unless_one_is_fixed():
+    prob = lx.SDEProblem(lambda u, p, t: 0 * u, lambda u, p, t: torch.ones_like(u), torch.zeros(1000, 1, dtype=F64),
+                         (0.0, 1.0))
+    a, b = (lx.solve(prob, lx.EulerMaruyama(), dt=0.5).u[-1] for _ in range(2))
+    assert not torch.equal(a, b)
+    # u(1) = W(1): standard normal (4 standard errors on the variance)
+    assert abs(a.var().item() - 1.0) < 4 * math.sqrt(2 / 1000)
+    seeded = lx.SDEProblem(prob.f, prob.g, prob.u0, (0.0, 1.0), seed=7)
+    c, d = (lx.solve(seeded, lx.EulerMaruyama(), dt=0.5).u[-1] for _ in range(2))
+    assert torch.equal(c, d)
+
+
+def test_trajectories_solve_independent_paths_at_once():
+    prob = lx.SDEProblem(lambda u, p, t: 0 * u, lambda u, p, t: torch.ones_like(u), torch.zeros(3, dtype=F64),
+                         (0.0, 1.0), trajectories=500, seed=2)
+    sol = lx.solve(prob, lx.EulerMaruyama(), dt=0.25)
+    assert sol.u.shape == (5, 500, 3)
+    final = sol.u[-1].reshape(-1)
+    assert abs(final.mean().item()) < 4 / math.sqrt(1500) and abs(final.var().item() - 1) < 4 * math.sqrt(2 / 1500)
+
+
+def test_pathwise_gradient_matches_finite_differences():
+    W = BrownianTree(0.0, 1.0, (5, 2), seed=4, dtype=F64)
+    u0 = torch.rand(5, 2, dtype=F64, generator=torch.Generator().manual_seed(0)) + 0.5
+
+    def loss(theta):
+        prob = lx.SDEProblem(lambda u, p, t: -p[0] * u + torch.sin(u), lambda u, p, t: p[1] * torch.cos(u),
+                             u0, (0.0, 1.0), theta, brownian=W, interpretation="stratonovich")
+        return (lx.solve(prob, lx.EulerHeun(), dt=0.05).u[-1] ** 2).sum()
+
+    theta = torch.tensor([0.7, 0.4], dtype=F64, requires_grad=True)
+    (grad,) = torch.autograd.grad(loss(theta), theta)
+    eps = 1e-6
+    fd = torch.stack([(loss(theta.detach() + eps * e) - loss(theta.detach() - eps * e)) / (2 * eps)
+                      for e in torch.eye(2, dtype=F64)])
+    torch.testing.assert_close(grad, fd, rtol=1e-6, atol=1e-9)
+    assert grad.abs().min() > 1e-3
+
+
+def test_neural_sde_layer_modes_and_counters():
+    layer = lx.NeuralSDE(nn.Dense(2, 2, torch.tanh), nn.Dense(2, 2, torch.sigmoid), (0.0, 1.0), dt=0.1)
+    ps, st = lx.setup(torch.Generator().manual_seed(0), layer)
+    x = torch.randn(8, 2, generator=torch.Generator().manual_seed(1))
+    y1, st1 = layer(x, ps, st)
+    y2, _ = layer(x, ps, st1)
+    assert not torch.equal(y1, y2) and st1["rng"] != st["rng"]  # train mode: a fresh path per call
+    assert (st1["nfe"], st1["ng"], st1["naccept"]) == (20, 20, 10)  # EulerHeun: two f and two g per step
+    test_st = lx.testmode(st1)
+    a, t1 = layer(x, ps, test_st)
+    b, _ = layer(x, ps, t1)
+    assert torch.equal(a, b) and t1["rng"] == test_st["rng"]  # test mode: reproducible
+    many = lx.NeuralSDE(nn.Dense(2, 2), nn.Dense(2, 2), (0.0, 1.0), trajectories=4, dt=0.5)
+    ps4, st4 = lx.setup(torch.Generator().manual_seed(0), many)
+    assert many(x, ps4, st4)[0].shape == (4, 8, 2)
+
+
+def test_bad_inputs_are_refused_with_the_fix():
+    u0 = torch.ones(4, 2, dtype=F64)
+    f, g = (lambda u, p, t: -u), (lambda u, p, t: 0.1 * u)
+    with pytest.raises(ValueError, match="EulerHeun\\(\\) cannot solve.*solves stratonovich SDEs, not ito.*"
+                                         "EulerMaruyama\\(\\)"):
+        lx.solve(lx.SDEProblem(f, g, u0, (0.0, 1.0)), lx.EulerHeun(), dt=0.1)
+    with pytest.raises(TypeError, match="Tsit5\\(\\) is an ODE solver.*EulerMaruyama\\(\\)"):
+        lx.solve(lx.SDEProblem(f, g, u0, (0.0, 1.0)), lx.Tsit5())
+    with pytest.raises(ValueError, match="Milstein\\(\\) cannot solve.*not general"):
+        lx.solve(lx.SDEProblem(f, lambda u, p, t: torch.ones(4, 2, 3, dtype=F64), u0, (0.0, 1.0), noise="general",
+                               noise_dim=3), lx.Milstein(), dt=0.1)
+    with pytest.raises(ValueError, match="g returned shape \\(4, 3\\) but diagonal noise needs g of u's shape"):
+        lx.solve(lx.SDEProblem(f, lambda u, p, t: torch.ones(4, 3, dtype=F64), u0, (0.0, 1.0)),
+                 lx.EulerMaruyama(), dt=0.1)
+    with pytest.raises(ValueError, match="u0 contains NaN"):
+        lx.SDEProblem(f, g, torch.tensor([[float("nan"), 0.0]]), (0.0, 1.0))
+    with pytest.raises(ValueError, match="general noise needs noise_dim"):
+        lx.SDEProblem(f, g, u0, (0.0, 1.0), noise="general")
+    with pytest.raises(ValueError, match="noise must be one of"):
+        lx.SDEProblem(f, g, u0, (0.0, 1.0), noise="multiplicative")
+    with pytest.raises(NotImplementedError, match="does not differentiate SDE solves; use sensealg=DirectAdjoint"):
+        lx.solve(lx.SDEProblem(f, g, u0, (0.0, 1.0)), lx.EulerMaruyama(), dt=0.1, sensealg=lx.BacksolveAdjoint())
+    with pytest.raises(ValueError, match="steps with a fixed dt; pass dt="):
+        lx.solve(lx.SDEProblem(f, g, u0, (0.0, 1.0)), lx.EulerMaruyama())
+    with pytest.raises(TypeError, match="needs a solver"):
+        lx.solve(lx.SDEProblem(f, g, u0, (0.0, 1.0)))
