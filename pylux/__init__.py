@@ -23,6 +23,7 @@ from .core import (
 from .diffeq import (
     BS3,
     DP5,
+    BrownianTree,
     RK4,
     VCAB3,
     AbstractSensitivityAlgorithm,

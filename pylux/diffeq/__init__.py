@@ -33,6 +33,7 @@ from .multistep import VCAB3
 from .norms import MixedNorm, SemiNorm, max_norm, rms_norm, scaled_error_norm
 from .options import SolveOptions, make_options
 from .problem import ODEProblem
+from .brownian import BrownianTree
 from .reversible import Reversible
 from .sde import EulerHeun, EulerMaruyama, Milstein, ReversibleHeun, SDEProblem
 from .solution import (DtLessThanMinError, FailureError, MaxItersError, ReturnCode, Solution, SolverError,
@@ -47,7 +48,7 @@ __all__ = [
     # problems and solving
     "ODEProblem", "solve", "integrate", "SolveOptions", "make_options",
     # stochastic differential equations
-    "SDEProblem", "EulerMaruyama", "EulerHeun", "Milstein", "ReversibleHeun",
+    "SDEProblem", "BrownianTree", "EulerMaruyama", "EulerHeun", "Milstein", "ReversibleHeun",
     # terms
     "AbstractTerm", "ODETerm", "ControlTerm", "MultiTerm", "BoundTerm", "AbstractControl",
     # solvers
