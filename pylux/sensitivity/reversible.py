@@ -42,9 +42,11 @@ from ..core import tree_replace_at_paths
 from ..diffeq import AbstractSensitivityAlgorithm, ODEProblem, Reversible, Solution, integrate
 from ..diffeq._device import time_scalar
 from ..diffeq.options import SolveOptions
+from ..diffeq.sde import SDEProblem
 from ..diffeq.solvers import ExplicitRungeKutta
 from ..diffeq.solvers import RKState
 from ._params import apply_adjoint_function, check_no_hidden_parameters, refuse_higher_order
+from .reversible_sde import reversible_heun_solve
 
 __all__ = ["ReversibleAdjoint"]
 
@@ -100,11 +102,27 @@ class ReversibleAdjoint(AbstractSensitivityAlgorithm):
         base = f"{self.solver!r}, " if self.solver is not None else ""
         return f"ReversibleAdjoint({base}coupling={self.coupling}{', backprop=True' if self.backprop else ''})"
 
+    #: an SDE solved with ReversibleHeun: the same reconstruction (Kidger et al. 2021)
+    handles_sde = True
+
     def solve_with(self, problem: ODEProblem, solver, options: SolveOptions) -> Solution:
         base = self.solver if self.solver is not None else solver
+        if isinstance(problem, SDEProblem):
+            self._refuse_unsupported(options)
+            return reversible_heun_solve(self, problem, solver, options)
         if not isinstance(base, ExplicitRungeKutta):
             raise TypeError(f"ReversibleAdjoint: the base solver must be an explicit Runge–Kutta method "
                             f"such as Tsit5(); {base!r} is not a one-step method")
+        self._refuse_unsupported(options)
+        reversible = Reversible(base, self.coupling)
+        # the accepted steps' t and dt are what the backward pass needs (host floats)
+        options = options.replace(save_steps=True)
+        if self.backprop:
+            return integrate(problem.term.bind(problem.p), problem.u0, *problem.tspan, reversible, options)
+        return apply_adjoint_function(_ReversibleFunction, self, problem, reversible, options)
+
+    @staticmethod
+    def _refuse_unsupported(options: SolveOptions) -> None:
         if options.callbacks:
             raise NotImplementedError("ReversibleAdjoint: termination callbacks are not supported (the "
                                       "backward pass starts from a fixed final time); use DirectAdjoint()")
@@ -116,12 +134,6 @@ class ReversibleAdjoint(AbstractSensitivityAlgorithm):
             raise NotImplementedError("ReversibleAdjoint: dense=True is not supported (the reversible pair "
                                       "has no interpolant; the solve steps onto every saveat time). Pass "
                                       "saveat=... for the times you need, or use DirectAdjoint() for sol(t)")
-        reversible = Reversible(base, self.coupling)
-        # the accepted steps' t and dt are what the backward pass needs (host floats)
-        options = options.replace(save_steps=True)
-        if self.backprop:
-            return integrate(problem.term.bind(problem.p), problem.u0, *problem.tspan, reversible, options)
-        return apply_adjoint_function(_ReversibleFunction, self, problem, reversible, options)
 
 
 def _accepted_steps(sol: Solution) -> list[tuple[float, float, float]]:
