@@ -9,7 +9,7 @@ position in the tree, so that every query (forward, backward, repeated, out of
 order) sees the same path. Optionally each node also carries the space-time
 Lévy area, as in the Brownian interval of Kidger, Foster, Li, Oberhauser &
 Lyons ("Efficient and accurate gradients for neural SDEs", NeurIPS 2021) and
-the Brownian simulation of Jelinčič, Tao, Turner, Cass, Foster & Ni
+the single-seed Brownian simulation of Jelinčič, Foster & Kidger
 ("Single-seed generation of Brownian paths and integrals for adaptive and high
 order SDE solvers", 2024), so that higher-order additive-noise solvers
 (SRA/SOSRA, ShARK) can be given ``(ΔW, ΔH)`` over any step.
@@ -54,42 +54,58 @@ elementwise operations; a half shares the rows it inherits (``W_a`` and
 ``J_a`` on the left, ``W_b`` on the right) with its parent.
 
 *Below the tolerance.* The tree has ``depth = ⌈log₂((t1 - t0)/tol)⌉`` levels;
-a query at ``t`` descends to the leaf (width ``≤ tol``) that holds it and
-evaluates, with ``u = (t - a)/(b - a)``, the conditional mean of the Brownian
-bridge given the leaf's values,
+a query at ``t`` descends to the leaf ``[a, b]`` (width ``ℓ ≤ tol``) that
+holds it and, with ``u = (t - a)/ℓ`` and ``p = u(1 - u)``, evaluates a
+deterministic function of ``u`` and the leaf's own normals ``Z₁, Z₂`` (the
+ones a further split of the leaf would use):
 
-.. math::
-    W_t = W_a + u\,ΔW + 6u(1-u)\,H, \qquad
-    ∫_a^t W_r dr = (b - a)\left[u W_a + \tfrac{u^2}{2} ΔW + (3u^2 - 2u^3) H\right]
+* without Lévy area, the Brownian bridge at ``t``,
+  ``W_t = W_a + u ΔW + √(ℓp) Z₁``. A single point then has exactly the law of
+  Brownian motion given the tree, and since the bridges of different leaves
+  are conditionally independent, *any set of query points in distinct leaves
+  has exactly the joint law of Brownian motion*; at a leaf's midpoint this is
+  the value a deeper tree with the same seed would sample.
+* with Lévy area, the first four terms of the polynomial expansion of the
+  path in shifted Legendre polynomials (Foster, Lyons & Oberhauser, "An
+  optimal polynomial approximation of Brownian motion", SIAM J. Numer. Anal.
+  2020), whose coefficients are independent Gaussians: ``ΔW`` and ``H`` from
+  the tree, the next two from ``Z₁, Z₂``,
 
-(``H = 0``, so linear interpolation, without Lévy area). The path is thus
-exact in law at the dyadic points of spacing ``≤ tol`` and a deterministic
-interpolant between them. An increment over an interval of length ``δ``
-inside one leaf of width ``ℓ ≤ tol`` has a variance of order ``δ²/ℓ``
-instead of ``δ`` and almost no Lévy area; over an interval of ``n`` leaves
-whose ends fall inside leaves, the increment's variance is low by a few
-percent over ``n²`` and the Lévy area's by about ``40%/n`` (measured: 0.5%
-and 5% at ``n = 8``, under 0.1% and 0.3% at ``n = 256``). Choose ``tol`` well
-below the smallest step a solver takes; the default resolves steps of
-``2**-12`` of the span to within these fractions.
-The returned Lévy area is exactly that of the returned path:
-``H_{s,t} = (J_t - J_s - h W_s)/h - ΔW/2``, so the integrals over
-``[s, t]`` and ``[t, u]`` add up to the one over ``[s, u]`` to rounding.
+  .. math::
+      W_t = W_a + u ΔW + 6pH + \sqrt{ℓ}\left[\sqrt5\, p(1-2u) Z_1 - \sqrt7\, p(1-5p) Z_2\right],
+
+  and ``J`` is its exact time integral,
+  ``J_t = J_a + ℓ[u W_a + u²ΔW/2 + (3u² - 2u³)H] + ℓ^{3/2}[√5 p²Z₁ - √7 p²(1-2u)Z₂]/2``.
+  The extra terms integrate to zero over the leaf, so ``J_b`` is unchanged,
+  and the returned Lévy area of any interval is exactly that of the returned
+  (continuous, piecewise-polynomial) path.
+
+Only what lies inside a leaf is approximate. Without Lévy area, only two
+points strictly inside the *same* leaf: they share the leaf's normal, so an
+increment of length ``δ`` between them has a variance of order ``δ²/ℓ``
+rather than ``δ``. With Lévy area the truncated expansion also misses part of
+the variance at points inside a leaf: over an interval of ``n`` leaves whose
+ends fall inside leaves, the variance of ``ΔW`` is low by about ``6%/n`` and
+that of ``H`` by about ``20%/n`` (measured, averaged over where the ends fall:
+6% and 19% at ``n = 1``, 0.7% and 2% at ``n = 8``, under 0.1% and 0.2% at
+``n = 256``), and inside one leaf both are much too small. Choose ``tol``
+well below the steps a solver takes; the default resolves steps of
+``2**-12`` of the span to those last fractions.
 
 Properties: the same seed gives the same path on a device type, queries in
 any order give bitwise-identical values (the cache stores the results of the
 same deterministic computation and never changes them), increments are
 exactly additive up to rounding since every increment is a difference of
-values ``W(t)``, and a query costs ``O(depth)`` node splits cold and ``O(1)``
-warm.
+values ``W(t)``, and a query at a new time costs the node splits below the
+deepest cached node on its way from the root (``depth`` of them cold, about
+``log₂(Δt/tol)`` for a step ``Δt`` after the previous query) plus one draw
+for its leaf, and ``O(1)`` at a recently queried time.
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Sequence
-
 import torch
 
 from ._device import host_time
@@ -144,14 +160,18 @@ class BrownianTree(AbstractControl):
             for the same seed.
         tol: the width below which the tree stops bisecting (default
             ``(t1 - t0) · 2**-20``, a depth of 20); it must be at least
-            ``(t1 - t0) · 2**-52``. Below it the path is the bridge's
-            conditional mean (see the module docstring).
+            ``(t1 - t0) · 2**-52``. Below it the path is interpolated from
+            each leaf's own normals (exact in law at points in distinct
+            leaves without Lévy area; see the module docstring for what is
+            approximate).
         levy_area: ``None`` (increments only) or ``"space-time"`` (also the
             space-time Lévy area, for SRA/ShARK-type solvers).
         cache_size: how many tree nodes to keep (least recently used first
-            out). Each holds ``4`` (with Lévy area, else ``2``) float64
-            tensors of ``shape``: 512 KiB for ``shape=(512, 32)``. The cache
-            only saves work; it never changes a value.
+            out). A node shares the rows it inherits with its parent, so each
+            adds at most 3 (with Lévy area, else 1) float64 tensors of
+            ``shape``: at most 384 KiB for ``shape=(512, 32)``. The last 8
+            queried times are kept as well. The caches only save work; they
+            never change a value.
 
     Times may be host floats or 0-d tensors of any float dtype and device
     (read on the host, through the loop's host-time table when it knows the
@@ -204,8 +224,8 @@ class BrownianTree(AbstractControl):
             self._generator = torch.Generator()
             self._draw_device = torch.device("cpu")
         self._root = self._make_root()
-        self._nodes: OrderedDict[int, torch.Tensor] = OrderedDict()
-        self._points: OrderedDict[float, torch.Tensor] = OrderedDict()
+        self._nodes: OrderedDict[int, tuple[torch.Tensor, ...]] = OrderedDict()
+        self._points: OrderedDict[float, tuple[torch.Tensor, ...]] = OrderedDict()
         #: how many nodes have been split since construction (a cost counter; cache misses)
         self.nodes_built = 0
 
@@ -358,14 +378,26 @@ class BrownianTree(AbstractControl):
         u = y - offset
         state = self._node(self.depth, offset) if self.depth else self._root
         w = torch.lerp(state[0], state[1], u)
+        p = u * (1.0 - u)
+        width = self.span * 2.0 ** -self.depth
         if self.levy_area is None:
-            out = (w,)
-        else:
-            width = self.span * 2.0 ** -self.depth
-            w_a, w_b, j_a, area = state
-            w.add_(area, alpha=6.0 * u * (1.0 - u))
-            j = torch.lerp(w_a, w_b, 0.5 * u).mul_(width * u).add_(area, alpha=width * u * u * (3.0 - 2.0 * u))
-            out = (w, j.add_(j_a))
+            # the Brownian bridge at t, from the leaf's own normals (those a further split would use)
+            if p > 0.0:
+                w.add_(self._normals((1 << self.depth) + offset, 1)[0], alpha=math.sqrt(width * p))
+            return self._remember(x, (w,))
+        # the bridge's conditional mean given the leaf's (W_a, W_b, H), and its exact time integral
+        w_a, w_b, j_a, area = state
+        w.add_(area, alpha=6.0 * p)
+        j = torch.lerp(w_a, w_b, 0.5 * u).mul_(width * u).add_(area, alpha=width * u * u * (3.0 - 2.0 * u))
+        if p > 0.0:  # the next two Legendre modes of the bridge, from the leaf's own normals
+            z = self._normals((1 << self.depth) + offset, 2)
+            c2, c3 = math.sqrt(5.0 * width) * p, -math.sqrt(7.0 * width) * p
+            w.add_(z[0], alpha=c2 * (1.0 - 2.0 * u)).add_(z[1], alpha=c3 * (1.0 - 5.0 * p))
+            j.add_(z[0], alpha=0.5 * width * c2 * p).add_(z[1], alpha=0.5 * width * c3 * p * (1.0 - 2.0 * u))
+        return self._remember(x, (w, j.add_(j_a)))
+
+    def _remember(self, x: float, out: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        points = self._points
         if self.cache_size:
             points[x] = out
             if len(points) > 8:
