@@ -301,10 +301,12 @@ class EulerHeun(AbstractSDESolver):
         t, dt = as_step_times(t, dt, u)
         dW = self.increment(term, t, dt)
         f0, g0 = _drift_diffusion(term, u, t)
-        predictor = _euler_increment(term, u, f0, g0, dt, dW)
-        f1, g1 = _drift_diffusion(term, predictor, time_add(t, dt))
         h = step_scale(dt)
-        u_new = linear_combination(u, (f0, f1), (0.5 * h, 0.5 * h)) + term.part_prod(1, 0.5 * (g0 + g1), dW)
+        noise0 = term.part_prod(1, g0, dW)
+        predictor = linear_combination(u, (f0, noise0), (h, 1.0))
+        f1, g1 = _drift_diffusion(term, predictor, time_add(t, dt))
+        # products of single evaluations only: a term's diffusion need not be a tensor one can add
+        u_new = linear_combination(u, (f0, f1, noise0, term.part_prod(1, g1, dW)), (0.5 * h, 0.5 * h, 0.5, 0.5))
         return StepResult(u_new, dense_info=LinearInterpolant(u, u_new), nfe=2)
 
 
@@ -408,9 +410,10 @@ class ReversibleHeun(AbstractSDESolver):
         t, dt = as_step_times(t, dt, u)
         dW = self.increment(term, t, dt)
         h = step_scale(dt)
-        z_new = linear_combination(2 * u - state.z, (state.drift,), (h,)) + term.part_prod(1, state.diffusion, dW)
+        noise = term.part_prod(1, state.diffusion, dW)
+        z_new = linear_combination(2 * u - state.z, (state.drift, noise), (h, 1.0))
         drift, diffusion = _drift_diffusion(term, z_new, time_add(t, dt))
-        u_new = linear_combination(u, (state.drift, drift), (0.5 * h, 0.5 * h)) + \
-            term.part_prod(1, 0.5 * (state.diffusion + diffusion), dW)
+        u_new = linear_combination(u, (state.drift, drift, noise, term.part_prod(1, diffusion, dW)),
+                                   (0.5 * h, 0.5 * h, 0.5, 0.5))
         return StepResult(u_new, dense_info=LinearInterpolant(u, u_new), nfe=1,
                           solver_state_new=ReversibleHeunState(z_new, drift, diffusion), solver_state_retry=state)

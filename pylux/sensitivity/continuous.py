@@ -50,6 +50,8 @@ from ..core import tree_replace_at_paths
 from ..diffeq import (AbstractSensitivityAlgorithm, MixedNorm, ODEProblem, SemiNorm, Solution, integrate,
                       rms_norm)
 from ..diffeq.options import SolveOptions, _round_time
+from ..diffeq.sde import SDEProblem
+from .stochastic import stochastic_backsolve
 from ._params import (BackwardStats, apply_adjoint_function, check_no_hidden_parameters, refuse_higher_order)
 
 __all__ = ["BacksolveAdjoint", "InterpolatingAdjoint", "QuadratureAdjoint", "BackwardStats"]
@@ -89,6 +91,8 @@ class _ContinuousAdjoint(AbstractSensitivityAlgorithm):
         return None
 
     def solve_with(self, problem: ODEProblem, solver, options: SolveOptions) -> Solution:
+        if isinstance(problem, SDEProblem):
+            return stochastic_backsolve(self, problem, solver, options)
         if torch.is_tensor(options.abstol):
             raise NotImplementedError(
                 f"{type(self).__name__}: a tensor abstol is not supported by the continuous adjoints "
@@ -135,6 +139,9 @@ class BacksolveAdjoint(_ContinuousAdjoint):
         NotImplementedError: with a tensor ``abstol`` or ``save_stats=True``
             (both need :class:`DirectAdjoint`).
     """
+
+
+BacksolveAdjoint.handles_sde = True  # the stochastic adjoint of Li et al. (2020): see pylux.sensitivity.stochastic
 
 
 class InterpolatingAdjoint(_ContinuousAdjoint):

@@ -1,0 +1,210 @@
+r"""The stochastic adjoint (Li, Wong, Chen & Duvenaud, AISTATS 2020): ``BacksolveAdjoint`` for SDEs.
+
+For :math:`dz = f\,dt + g \circ dW` (Stratonovich) and a loss on the saved
+states, the adjoint :math:`a_z = \partial L / \partial z(t)` and the parameter
+adjoint :math:`a_\theta` solve, backward in time on the *same* Brownian path,
+
+.. math::
+    dz = f\,dt + g \circ dW, \qquad
+    da_z = -a_z^\top \partial_z f\,dt - a_z^\top \partial_z g \circ dW, \qquad
+    da_\theta = -a_z^\top \partial_\theta f\,dt - a_z^\top \partial_\theta g \circ dW,
+
+from :math:`a_z(t_N) = \partial L/\partial z(t_N)`, :math:`a_\theta(t_N) = 0`, jumping
+at every earlier saved time; :math:`\partial L/\partial u_0 = a_z(t_0)`,
+:math:`\partial L/\partial\theta = a_\theta(t_0)`. Stratonovich calculus is
+symmetric in time, so the backward solve is the same kind of solve with
+negative steps (the increments are the path's, reversed). The diffusion term's
+products :math:`a_z^\top \partial g \circ dW` are vector–Jacobian products of
+:math:`\langle a_z, g\,dW\rangle`, so every noise type works. An Itô problem is
+first written in Stratonovich form, :math:`f - \tfrac12 (\partial_z g)\, g`, which
+for diagonal or scalar noise needs each diffusion entry to depend on its own
+state entry (commutative noise); the correction is differentiated by double
+backward.
+
+Accuracy, stated plainly: :math:`z` is re-integrated backward with a
+low-order Stratonovich method (:class:`~pylux.diffeq.EulerHeun`, or
+:class:`~pylux.diffeq.ReversibleHeun` when that was the forward solver) at the
+forward step size, so the gradient is that of the continuous problem up to the
+backward solve's strong error (order 1 in ``dt`` for commutative noise, 0.5
+otherwise) — not the exact gradient of the discrete forward solve. For exact
+discrete gradients at O(1) memory use ``ReversibleAdjoint()`` with
+``ReversibleHeun()``; for exact gradients of any solver, ``DirectAdjoint()``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..core import tree_replace_at_paths
+from ..diffeq import ConstantStepSize, integrate
+from ..diffeq.sde import EulerHeun, ReversibleHeun
+from ..diffeq.terms import AbstractTerm, MultiTerm, ODETerm
+from ._params import BackwardStats, apply_adjoint_function, check_no_hidden_parameters, refuse_higher_order
+
+__all__ = ["stochastic_backsolve"]
+
+
+def stochastic_backsolve(alg, problem, solver, options):
+    """Solve an SDE forward without autograd; gradients from the backward adjoint SDE (module docstring)."""
+    if problem.interpretation == "ito" and problem.noise_kind == "general":
+        raise NotImplementedError("BacksolveAdjoint: an Itô SDE with general noise has no cheap Stratonovich "
+                                  "form; pose it as interpretation='stratonovich' or use sensealg=DirectAdjoint()")
+    if options.save_stats or options.dense or options.callbacks:
+        raise NotImplementedError("BacksolveAdjoint on an SDE: save_stats, dense and callbacks need "
+                                  "DirectAdjoint()")
+    return apply_adjoint_function(_StochasticAdjointFunction, alg, problem, solver, options.replace(save_steps=True))
+
+
+class _StochasticAdjointFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, alg, problem, solver, options, paths, holder, u0, *params):
+        detached = [x.detach() for x in params]
+        p = tree_replace_at_paths(problem.p, paths, detached) if paths else problem.p
+        with torch.no_grad():
+            sol = integrate(problem.term.bind(p), u0.detach(), *problem.tspan, solver, options)
+        holder["solution"] = sol
+        ctx.problem, ctx.paths, ctx.solver, ctx.options = problem, paths, solver, options
+        ctx.times = sol.t.tolist()
+        steps = sol.stats.dt.abs().tolist() if sol.stats.dt is not None else []
+        ctx.dt = options.dt if not options.adaptive and options.dt else (
+            sum(steps) / len(steps) if steps else abs(problem.tspan[1] - problem.tspan[0]))
+        ctx.backward_stats = holder["backward_stats"]
+        ctx.save_for_backward(u0.detach(), sol.final_state[0].detach(), *detached)
+        return sol.u.detach()
+
+    @staticmethod
+    def backward(ctx, grad_u):
+        refuse_higher_order("BacksolveAdjoint")
+        u0, z_final, *params = ctx.saved_tensors
+        sweep = _AdjointSweep(ctx, u0, params)
+        grads = sweep.run(z_final, grad_u)
+        ctx.backward_stats.update(sweep.stats)
+        return (None, None, None, None, None, None, *grads)
+
+
+class _AdjointSweep:
+    """The segments of the backward solve between saved times, and the jumps at them."""
+
+    def __init__(self, ctx, u0, params) -> None:
+        self.ctx, self.u0, self.params = ctx, u0, params
+        self.shape, self.n = u0.shape, u0.numel()
+        self.sizes = [x.numel() for x in params]
+        self.stats = BackwardStats(nf=0, ng=0, naccept=0, nreject=0, nvjp=0)
+        self.term = _augmented_term(ctx.problem, ctx.paths, params, self.shape, self.stats)
+        forward = ctx.solver
+        self.solver = forward if isinstance(forward, (EulerHeun, ReversibleHeun)) else EulerHeun()
+
+    def run(self, z_final, grad_u):
+        ctx = self.ctx
+        t0 = ctx.problem.tspan[0]
+        times, dtype, device = ctx.times, self.u0.dtype, self.u0.device
+        aug = torch.cat([z_final.reshape(-1), grad_u[-1].reshape(-1) if times else torch.zeros(self.n, dtype=dtype,
+                         device=device), torch.zeros(sum(self.sizes), dtype=dtype, device=device)])
+        for k in range(len(times) - 1, -1, -1):
+            t_from, t_to = times[k], (times[k - 1] if k > 0 else t0)
+            if k == 0 and t_from == t0:
+                break
+            aug = self._segment(aug, t_from, t_to)
+            if k > 0:
+                aug = aug.clone()
+                aug[self.n:2 * self.n] += grad_u[k - 1].reshape(-1)
+        grad_u0 = aug[self.n:2 * self.n].view(self.shape)
+        if times and times[0] == t0:
+            grad_u0 = grad_u0 + grad_u[0]
+        out, offset = [grad_u0], 2 * self.n
+        for x, size in zip(self.params, self.sizes):
+            out.append(aug[offset:offset + size].view(x.shape).to(x.dtype))
+            offset += size
+        return out
+
+    def _segment(self, aug, t_from: float, t_to: float):
+        if t_from == t_to:
+            return aug
+        options = self.ctx.options.replace(
+            adaptive=False, dt=min(self.ctx.dt, abs(t_from - t_to)), saveat=None, save_everystep=False,
+            save_start=False, save_end=True, dense=False, save_steps=False, tstops=(),
+            controller=ConstantStepSize())
+        sol = integrate(self.term, aug, t_from, t_to, self.solver, options)
+        self.stats["naccept"] += sol.stats.naccept
+        return sol.u[-1]
+
+
+def _augmented_term(problem, paths, params, shape, stats):
+    """``MultiTerm(ODETerm(F), _AdjointDiffusion)`` over the flat state ``[z, a_z, a_θ]`` (bound)."""
+    n = math.prod(shape)
+    checked = []
+
+    def leaves():
+        with torch.enable_grad():
+            ps_ = [x.detach().requires_grad_(True) for x in params]
+        p = tree_replace_at_paths(problem.p, paths, ps_) if paths else problem.p
+        return ps_, p
+
+    def drift(aug, _, t):
+        ps_, p = leaves()
+        with torch.enable_grad():
+            z = aug[:n].view(shape).detach().requires_grad_(True)
+            a_z = aug[n:2 * n].view(shape)
+            f = _stratonovich_drift(problem, z, p, t)
+            if not checked:
+                check_no_hidden_parameters(f, [z, *ps_], where="BacksolveAdjoint: f")
+                checked.append(True)
+            grads = _grad(f, [z, *ps_], a_z)
+        stats["nf"] += 1
+        stats["nvjp"] += 1
+        return torch.cat([f.detach().reshape(-1)] + [-_flat(g, x) for g, x in zip(grads, [z, *ps_])]).to(aug.dtype)
+
+    return MultiTerm(ODETerm(drift), _AdjointDiffusion(problem, shape, leaves, stats)).bind(None)
+
+
+def _stratonovich_drift(problem, z, p, t):
+    f = problem.f(z, p, t)
+    if problem.interpretation == "stratonovich":
+        return f
+    g = problem.g(z, p, t)
+    # diagonal/scalar noise with g_i depending on z_i: (dg/dz) g = J^T g, by double backward
+    correction = torch.autograd.grad(g, z, grad_outputs=g, create_graph=True)[0]
+    return f - 0.5 * correction
+
+
+class _AdjointDiffusion(AbstractTerm):
+    """The augmented system's diffusion: ``[g dW, -a_zᵀ ∂_z g dW, -a_zᵀ ∂_θ g dW]`` as one VJP per product."""
+
+    def __init__(self, problem, shape, leaves, stats) -> None:
+        self.problem, self.shape, self.leaves, self.stats = problem, shape, leaves, stats
+        self.control = problem.term.terms[1].control
+        self.kind_term = problem.term.terms[1]
+
+    def vf(self, aug, _, t):
+        n = math.prod(self.shape)
+        ps_, p = self.leaves()
+        with torch.enable_grad():
+            z = aug[:n].view(self.shape).detach().requires_grad_(True)
+            g = self.problem.g(z, p, t)
+        self.stats["ng"] += 1
+        return (g, z, aug[n:2 * n].view(self.shape), ps_, aug)
+
+    def contr(self, t0, t1):
+        return self.control.increment(t0, t1)
+
+    def prod(self, vf, control):
+        g, z, a_z, ps_, aug = vf
+        with torch.enable_grad():
+            noise = self.kind_term.prod(g, control)
+            # a multistep-like solver (reversible Heun) multiplies one evaluation by two increments
+            grads = _grad((a_z * noise).sum(), [z, *ps_], None, retain=True)
+        self.stats["nvjp"] += 1
+        return torch.cat([noise.detach().reshape(-1)] + [-_flat(gr, x) for gr, x in zip(grads, [z, *ps_])]).to(aug.dtype)
+
+
+def _grad(out, inputs, cotangent, retain: bool = False):
+    if not out.requires_grad:
+        return [None] * len(inputs)
+    return torch.autograd.grad(out, inputs, grad_outputs=cotangent, allow_unused=True, retain_graph=retain)
+
+
+def _flat(g, like):
+    return g.reshape(-1) if g is not None else torch.zeros(like.numel(), dtype=like.dtype, device=like.device)
