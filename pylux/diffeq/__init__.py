@@ -36,6 +36,7 @@ from .problem import ODEProblem
 from .brownian import BrownianTree
 from .reversible import Reversible
 from .sde import EulerHeun, EulerMaruyama, Milstein, ReversibleHeun, SDEProblem
+from .sde_srk import SOSRA, SOSRI, SRA1, SRIW1
 from .solution import (DtLessThanMinError, FailureError, MaxItersError, ReturnCode, Solution, SolverError,
                        SolverStats, UnstableError)
 from .solve import AbstractSensitivityAlgorithm, check_sensealg, solve
@@ -49,6 +50,7 @@ __all__ = [
     "ODEProblem", "solve", "integrate", "SolveOptions", "make_options",
     # stochastic differential equations
     "SDEProblem", "BrownianTree", "EulerMaruyama", "EulerHeun", "Milstein", "ReversibleHeun",
+    "SRIW1", "SOSRI", "SRA1", "SOSRA",
     # terms
     "AbstractTerm", "ODETerm", "ControlTerm", "MultiTerm", "BoundTerm", "AbstractControl",
     # solvers
