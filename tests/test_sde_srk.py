@@ -124,9 +124,9 @@ def test_sri_on_scalar_noise_matches_the_exact_solution():
 
 
 def _nonlinear_additive(seed):
-    # du = (u - u^3) dt + dW: additive noise with a nonlinear drift (strong order 1.5, not 2)
+    # du = (sin(3u) + 1) dt + dW: additive noise with a nonlinear drift (strong order 1.5, not 2)
     u0 = torch.full((PATHS, 1), 0.5, dtype=F64)
-    return SDEProblem(lambda u, p, t: u - u ** 3, lambda u, p, t: torch.ones_like(u), u0, (0.0, 1.0),
+    return SDEProblem(lambda u, p, t: torch.sin(3.0 * u) + 1.0, lambda u, p, t: torch.ones_like(u), u0, (0.0, 1.0),
                       noise="additive", brownian=brownian((PATHS, 1), seed))
 
 

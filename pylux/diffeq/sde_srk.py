@@ -32,7 +32,7 @@ Over ``[t, t + h]`` with ``ΔW`` and the space-time Lévy area ``ΔH`` of the st
     H^{(0)}_i &= u + h \sum_{j<i} A^{(0)}_{ij} f_j + \frac{I_{(1,0)}}{h} \sum_{j<i} B^{(0)}_{ij} g_j, \\
     H^{(1)}_i &= u + h \sum_{j<i} A^{(1)}_{ij} f_j + \sqrt{|h|} \sum_{j<i} B^{(1)}_{ij} g_j, \\
     u_{n+1} &= u + h \sum_i α_i f_i + \sum_i \Bigl(β^{(1)}_i ΔW + β^{(2)}_i \frac{I_{(1,1)}}{\sqrt{|h|}}
-              + β^{(3)}_i \frac{I_{(1,0)}}{h} + β^{(4)}_i \frac{I_{(1,1,1)}}{h}\Bigr) g_j,
+              + β^{(3)}_i \frac{I_{(1,0)}}{h} + β^{(4)}_i \frac{I_{(1,1,1)}}{h}\Bigr) g_i,
 
 all products elementwise. An **SRA** method has one set of stages and the
 diffusion at the stage times only,
@@ -67,10 +67,13 @@ the same Brownian path (a :class:`~pylux.diffeq.brownian.BrownianTree`), which
 is what the rejection sampling with memory of that paper achieves for a path
 that cannot be re-queried.
 
-``E`` is of first order in ``h`` (it is the difference to the order-1.0
-embedding, not an asymptotic error of the order-1.5 solution), so these
-methods declare ``error_order = 1`` — the strong order of the embedded method —
-and ``order = 1.5``, which sets the PI controller's gains and the initial step.
+Both parts are of first order in ``h``: ``E_N`` is the difference to the
+order-1.0 embedding, and ``E_D`` is the size of the drift increment itself
+(not an asymptotic estimate of the drift's local error), so that it limits the
+step to about ``tol / (δ |f|)`` where the drift dominates. These methods
+therefore declare ``error_order = 1`` (the strong order of the embedded
+method, what an :class:`~pylux.diffeq.controllers.IController` uses) and
+``order = 1.5``, which sets the PI controller's gains and the initial step.
 
 References
 ----------
@@ -138,10 +141,6 @@ def _lower(rows, what: str, name: str, s: int) -> tuple[tuple[float, ...], ...]:
                                f"diagonal (explicit method), got {len(row)}")
         out.append(row)
     return tuple(out)
-
-
-def _row_sums(rows) -> list[float]:
-    return [sum(r) for r in rows]
 
 
 def _mat_vec(rows, v) -> list[float]:
