@@ -436,13 +436,12 @@ class _Loop:
         if t_new == t:
             out.stop(ReturnCode.DtLessThanMin, self._time_resolution_detail())
             return dt
-        t_new_dev = time_scalar(t_new, *self.time)
         result = self.solver.step(self.field, time_scalar(t, *self.time), u, time_scalar(dt_step, *self.time),
                                   self.state)
         error_norm = self.error_norm(result, u)
         callbacks = self.options.callbacks
-        flags = check_termination(callbacks, result.u_new, t_new,
-                                  _du_provider(self.field, result, result.u_new, t_new_dev)) if callbacks else []
+        flags = check_termination(callbacks, result.u_new, t_new, _du_provider(
+            self.field, result, result.u_new, time_scalar(t_new, *self.time))) if callbacks else []
         e, fired, code = _fetch(error_norm if self.adaptive else None, flags, result.status)
         if code == StepStatus.FAILURE:
             out.stop(ReturnCode.Failure, f"the step from t = {t!r} failed: {result.reason or 'no reason given'}")

@@ -1,48 +1,9 @@
 r"""Taylor-mode propagation and the TayNODE regularizer (Kelly, Bettencourt, Johnson, Duvenaud, NeurIPS 2020).
 
-Convention
-----------
-A :class:`TaylorSeries` holds the *normalised* Taylor coefficients
-:math:`[x_0, x_1, \dots, x_K]` of a curve
-
-.. math::
-    x(t) = \sum_{k=0}^{K} x_k \, t^k, \qquad x_k = \frac{1}{k!} \frac{d^k x}{dt^k}\Big|_{t=0},
-
-so that products are plain Cauchy products, :math:`(xy)_k = \sum_{j=0}^k x_j y_{k-j}`.
-Derivatives are recovered as :math:`d^k x/dt^k = k!\,x_k`
-(:meth:`TaylorSeries.derivative`, :meth:`TaylorSeries.from_derivatives`).
-
-Rules (Griewank & Walther, *Evaluating Derivatives*, ch. 13)
---------------------------------------------------------------
-Every rule computes coefficient :math:`k` from the inputs' coefficients up to
-:math:`k` and its own up to :math:`k-1`, in :math:`O(k)` tensor operations,
-so a series of order :math:`K` costs :math:`O(K^2)`:
-
-* linear maps (``Dense``, ``F.linear``, ``@``): :math:`y_0 = W x_0 + b`, :math:`y_k = W x_k`;
-* :math:`y = \exp x`: :math:`y' = y x'`, i.e. :math:`k y_k = \sum_{j=1}^k j x_j y_{k-j}`;
-* :math:`y = \tanh x`: :math:`y' = (1 - y^2) x'`, same recurrence with :math:`w = 1 - y^2` for :math:`y`;
-* :math:`y = \sigma(x)`: :math:`y' = y(1-y) x'`;
-* :math:`y = \operatorname{softplus}_\beta(x)`: :math:`y' = \sigma(\beta x) x'`;
-* :math:`y = \log x`: :math:`x y' = x'`;
-* ReLU: :math:`y_k = \mathbb{1}[x_0 > 0]\, x_k` (the series is that of the active
-  piece; at :math:`x_0 = 0` exactly the inactive piece is taken);
-* division :math:`z = x / y`: :math:`z_k = (x_k - \sum_{j<k} z_j y_{k-j}) / y_0`.
-
-A layer or torch function without a rule falls back to nested forward-mode
-products (``torch.func.jvp`` nested :math:`K` times along the curve), which is
-exact but costs :math:`2^K` evaluations; a :class:`TaylorFallbackWarning` says so.
-
-:class:`TaylorSeries` is a ``torch.Tensor`` subclass (its tensor data is
-:math:`x_0`), so pylux layers and plain torch code run on it unchanged and
-dispatch, through ``__torch_function__``, to the rules; an operation without
-a rule raises :class:`TaylorRuleError` rather than computing with :math:`x_0` alone.
-A layer class gets a rule of its own with :func:`register_taylor_rule`.
-
-Series are lazy in one direction: an operation computes as many coefficients
-as its inputs have, and grows when asked for more. That is what makes the
-solution recursion :math:`O(K^2)` rather than :math:`O(K^3)`: the vector field
-is traced once, and each new coefficient :math:`z_{k+1} = f(z)_k / (k+1)` of
-the solution extends every intermediate series by one coefficient.
+The series algebra, its convention (normalised coefficients, Cauchy products) and the
+propagation rules are documented in :mod:`pylux.regularize.taylor_series`; the rule table in
+:mod:`pylux.regularize.taylor_rules`; the nested-jvp fallback in
+:mod:`pylux.regularize.taylor_fallback`.
 
 TayNODE
 -------

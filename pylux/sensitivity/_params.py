@@ -106,6 +106,18 @@ def _refuse_closure_only_gradients(problem, where: str) -> None:
         check_no_hidden_parameters(out, [], where=f"{where}: f")
 
 
+def gradients_by_saved_time(times, t0: float, grad_u) -> tuple[dict, "torch.Tensor | None"]:
+    """``({t: dL/du(t)}, dL/du(t0) or None)`` from the rows of a solve's output gradient.
+
+    Rows saved at the same time are summed; the row at ``t0`` (the initial state itself) is split off.
+    """
+    grad_at: dict = {}
+    for row, t in enumerate(times):
+        grad_at[t] = grad_at[t] + grad_u[row] if t in grad_at else grad_u[row]
+    grad_start = grad_at.pop(t0, None) if times and times[0] == t0 else None
+    return grad_at, grad_start
+
+
 def refuse_higher_order(name: str) -> None:
     """Raise in an adjoint's backward when autograd asks for a differentiable gradient.
 

@@ -45,7 +45,8 @@ from ..diffeq.options import SolveOptions
 from ..diffeq.sde import SDEProblem
 from ..diffeq.solvers import ExplicitRungeKutta
 from ..diffeq.solvers import RKState
-from ._params import apply_adjoint_function, check_no_hidden_parameters, refuse_higher_order
+from ._params import (apply_adjoint_function, check_no_hidden_parameters, gradients_by_saved_time,
+                      refuse_higher_order)
 from .reversible_sde import reversible_heun_solve
 
 __all__ = ["ReversibleAdjoint"]
@@ -168,7 +169,7 @@ class _ReversibleFunction(torch.autograd.Function):
         with torch.enable_grad():
             ps_ = [x.detach().requires_grad_(True) for x in params]
             field = _counted_field(ctx, ps_, u0, counter)
-            grad_at, grad_start = _gradients_by_time(ctx, grad_u)
+            grad_at, grad_start = gradients_by_saved_time(ctx.times, ctx.t0, grad_u)
             a_y, a_z, a_theta = _reverse_sweep(ctx, field, y.detach(), z.detach(), grad_at, params, ps_, counter)
         y, z = a_y["y"], a_y["z"]
         grad_u0 = a_y["a_y"] + a_z
@@ -196,15 +197,6 @@ def _counted_field(ctx, ps_, u0, counter):
         counter["nf"] += 1
         return out
     return field
-
-
-def _gradients_by_time(ctx, grad_u):
-    """dL/dY at each saved time (the saved states are Y_n; t0's row is u0 itself)."""
-    grad_at: dict[float, torch.Tensor] = {}
-    for row, t in enumerate(ctx.times):
-        grad_at[t] = grad_at[t] + grad_u[row] if t in grad_at else grad_u[row]
-    grad_start = grad_at.pop(ctx.t0, None) if ctx.times and ctx.times[0] == ctx.t0 else None
-    return grad_at, grad_start
 
 
 def _reverse_sweep(ctx, field, y, z, grad_at, params, ps_, counter):

@@ -28,7 +28,7 @@ from ..core import tree_replace_at_paths
 from ..diffeq import integrate
 from ..diffeq._device import time_scalar
 from ..diffeq.sde import ReversibleHeun
-from ._params import apply_adjoint_function, check_no_hidden_parameters, refuse_higher_order
+from ._params import apply_adjoint_function, check_no_hidden_parameters, gradients_by_saved_time, refuse_higher_order
 
 __all__ = ["reversible_heun_solve"]
 
@@ -74,10 +74,7 @@ class _ReversibleHeunFunction(torch.autograd.Function):
     def backward(ctx, grad_u):
         refuse_higher_order("ReversibleAdjoint")
         u0, y, z, *params = ctx.saved_tensors
-        grad_at: dict[float, torch.Tensor] = {}
-        for row, t in enumerate(ctx.times):
-            grad_at[t] = grad_at[t] + grad_u[row] if t in grad_at else grad_u[row]
-        grad_start = grad_at.pop(ctx.t0, None) if ctx.times and ctx.times[0] == ctx.t0 else None
+        grad_at, grad_start = gradients_by_saved_time(ctx.times, ctx.t0, grad_u)
         with torch.enable_grad():
             sweep = _Sweep(ctx, params)
             a_y, a_z, a_theta, y0, z0 = sweep.run(y.detach(), z.detach(), grad_at)
