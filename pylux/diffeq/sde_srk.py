@@ -541,12 +541,19 @@ class _StochasticRungeKutta(AbstractSDESolver, AbstractAdaptiveSolver):
         self.tableau = tableau
         self.delta = _check_delta(owner, delta)
 
-    def _result(self, u, u_new, drift_error, noise_error, nfe) -> StepResult:
+    def _result(self, u, u_new, drift_error, noise_error, nfe, drift_stages) -> StepResult:
         error_fn = _error_fn(self.delta, drift_error, noise_error, u)
         error = None
         if torch.compiler.is_compiling():
             error, error_fn = error_fn(None), None
-        return StepResult(u_new, error, dense_info=LinearInterpolant(u, u_new), nfe=nfe, error_fn=error_fn)
+        # Shampine's stiffness estimate from the last two drift stages (the drift's Lipschitz constant along
+        # the step), as the ODE methods record it, so StiffnessRegularization works on SDE solves too
+        stiffness = None
+        if len(drift_stages) >= 2:
+            (k_prev, y_prev), (k_last, y_last) = drift_stages[-2], drift_stages[-1]
+            stiffness = (k_prev, k_last, y_prev, y_last)
+        return StepResult(u_new, error, dense_info=LinearInterpolant(u, u_new), nfe=nfe, error_fn=error_fn,
+                          stiffness_stages=stiffness)
 
     def __repr__(self) -> str:
         args = [] if type(self)._fixed else [f"tableau={self.tableau.name}"]
@@ -604,6 +611,7 @@ class SRI(_StochasticRungeKutta):
         s = tab.stages
         fs: list = [None] * s
         gs: list = [None] * s
+        drift_stages: list = []
         nfe = 0
         for i in range(s):
             if plan.f_eval[i]:
@@ -612,6 +620,7 @@ class SRI(_StochasticRungeKutta):
                 else:
                     y0 = _add(_combo(u, fs[:i], tab.A0[i], h), _noise(term, gs[:i], tab.B0[i], chi_10))
                     fs[i] = term.part_vf(0, y0, times(tab.c0[i]))
+                    drift_stages.append((fs[i], y0))
                     nfe += 1
             if plan.g_eval[i]:
                 if plan.g_from[i] is not None:
@@ -623,7 +632,7 @@ class SRI(_StochasticRungeKutta):
         u_new = _add(_combo(u, fs, tab.alpha, h), _noise(term, gs, tab.beta1, dW),
                      _noise(term, gs, tab.beta2, chi_11), noise_error)
         drift_error = _combo(None, fs[:tab.error_stages], [1.0] * tab.error_stages, h)
-        return self._result(u, u_new, drift_error, noise_error, nfe)
+        return self._result(u, u_new, drift_error, noise_error, nfe, drift_stages)
 
 
 class SRIW1(SRI):
@@ -704,6 +713,7 @@ class SRA(_StochasticRungeKutta):
         s = tab.stages
         fs: list = [None] * s
         gs: list = [None] * s
+        drift_stages: list = []
         nfe = 0
         for i in range(s):
             if plan.g_eval[i]:
@@ -717,11 +727,12 @@ class SRA(_StochasticRungeKutta):
                 continue
             y = _add(_combo(u, fs[:i], tab.A0[i], h), _noise(term, gs[:i], tab.B0[i], chi_10))
             fs[i] = term.part_vf(0, y, times(tab.c0[i]))
+            drift_stages.append((fs[i], y))
             nfe += 1
         noise_error = _noise(term, gs, tab.beta2, chi_10)
         u_new = _add(_combo(u, fs, tab.alpha, h), _noise(term, gs, tab.beta1, dW), noise_error)
         drift_error = _combo(None, fs[:tab.error_stages], [1.0] * tab.error_stages, h)
-        return self._result(u, u_new, drift_error, noise_error, nfe)
+        return self._result(u, u_new, drift_error, noise_error, nfe, drift_stages)
 
 
 class SRA1(SRA):
