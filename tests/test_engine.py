@@ -336,3 +336,60 @@ def test_flatten_round_trips_a_tree_with_a_named_tuple():
     back = unflatten(flat + 1)
     assert isinstance(back["x"], Pair) and back["x"].n == 3 and back["y"][1] is None
     torch.testing.assert_close(back["x"].a, torch.tensor([1.0, 2.0]))
+
+
+def test_reversible_adjoint_with_a_float32_time_axis_keeps_every_saved_gradient():
+    tspan = (torch.tensor(0.1, dtype=torch.float32), torch.tensor(1.0, dtype=torch.float32))
+    a = torch.tensor(0.7, dtype=F64, requires_grad=True)
+
+    def grad(alg):
+        prob = lx.ODEProblem(lambda u, p, t: -p * u, torch.ones(2, dtype=F64), tspan, a)
+        sol = lx.solve(prob, lx.RK4(), dt=0.3, adaptive=False, saveat=[0.4, 0.7, 1.0], sensealg=alg)
+        return torch.autograd.grad(sol.u.sum(), a)[0]
+    torch.testing.assert_close(grad(ReversibleAdjoint()), grad(ReversibleAdjoint(backprop=True)), rtol=1e-9, atol=0)
+    torch.testing.assert_close(grad(ReversibleAdjoint()), grad(DirectAdjoint()), rtol=1e-3, atol=0)
+
+
+def test_a_control_term_step_needs_no_time_read_back(monkeypatch):
+    from pylux.diffeq import _device
+    misses = []
+
+    class CountingTable(_device._HostTimeTable):
+        def get(self, tensor):
+            value = super().get(tensor)
+            if value is None:
+                misses.append(tensor)
+            return value
+    monkeypatch.setattr(_device, "_HOST_TIMES", CountingTable())
+    term = de.MultiTerm(de.ODETerm(lambda u, p, t: -u), de.ControlTerm(lambda u, p, t: u.unsqueeze(-1), SquarePath()))
+    u0 = torch.ones(3, dtype=F64)
+    de.integrate(term.bind(None), u0, 0.0, 1.0, de.RK4(), de.make_options(de.RK4(), u0, 0.0, 1.0, dt=0.1,
+                                                                            adaptive=False))
+    assert not misses
+
+
+def test_reversible_solver_has_no_dense_output_by_default_and_refuses_it():
+    prob = lx.ODEProblem(lambda u, p, t: -u, torch.ones(2, dtype=F64), (0.0, 1.0))
+    sol = lx.solve(prob, de.Reversible(lx.Tsit5()))
+    with pytest.raises(ValueError, match="pass dense=True"):
+        sol(0.5)
+    with pytest.raises(ValueError, match="has no interpolant"):
+        lx.solve(prob, de.Reversible(lx.Tsit5()), dense=True)
+
+
+def test_a_step_shortened_by_a_stop_does_not_shrink_the_next_one():
+    prob = lx.ODEProblem(lambda u, p, t: -u, torch.ones(1, dtype=F64), (0.0, 1.0))
+    plain = lx.solve(prob, lx.Tsit5(), reltol=1e-6, abstol=1e-6).stats.naccept
+    stopped = lx.solve(prob, lx.Tsit5(), reltol=1e-6, abstol=1e-6, tstops=[0.3, 0.3000001]).stats.naccept
+    assert stopped <= plain + 3, (plain, stopped)
+
+
+def test_contradicting_controller_options_are_refused():
+    prob = lx.ODEProblem(lambda u, p, t: -u, torch.ones(1, dtype=F64), (0.0, 1.0))
+    with pytest.raises(ValueError, match="would not be used"):
+        lx.solve(prob, lx.Tsit5(), dt=0.1, adaptive=False, controller=de.PIController(beta1=0.1, beta2=0.05))
+    with pytest.raises(ValueError, match="contradict"):
+        lx.solve(prob, lx.Tsit5(), adaptive=True, controller=de.ConstantStepSize())
+    with pytest.raises(ValueError, match="ConstantStepSize\\(\\) needs a step size"):
+        lx.solve(prob, lx.Tsit5(), controller=de.ConstantStepSize())
+    assert lx.solve(prob, lx.Tsit5(), dt=0.25, controller=de.ConstantStepSize()).stats.naccept == 4

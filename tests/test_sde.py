@@ -255,3 +255,85 @@ def test_only_the_sde_capable_adjoints_accept_an_sde():
                             torch.ones(3, 1, dtype=F64), (0.0, 1.0), noise="general", noise_dim=2)
     with pytest.raises(NotImplementedError, match="Itô SDE with general noise"):
         lx.solve(general, lx.EulerMaruyama(), dt=0.1, sensealg=lx.BacksolveAdjoint())
+
+
+# --- regressions ------------------------------------------------------------------------------
+
+def _linear_sde(saveat, sensealg, tspan=(0.0, 1.0), noise="diagonal", interpretation="stratonovich",
+                g=None, solver=None, dt=1e-3):
+    W = BrownianTree(min(tspan), max(tspan) + (tspan[0] == tspan[1]), (2,) if noise == "diagonal" else (1,), seed=1,
+                     dtype=F64)
+    p = {"a": torch.tensor(0.8, dtype=F64, requires_grad=True), "b": torch.tensor(0.3, dtype=F64, requires_grad=True)}
+    u0 = torch.tensor([1.0, 0.5], dtype=F64, requires_grad=True)
+    g = g or (lambda u, p, t: p["b"] * u)
+    prob = lx.SDEProblem(lambda u, p, t: -p["a"] * u + 0.2 * torch.sin(u), g, u0, tspan, p, brownian=W, noise=noise,
+                         interpretation=interpretation)
+    kw = {} if saveat is None else {"saveat": saveat}
+    sol = lx.solve(prob, solver or lx.EulerHeun(), dt=dt, sensealg=sensealg, **kw)
+    return torch.autograd.grad(sol.u.sum(), [u0, p["a"], p["b"]])
+
+
+@pytest.mark.parametrize("saveat", [[0.0, 0.5, 1.0], None, [0.25, 0.5]], ids=["t0-saved", "default", "t1-unsaved"])
+def test_stochastic_adjoint_counts_each_saved_time_once_and_starts_from_t1(saveat):
+    grads = _linear_sde(saveat, lx.BacksolveAdjoint(), dt=2e-3) if saveat is not None else \
+        _linear_sde(saveat, lx.BacksolveAdjoint(), dt=0.02)
+    ref = _linear_sde(saveat, None, dt=2e-3) if saveat is not None else _linear_sde(saveat, None, dt=0.02)
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r, rtol=2e-2 if saveat is None else 2e-3, atol=1e-3)
+
+
+def test_stochastic_adjoint_of_a_zero_length_span_is_the_identity():
+    grads = _linear_sde(None, lx.BacksolveAdjoint(), tspan=(0.5, 0.5))
+    torch.testing.assert_close(grads[0], torch.ones(2, dtype=F64))
+
+
+def test_stochastic_adjoint_ito_scalar_noise_uses_the_jacobian_vector_product():
+    # g couples the entries (scalar noise: one Brownian motion), so (dg/dz) g is not J^T g
+    g = lambda u, p, t: p["b"] * torch.stack([u[1], torch.ones_like(u[0])])  # noqa: E731
+    grads = _linear_sde([1.0], lx.BacksolveAdjoint(), noise="scalar", interpretation="ito", g=g,
+                        solver=lx.EulerMaruyama(), dt=1e-3)
+    ref = _linear_sde([1.0], None, noise="scalar", interpretation="ito", g=g, solver=lx.EulerMaruyama(), dt=1e-4)
+    for a, r in zip(grads, ref):
+        torch.testing.assert_close(a, r, rtol=2e-2, atol=2e-3)
+
+
+def test_stochastic_adjoint_ito_with_additive_noise():
+    g = lambda u, p, t: p["b"] * torch.ones_like(u)  # noqa: E731
+    grads = _linear_sde([1.0], lx.BacksolveAdjoint(), interpretation="ito", g=g, solver=lx.EulerMaruyama())
+    ref = _linear_sde([1.0], None, interpretation="ito", g=g, solver=lx.EulerMaruyama())
+    for a, r in zip(grads, ref):
+        torch.testing.assert_close(a, r, rtol=1e-2, atol=1e-3)
+
+
+def test_reversible_heun_adjoint_with_a_float32_time_axis_keeps_every_saved_gradient():
+    tspan = (torch.tensor(0.02687285, dtype=torch.float32), torch.tensor(1.1474338, dtype=torch.float32))
+    W = BrownianTree(0.0, 1.2, (3, 1), seed=3, dtype=F64)
+    theta = torch.tensor(0.5, dtype=F64, requires_grad=True)
+
+    def grad(alg):
+        prob = lx.SDEProblem(lambda u, p, t: -p * u, lambda u, p, t: 0.2 * u, torch.ones(3, 1, dtype=F64), tspan,
+                             theta, brownian=W, interpretation="stratonovich")
+        sol = lx.solve(prob, lx.ReversibleHeun(), dt=0.3, saveat=[0.4, 1.1474338], sensealg=alg)
+        return torch.autograd.grad(sol.u.sum(), theta)[0]
+    g, ref = grad(lx.ReversibleAdjoint()), grad(lx.ReversibleAdjoint(backprop=True))  # the same discrete solve
+    assert ref.abs() > 0.1
+    torch.testing.assert_close(g, ref, rtol=1e-9, atol=0)
+
+
+def test_neural_sde_with_general_noise():
+    layer = lx.NeuralSDE(nn.Dense(2, 2), nn.Chain(nn.Dense(2, 6), nn.WrappedFunction(lambda x: x.view(-1, 2, 3))),
+                         (0.0, 1.0), noise="general", noise_dim=3, dt=0.25)
+    ps, st = lx.setup(torch.Generator().manual_seed(0), layer)
+    y, _ = layer(torch.randn(4, 2), ps, st)
+    assert y.shape == (4, 2) and torch.isfinite(y).all()
+    with pytest.raises(ValueError, match="general noise needs noise_dim"):
+        lx.NeuralSDE(nn.Dense(2, 2), nn.Dense(2, 2), (0.0, 1.0), noise="general", dt=0.25)
+
+
+def test_messages_name_solvers_that_fit():
+    prob = lx.SDEProblem(lambda u, p, t: -u, lambda u, p, t: 0.1 * u, torch.ones(3, 1, dtype=F64), (0.0, 1.0),
+                         interpretation="stratonovich")
+    with pytest.raises(ValueError, match="Milstein\\(interpretation='stratonovich'\\)"):
+        lx.solve(prob, lx.Milstein(), dt=0.1)
+    with pytest.raises(ValueError, match="adaptive solver such as SOSRI\\(\\)"):
+        lx.solve(prob, lx.EulerHeun())

@@ -25,8 +25,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["time_scalar", "time_vector", "host_time", "register_host_times", "scalar_like", "vector_like",
-           "host_to_device"]
+__all__ = ["time_scalar", "time_vector", "host_time", "register_host_times", "host_to_device"]
 
 
 class _HostTimeTable:
@@ -84,16 +83,6 @@ def time_scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch
 def time_vector(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> Sequence[torch.Tensor]:
     """The 0-d time tensors of ``values`` from one transfer, each registered in the host table."""
     return register_host_times(host_to_device(list(values), dtype, device).unbind(0), values)
-
-
-def scalar_like(value: float, like: torch.Tensor) -> torch.Tensor:
-    """A 0-d tensor holding ``value`` with ``like``'s dtype and device (registered as a time)."""
-    return time_scalar(value, like.dtype, like.device)
-
-
-def vector_like(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
-    """A 1-D tensor of host floats with ``like``'s dtype and device."""
-    return host_to_device(values, like.dtype, like.device)
 
 
 def host_to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

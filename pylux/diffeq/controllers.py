@@ -273,8 +273,9 @@ class ConstantStepSize(AbstractController):
     """Fixed steps: accept every step; the steps walk the grid ``t0 + i dt`` (see :class:`FixedTimeGrid`).
 
     The grid restarts at every stop time the loop must step onto (``tstops``,
-    or ``saveat`` for a solver without an interpolant), so a stop between grid
-    points shortens one step instead of shifting the rest. ``solve(...,
+    or ``saveat`` for a solver without an interpolant): from a stop the steps
+    are ``stop + i dt`` again (``tstops=[0.35]`` with ``dt=0.1`` gives
+    ``..., 0.3, 0.35, 0.45, ...``). ``solve(...,
     adaptive=False, dt=h)`` uses it; it needs no error estimate, so the loop
     takes no host synchronisation per step.
     """

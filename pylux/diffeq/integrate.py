@@ -179,14 +179,17 @@ class StatsRecorder:
         self.steps_only = steps_only and not enabled
         self.t: list[float] = []
         self.dt: list[float] = []
+        self.t_new: list[float] = []
         self.error: list[torch.Tensor] = []
         self.stiffness: list[torch.Tensor] = []
 
-    def record(self, t: float, dt: float, error_norm: torch.Tensor | None, result: StepResult) -> None:
+    def record(self, t: float, dt: float, error_norm: torch.Tensor | None, result: StepResult,
+               t_new: float | None = None) -> None:
         if not self.enabled:
             return
         self.t.append(t)
         self.dt.append(dt)
+        self.t_new.append(t + dt if t_new is None else t_new)
         if self.steps_only:
             return
         if error_norm is not None:
@@ -199,6 +202,7 @@ class StatsRecorder:
             return
         stats.t = host_to_device(self.t, time_dtype, like.device)
         stats.dt = host_to_device(self.dt, time_dtype, like.device)
+        stats.steps = tuple(zip(self.t, self.t_new))
         if self.steps_only:
             return
         n = len(self.t)
@@ -391,10 +395,11 @@ class _Loop:
         if needs_f0:
             f0 = field.vf(u0, time_scalar(t0, *self.time))
         if options.dt is None:
+            ode_field = field
             if not field.control_is_time:
-                field = _drift_of(field)
-                f0 = field.vf(u0, time_scalar(t0, *self.time))
-            dt_abs, problem = initial_step_size(field, t0, u0, self.t1, self.solver.order, options.abstol,
+                ode_field = _drift_of(field)
+                f0 = ode_field.vf(u0, time_scalar(t0, *self.time))
+            dt_abs, problem = initial_step_size(ode_field, t0, u0, self.t1, self.solver.order, options.abstol,
                                                 options.reltol, options.norm, f0, options.dtmax,
                                                 options.time_dtype)
             if problem:
@@ -458,6 +463,9 @@ class _Loop:
             self.accept(out, result, t_new, dt_step, error_norm, cstate_new, stop)
             if fired:
                 out.stop(ReturnCode.Terminated)
+            if self.adaptive and t_new == stop and abs(dt_step) < abs(dt):
+                # a step shortened to land on a stop time says nothing against the step proposed before
+                dt_next = self.direction * max(abs(dt_next), abs(dt))
         else:
             out.nreject += 1
             self.state = _retry_state(result, self.state)
@@ -478,7 +486,7 @@ class _Loop:
     def accept(self, out, result, t_new, dt_step, error_norm, cstate_new, stop) -> None:
         t, u_new = self.t, result.u_new
         out.naccept += 1
-        self.stats.record(t, dt_step, error_norm, result)
+        self.stats.record(t, dt_step, error_norm, result, t_new)
         self.saver.on_step(t, t_new, u_new, result.dense_info)
         if self.dense is not None:
             self.dense.append(t, t_new, result.dense_info)

@@ -195,6 +195,100 @@ def _normalize_saveat(saveat, t0: float, t1: float, time_dtype: torch.dtype,
     return tuple(times)
 
 
+def _fitting_adaptive(solver) -> str:
+    """Adaptive solvers of the solver's kind, for messages."""
+    from .sde import AbstractSDESolver
+    return "SOSRI() or SRA1()" if isinstance(solver, AbstractSDESolver) else "Tsit5(), DP5() or BS3()"
+
+
+def _stepping(solver, adaptive, dt, controller):
+    """``(adaptive, dt, controller)``: adaptive iff the solver has an error estimate (unless told), a fixed
+    ``dt`` otherwise, and the controller that goes with it."""
+    is_adaptive_solver = isinstance(solver, AbstractAdaptiveSolver)
+    name = type(solver).__name__
+    if controller is not None and not isinstance(controller, AbstractController):
+        raise TypeError(f"solve: controller must be a PIController or IController, got "
+                        f"{type(controller).__name__} (fixed steps: adaptive=False, or ConstantStepSize())")
+    if adaptive is not None and not isinstance(adaptive, bool):
+        raise TypeError(f"solve: adaptive must be True, False or None, got {adaptive!r}")
+    if isinstance(controller, ConstantStepSize):
+        if adaptive:
+            raise ValueError("solve: adaptive=True and controller=ConstantStepSize() contradict each other; "
+                             "a constant step size is fixed stepping (adaptive=False, dt=...)")
+        adaptive = False
+    elif controller is not None and adaptive is False:
+        raise ValueError(f"solve: adaptive=False steps with a fixed dt, so controller={controller!r} would not "
+                         "be used; drop the controller, or pass adaptive=True")
+    if adaptive is None and not is_adaptive_solver and dt is None:
+        raise ValueError(f"solve: {name}() has no embedded error estimate, so it steps with a fixed "
+                         f"dt; pass dt=... (e.g. solve(prob, {name}(), dt=0.01)) or use an adaptive "
+                         f"solver such as {_fitting_adaptive(solver)}")
+    if adaptive is None:
+        adaptive = is_adaptive_solver
+    if adaptive and not is_adaptive_solver:
+        raise ValueError(f"solve: {name}() has no embedded error estimate, so it cannot step adaptively; pass "
+                         f"adaptive=False with a dt, or use an adaptive solver such as {_fitting_adaptive(solver)}")
+    dt = _positive_float("dt", dt, allow_none=True)
+    if not adaptive and dt is None:
+        raise ValueError(f"solve: {'ConstantStepSize()' if isinstance(controller, ConstantStepSize) else 'adaptive=False'}"
+                         f" needs a step size; pass dt=... (e.g. solve(prob, {name}(), dt=0.01, adaptive=False))")
+    if controller is None:
+        controller = solver.default_controller() if adaptive else ConstantStepSize()
+    if isinstance(controller, IController) and controller.error_order is None:
+        controller = dataclasses.replace(controller, error_order=solver.error_order or solver.order)
+    return adaptive, dt, controller
+
+
+def _saving(solver, saveat, t0, t1, save_everystep, save_start, save_end, dense):
+    """The saving flags with DifferentialEquations.jl's defaults (see ``solve``)."""
+    for name, value in (("save_everystep", save_everystep), ("save_start", save_start),
+                        ("save_end", save_end), ("dense", dense)):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"solve: {name} must be True or False, got {value!r}")
+    if save_everystep is None:
+        save_everystep = saveat is None
+    if save_everystep and saveat is not None:
+        raise ValueError("solve: save_everystep=True and saveat are exclusive; pass one of them")
+    if save_start is None:
+        save_start = saveat is None or t0 in saveat
+    if save_end is None:
+        save_end = saveat is None or t1 in saveat
+    if solver.steps_onto_saveat:
+        # no interpolant: the solve steps onto the saved times instead
+        if dense:
+            raise ValueError(f"solve: {type(solver).__name__}() has no interpolant, so dense=True (sol(t)) is not "
+                             "available; pass saveat=... for the times you need (the solve steps onto them)")
+        return save_everystep, save_start, save_end, False
+    if dense is None:
+        dense = saveat is None and save_everystep
+    return save_everystep, save_start, save_end, dense
+
+
+def _step_bounds(dtmin, dtmax, t0, t1, time_dtype):
+    span = abs(t1 - t0)
+    dtmax = _positive_float("dtmax", dtmax, allow_none=True)
+    if dtmax is None:
+        dtmax = span if span > 0 else math.inf
+    dtmin = _positive_float("dtmin", dtmin, allow_none=True)
+    if dtmin is None:
+        # a few ulps of the largest time: below this, t + dt cannot be told from t
+        dtmin = 4 * _eps(time_dtype) * max(abs(t0), abs(t1)) if span > 0 else 0.0
+    elif dtmin > dtmax:
+        raise ValueError(f"solve: dtmin = {dtmin!r} exceeds dtmax = {dtmax!r}")
+    return dtmin, dtmax
+
+
+def _callbacks(callback) -> tuple:
+    if callback is None:
+        return ()
+    if isinstance(callback, AbstractTerminationCallback):
+        return (callback,)
+    if isinstance(callback, (list, tuple)) and all(isinstance(cb, AbstractTerminationCallback) for cb in callback):
+        return tuple(callback)
+    raise TypeError("solve: callback must be a termination callback (TerminateSteadyState, "
+                    f"TerminateWhen, ...) or a list of them, got {type(callback).__name__}")
+
+
 def make_options(solver: AbstractSolver, u0: torch.Tensor, t0: float, t1: float, *,
                  time_dtype: torch.dtype = torch.float64, dt=None, adaptive=None, saveat=None,
                  save_everystep=None, save_start=None, save_end=None, dense=None, reltol=1e-3,
@@ -209,82 +303,26 @@ def make_options(solver: AbstractSolver, u0: torch.Tensor, t0: float, t1: float,
         raise TypeError(f"solve: solver must be a pylux solver such as Tsit5(), got "
                         f"{type(solver).__name__}" + (" (a class; instantiate it: Tsit5())"
                                                       if isinstance(solver, type) else ""))
-    is_adaptive_solver = isinstance(solver, AbstractAdaptiveSolver)
-    if adaptive is None and not is_adaptive_solver and dt is None:
-        name = type(solver).__name__
-        raise ValueError(f"solve: {name}() has no embedded error estimate, so it steps with a fixed "
-                         f"dt; pass dt=... (e.g. solve(prob, {name}(), dt=0.01)) or use an adaptive "
-                         "solver such as Tsit5()")
-    if adaptive is None:
-        adaptive = is_adaptive_solver
-    elif not isinstance(adaptive, bool):
-        raise TypeError(f"solve: adaptive must be True, False or None, got {adaptive!r}")
-    if adaptive and not is_adaptive_solver:
-        raise ValueError(f"solve: {type(solver).__name__}() has no embedded error estimate, so it "
-                         "cannot step adaptively; pass adaptive=False with a dt, or use an adaptive "
-                         "solver such as Tsit5(), DP5() or BS3()")
-    dt = _positive_float("dt", dt, allow_none=True)
-    if not adaptive and dt is None:
-        raise ValueError(f"solve: adaptive=False needs a step size; pass dt=... (e.g. "
-                         f"solve(prob, {type(solver).__name__}(), dt=0.01, adaptive=False))")
+    adaptive, dt, controller = _stepping(solver, adaptive, dt, controller)
     reltol, abstol = _check_tolerances(reltol, abstol, u0)
-
     if saveat is not None:
         saveat = _normalize_saveat(saveat, t0, t1, time_dtype)
     tstops = () if tstops is None else tuple(x for x in _normalize_saveat(tstops, t0, t1, time_dtype, "tstops")
                                              if x != t0 and x != t1)
-    for name, value in (("save_everystep", save_everystep), ("save_start", save_start),
-                        ("save_end", save_end), ("dense", dense), ("save_stats", save_stats),
-                        ("throw", throw)):
-        if value is not None and not isinstance(value, bool):
+    for name, value in (("save_stats", save_stats), ("throw", throw)):
+        if not isinstance(value, bool):
             raise TypeError(f"solve: {name} must be True or False, got {value!r}")
-    if save_everystep is None:
-        save_everystep = saveat is None
-    if save_everystep and saveat is not None:
-        raise ValueError("solve: save_everystep=True and saveat are exclusive; pass one of them")
-    if save_start is None:
-        save_start = saveat is None or t0 in saveat
-    if save_end is None:
-        save_end = saveat is None or t1 in saveat
-    if dense is None:
-        dense = saveat is None and save_everystep
-
-    if controller is None:
-        controller = solver.default_controller() if adaptive else ConstantStepSize()
-    elif not isinstance(controller, AbstractController):
-        raise TypeError(f"solve: controller must be a PIController or IController, got "
-                        f"{type(controller).__name__} (fixed steps: adaptive=False, or ConstantStepSize())")
-    elif not adaptive:
-        controller = ConstantStepSize()  # adaptive=False: fixed steps, whatever controller was named
-    if isinstance(controller, IController) and controller.error_order is None:
-        controller = dataclasses.replace(controller, error_order=solver.error_order or solver.order)
+    save_everystep, save_start, save_end, dense = _saving(solver, saveat, t0, t1, save_everystep, save_start,
+                                                          save_end, dense)
     if norm is None:
         norm = rms_norm
     elif not callable(norm):
         raise TypeError(f"solve: norm must be callable as norm(x) -> 0-d tensor (e.g. SemiNorm(mask)), "
                         f"got {type(norm).__name__}")
-    span = abs(t1 - t0)
-    dtmax = _positive_float("dtmax", dtmax, allow_none=True)
-    if dtmax is None:
-        dtmax = span if span > 0 else math.inf
-    dtmin = _positive_float("dtmin", dtmin, allow_none=True)
-    if dtmin is None:
-        # a few ulps of the largest time: below this, t + dt cannot be told from t
-        dtmin = 4 * _eps(time_dtype) * max(abs(t0), abs(t1)) if span > 0 else 0.0
-    elif dtmin > dtmax:
-        raise ValueError(f"solve: dtmin = {dtmin!r} exceeds dtmax = {dtmax!r}")
+    dtmin, dtmax = _step_bounds(dtmin, dtmax, t0, t1, time_dtype)
     if isinstance(maxiters, bool) or not isinstance(maxiters, int) or maxiters < 1:
         raise ValueError(f"solve: maxiters must be a positive int, got {maxiters!r}")
-    if callback is None:
-        callbacks: tuple = ()
-    elif isinstance(callback, AbstractTerminationCallback):
-        callbacks = (callback,)
-    elif isinstance(callback, (list, tuple)) and all(
-            isinstance(cb, AbstractTerminationCallback) for cb in callback):
-        callbacks = tuple(callback)
-    else:
-        raise TypeError("solve: callback must be a termination callback (TerminateSteadyState, "
-                        f"TerminateWhen, ...) or a list of them, got {type(callback).__name__}")
+    callbacks = _callbacks(callback)
     return SolveOptions(
         adaptive=adaptive, dt=dt, saveat=saveat, save_everystep=save_everystep,
         save_start=save_start, save_end=save_end, dense=dense, reltol=reltol, abstol=abstol,

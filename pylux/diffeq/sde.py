@@ -105,8 +105,8 @@ class SDEProblem:
             raise TypeError(f"SDEProblem: brownian must have an increment(s, t) method (a BrownianTree), "
                             f"got {type(brownian).__name__}")
         self.f, self.g, self.u0, self.p = f, g, u0, p
-        self.tspan = parse_tspan(tspan, "SDEProblem")[:2]
-        self.time_dtype = parse_tspan(tspan, "SDEProblem")[2]
+        t0, t1, self.time_dtype = parse_tspan(tspan, "SDEProblem")
+        self.tspan = (t0, t1)
         self.noise, self.noise_dim, self.interpretation = noise, noise_dim, interpretation
         self.brownian, self.seed = brownian, seed
 
@@ -248,7 +248,8 @@ def fitting_sde_solvers(noise: str, interpretation: str) -> list[str]:
         if cls.__name__.startswith("_"):
             continue
         if interpretation in cls.interpretations and noise in cls.noise_types:
-            found.append(f"{cls.__name__}()")
+            configured = cls is Milstein and interpretation != "ito"
+            found.append(f"{cls.__name__}(interpretation={interpretation!r})" if configured else f"{cls.__name__}()")
     return found or ["(none)"]
 
 

@@ -81,6 +81,9 @@ class SolverStats:
     nreject: int = 0
     #: evaluations of an SDE's diffusion g (DifferentialEquations.jl's nf2); 0 for ODEs
     ng: int = 0
+    #: ``(t_start, t_end)`` of each accepted step as exact host floats (the time grid itself, not
+    #: rounded through the time dtype's tensor), when ``t``/``dt`` are recorded; else ``None``
+    steps: tuple | None = None
     t: torch.Tensor | None = None
     dt: torch.Tensor | None = None
     error_estimate: torch.Tensor | None = None

@@ -305,7 +305,7 @@ class ExplicitRungeKutta(AbstractSolver):
                 return term.vf(y, ti)
         else:
             scale = 1.0
-            control = term.contr(t, t + dt)
+            control = term.contr(t, time_add(t, dt))
 
             def stage(y, ti):
                 return term.vf_prod(y, ti, control)

@@ -17,8 +17,8 @@ from ..regularize.regularized_solve import RegularizedSolve, solution_state
 __all__ = ["NeuralSDE"]
 
 _LAYER_CHOSEN = ("save_everystep", "save_start", "save_end", "dense")
-_LAYER_KEYWORDS = ("solver", "sensealg", "saveat", "regularize", "noise", "interpretation", "trajectories",
-                   "time_input")
+_LAYER_KEYWORDS = ("solver", "sensealg", "saveat", "regularize", "noise", "noise_dim", "interpretation",
+                   "trajectories", "time_input")
 
 
 class NeuralSDE(AbstractLayer):
@@ -35,9 +35,9 @@ class NeuralSDE(AbstractLayer):
         tspan: ``(t0, t1)``.
         solver: an SDE solver (default ``EulerHeun()``, fixed step: pass ``dt=``;
             an adaptive one such as ``SOSRI()`` takes ``reltol``/``abstol``).
-        noise: ``"diagonal"`` (default), ``"scalar"``, ``"additive"`` or ``"general"``
-            (then ``noise_dim=`` in ``solve_kwargs`` is not accepted: give the
-            diffusion output ``(*z.shape, m)`` and ``interpretation``/``noise`` here).
+        noise: ``"diagonal"`` (default), ``"scalar"``, ``"additive"`` or ``"general"``.
+        noise_dim: ``m`` for general noise (the diffusion layer then returns
+            ``(*z.shape, m)``), or for additive noise with a matrix diffusion.
         interpretation: ``"ito"`` or ``"stratonovich"``; default: the solver's
             (Stratonovich for EulerHeun and ReversibleHeun, Itô otherwise).
         sensealg: how gradients flow; ``None`` or ``DirectAdjoint()`` backpropagate
@@ -63,7 +63,8 @@ class NeuralSDE(AbstractLayer):
     """
 
     def __init__(self, drift: AbstractLayer, diffusion: AbstractLayer, tspan, solver: AbstractSDESolver | None = None,
-                 *, noise: str = "diagonal", interpretation: str | None = None, sensealg=None, saveat=None,
+                 *, noise: str = "diagonal", noise_dim: int | None = None, interpretation: str | None = None,
+                 sensealg=None, saveat=None,
                  regularize=None, trajectories: int = 1, time_input: bool = False, **solve_kwargs: Any):
         for name, layer in (("drift", drift), ("diffusion", diffusion)):
             if not isinstance(layer, AbstractLayer):
@@ -73,8 +74,11 @@ class NeuralSDE(AbstractLayer):
         solver = EulerHeun() if solver is None else solver
         if not isinstance(solver, AbstractSDESolver):
             raise TypeError(f"NeuralSDE: solver must be an SDE solver such as EulerHeun() or SOSRI(), got {solver!r}")
-        if noise not in NOISE_TYPES or noise == "general" and "noise_dim" in solve_kwargs:
+        if noise not in NOISE_TYPES:
             raise ValueError(f"NeuralSDE: noise must be one of {', '.join(map(repr, NOISE_TYPES))}, got {noise!r}")
+        if (noise == "general") != (noise_dim is not None) and noise != "additive":
+            raise ValueError("NeuralSDE: general noise needs noise_dim=m (the diffusion returns (*z.shape, m)); "
+                             "noise_dim is for general or additive noise only")
         forbidden = set(_LAYER_CHOSEN) & solve_kwargs.keys()
         if forbidden:
             raise TypeError(f"NeuralSDE: {sorted(forbidden)} are chosen by the layer; use saveat")
@@ -86,7 +90,7 @@ class NeuralSDE(AbstractLayer):
             raise TypeError(f"NeuralSDE: time_input must be True or False, got {time_input!r}")
         self.drift, self.diffusion = drift, diffusion
         self.tspan = tuple(float(t) for t in tspan)
-        self.solver, self.noise = solver, noise
+        self.solver, self.noise, self.noise_dim = solver, noise, noise_dim
         self.interpretation = interpretation if interpretation is not None else solver.interpretations[0]
         self.sensealg = check_sensealg(sensealg, "NeuralSDE")
         self.saveat = None if saveat is None else [float(t) for t in saveat]
@@ -152,7 +156,7 @@ class NeuralSDE(AbstractLayer):
             seed = int(torch.randint(0, 2 ** 62, (), generator=generator, device=generator.device))
             diffusion = layer._diffusion_field(st["diffusion"] if st is not None else {})
             prob = SDEProblem(drift_field, diffusion, u0, tspan, p, noise=layer.noise,
-                              noise_dim=None, interpretation=layer.interpretation, seed=seed)
+                              noise_dim=layer.noise_dim, interpretation=layer.interpretation, seed=seed)
             return prob.with_brownian(prob.draw_brownian(levy_area=layer.solver.needs_levy_area))
         return problem
 

@@ -1,7 +1,7 @@
 r"""Solving a differential-equation layer with its regularizers: the plumbing every such layer shares.
 
 A layer that integrates :math:`\dot z = f_\theta(z, t)` and takes regularizers
-(:class:`~pylux.layers.NeuralODE` today) builds one :class:`RegularizedSolve`
+(:class:`~pylux.layers.NeuralODE`, :class:`~pylux.layers.NeuralSDE`) builds one :class:`RegularizedSolve`
 when it is built and calls it in every train-mode forward pass. It runs the
 contract of :mod:`pylux.regularize.base` in order:
 

@@ -118,6 +118,13 @@ def gradients_by_saved_time(times, t0: float, grad_u) -> tuple[dict, "torch.Tens
     return grad_at, grad_start
 
 
+def check_all_gradients_used(grad_at: dict, where: str) -> None:
+    """Raise when a saved time's gradient was never met on the backward walk (it would be dropped silently)."""
+    if grad_at:
+        raise RuntimeError(f"{where}: the backward pass did not reach the saved times {sorted(grad_at)}; their "
+                           "gradients would be lost. Please report this with the solve's tspan, saveat and dt")
+
+
 def refuse_higher_order(name: str) -> None:
     """Raise in an adjoint's backward when autograd asks for a differentiable gradient.
 

@@ -135,13 +135,16 @@ class BacksolveAdjoint(_ContinuousAdjoint):
     instead of silently getting a zero gradient. The backward counters are in
     the solve's ``sol.backward_stats`` (a :class:`BackwardStats`) after ``backward()``.
 
+    On an :class:`~pylux.diffeq.SDEProblem` it is the stochastic adjoint of
+    Li et al. (2020), solved backward on the solve's own Brownian path (see
+    :mod:`pylux.sensitivity.stochastic` for its accuracy).
+
     Raises:
         NotImplementedError: with a tensor ``abstol`` or ``save_stats=True``
             (both need :class:`DirectAdjoint`).
     """
 
-
-BacksolveAdjoint.handles_sde = True  # the stochastic adjoint of Li et al. (2020): see pylux.sensitivity.stochastic
+    handles_sde = True
 
 
 class InterpolatingAdjoint(_ContinuousAdjoint):

@@ -45,8 +45,8 @@ from ..diffeq.options import SolveOptions
 from ..diffeq.sde import SDEProblem
 from ..diffeq.solvers import ExplicitRungeKutta
 from ..diffeq.solvers import RKState
-from ._params import (apply_adjoint_function, check_no_hidden_parameters, gradients_by_saved_time,
-                      refuse_higher_order)
+from ._params import (apply_adjoint_function, check_all_gradients_used, check_no_hidden_parameters,
+                      gradients_by_saved_time, refuse_higher_order)
 from .reversible_sde import reversible_heun_solve
 
 __all__ = ["ReversibleAdjoint"]
@@ -138,9 +138,8 @@ class ReversibleAdjoint(AbstractSensitivityAlgorithm):
 
 
 def _accepted_steps(sol: Solution) -> list[tuple[float, float, float]]:
-    stats = sol.stats
-    starts, sizes = stats.t.tolist(), stats.dt.tolist()
-    return [(t, dt, t + dt) for t, dt in zip(starts, sizes)]
+    # the exact host grid: t + dt rounded through a float32 time tensor need not be the saved time
+    return [(t, t_new - t, t_new) for t, t_new in sol.stats.steps]
 
 
 class _ReversibleFunction(torch.autograd.Function):
@@ -170,9 +169,10 @@ class _ReversibleFunction(torch.autograd.Function):
             ps_ = [x.detach().requires_grad_(True) for x in params]
             field = _counted_field(ctx, ps_, u0, counter)
             grad_at, grad_start = gradients_by_saved_time(ctx.times, ctx.t0, grad_u)
-            a_y, a_z, a_theta = _reverse_sweep(ctx, field, y.detach(), z.detach(), grad_at, params, ps_, counter)
-        y, z = a_y["y"], a_y["z"]
-        grad_u0 = a_y["a_y"] + a_z
+            a_y, a_z, a_theta, y, z = _reverse_sweep(ctx, field, y.detach(), z.detach(), grad_at, params, ps_,
+                                                     counter)
+        check_all_gradients_used(grad_at, "ReversibleAdjoint")
+        grad_u0 = a_y + a_z
         if grad_start is not None:
             grad_u0 = grad_u0 + grad_start
         error = torch.maximum((y - u0).abs().max(), (z - u0).abs().max()) if u0.numel() else u0.new_zeros(())
@@ -228,7 +228,7 @@ def _reverse_sweep(ctx, field, y, z, grad_at, params, ps_, counter):
             if g_fwd[j + 1] is not None:
                 a_theta[j] = a_theta[j] + g_fwd[j + 1]
         y, z = y0.detach(), z0.detach()
-    return {"a_y": a_y, "y": y, "z": z}, a_z, a_theta
+    return a_y, a_z, a_theta, y, z
 
 
 def _fresh():

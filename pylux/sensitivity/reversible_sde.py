@@ -28,7 +28,8 @@ from ..core import tree_replace_at_paths
 from ..diffeq import integrate
 from ..diffeq._device import time_scalar
 from ..diffeq.sde import ReversibleHeun
-from ._params import apply_adjoint_function, check_no_hidden_parameters, gradients_by_saved_time, refuse_higher_order
+from ._params import (apply_adjoint_function, check_all_gradients_used, check_no_hidden_parameters,
+                      gradients_by_saved_time, refuse_higher_order)
 
 __all__ = ["reversible_heun_solve"]
 
@@ -63,7 +64,9 @@ class _ReversibleHeunFunction(torch.autograd.Function):
         z, drift, diffusion = (state.z, state.drift, state.diffusion) if state is not None else (y, None, None)
         holder["solution"] = sol
         ctx.problem, ctx.paths, ctx.t0 = problem, paths, problem.tspan[0]
-        ctx.steps = list(zip(sol.stats.t.tolist(), sol.stats.dt.tolist())) if sol.stats.t is not None else []
+        # the exact host grid (a float32 time tensor's t + dt need not be the saved time)
+        ctx.steps = [(t, t_new - t) for t, t_new in sol.stats.steps] if sol.stats.steps is not None else []
+        ctx.step_ends = [t_new for _, t_new in sol.stats.steps] if sol.stats.steps is not None else []
         ctx.times = sol.t.tolist()
         ctx.time = (options.time_dtype, u0.device)
         ctx.backward_stats = holder["backward_stats"]
@@ -78,6 +81,7 @@ class _ReversibleHeunFunction(torch.autograd.Function):
         with torch.enable_grad():
             sweep = _Sweep(ctx, params)
             a_y, a_z, a_theta, y0, z0 = sweep.run(y.detach(), z.detach(), grad_at)
+        check_all_gradients_used(grad_at, "ReversibleAdjoint")
         grad_u0 = a_y + a_z + (grad_start if grad_start is not None else 0)
         error = torch.maximum((y0 - u0).abs().max(), (z0 - u0).abs().max()) if u0.numel() else u0.new_zeros(())
         ctx.backward_stats.update(nf=sweep.nf, ng=sweep.nf, nvjp=len(ctx.steps), nsteps=len(ctx.steps),
@@ -111,12 +115,10 @@ class _Sweep:
         a_theta = [torch.zeros_like(x) for x in self.ps_]
         if not ctx.steps:
             return a_y, a_z, a_theta, y, z
-        t_last, dt_last = ctx.steps[-1]
-        self._t = time_scalar(t_last + dt_last, *ctx.time)
+        self._t = time_scalar(ctx.step_ends[-1], *ctx.time)
         with torch.no_grad():
             mu1, sig1 = self.fields(z)
-        for t, dt in reversed(ctx.steps):
-            t_new = t + dt
+        for (t, dt), t_new in zip(reversed(ctx.steps), reversed(ctx.step_ends)):
             if t_new in grad_at:
                 a_y = a_y + grad_at.pop(t_new)
             dW = self.term.part_term(1).control.increment(t, t_new)

@@ -16,15 +16,18 @@ symmetric in time, so the backward solve is the same kind of solve with
 negative steps (the increments are the path's, reversed). The diffusion term's
 products :math:`a_z^\top \partial g \circ dW` are vector–Jacobian products of
 :math:`\langle a_z, g\,dW\rangle`, so every noise type works. An Itô problem is
-first written in Stratonovich form, :math:`f - \tfrac12 (\partial_z g)\, g`, which
-for diagonal or scalar noise needs each diffusion entry to depend on its own
-state entry (commutative noise); the correction is differentiated by double
-backward.
+first written in Stratonovich form, :math:`f - \tfrac12 (\partial_z g)\, g` (a
+Jacobian–vector product, differentiated by double backward): exact for scalar
+noise; for diagonal noise it equals the Itô–Stratonovich correction
+:math:`\tfrac12 g_i\, \partial g_i / \partial z_i` when each diffusion entry
+depends on its own state entry only (commutative noise), which is assumed.
 
 Accuracy, stated plainly: :math:`z` is re-integrated backward with a
 low-order Stratonovich method (:class:`~pylux.diffeq.EulerHeun`, or
-:class:`~pylux.diffeq.ReversibleHeun` when that was the forward solver) at the
-forward step size, so the gradient is that of the continuous problem up to the
+:class:`~pylux.diffeq.ReversibleHeun` when that was the forward solver) with
+fixed steps — the forward ``dt`` of a fixed-step solve, the *mean* accepted
+step of an adaptive one (coarser than the forward where it took small steps) —
+so the gradient is that of the continuous problem up to the
 backward solve's strong error (order 1 in ``dt`` for commutative noise, 0.5
 otherwise) — not the exact gradient of the discrete forward solve. For exact
 discrete gradients at O(1) memory use ``ReversibleAdjoint()`` with
@@ -98,23 +101,19 @@ class _AdjointSweep:
         self.solver = forward if isinstance(forward, (EulerHeun, ReversibleHeun)) else EulerHeun()
 
     def run(self, z_final, grad_u):
+        """From ``(z(t1), 0, 0)`` back to ``t0``, adding ``dL/du(t_k)`` to ``a_z`` at each saved time."""
         ctx = self.ctx
-        t0 = ctx.problem.tspan[0]
-        times, dtype, device = ctx.times, self.u0.dtype, self.u0.device
-        aug = torch.cat([z_final.reshape(-1), grad_u[-1].reshape(-1) if times else torch.zeros(self.n, dtype=dtype,
-                         device=device), torch.zeros(sum(self.sizes), dtype=dtype, device=device)])
-        for k in range(len(times) - 1, -1, -1):
-            t_from, t_to = times[k], (times[k - 1] if k > 0 else t0)
-            if k == 0 and t_from == t0:
-                break
-            aug = self._segment(aug, t_from, t_to)
-            if k > 0:
-                aug = aug.clone()
-                aug[self.n:2 * self.n] += grad_u[k - 1].reshape(-1)
-        grad_u0 = aug[self.n:2 * self.n].view(self.shape)
-        if times and times[0] == t0:
-            grad_u0 = grad_u0 + grad_u[0]
-        out, offset = [grad_u0], 2 * self.n
+        t0, t1 = ctx.problem.tspan
+        dtype, device = self.u0.dtype, self.u0.device
+        aug = torch.cat([z_final.reshape(-1), torch.zeros(self.n + sum(self.sizes), dtype=dtype, device=device)])
+        t_now = t1
+        for k in range(len(ctx.times) - 1, -1, -1):
+            aug = self._segment(aug, t_now, ctx.times[k])  # a segment ending before any save is z alone
+            t_now = ctx.times[k]
+            aug = aug.clone()
+            aug[self.n:2 * self.n] += grad_u[k].reshape(-1)
+        aug = self._segment(aug, t_now, t0)
+        out, offset = [aug[self.n:2 * self.n].view(self.shape)], 2 * self.n
         for x, size in zip(self.params, self.sizes):
             out.append(aug[offset:offset + size].view(x.shape).to(x.dtype))
             offset += size
@@ -161,13 +160,24 @@ def _augmented_term(problem, paths, params, shape, stats):
 
 
 def _stratonovich_drift(problem, z, p, t):
+    """The drift of the Stratonovich form: ``f`` itself, or ``f - (1/2) c`` for an Itô problem with
+    ``c = (dg/dz) g`` for scalar noise (one Brownian motion: a Jacobian–vector product) and
+    ``c = diag(dg/dz) * g`` for diagonal noise, which equals ``(dg/dz) g`` when each ``g_i`` depends on
+    ``z_i`` alone (the commutative case the module docstring requires). Both are formed by double
+    backward, so the correction is differentiated too."""
     f = problem.f(z, p, t)
     if problem.interpretation == "stratonovich":
         return f
     g = problem.g(z, p, t)
-    # diagonal/scalar noise with g_i depending on z_i: (dg/dz) g = J^T g, by double backward
-    correction = torch.autograd.grad(g, z, grad_outputs=g, create_graph=True)[0]
-    return f - 0.5 * correction
+    if not g.requires_grad:  # g independent of z and the parameters: additive noise, no correction
+        return f
+    # J v by the double-vjp trick: d/dw <J^T w, v> = J v
+    w = torch.zeros_like(g, requires_grad=True)
+    (vjp,) = torch.autograd.grad(g, z, grad_outputs=w, create_graph=True, allow_unused=True)
+    if vjp is None:  # g depends on the parameters only: additive noise
+        return f
+    (jvp,) = torch.autograd.grad(vjp, w, grad_outputs=g, create_graph=True, allow_unused=True)
+    return f if jvp is None else f - 0.5 * jvp
 
 
 class _AdjointDiffusion(AbstractTerm):
