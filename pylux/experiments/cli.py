@@ -13,6 +13,8 @@ EXPERIMENTS: dict[str, str] = {}
 EXPERIMENTS["node-spiral"] = "node_spiral"
 EXPERIMENTS["node-digits"] = "node_digits"
 EXPERIMENTS["deq-digits"] = "deq_digits"
+EXPERIMENTS["sde-spiral"] = "sde_spiral"
+EXPERIMENTS["nsde-digits"] = "nsde_digits"
 
 
 def _load(name: str):
