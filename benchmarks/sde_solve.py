@@ -84,7 +84,9 @@ the gradient of the discrete forward solve; their "grad vs bp" is that gap.
                                    [--ref-log2 10] [--tree-depth 14] [--no-path-cache]
                                    [--groups em,milstein,heun,revheun,srk,adaptive] [--no-adjoint]
 
-Needs torchsde (in the bench extra). A full run takes about 2-3 minutes on 2 CPU cores.
+Needs torchsde (in the bench extra). A full run takes about 2 minutes on 2 otherwise idle CPU
+cores (about 35 s of it the float64 references). When other jobs compete for the cores, two
+threads oversubscribe them and a run can take many times longer: use --threads 1 there.
 Timings on a shared machine are noisy; compare numbers from the same run.
 """
 
