@@ -44,7 +44,14 @@ training per run). Weights annealed 10 → 1 (the papers anneal 100 → 10 on
 MNIST): with 8 epochs ERNSDE reached 0.40× the vanilla test NFE at +1.1
 points of test accuracy on seed 0. ``--local-scale 10``: about 1/N of the
 global sum for N ≈ 10–20 accepted steps. ``--stiffness-scale 1``: at 3
-(weight 3.3 → 0.33) SRNSDE left the test NFE unchanged (86 against 86).
+(weight 3.3 → 0.33) SRNSDE left the test NFE unchanged (86 against 86), and
+at 1 (weight 10 → 1, three seeds) it still does (86 against 85): with a
+linear drift the stiffness estimate is the drift's fixed Lipschitz constant
+and the steps are set by the error estimate, not by stability.
+
+The default run (5 rows × 3 seeds) took about 3 minutes on a shared
+two-core machine: ERNSDE and both local rows met the target there (test NFE
+0.40×, 0.40× and 0.46× vanilla, test accuracy 0.5–0.8 points higher).
 
 Reported per row, mean ± std over seeds: train and test accuracy, training
 time (wall clock of the training loop), prediction time (one test-mode
