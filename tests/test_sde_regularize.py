@@ -50,6 +50,26 @@ def test_local_regularization_flows_to_drift_and_diffusion_under_each_sensealg(s
     (y.sum() + value).backward()  # the output's gradient flows through the sensealg at the same time
 
 
+@pytest.mark.parametrize("sensealg", [None, lx.BacksolveAdjoint()], ids=repr)
+def test_unbiased_local_step_near_t1_stays_inside_the_brownian_span(sensealg):
+    # regression: the step from t_r took the size of the accepted step containing t_r, so for t_r near t1
+    # it ended past t1, where the solve's Brownian tree refuses to be queried
+    t_reg = 1.0 - 1e-3
+    layer, ps, st, x = neural_sde(lx.LocalErrorRegularization(sampling="unbiased", t_reg=t_reg),
+                                  sensealg=sensealg)
+    _, st1 = layer(x, ps, st)
+    value = st1["regularization"]
+    assert torch.isfinite(value) and value.item() > 0
+    # the shortened step has size 1e-3: the value is E_r * 1e-3 with E_r of a 1e-3 step, tiny but nonzero
+    layer_mid, *_ = neural_sde(lx.LocalErrorRegularization(sampling="unbiased", t_reg=0.5), sensealg=sensealg)
+    _, st_mid = layer_mid(x, ps, st)
+    assert value.item() < 0.1 * st_mid["regularization"].item()
+    # a fixed t_r at t1 leaves no step inside the span: zero
+    layer_end, *_ = neural_sde(lx.LocalErrorRegularization(sampling="unbiased", t_reg=1.0), sensealg=sensealg)
+    _, st_end = layer_end(x, ps, st)
+    assert st_end["regularization"].item() == 0.0
+
+
 def test_global_regularizers_need_a_differentiated_solver_on_sdes_too():
     with pytest.raises(NotImplementedError, match="LocalErrorRegularization"):
         neural_sde(lx.ErrorEstimateRegularization(), sensealg=lx.BacksolveAdjoint())

@@ -27,8 +27,7 @@ Loss: cross-entropy plus :math:`\lambda R` for a regularized row, Adam
 ``--epochs`` epochs. Rows: ``vanilla``; ``ernsde``
 (:class:`~pylux.ErrorEstimateRegularization`); ``srnsde``
 (:class:`~pylux.StiffnessRegularization`); ``local-unbiased`` and
-``local-biased`` (:class:`~pylux.LocalErrorRegularization`; the unbiased one
-clipped to the span, see :class:`~pylux.experiments.sde_spiral.SpanLocalErrorRegularization`).
+``local-biased`` (:class:`~pylux.LocalErrorRegularization`).
 :math:`\lambda` is annealed exponentially from ``--weight-start`` to
 ``--weight-end`` over training as in the papers (SRNSDE's divided by
 ``--stiffness-scale``, the local rows' multiplied by ``--local-scale``, for
@@ -78,7 +77,6 @@ from ..regularize import ErrorEstimateRegularization, LocalErrorRegularization, 
 from ..training import Adam, TrainState, single_train_step
 from ..training.schedules import ExponentialAnneal
 from ._report import markdown_table, plot_histories, summarize, write_results
-from .sde_spiral import SpanLocalErrorRegularization
 
 __all__ = ["add_arguments", "run", "METHODS", "build_models", "targets"]
 
@@ -121,7 +119,7 @@ def _regularizer(method: str):
     if method == "srnsde":
         return StiffnessRegularization()
     if method == "local-unbiased":
-        return SpanLocalErrorRegularization("unbiased")
+        return LocalErrorRegularization("unbiased")
     if method == "local-biased":
         return LocalErrorRegularization("biased")
     raise ValueError(f"nsde-digits: unknown method {method!r}; choose from {', '.join(METHODS)}")

@@ -70,11 +70,6 @@ true SDE itself takes about 270 NFE for 100 paths at this tolerance (66–67
 accepted steps, seeds 0–2), and the fitted vanilla model already takes fewer
 (about 246), so there is little a regularizer can remove without losing the fit.
 
-The unbiased local row steps from the sampled :math:`t_r` by the size of the
-accepted step that contains it; near the end of the span that step would end
-past :math:`t_1`, where the Brownian tree of the solve is not defined, so
-here it is clipped to end at :math:`t_1` (:class:`SpanLocalErrorRegularization`).
-
 Reported, mean ± std over ``--seeds`` seeds (the model's initialization; the
 data are the same for every seed): the final moment loss (unregularized, of
 one test-mode prediction of :math:`K` paths, which reuses the layer's fixed
@@ -106,8 +101,7 @@ from ..training import AdaBelief, TrainState, single_train_step
 from ..training.schedules import ExponentialAnneal
 from ._report import markdown_table, plot_histories, summarize, write_results
 
-__all__ = ["add_arguments", "run", "METHODS", "spiral_sde_data", "SpanLocalErrorRegularization",
-           "ALPHA", "BETA", "GAMMA"]
+__all__ = ["add_arguments", "run", "METHODS", "spiral_sde_data", "ALPHA", "BETA", "GAMMA"]
 
 METHODS = ("vanilla", "ernsde", "srnsde", "local-unbiased", "local-biased")
 ALPHA, BETA, GAMMA = 0.1, 2.0, 0.2
@@ -156,23 +150,6 @@ def spiral_sde_data(trajectories: int = 10000, n_times: int = 30, *, seed: int =
     return t.float(), mean.float(), var.float()
 
 
-class SpanLocalErrorRegularization(LocalErrorRegularization):
-    """:class:`~pylux.LocalErrorRegularization` whose sampled step ends inside the solved span.
-
-    With unbiased sampling the step from :math:`t_r` has the size of the
-    accepted step containing :math:`t_r`, so near :math:`t_1` it would end past
-    :math:`t_1`; an SDE's Brownian tree covers only the span, so the step is
-    shortened to end at :math:`t_1`. Everything else is the parent's.
-    """
-
-    def sample_step(self, ctx, data):
-        t_reg, dt, z = super().sample_step(ctx, data)
-        room = ctx.t1 - t_reg
-        if abs(dt) > abs(room):
-            dt = room
-        return t_reg, dt, z
-
-
 def add_arguments(parser) -> None:
     parser.add_argument("--iterations", type=int, default=250, help="AdaBelief iterations (default 250)")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
@@ -196,7 +173,7 @@ def add_arguments(parser) -> None:
 
 def _regularizer(method: str):
     return {"vanilla": None, "ernsde": ErrorEstimateRegularization(), "srnsde": StiffnessRegularization(),
-            "local-unbiased": SpanLocalErrorRegularization("unbiased"),
+            "local-unbiased": LocalErrorRegularization("unbiased"),
             "local-biased": LocalErrorRegularization("biased")}[method]
 
 

@@ -45,6 +45,8 @@ class LocalErrorRegularization(AbstractRegularizer):
       sensealg records the forward solve's accepted steps, so the value does
       not depend on the gradient method); for a sensealg that records no
       steps, the mean accepted step :math:`(t_1 - t_0)/N_{\mathrm{accept}}`.
+      Either way the step is shortened to end at :math:`t_1` when it would
+      leave the span (an SDE's Brownian path or a CDE's control ends there).
     * ``"biased"``: uniformly among the solver's own accepted step start times
       :math:`t_j`, with :math:`\Delta t_r` that step's size. This is biased
       towards where the solver steps densely, i.e. where it is hardest. Under
@@ -154,6 +156,11 @@ class LocalErrorRegularization(AbstractRegularizer):
             else:
                 # the sensealg recorded no steps: the mean accepted step of the forward solve
                 dt = (ctx.t1 - ctx.t0) / stats.naccept
+            # the step from t_r ends inside the solved span: past t1 an SDE's Brownian path, or a
+            # control, may not exist, and the accepted steps never went there either
+            room = ctx.t1 - t_reg
+            if abs(dt) > abs(room):
+                dt = room
             return t_reg, dt, z
         if direct and stats.t is not None:  # the dense output gives the state at any step start
             starts, sizes = stats.t, stats.dt
@@ -181,6 +188,8 @@ class LocalErrorRegularization(AbstractRegularizer):
         if ctx.t0 == ctx.t1 or ctx.solution.stats.naccept == 0:
             return ctx.z0.new_zeros(())
         t_reg, dt, z = self.sample_step(ctx, data)
+        if dt == 0:  # a fixed t_reg at t1 leaves no step inside the span
+            return ctx.z0.new_zeros(())
         state = solver.init(ctx.field, t_reg, z, dt)
         result = solver.step(ctx.field, t_reg, z, dt, state)
         opts = ctx.options
