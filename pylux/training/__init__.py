@@ -10,6 +10,7 @@ The vocabulary is Lux.jl's ``Training`` module::
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .fit import History, fit
+from .losses import AbstractLoss, BinaryCrossEntropyLoss, CrossEntropyLoss, MSELoss
 from .optimizers import AbstractOptimizer, AdaBelief, Adam, Adamax, AdamW, SGD
 from .schedules import AbstractSchedule, Constant, CosineAnneal, ExponentialAnneal, InverseDecay, Step
 from .train_state import (
@@ -26,3 +27,4 @@ __all__ = [
     "Step", "TrainState", "apply_gradients", "compute_gradients", "fit", "load_checkpoint", "save_checkpoint",
     "single_train_step",
 ]
+__all__ += ["AbstractLoss", "BinaryCrossEntropyLoss", "CrossEntropyLoss", "MSELoss"]
