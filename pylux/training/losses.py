@@ -113,7 +113,30 @@ class MSELoss(AbstractLoss):
         return (y_pred - y).square()
 
 
-class CrossEntropyLoss(AbstractLoss):
+class _LikelihoodLoss(AbstractLoss):
+    """The options shared by the cross entropies: logits or probabilities, label smoothing, epsilon."""
+
+    def __init__(self, *, logits: bool = True, label_smoothing: float | None = None,
+                 epsilon: float | None = None, agg: Aggregation = "mean"):
+        name = type(self).__name__
+        if not isinstance(logits, bool):
+            raise ValueError(f"{name}: logits must be True or False, got {logits!r}")
+        if logits and epsilon is not None:
+            raise ValueError(f"{name}: epsilon applies to probabilities only; drop it or pass logits=False")
+        self.logits = logits
+        self.label_smoothing = _check_fraction(name, "label_smoothing", label_smoothing)
+        self.epsilon = _check_fraction(name, "epsilon", epsilon)
+        self.agg = _check_agg(name, agg)
+
+    def log_probabilities(self, y_pred: torch.Tensor, dim: int | None) -> torch.Tensor:
+        """``log_softmax`` over ``dim`` for logits, ``log(y_pred + epsilon)`` for probabilities."""
+        if not self.logits:
+            eps = self.epsilon if self.epsilon is not None else torch.finfo(y_pred.dtype).eps
+            return torch.log(y_pred + eps)
+        return F.log_softmax(y_pred, dim=dim)
+
+
+class CrossEntropyLoss(_LikelihoodLoss):
     r"""Categorical cross entropy over the class dimension 1 (Lux's ``CrossEntropyLoss``).
 
     Per sample, with :math:`C` classes, target distribution :math:`y` and
@@ -143,29 +166,13 @@ class CrossEntropyLoss(AbstractLoss):
         RuntimeError: a class index outside ``[0, C)`` (raised by ``torch.gather``).
     """
 
-    def __init__(self, *, logits: bool = True, label_smoothing: float | None = None,
-                 epsilon: float | None = None, agg: Aggregation = "mean"):
-        if not isinstance(logits, bool):
-            raise ValueError(f"CrossEntropyLoss: logits must be True or False, got {logits!r}")
-        if logits and epsilon is not None:
-            raise ValueError("CrossEntropyLoss: epsilon applies to probabilities only; drop it or pass "
-                             "logits=False")
-        self.logits = logits
-        self.label_smoothing = _check_fraction("CrossEntropyLoss", "label_smoothing", label_smoothing)
-        self.epsilon = _check_fraction("CrossEntropyLoss", "epsilon", epsilon)
-        self.agg = _check_agg("CrossEntropyLoss", agg)
-
     def unreduced(self, y_pred, y):
         _check_pair("CrossEntropyLoss", y_pred, y)
         if y_pred.dim() < 2:
             raise ValueError(f"CrossEntropyLoss: predictions must have shape (N, C, ...), got "
                              f"{tuple(y_pred.shape)}; add a batch dimension with y_pred.unsqueeze(0)")
         classes = y_pred.shape[1]
-        if self.logits:
-            log_p = F.log_softmax(y_pred, dim=1)
-        else:
-            eps = self.epsilon if self.epsilon is not None else torch.finfo(y_pred.dtype).eps
-            log_p = torch.log(y_pred + eps)
+        log_p = self.log_probabilities(y_pred, dim=1)
         alpha = self.label_smoothing or 0.0
         if not y.is_floating_point():
             expected = y_pred.shape[:1] + y_pred.shape[2:]
@@ -185,7 +192,7 @@ class CrossEntropyLoss(AbstractLoss):
         return -(target * log_p).sum(dim=1)
 
 
-class BinaryCrossEntropyLoss(AbstractLoss):
+class BinaryCrossEntropyLoss(_LikelihoodLoss):
     r"""Binary cross entropy, elementwise (Lux's ``BinaryCrossEntropyLoss``).
 
     With target :math:`y \in [0, 1]` smoothed towards 1/2 by :math:`\alpha`,
@@ -205,18 +212,6 @@ class BinaryCrossEntropyLoss(AbstractLoss):
     Raises:
         ValueError: a bad option; ``y_pred`` and ``y`` of different shapes.
     """
-
-    def __init__(self, *, logits: bool = True, label_smoothing: float | None = None,
-                 epsilon: float | None = None, agg: Aggregation = "mean"):
-        if not isinstance(logits, bool):
-            raise ValueError(f"BinaryCrossEntropyLoss: logits must be True or False, got {logits!r}")
-        if logits and epsilon is not None:
-            raise ValueError("BinaryCrossEntropyLoss: epsilon applies to probabilities only; drop it or pass "
-                             "logits=False")
-        self.logits = logits
-        self.label_smoothing = _check_fraction("BinaryCrossEntropyLoss", "label_smoothing", label_smoothing)
-        self.epsilon = _check_fraction("BinaryCrossEntropyLoss", "epsilon", epsilon)
-        self.agg = _check_agg("BinaryCrossEntropyLoss", agg)
 
     def unreduced(self, y_pred, y):
         _check_pair("BinaryCrossEntropyLoss", y_pred, y)
