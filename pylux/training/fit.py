@@ -40,6 +40,74 @@ class History(list):
         """The values of ``key`` in order (``None`` where a record lacks it)."""
         return [record.get(key) for record in (self.epochs if per_epoch else self)]
 
+    def keys(self) -> list[str]:
+        """Every key that some step record has, in order of first appearance."""
+        return list(dict.fromkeys(key for record in self for key in record))
+
+    def __repr__(self) -> str:
+        # A summary, not the records: a list repr of 3000 steps runs to ~90 000
+        # characters and floods a notebook cell. ``list(history)`` shows them all.
+        parts = [f"{len(self)} steps", f"{len(self.epochs)} epochs"]
+        if self:
+            last = self[-1]
+            shown = ", ".join(f"{key}={_short(last[key])}" for key in self.keys()
+                              if key not in ("step", "epoch") and isinstance(last.get(key), numbers.Number))
+            if shown:
+                parts.append(f"last step: {shown}")
+        if self.epochs:
+            last_epoch = self.epochs[-1]
+            shown = ", ".join(f"{key}={_short(value)}" for key, value in last_epoch.items()
+                              if key not in ("epoch", "step") and isinstance(value, numbers.Number))
+            parts.append(f"last epoch: {shown}")
+        return f"History({'; '.join(parts)})"
+
+    __str__ = __repr__
+
+    def plot(self, path: str | None = None, keys: Sequence[str] = ("loss", "nfe"), *, title: str | None = None):
+        """One panel per key of the step records against the training step (matplotlib).
+
+        Args:
+            path: write the figure there as an image (PNG for ``*.png``) and close it;
+                ``None`` returns the open figure (in a notebook it is drawn inline).
+            keys: record keys to plot; keys no record has are left out. ``"loss"``
+                is drawn on a log scale when it stays positive.
+            title: the figure's title.
+
+        Returns:
+            ``path`` when a file was written, else the matplotlib figure.
+
+        Raises:
+            ImportError: matplotlib is not installed (``pip install matplotlib``).
+            ValueError: none of ``keys`` is in the records.
+        """
+        import matplotlib  # noqa: PLC0415 (plotting is optional at import time)
+        if path is not None:
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+        present = [key for key in keys if any(key in record for record in self)]
+        if not present:
+            raise ValueError(f"History.plot: none of {list(keys)} is in the records; recorded keys: {self.keys()}")
+        fig, axes = plt.subplots(1, len(present), figsize=(5 * len(present), 3.6), squeeze=False)
+        steps = self.column("step")
+        for ax, key in zip(axes[0], present):
+            pairs = [(s, v) for s, v in zip(steps, self.column(key)) if isinstance(v, numbers.Number)]
+            ax.plot([s for s, _ in pairs], [v for _, v in pairs], lw=1)
+            ax.set(xlabel="training step", ylabel=key)
+            if key == "loss" and pairs and min(v for _, v in pairs) > 0:
+                ax.set_yscale("log")
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+        if path is None:
+            return fig
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
 
 _RESERVED = ("step", "epoch", "loss")
 
