@@ -79,6 +79,7 @@ from .nonlinear import (
     nlsolve,
 )
 from .layers import NeuralODE, NeuralSDE
+from .layers import FFJORD, StandardNormal
 from .layers import (DEQ, ContinuousSolve, DEQSolution, DeepEquilibriumNetwork, DiscreteSolve, EquilibriumResult,
                      MultiScaleDEQ, MultiScaleDeepEquilibriumNetwork, SkipDEQ, SkipDeepEquilibriumNetwork)
 from .sensitivity import JacobianFreeBackprop, SteadyStateAdjoint
@@ -95,5 +96,7 @@ from .sensitivity import (BacksolveAdjoint, DirectAdjoint, HiddenParameterError,
                           QuadratureAdjoint, ReversibleAdjoint)
 
 from .regularize import TaylorRegularization
+from .interop import StatefulLayer
+from .training import BinaryCrossEntropyLoss, CrossEntropyLoss, MSELoss
 
 __version__ = "0.1.0"

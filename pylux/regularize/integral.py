@@ -62,6 +62,20 @@ class JacobianFrobeniusRegularization(AbstractIntegralRegularizer):
             raise TypeError(f"JacobianFrobeniusRegularization: generator must be a torch.Generator or None, "
                             f"got {type(generator).__name__}")
         self.generator = generator
+        # a probe of its own was asked for: a layer's probe cannot stand in for it
+        self.shares_jacobian_probe = generator is None
+
+    #: Capability: a layer that already forms :math:`\varepsilon^\top \partial f/\partial z` in every
+    #: evaluation with a probe drawn once per solve (FFJORD's trace estimator) may pass its squared
+    #: norm to :meth:`integrand_from_probe` instead of calling :meth:`integrand`, saving this
+    #: regularizer's own vector–Jacobian product. False when ``generator`` is given.
+    shares_jacobian_probe: bool = True
+
+    def integrand_from_probe(self, z: torch.Tensor, dz: torch.Tensor, probe_vjp_sq: torch.Tensor) -> torch.Tensor:
+        r"""The integrand from the layer's :math:`\lVert \varepsilon^\top \partial f/\partial z \rVert_2^2`
+        per sample (or the exact :math:`\lVert \partial f/\partial z \rVert_F^2`, which the estimate
+        has as its mean), shape ``(batch_size(z),)``."""
+        return probe_vjp_sq
 
     def begin(self, z0: torch.Tensor, t0: float, t1: float, generator: torch.Generator) -> Any:
         return rademacher_like(z0, self.generator if self.generator is not None else generator)
