@@ -180,11 +180,16 @@ def setup(rng: torch.Generator, model: AbstractLayer, *, dtype: torch.dtype | No
 
     The same seed always gives the same parameters. ``dtype`` casts floating
     parameters and state (e.g. ``torch.float64`` for gradient checks);
-    ``device`` moves them.
+    ``device`` moves them. Without ``dtype``, a default dtype other than
+    float32 (``torch.set_default_dtype(torch.float64)``) is followed: floating
+    leaves are cast to ``torch.get_default_dtype()``; under the float32 default
+    the leaves keep the dtype the layers created them in.
     """
     check_generator(rng)
     if not isinstance(model, AbstractLayer):
         raise TypeError(f"setup: expected a pylux layer, got {type(model).__name__}")
+    if dtype is None and torch.get_default_dtype() != torch.float32:
+        dtype = torch.get_default_dtype()
     ps = model.init_params(rng)
     st = model.init_state(rng)
     if dtype is not None or device is not None:

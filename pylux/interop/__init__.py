@@ -2,5 +2,7 @@
 
 from .device import DeviceLoader, to_device
 from .dlpack import from_torch, to_numpy, to_torch
+from .stateful import StatefulLayer
 
 __all__ = ["DeviceLoader", "from_torch", "to_device", "to_numpy", "to_torch"]
+__all__ += ["StatefulLayer"]

@@ -33,18 +33,34 @@ class TorchModule(AbstractLayer):
     running statistics) land in the new state and never in the old one or in
     the module.
 
+    Training updates ``ps``, not the module: the wrapped module keeps the
+    values it had at setup (its parameters are only read for shapes and
+    initial values). :meth:`to_module` copies trained values back into it, for
+    saving or for plain torch code that uses the module afterwards.
+
+    A torchdiffeq-style vector field ``forward(t, y)`` is wrapped with
+    ``time_arg=True``: the layer then takes the pair ``(y, t)`` that
+    ``NeuralODE(..., time_input=True)`` passes to its model, and calls
+    ``module(t, y)``.
+
     Args:
-        module: the ``torch.nn.Module``; it is called as ``module(x)``.
+        module: the ``torch.nn.Module``; it is called as ``module(x)``, or as
+            ``module(t, y)`` for the input ``(y, t)`` when ``time_arg=True``.
+        time_arg: whether the module takes time first, ``forward(t, y)``.
 
     Raises:
-        LayerError: missing or extra parameter/buffer names (named), or an
-            input whose dtype/device differs from the parameters'.
+        LayerError: missing or extra parameter/buffer names (named), an
+            input whose dtype/device differs from the parameters', or (with
+            ``time_arg=True``) an input that is not a pair ``(y, t)``.
     """
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, *, time_arg: bool = False):
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"TorchModule: expected a torch.nn.Module, got {type(module).__name__}")
+        if not isinstance(time_arg, bool):
+            raise TypeError(f"TorchModule: time_arg must be True or False, got {time_arg!r}")
         self.module = module
+        self.time_arg = time_arg
         self._param_names = tuple(name for name, _ in module.named_parameters())
         self._buffer_names = tuple(name for name, _ in module.named_buffers())
 
@@ -63,6 +79,14 @@ class TorchModule(AbstractLayer):
         check_keys(st, ("buffers", "training"), "state")
         check_keys(st["buffers"], self._buffer_names, "buffer")
         training = check_training_flag(st)
+        if self.time_arg:
+            if not isinstance(x, (tuple, list)) or len(x) != 2:
+                raise LayerError(f"with time_arg=True the input must be the pair (y, t) that NeuralODE(..., "
+                                 f"time_input=True) passes, got {type(x).__name__}")
+            x, t = x
+            args = (t, x)
+        else:
+            args = (x,)
         if isinstance(x, torch.Tensor) and x.is_floating_point() and self._param_names:
             reference = ps[self._param_names[0]]
             if isinstance(reference, torch.Tensor) and reference.is_floating_point():
@@ -83,12 +107,40 @@ class TorchModule(AbstractLayer):
         if switch:
             self.module.train(training)
         try:
-            y = functional_call(self.module, (dict(ps), buffers), (x,))
+            y = functional_call(self.module, (dict(ps), buffers), args)
         finally:
             if switch:
                 for m, mode in zip(modules, previous_modes):
                     m.training = mode
         return y, {"buffers": buffers, "training": training}
+
+    def to_module(self, ps: Mapping, st: Mapping | None = None) -> torch.nn.Module:
+        """Copy ``ps`` (and the buffers of ``st``, if given) into the wrapped module, in place.
+
+        The module's parameters keep their identity, dtype and device (values
+        are cast on copy), so an optimizer or a ``state_dict`` that refers to
+        them sees the trained values. Returns the module.
+
+        Raises:
+            LayerError: ``ps`` (or ``st["buffers"]``) lacks a name of the module or has an extra one,
+                or a shape differs (named).
+        """
+        check_keys(ps, self._param_names, "parameter")
+        targets = [(dict(self.module.named_parameters()), ps, "parameter")]
+        if st is not None:
+            check_keys(st, ("buffers", "training"), "state")
+            check_keys(st["buffers"], self._buffer_names, "buffer")
+            targets.append((dict(self.module.named_buffers()), st["buffers"], "buffer"))
+        for own, given, kind in targets:
+            for name, tensor in own.items():
+                if tuple(given[name].shape) != tuple(tensor.shape):
+                    raise LayerError(f"to_module: {kind} {name!r} has shape {tuple(given[name].shape)}, the "
+                                     f"module's has {tuple(tensor.shape)}")
+        with torch.no_grad():
+            for own, given, _ in targets:
+                for name, tensor in own.items():
+                    tensor.copy_(given[name])
+        return self.module
 
     def __repr__(self) -> str:
         inner = repr(self.module)

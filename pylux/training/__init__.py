@@ -12,6 +12,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .fit import History, fit
 from .losses import AbstractLoss, BinaryCrossEntropyLoss, CrossEntropyLoss, MSELoss
 from .optimizers import AbstractOptimizer, AdaBelief, Adam, Adamax, AdamW, SGD
+from .torch_optimizer import TorchOptimizer
 from .schedules import AbstractSchedule, Constant, CosineAnneal, ExponentialAnneal, InverseDecay, Step
 from .train_state import (
     StaleTrainStateError,
@@ -27,4 +28,5 @@ __all__ = [
     "Step", "TrainState", "apply_gradients", "compute_gradients", "fit", "load_checkpoint", "save_checkpoint",
     "single_train_step",
 ]
+__all__ += ["TorchOptimizer"]
 __all__ += ["AbstractLoss", "BinaryCrossEntropyLoss", "CrossEntropyLoss", "MSELoss"]

@@ -27,6 +27,7 @@ import torch
 
 from ..core import Unflatten, flatten, tree_check_structure, tree_leaves, tree_map
 from .optimizers import AbstractOptimizer
+from .torch_optimizer import TorchOptimizer
 
 __all__ = ["TrainState", "StaleTrainStateError", "compute_gradients", "apply_gradients", "single_train_step"]
 
@@ -57,7 +58,10 @@ class TrainState:
         ps: parameter tree (nested dicts of floating tensors of one dtype and device).
             The TrainState copies it into its own flat vector; ``ps`` itself is not modified.
         st: state tree of the model.
-        optimizer: a :class:`~pylux.training.AbstractOptimizer` (``Adam(1e-3)``, ...).
+        optimizer: a :class:`~pylux.training.AbstractOptimizer` (``Adam(1e-3)``, ...), or a
+            ``torch.optim.Optimizer`` with one parameter group, which is wrapped in a
+            :class:`~pylux.training.TorchOptimizer` (its parameters are replaced by this
+            state's flat vector; schedulers built on it keep working).
 
     Attributes:
         model, st, optimizer: as given (``st`` is replaced by each step).
@@ -66,18 +70,18 @@ class TrainState:
         opt_state: the optimizer's state (dict of flat vectors).
 
     Raises:
-        TypeError: ``optimizer`` is not a pylux optimizer; leaves of ``ps`` of different
+        TypeError: ``optimizer`` is neither a pylux nor a torch optimizer; leaves of ``ps`` of different
             dtypes/devices, or not floating.
     """
 
     __slots__ = ("model", "st", "optimizer", "step", "unflatten", "_buffers", "_version")
 
     def __init__(self, model: Any, ps: Any, st: Any, optimizer: AbstractOptimizer):
+        if isinstance(optimizer, torch.optim.Optimizer):
+            optimizer = TorchOptimizer(optimizer)
         if not isinstance(optimizer, AbstractOptimizer):
-            hint = " (torch.optim optimizers hold their own parameters; use pylux.training.Adam etc.)" \
-                if isinstance(optimizer, torch.optim.Optimizer) else ""
-            raise TypeError(f"TrainState: optimizer must be a pylux optimizer such as pylux.training.Adam(1e-3), "
-                            f"got {type(optimizer).__name__}{hint}")
+            raise TypeError(f"TrainState: optimizer must be a pylux optimizer such as pylux.training.Adam(1e-3) "
+                            f"or a torch.optim.Optimizer, got {type(optimizer).__name__}")
         try:
             vector, unflatten = flatten(ps)
         except TypeError as e:
