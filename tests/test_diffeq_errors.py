@@ -116,7 +116,7 @@ def test_tiny_reltol_is_clamped_with_a_warning():
     ([0.5, 0.2], "saveat must be strictly increasing, but saveat\\[0\\] = 0.5 and saveat\\[1\\] = 0.2"),
     ([0.2, 0.2], "saveat has a duplicated time 0.2 at positions 0 and 1"),
     ([0.2, math.nan], "saveat\\[1\\] = nan is not finite"),
-    (torch.zeros(2, 2), "saveat must be 1-D"),
+    (torch.zeros(2, 2, 2), "saveat must be 1-D"),
     (-0.1, "scalar saveat is the spacing between saved times and must be finite and > 0"),
 ])
 def test_bad_saveat(saveat, match):

@@ -30,7 +30,7 @@ __all__ = ["SolveOptions", "make_options", "SOLVE_KEYWORDS", "check_keywords"]
 SOLVE_KEYWORDS = (
     "dt", "adaptive", "saveat", "tstops", "save_everystep", "save_start", "save_end", "dense", "reltol",
     "abstol", "controller", "norm", "dtmin", "dtmax", "maxiters", "callback", "save_stats", "throw",
-    "sensealg",
+    "sensealg", "batch", "saveat_mask",
 )
 
 

@@ -13,7 +13,7 @@ import torch
 
 from .terms import ODETerm
 
-__all__ = ["ODEProblem", "parse_tspan", "check_state"]
+__all__ = ["ODEProblem", "parse_tspan", "per_sample_tspan", "check_state"]
 
 
 def _time_value(x, which: str, where: str = "ODEProblem") -> tuple[float, torch.dtype | None]:
@@ -60,6 +60,43 @@ def check_state(u0: Any, where: str = "ODEProblem") -> torch.Tensor:
     return u0
 
 
+def per_sample_tspan(tspan, u0: torch.Tensor, where: str):
+    """``(t0, t1, time_dtype)`` with ``(B,)`` tensors when ``tspan`` gives each sample its own span, else None.
+
+    Per-sample spans are a pair whose ends are 1-D tensors (a number or 0-d
+    end is broadcast); ``B = u0.shape[0]``. Both ends must be finite and
+    detached; time is float32 when every tensor end is float32, else float64.
+    """
+    try:
+        ends = tuple(tspan) if not isinstance(tspan, torch.Tensor) else None
+    except TypeError:
+        return None
+    # one-element ends keep their meaning of one span for the whole state
+    if ends is None or len(ends) != 2 or not any(isinstance(x, torch.Tensor) and x.dim() == 1 and x.numel() > 1
+                                                 for x in ends):
+        return None
+    if u0.dim() == 0:
+        raise ValueError(f"{where}: per-sample tspan ends of shape (B,) need a batched u0 of shape (B, ...), "
+                         "got a 0-d u0")
+    batch = u0.shape[0]
+    tensors = [x for x in ends if isinstance(x, torch.Tensor)]
+    if any(x.requires_grad for x in tensors):
+        raise ValueError(f"{where}: tspan requires grad, but gradients with respect to the integration "
+                         "interval are not supported; pass the per-sample ends detached")
+    if any(x.dim() > 1 or (x.dim() == 1 and x.shape[0] != batch) for x in tensors):
+        shapes = [tuple(x.shape) for x in tensors]
+        raise ValueError(f"{where}: per-sample tspan ends must have shape ({batch},) (one time per sample of "
+                         f"u0, whose shape is {tuple(u0.shape)}), got {shapes}")
+    if any(not x.dtype.is_floating_point for x in tensors):
+        raise TypeError(f"{where}: per-sample tspan ends must be floating-point tensors")
+    time_dtype = torch.float32 if all(x.dtype == torch.float32 for x in tensors) else torch.float64
+    t0, t1 = (torch.as_tensor(x, dtype=time_dtype).detach().to(u0.device).expand(batch).clone()
+              for x in ends)
+    if not bool(torch.isfinite(t0).all() & torch.isfinite(t1).all()):
+        raise ValueError(f"{where}: every per-sample tspan end must be finite")
+    return t0, t1, time_dtype
+
+
 def parse_tspan(tspan, where: str) -> tuple[float, float, torch.dtype]:
     """``(t0, t1, time_dtype)`` from a pair of numbers or scalar tensors (see :class:`ODEProblem`)."""
     if isinstance(tspan, torch.Tensor):
@@ -101,6 +138,10 @@ class ODEProblem:
             backward in time. Time is kept in its own dtype: float64, or float32
             when both ends are float32 tensors (then each time point is rounded
             to float32, and a step too small to change t is an error).
+            A pair of 1-D tensors of ``u0.shape[0]`` entries gives every sample
+            of the batch its own span (then ``prob.tspan`` holds those
+            tensors, and the problem is solved with ``solve(...,
+            batch="per-sample")``; see :mod:`pylux.diffeq.per_sample`).
         p: parameters, any tree; passed to ``f`` untouched.
 
     Raises:
@@ -115,7 +156,8 @@ class ODEProblem:
         if not callable(f):
             raise TypeError(f"ODEProblem: f must be callable as f(u, p, t), got {type(f).__name__}")
         u0 = check_state(u0)
-        t0, t1, time_dtype = parse_tspan(tspan, "ODEProblem")
+        spans = per_sample_tspan(tspan, u0, "ODEProblem")
+        t0, t1, time_dtype = parse_tspan(tspan, "ODEProblem") if spans is None else spans
         self.f = f
         self.term = ODETerm(f)
         self.u0 = u0

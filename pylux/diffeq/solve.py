@@ -12,6 +12,7 @@ import abc
 from typing import Any
 
 from .options import SOLVE_KEYWORDS, SolveOptions, check_keywords, make_options
+from .per_sample import solve_batched, wants_batched_times
 from .integrate import integrate
 from .problem import ODEProblem
 from .sde import SDEProblem, check_sde_solver
@@ -80,7 +81,7 @@ def solve(prob: ODEProblem, solver: AbstractSolver | None = None, *, dt=None, ad
           saveat=None, tstops=None, save_everystep=None, save_start=None, save_end=None, dense=None,
           reltol=1e-3, abstol=1e-6, controller=None, norm=None, dtmin=None, dtmax=None,
           maxiters=100_000, callback=None, save_stats=False, throw=True, sensealg=None,
-          **unknown: Any) -> Solution:
+          batch="joint", saveat_mask=None, **unknown: Any) -> Solution:
     """Solve an :class:`ODEProblem` or :class:`SDEProblem`; names and defaults follow DifferentialEquations.jl.
 
     Args:
@@ -98,6 +99,21 @@ def solve(prob: ODEProblem, solver: AbstractSolver | None = None, *, dt=None, ad
         saveat: times to save (sequence or 1-D tensor, strictly monotone in the
             direction of integration, inside tspan; never sorted silently), or a
             number = spacing. Values between steps come from the dense output.
+            A ``(B, T)`` tensor saves each sample (leading axis of ``u0``) at its
+            own times: then ``sol.t`` is ``(T, B)`` and ``sol.u`` is ``(T, B, ...)``
+            (see :mod:`pylux.diffeq.per_sample`).
+        saveat_mask: ``(B, T)`` bool tensor for a per-sample ``saveat`` with ragged
+            rows, True = a time to save; a masked entry's time is ignored and its
+            value repeats the sample's state at its last unmasked time before it
+            (its initial state when there is none).
+        batch: ``"joint"`` (default: one step size for the whole batch) or
+            ``"per-sample"``: every sample of the batch has its own ``t``, ``dt``,
+            accept/reject and status, and ``f`` receives ``t`` of shape ``(B,)``;
+            the problem may give per-sample spans (``(B,)`` tensors ``t0``, ``t1``).
+            Per-sample counters are in ``sol.stats`` (``nf_per_sample``, ...).
+            Works under ``sensealg=None``/``DirectAdjoint()``; the adjoint
+            sensealgs raise ``NotImplementedError`` (they work with the joint
+            step and a ``(B, T)`` saveat).
         tstops: times the solver must step exactly onto (same rules as
             ``saveat``): discontinuities of ``f``, jump times of a control.
         save_everystep: save every accepted step (default: iff ``saveat`` is None).
@@ -150,8 +166,15 @@ def solve(prob: ODEProblem, solver: AbstractSolver | None = None, *, dt=None, ad
         solver = Tsit5()
     if isinstance(prob, SDEProblem):
         prob = _sde_for_one_solve(prob, solver, sensealg)
+    check_sensealg(sensealg, "solve")
+    if wants_batched_times(prob, batch, saveat, saveat_mask):
+        return solve_batched(
+            prob, solver, sensealg, batch=batch, saveat=saveat, saveat_mask=saveat_mask, save_start=save_start,
+            save_end=save_end, save_everystep=save_everystep, dense=dense, tstops=tstops, callback=callback,
+            save_stats=save_stats, throw=throw, dtmin=dtmin, dtmax=dtmax, dt=dt, adaptive=adaptive,
+            reltol=reltol, abstol=abstol, controller=controller, norm=norm, maxiters=maxiters)
     t0, t1 = prob.tspan
-    if check_sensealg(sensealg, "solve") is not None and not sensealg.differentiates_solver:
+    if sensealg is not None and not sensealg.differentiates_solver:
         if dense:
             raise NotImplementedError(
                 f"solve: dense=True is not supported under {type(sensealg).__name__}: its forward solve "

@@ -1,0 +1,706 @@
+"""Batches whose samples live on their own time grids: per-sample ``saveat`` and per-sample stepping.
+
+A batched state ``u0`` of shape ``(B, ...)`` (the leading axis indexes the
+samples) can be solved in two ways:
+
+* **joint stepping** (``batch="joint"``, the default): one adaptive loop for the
+  whole batch, one ``t`` and ``dt`` shared by every sample, the error measured
+  over the whole state (:mod:`pylux.diffeq.integrate`). With ``saveat`` a
+  ``(B, T)`` tensor, each sample is saved at its own times: under
+  ``sensealg=None`` / ``DirectAdjoint()`` (and any sensealg that
+  backpropagates through the solver) from the solve's dense output, every
+  query evaluated with its own step's interpolant in one vectorised pass per
+  step of the solve (no loop over samples); under the adjoint sensealgs the
+  joint solve saves at the union of all samples' times (so that its backward
+  pass sees ordinary 1-D saved times) and each sample's rows are gathered from
+  it, which costs ``O(len(union) * B)`` memory.
+* **per-sample stepping** (``batch="per-sample"``): the adaptive loop of this
+  module, in which every sample has its own ``t``, ``dt``, accept/reject
+  decision, controller memory and status, held as ``(B,)`` tensors with a
+  running mask (the design of torchode: Lienen & Günnemann, "torchode: A
+  Parallel ODE Solver for PyTorch", 2022). A sample whose dynamics are easy is
+  not dragged along by a hard one: it takes the steps its own solve would take.
+  It reuses the explicit Runge–Kutta tableaus and their dense output, the
+  step-size controllers' parameters (PI/I, per-sample proposals), the norms
+  (per sample) and Hairer's initial step (per sample). Each sample may have its
+  own span: ``ODEProblem(f, u0, (t0, t1))`` with ``t0``, ``t1`` of shape ``(B,)``.
+
+Under per-sample stepping the vector field receives ``t`` as a ``(B,)`` tensor
+(each sample's own time; broadcast it yourself, e.g. ``t[:, None]``), and every
+batched evaluation computes every sample: a finished sample is evaluated at its
+end time with a zero step (as in torchode) until the whole batch is done.
+
+Saved values (both modes): ``sol.u`` has shape ``(T, B, ...)`` and ``sol.t``
+shape ``(T, B)``, so ``sol.u[k, b]`` is sample ``b`` at time ``sol.t[k, b]``
+(``sol.t`` is ``saveat`` transposed: the layout of a 1-D ``saveat``, with one
+time per sample in each row). ``saveat_mask`` (``(B, T)`` bool, True =
+observed) makes series ragged: a masked entry's time is ignored (it may be
+padding or NaN), and its value is the sample's state at its last unmasked time
+before it (its initial state when there is none), so ``loss * mask`` stays
+finite and gives masked entries an exactly zero gradient; ``sol.t`` holds
+the time that value belongs to.
+
+Host synchronisation of the per-sample loop: one transfer per step (the
+number of running samples and the most saved times any sample passed in that
+step), plus a few per solve for validation and the initial step.
+"""
+
+from __future__ import annotations
+
+import math
+import numpy as np
+import torch
+
+from .integrate import NONFINITE_SHRINK, MAX_NONFINITE_STREAK, CountingField
+from .controllers import PIController
+from .interpolation import StageInterpolant, dense_weights_at, linear_combination
+from .norms import SemiNorm, max_norm, rms_norm
+from .options import make_options
+from .solution import ERROR_FOR_RETCODE, ReturnCode, Solution, SolverStats
+from .solvers import ExplicitRungeKutta
+
+__all__ = ["BATCH_MODES", "PerSampleStats", "wants_batched_times", "solve_batched", "per_sample_norm"]
+
+#: the values of ``solve(..., batch=...)``
+BATCH_MODES = ("joint", "per-sample")
+
+# per-sample status codes (int tensor); a running sample is _RUNNING
+_RUNNING, _SUCCESS, _MAXITERS, _DTMIN, _UNSTABLE = -1, 0, 1, 2, 3
+_RETCODE_OF = {_SUCCESS: ReturnCode.Success, _MAXITERS: ReturnCode.MaxIters, _DTMIN: ReturnCode.DtLessThanMin,
+               _UNSTABLE: ReturnCode.Unstable}
+
+
+def wants_batched_times(prob, batch, saveat, saveat_mask) -> bool:
+    """True when ``solve`` must hand the problem to this module (see ``solve``'s ``batch``/``saveat``)."""
+    if not isinstance(batch, str) or batch not in BATCH_MODES:
+        raise ValueError(f"solve: batch must be one of {BATCH_MODES}, got {batch!r}: 'joint' steps the whole "
+                         "batch together, 'per-sample' gives every sample (leading axis of u0) its own steps")
+    per_sample_span = isinstance(prob.tspan[0], torch.Tensor)
+    per_sample_saveat = isinstance(saveat, torch.Tensor) and saveat.dim() == 2
+    return batch == "per-sample" or saveat_mask is not None or per_sample_saveat or per_sample_span
+
+
+@dataclass
+class PerSampleStats(SolverStats):
+    """:class:`SolverStats` of a ``batch="per-sample"`` solve, with every sample's own counters.
+
+    ``nf`` counts the batched calls of ``f`` (each evaluates every sample);
+    ``naccept`` and ``nreject`` are sums over the samples.
+
+    Attributes:
+        nf_per_sample: ``(B,)`` int64, the evaluations of ``f`` sample ``b``
+            was running in: what a solve of that sample alone would make.
+        naccept_per_sample, nreject_per_sample: ``(B,)`` int64 accepted and
+            rejected steps of each sample.
+        retcode_per_sample: one :class:`ReturnCode` per sample.
+        t_per_sample: ``(B,)`` where each sample stopped (its ``t1`` on success).
+    """
+
+    nf_per_sample: torch.Tensor | None = None
+    naccept_per_sample: torch.Tensor | None = None
+    nreject_per_sample: torch.Tensor | None = None
+    retcode_per_sample: tuple | None = None
+    t_per_sample: torch.Tensor | None = None
+
+
+# --- validation of per-sample times -------------------------------------------------------------
+
+def _spans(prob, batch: int):
+    """``(t0, t1)`` as ``(B,)`` time tensors on the state's device."""
+    t0, t1 = prob.tspan
+    device = prob.u0.device
+    if isinstance(t0, torch.Tensor):
+        return t0.to(device), t1.to(device)
+    return (torch.full((batch,), t0, dtype=prob.time_dtype, device=device),
+            torch.full((batch,), t1, dtype=prob.time_dtype, device=device))
+
+
+def _batch_times(saveat, saveat_mask, t0: torch.Tensor, t1: torch.Tensor, time_dtype, save_start: bool,
+                 save_end: bool):
+    """The ``(B, T)`` saved times (masked entries forward-filled) and the ``(B, T)`` mask, validated.
+
+    A 1-D ``saveat`` is every sample's; ``save_start``/``save_end`` add the
+    columns ``t0``/``t1``. Returns ``(times, mask)``; ``mask`` is None when no
+    entry is masked.
+    """
+    batch = t0.shape[0]
+    if saveat is None:
+        columns = []
+        mask = None
+    else:
+        if not isinstance(saveat, torch.Tensor):
+            try:
+                saveat = torch.as_tensor([float(x) for x in saveat], dtype=torch.float64)
+            except (TypeError, ValueError):
+                raise TypeError("solve: with per-sample times, saveat must be a (B, T) tensor or a sequence of "
+                                f"times shared by every sample, got {type(saveat).__name__}") from None
+        if saveat.requires_grad:
+            raise ValueError("solve: saveat requires grad, but gradients with respect to the saved times are not "
+                             "supported; pass saveat.detach()")
+        if saveat.dim() == 0:
+            raise ValueError("solve: a scalar saveat (a spacing) is not supported with per-sample times; pass the "
+                             "times as a (B, T) tensor, or a 1-D tensor shared by every sample")
+        if saveat.dim() == 1:
+            saveat = saveat.reshape(1, -1).expand(batch, -1)
+        if saveat.dim() != 2 or saveat.shape[0] != batch:
+            raise ValueError(f"solve: a per-sample saveat must have shape (B, T) = ({batch}, T), one row per "
+                             f"sample of u0, got shape {tuple(saveat.shape)}")
+        if saveat_mask is not None:
+            if not isinstance(saveat_mask, torch.Tensor) or saveat_mask.dtype != torch.bool:
+                raise TypeError("solve: saveat_mask must be a boolean tensor of saveat's shape (True = a time to "
+                                f"save), got {getattr(saveat_mask, 'dtype', type(saveat_mask).__name__)}")
+            if saveat_mask.shape != saveat.shape:
+                raise ValueError(f"solve: saveat_mask has shape {tuple(saveat_mask.shape)} but saveat has shape "
+                                 f"{tuple(saveat.shape)}; give one flag per saved time")
+        columns = [saveat.detach().to(device=t0.device)]
+        mask = saveat_mask.to(t0.device) if saveat_mask is not None else None
+    times = torch.cat(([t0[:, None]] if save_start else []) + [c.to(time_dtype) for c in columns]
+                      + ([t1[:, None]] if save_end else []), dim=1) if (columns or save_start or save_end) \
+        else t0.new_zeros((batch, 0))
+    if mask is not None:
+        ones = torch.ones((batch, 1), dtype=torch.bool, device=t0.device)
+        mask = torch.cat(([ones] if save_start else []) + [mask] + ([ones] if save_end else []), dim=1)
+    _check_batch_times(times, mask, t0, t1, saveat is not None)
+    if mask is not None:
+        times = _forward_fill(times, mask, t0)
+    return times, mask
+
+
+def _check_batch_times(times, mask, t0, t1, given: bool) -> None:
+    """Every unmasked time finite, inside its sample's span and strictly monotone in its direction."""
+    if times.shape[1] == 0:
+        return
+    host = times.detach().cpu().numpy().astype(np.float64)
+    valid = np.ones(host.shape, dtype=bool) if mask is None else mask.cpu().numpy()
+    lo = np.minimum(t0.cpu().numpy(), t1.cpu().numpy())[:, None].astype(np.float64)
+    hi = np.maximum(t0.cpu().numpy(), t1.cpu().numpy())[:, None].astype(np.float64)
+    direction = np.where(t1.cpu().numpy() >= t0.cpu().numpy(), 1.0, -1.0)[:, None]
+    bad = valid & ~np.isfinite(host)
+    if bad.any():
+        b, k = np.argwhere(bad)[0]
+        raise ValueError(f"solve: saveat[{b}, {k}] = {host[b, k]!r} is not finite; mask padding entries with "
+                         "saveat_mask instead")
+    outside = valid & ((host < lo) | (host > hi))
+    if outside.any():
+        b, k = np.argwhere(outside)[0]
+        raise ValueError(f"solve: saveat[{b}, {k}] = {host[b, k]!r} is outside sample {b}'s tspan "
+                         f"({float(t0[b])!r}, {float(t1[b])!r}); every saved time must lie in its sample's span")
+    # consecutive unmasked times of each row: compare each with the last unmasked one before it
+    index = np.where(valid, np.arange(host.shape[1])[None, :], -1)
+    previous = np.maximum.accumulate(np.concatenate([np.full((host.shape[0], 1), -1), index[:, :-1]], axis=1),
+                                     axis=1)
+    has_previous = valid & (previous >= 0)
+    prev_value = np.take_along_axis(host, np.maximum(previous, 0), axis=1)
+    step = direction * (host - prev_value)
+    wrong = has_previous & (step <= 0)
+    if wrong.any():
+        b, k = np.argwhere(wrong)[0]
+        j = previous[b, k]
+        kind = "duplicated" if step[b, k] == 0 else "out of order"
+        order = "increasing" if direction[b, 0] > 0 else "decreasing (its tspan runs backward)"
+        raise ValueError(f"solve: sample {b}'s saved times are {kind}: saveat[{b}, {j}] = {host[b, j]!r} and "
+                         f"saveat[{b}, {k}] = {host[b, k]!r}; each row must be strictly {order} over its unmasked "
+                         "entries (times are never sorted silently)")
+
+
+def _forward_fill(times, mask, t0):
+    """Each masked time replaced by the last unmasked time before it (the sample's t0 when none)."""
+    columns = torch.arange(times.shape[1], device=times.device).expand_as(times)
+    last = torch.where(mask, columns, torch.full_like(columns, -1)).cummax(dim=1).values
+    filled = times.gather(1, last.clamp_min(0))
+    return torch.where(mask, times, torch.where(last >= 0, filled, t0[:, None].expand_as(times)))
+
+
+# --- per-sample norms ---------------------------------------------------------------------------
+
+def per_sample_norm(norm):
+    """``norm`` applied to each sample of a batch: a function ``(B, ...) -> (B,)``.
+
+    :func:`rms_norm` and :func:`max_norm` become reductions over all axes but
+    the first; a :class:`SemiNorm` measures each sample's entries of its mask
+    (a mask of the whole batch's shape, or of one sample's); any other norm is
+    vectorised with ``torch.vmap``.
+    """
+    if norm is rms_norm:
+        def rms(x):
+            flat = x.reshape(x.shape[0], -1)
+            if flat.shape[1] == 0:
+                return flat.new_zeros(flat.shape[0])
+            return torch.linalg.vector_norm(flat, dim=1) * (1.0 / math.sqrt(flat.shape[1]))
+        return rms
+    if norm is max_norm:
+        def maximum(x):
+            flat = x.reshape(x.shape[0], -1)
+            if flat.shape[1] == 0:
+                return flat.new_zeros(flat.shape[0])
+            return flat.abs().amax(dim=1)
+        return maximum
+    if isinstance(norm, SemiNorm):
+        def semi(x):
+            mask = norm.mask.to(x.device)
+            mask = mask.expand(x.shape) if mask.dim() == x.dim() else mask.expand(x.shape[1:]).expand(x.shape)
+            selected = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)).reshape(x.shape[0], -1)
+            count = mask.reshape(x.shape[0], -1).sum(1).clamp_min(1).to(x.dtype)
+            value = torch.linalg.vector_norm(selected, dim=1) / count.sqrt()
+            return value + 0.0 * x.reshape(x.shape[0], -1).sum(1)  # NaN/Inf anywhere in a sample stays visible
+        return semi
+    return torch.vmap(norm)
+
+
+def _broadcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A ``(B,)`` tensor viewed as ``(B, 1, ..., 1)`` against a batched state, in the state's dtype."""
+    return v.to(like.dtype).reshape((v.shape[0],) + (1,) * (like.dim() - 1))
+
+
+# --- the per-sample loop ------------------------------------------------------------------------
+
+class _PerSampleLoop:
+    """Adaptive (or fixed-step) explicit Runge–Kutta steps with per-sample ``t``, ``dt`` and status.
+
+    Per iteration, for the running samples: clamp each proposal to the
+    sample's end, take one step of the tableau with a per-sample ``dt``,
+    measure the per-sample scaled error, decide accept/reject and the next
+    ``dt`` per sample (the controller's formula on ``(B,)`` tensors), save
+    the sample's requested times the step passed (its own interpolant at its
+    own ``theta``), update counters and statuses. A finished or failed sample
+    stays in the batch with a zero step.
+    """
+
+    def __init__(self, field: CountingField, solver: ExplicitRungeKutta, u0, t0, t1, options, times, limits):
+        self.field, self.solver, self.options = field, solver, options
+        self.tableau = solver.tableau
+        self.u0, self.t0, self.t1 = u0, t0, t1
+        self.times = times
+        self.dtmin, self.dtmax = limits
+        self.norm = per_sample_norm(options.norm)
+        self.batch = u0.shape[0]
+        self.direction = torch.where(t1 >= t0, 1.0, -1.0).to(t0.dtype)
+        self.controller = options.controller
+        self.adaptive = options.adaptive
+
+    # one step of the tableau with per-sample dt
+    def rk_step(self, u, t, dt, k1):
+        tab, vf = self.tableau, self.field.vf
+        h = _broadcast(dt, u)
+        stage_times = t + torch.tensor(tab.c, dtype=t.dtype, device=t.device)[:, None] * dt
+        stages = [k1]
+        y = u
+        for i in range(1, tab.stages):
+            y = torch.addcmul(u, h, linear_combination(None, stages, tab.a[i]))
+            stages.append(vf(y, stage_times[i]))
+        u_new = y if tab.fsal else torch.addcmul(u, h, linear_combination(None, stages, tab.b))
+        return u_new, stages, h
+
+    def scaled_error(self, u, u_new, stages, h):
+        with torch.no_grad():
+            options = self.options
+            error = h * linear_combination(None, stages, self.tableau.b_error)
+            scale = torch.maximum(u.abs(), u_new.abs()).mul_(options.reltol).add_(options.abstol)
+            return self.norm(error / scale)
+
+    def initial_dt(self, f0):
+        """Hairer's starting step (see :func:`~pylux.diffeq.controllers.initial_step_size`) per sample."""
+        options, u0, t0, d = self.options, self.u0, self.t0, self.direction
+        with torch.no_grad():
+            span = (self.t1 - t0).abs()
+            scale = u0.abs() * options.reltol + options.abstol
+            d0, d1 = self.norm(u0 / scale), self.norm(f0 / scale)
+            h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
+            h0 = torch.minimum(h0.to(t0.dtype), torch.minimum(span, self.dtmax))
+            u1 = u0 + _broadcast(d * h0, u0) * f0
+            f1 = self.field.vf(u1, t0 + d * h0)
+            d2 = self.norm((f1 - f0) / scale).to(t0.dtype) / h0
+            dmax = torch.maximum(d1.to(t0.dtype), d2)
+            h1 = torch.where(dmax <= 1e-15, torch.clamp_min(h0 * 1e-3, 1e-6),
+                             (0.01 / dmax) ** (1.0 / self.solver.order))
+            h = torch.minimum(torch.minimum(100 * h0, h1), torch.minimum(span, self.dtmax))
+            return torch.where(torch.isfinite(d2), h, h0)
+
+    def decide(self, error, dt_step, qold):
+        """``(error_ok, dt_next, qold_new)`` per sample: the controller's formula on ``(B,)`` tensors."""
+        c = self.controller
+        finite = torch.isfinite(error)
+        e = torch.where(finite, error, torch.ones_like(error)).to(dt_step.dtype)
+        ok = finite & (error <= 1.0)
+        if isinstance(c, PIController):
+            q11 = e ** c.beta1
+            q = (q11 / qold ** c.beta2 / c.gamma).clamp(1.0 / c.qmax, 1.0 / c.qmin)
+            steady = (q >= c.qsteady_min) & (q <= c.qsteady_max)
+            dt_accept = dt_step / torch.where(steady, torch.ones_like(q), q)
+            dt_reject = dt_step / (q11 / c.gamma).clamp_max(1.0 / c.qmin)
+            dt_next = torch.where(ok, dt_accept, dt_reject)
+            qold = torch.where(ok, e.clamp_min(c.qoldinit), qold)
+        else:  # IController: dt / clamp(E^(1/(k+1)) / gamma, 1/qmax, 1/qmin), kept when steady
+            q = (e ** (1.0 / (c.error_order + 1)) / c.gamma).clamp(1.0 / c.qmax, 1.0 / c.qmin)
+            steady = ok & (q >= c.qsteady_min) & (q <= c.qsteady_max)
+            dt_next = dt_step / torch.where(steady, torch.ones_like(q), q)
+        dt_next = torch.where(finite, dt_next, dt_step * NONFINITE_SHRINK)
+        return ok, finite, dt_next, qold
+
+    def run(self):
+        B, u, t, t_end, d = self.batch, self.u0, self.t0.clone(), self.t1, self.direction
+        tab, options, device = self.tableau, self.options, self.u0.device
+        code = torch.where(t == t_end, _SUCCESS, _RUNNING).to(device)
+        running = code == _RUNNING
+        naccept = torch.zeros(B, dtype=torch.long, device=device)
+        nreject = torch.zeros_like(naccept)
+        streak = torch.zeros_like(naccept)
+        k1 = self.field.vf(u, t)
+        nfe = running.long()
+        if self.adaptive and options.dt is None:
+            dt = self.initial_dt(k1)
+            nfe = nfe + running.long()
+        else:
+            dt = torch.minimum(torch.full_like(t, options.dt), self.dtmax)
+        dt = d * dt
+        if not self.adaptive:  # the grid t0 + i dt, the last step shortened (as FixedTimeGrid)
+            ratio = ((t_end - t).abs() / dt.abs()).double()
+            nearest = ratio.round()
+            steps = torch.where((ratio - nearest).abs() <= 1e-10 * ratio.clamp_min(1.0), nearest, ratio.ceil())
+            grid_steps = steps.clamp_min(1).long()
+        qold = torch.full_like(t, getattr(self.controller, "qoldinit", 1e-4))
+        nonfinite_start = ~torch.isfinite(k1.reshape(B, -1)).all(1)
+        code = torch.where(running & nonfinite_start, _UNSTABLE, code)
+        running = code == _RUNNING
+        if self.times is not None:
+            saved_times = self.times
+            signed_times = d[:, None] * saved_times
+            pointer = (signed_times <= (d * t)[:, None]).sum(1)  # entries at t0 hold u0 already
+            blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
+        n_running = int(running.sum())
+        k1_fresh = torch.ones(B, dtype=torch.bool, device=device)
+        while n_running:
+            if not tab.fsal and not bool(k1_fresh.all()):
+                k1 = self.field.vf(u, t)
+            if self.adaptive:
+                t_try = t + dt
+            else:
+                t_try = self.t0 + d * (naccept.to(t.dtype) + 1) * dt.abs()
+            reach = d * t_try >= d * t_end
+            if not self.adaptive:
+                reach = reach | (naccept + 1 >= grid_steps)
+            t_new = torch.where(running, torch.where(reach, t_end, t_try), t)
+            dt_step = t_new - t
+            u_new, stages, h = self.rk_step(u, t, dt_step, k1)
+            per_step = tab.stages - 1 if tab.fsal else tab.stages
+            nfe = nfe + running.long() * (per_step - (0 if tab.fsal else k1_fresh.long()))
+            stuck = running & (dt_step == 0)
+            if self.adaptive:
+                error = self.scaled_error(u, u_new, stages, h)
+                ok, finite, dt_next, qold_new = self.decide(error, dt_step, qold)
+                accept = running & ok & ~stuck
+                qold = torch.where(accept, qold_new, qold)
+                streak = torch.where(running & ~finite, streak + 1, torch.where(running, 0, streak))
+                dt_next = torch.where(dt_next.abs() > self.dtmax, d * self.dtmax, dt_next)
+                dt = torch.where(running, dt_next, dt)
+            else:
+                accept = running & ~stuck
+                finite = torch.ones_like(running)
+            reject = running & ~accept
+            naccept = naccept + accept.long()
+            nreject = nreject + reject.long()
+            done = accept & (t_new == t_end)
+            if self.times is not None:
+                new_pointer = torch.where(accept, (signed_times <= (d * t_new)[:, None]).sum(1), pointer)
+                passed = new_pointer - pointer
+            # statuses of the samples still running after this step
+            code = torch.where(done, _SUCCESS, code)
+            still = code == _RUNNING
+            if self.adaptive:
+                unstable = still & ~finite & ((streak >= MAX_NONFINITE_STREAK) | (dt.abs() < self.dtmin))
+                code = torch.where(unstable, _UNSTABLE, code)
+                small = (code == _RUNNING) & finite & ((dt.abs() < self.dtmin) | stuck)
+                code = torch.where(small, _DTMIN, code)
+            else:
+                code = torch.where(still & stuck, _DTMIN, code)
+            code = torch.where((code == _RUNNING) & (naccept + nreject >= options.maxiters), _MAXITERS, code)
+            if self.times is not None:
+                n_running, most = torch.stack([(code == _RUNNING).sum(), passed.max()]).tolist()
+                if most:
+                    blocks.append(self.saved_values(u, u_new, t, t_new, h, stages, pointer, passed, int(most)))
+                pointer = new_pointer
+            else:
+                n_running = int((code == _RUNNING).sum())
+            accepted = _broadcast(accept, u).bool()
+            u = torch.where(accepted, u_new, u)
+            if tab.fsal:
+                k1 = torch.where(accepted, stages[-1], k1)
+            k1_fresh = ~accept
+            t = torch.where(accept, t_new, t)
+            running = code == _RUNNING
+        if not self.adaptive:  # fixed steps cannot be shrunk: a NaN/Inf is found once, at the end
+            bad = (code == _SUCCESS) & ~torch.isfinite(u.reshape(B, -1)).all(1)
+            code = torch.where(bad, _UNSTABLE, code)
+        self.result = (u, t, dt, code, naccept, nreject, nfe)
+        if self.times is None:
+            return None
+        return self.assemble(blocks, pointer, code)
+
+    def saved_values(self, u, u_new, t, t_new, h, stages, pointer, passed, most: int):
+        """The values at each sample's saved times inside this step: ``(flat targets, values)``.
+
+        Sample ``b`` passed ``passed[b]`` of its times, those from column
+        ``pointer[b]`` on; the ``(B, most)`` window holds them and padding,
+        whose target is the trash row ``B * T``.
+        """
+        B, T = self.times.shape
+        offsets = torch.arange(most, device=u.device)
+        columns = pointer[:, None] + offsets
+        inside = offsets < passed[:, None]
+        columns = torch.where(inside, columns, torch.zeros_like(columns))
+        when = self.times.gather(1, columns)
+        safe_dt = torch.where(t_new == t, torch.ones_like(t), t_new - t)
+        theta = torch.where(inside, (when - t[:, None]) / safe_dt[:, None], torch.zeros_like(when)).clamp(0.0, 1.0)
+        weights = dense_weights_at(self.tableau, theta.to(u.dtype))  # (B, most, s)
+        flat_u = u.reshape(B, 1, -1)
+        stacked = torch.stack([k.reshape(B, -1) for k in stages], dim=1)  # (B, s, F)
+        values = torch.baddbmm(flat_u, weights * h.reshape(B, 1, 1), stacked)
+        at_end = (when == t_new[:, None]) & inside
+        values = torch.where(at_end[..., None], u_new.reshape(B, 1, -1), values)
+        targets = torch.where(inside, torch.arange(B, device=u.device)[:, None] * T + columns,
+                              torch.full_like(columns, B * T))
+        return targets.reshape(-1), values.reshape(B * most, -1)
+
+    def assemble(self, blocks, pointer, code):
+        """``(T, B, ...)`` saved values; times a failed sample never reached are NaN."""
+        B, T = self.times.shape
+        u0 = self.u0
+        width = u0[0].numel() if B else 0
+        base = torch.cat([u0.reshape(B, 1, width).expand(B, T, width).reshape(B * T, width),
+                          u0.new_zeros((1, width))])
+        if blocks:
+            targets = torch.cat([b[0] for b in blocks])
+            values = torch.cat([b[1] for b in blocks])
+            base = base.index_put((targets,), values)
+        out = base[:-1].reshape(B, T, width)
+        unreached = (code != _SUCCESS)[:, None] & (torch.arange(T, device=u0.device)[None, :] >= pointer[:, None])
+        out = torch.where(unreached[..., None], torch.full_like(out, math.nan), out)
+        return out.reshape((B, T) + tuple(u0.shape[1:])).transpose(0, 1)
+
+
+# --- joint stepping with per-sample saved times ------------------------------------------------
+
+def _dense_at_batch_times(dense, u0: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+    """``(B, T, F)`` values of a joint solve's dense output, sample ``b`` at ``times[b]``.
+
+    The queries are grouped by the step that holds them (one pass per step
+    with queries; each step's interpolant evaluated for its queries' samples
+    at their own ``theta``, vectorised); a time past the end of a solve that
+    stopped early is NaN.
+    """
+    B, T = times.shape
+    width = u0[0].numel() if B else 0
+    host = times.detach().cpu().numpy().astype(np.float64).reshape(-1)
+    sample = np.repeat(np.arange(B), T)
+    out_rows: list[torch.Tensor] = []
+    order_parts: list[np.ndarray] = []
+    n = len(dense.pieces)
+    direction = dense.direction
+    beyond = direction * host > direction * dense.t_end
+    if n == 0:
+        values = u0.reshape(B, 1, width).expand(B, T, width).reshape(B * T, width)
+        return torch.where(torch.as_tensor(beyond, device=u0.device)[:, None],
+                           torch.full_like(values, math.nan), values).reshape(B, T, width)
+    starts, ends = np.asarray(dense.starts), np.asarray(dense.ends)
+    step = np.clip(np.searchsorted(direction * ends, direction * host, side="left"), 0, n - 1)
+    lengths = ends[step] - starts[step]
+    theta = np.clip(np.where(lengths != 0, (host - starts[step]) / np.where(lengths != 0, lengths, 1.0), 1.0),
+                    0.0, 1.0)
+    order = np.argsort(step, kind="stable")
+    bounds = np.flatnonzero(np.diff(step[order])) + 1
+    for rows in np.split(order, bounds):
+        piece = dense.pieces[step[rows[0]]]
+        index = torch.as_tensor(sample[rows], device=u0.device)
+        thetas = torch.as_tensor(theta[rows], dtype=u0.dtype, device=u0.device)
+        if isinstance(piece, StageInterpolant) and not isinstance(piece.dt, torch.Tensor):
+            weights = dense_weights_at(piece.tableau, thetas) * piece.dt  # (M, s)
+            stacked = torch.stack([k.reshape(B, -1).index_select(0, index) for k in piece.stages], dim=1)
+            values = torch.baddbmm(piece.u.reshape(B, 1, -1).index_select(0, index), weights[:, None, :],
+                                   stacked).squeeze(1)
+        else:  # another interpolant: evaluate it for the whole batch at each theta, keep each query's sample
+            full = piece.evaluate(theta[rows].tolist()).reshape(len(rows), B, -1)
+            values = full[torch.arange(len(rows), device=u0.device), index]
+        out_rows.append(values)
+        order_parts.append(rows)
+    values = torch.cat(out_rows)
+    inverse = np.empty(B * T, dtype=np.int64)
+    inverse[np.concatenate(order_parts)] = np.arange(B * T)
+    values = values.index_select(0, torch.as_tensor(inverse, device=u0.device))
+    if beyond.any():
+        values = torch.where(torch.as_tensor(beyond, device=u0.device)[:, None], torch.full_like(values, math.nan),
+                             values)
+    return values.reshape(B, T, width)
+
+
+def _joint(prob, solver, sensealg, times, keywords):
+    """Joint stepping, each sample saved at its own ``times``: dense output or the union of the times."""
+    from .integrate import integrate
+    t0, t1 = prob.tspan
+    B, T = times.shape
+    u0 = prob.u0
+    width = u0[0].numel() if B else 0
+    differentiable = sensealg is None or sensealg.differentiates_solver
+    from .sde import SDEProblem
+    if differentiable and not solver.steps_onto_saveat and not isinstance(prob, SDEProblem):
+        options = make_options(solver, u0, t0, t1, time_dtype=prob.time_dtype, saveat=None, save_everystep=False,
+                               save_start=False, save_end=True, dense=True, **keywords)
+        sol = (integrate(prob.term.bind(prob.p), u0, t0, t1, solver, options) if sensealg is None
+               else sensealg.solve_with(prob, solver, options))
+        values = _dense_at_batch_times(sol._dense, u0, times)
+    else:
+        direction = 1.0 if t1 >= t0 else -1.0
+        host = times.detach().cpu().numpy().astype(np.float64)
+        union = sorted(set(host.reshape(-1).tolist()), key=lambda x: direction * x)
+        options = make_options(solver, u0, t0, t1, time_dtype=prob.time_dtype, saveat=union, dense=False,
+                               **keywords)
+        sol = (integrate(prob.term.bind(prob.p), u0, t0, t1, solver, options) if sensealg is None
+               else sensealg.solve_with(prob, solver, options))
+        saved = sol.t.detach().cpu().numpy().astype(np.float64)
+        position = np.searchsorted(direction * saved, direction * host.reshape(-1))
+        found = (position < len(saved)) & (saved[np.minimum(position, len(saved) - 1)] == host.reshape(-1))
+        rows = torch.as_tensor(np.minimum(position, max(len(saved) - 1, 0)), device=u0.device)
+        flat = sol.u.reshape(sol.u.shape[0], B, width)
+        values = flat[rows, torch.arange(B, device=u0.device).repeat_interleave(T)]
+        values = torch.where(torch.as_tensor(~found, device=u0.device)[:, None], torch.full_like(values, math.nan),
+                             values).reshape(B, T, width)
+    u = values.reshape((B, T) + tuple(u0.shape[1:])).transpose(0, 1)
+    out = Solution(times.transpose(0, 1), u, sol.retcode, sol.stats, message=sol.message, solver=solver, u0=u0)
+    out.backward_stats = sol.backward_stats
+    out.final_state = sol.final_state
+    return out
+
+
+# --- the entry from solve() ---------------------------------------------------------------------
+
+_REFUSED_PER_SAMPLE = {
+    "tstops": "stop times", "callback": "termination callbacks", "save_stats": "per-step internals (save_stats)",
+}
+
+
+def _check_per_sample_inputs(prob, solver, sensealg, dense, save_everystep, refused) -> None:
+    from .sde import SDEProblem
+    if isinstance(prob, SDEProblem):
+        raise NotImplementedError("solve: batch='per-sample' solves ODEs only; solve an SDEProblem with the joint "
+                                  "step (batch='joint', the default)")
+    if not isinstance(solver, ExplicitRungeKutta) or solver.tableau.dense is None:
+        raise NotImplementedError(f"solve: batch='per-sample' steps explicit Runge–Kutta methods with a dense "
+                                  f"output (Tsit5(), DP5(), BS3(), Heun(), Midpoint(), Euler(), RK4()), got "
+                                  f"{type(solver).__name__}(); use it with batch='joint'")
+    if sensealg is not None and not sensealg.differentiates_solver:
+        raise NotImplementedError(
+            f"solve: {type(sensealg).__name__} does not support batch='per-sample' (its backward pass re-solves "
+            "the whole batch jointly, with one time per solve). Use sensealg=DirectAdjoint() (backpropagation "
+            "through the per-sample loop), or keep the joint step (batch='joint') with a (B, T) saveat, which "
+            f"works under every sensealg, {type(sensealg).__name__}() included")
+    if dense:
+        raise NotImplementedError("solve: dense=True (sol(t)) is not available with batch='per-sample' (every "
+                                  "sample has its own steps); pass the times you need as a (B, T) saveat")
+    if save_everystep:
+        raise NotImplementedError("solve: save_everystep=True is not available with batch='per-sample' (every "
+                                  "sample takes its own number of steps); pass the times as a (B, T) saveat")
+    for name, value in refused.items():
+        if value not in (None, False, ()):
+            raise NotImplementedError(f"solve: {_REFUSED_PER_SAMPLE[name]} ({name}=...) are not supported with "
+                                      "batch='per-sample' yet; use batch='joint'")
+
+
+def solve_batched(prob, solver, sensealg, *, batch: str, saveat, saveat_mask, save_start, save_end,
+                  save_everystep, dense, tstops, callback, save_stats, throw, dtmin, dtmax, **keywords) -> Solution:
+    """``solve`` for batches with per-sample times (called by :func:`~pylux.diffeq.solve`; see this module).
+
+    Args:
+        prob, solver, sensealg: as for ``solve`` (``prob.u0`` of shape ``(B, ...)``).
+        batch: ``"joint"`` or ``"per-sample"``.
+        saveat: ``None``, a ``(B, T)`` tensor (each sample's own times), or 1-D
+            times shared by every sample.
+        saveat_mask: ``None`` or a ``(B, T)`` bool tensor, True where a time is to be saved.
+        save_start, save_end: add a first column ``t0`` / last column ``t1``
+            (default: only without ``saveat``).
+        the rest: ``solve``'s keywords.
+
+    Returns:
+        a :class:`Solution` with ``t`` of shape ``(T, B)`` and ``u`` of shape
+        ``(T, B, ...)``; under per-sample stepping ``sol.stats`` is a
+        :class:`PerSampleStats` (every sample's counters and return code).
+    """
+    u0 = prob.u0
+    if u0.dim() == 0:
+        raise ValueError("solve: per-sample times need a batched u0 of shape (B, ...) (the leading axis indexes "
+                         "the samples), got a 0-d u0")
+    B = u0.shape[0]
+    for name, value in (("save_start", save_start), ("save_end", save_end)):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"solve: {name} must be True or False, got {value!r}")
+    if save_start is None:
+        save_start = saveat is None
+    if save_end is None:
+        save_end = saveat is None
+    t0, t1 = _spans(prob, B)
+    times, _ = _batch_times(saveat, saveat_mask, t0, t1, prob.time_dtype, save_start, save_end)
+    common = dict(keywords, throw=throw)
+    if batch == "joint":
+        if isinstance(prob.tspan[0], torch.Tensor):
+            raise ValueError("solve: the problem gives every sample its own tspan, which joint stepping (one time "
+                             "for the whole batch) cannot follow; pass batch='per-sample'")
+        if dense or save_everystep:
+            raise ValueError("solve: dense and save_everystep do not combine with a per-sample (B, T) saveat; "
+                             "the solve returns each sample at its own times")
+        return _joint(prob, solver, sensealg, times, dict(common, tstops=tstops, callback=callback,
+                                                           save_stats=save_stats, dtmin=dtmin, dtmax=dtmax))
+    _check_per_sample_inputs(prob, solver, sensealg, dense, save_everystep,
+                             {"tstops": tstops, "callback": callback, "save_stats": save_stats})
+    options = make_options(solver, u0, 0.0, 1.0, time_dtype=prob.time_dtype, saveat=None, save_everystep=False,
+                           save_start=False, save_end=False, dense=False, dtmin=None, dtmax=None, **common)
+    limits = _limits(dtmin, dtmax, t0, t1, prob.time_dtype)
+    field = CountingField(prob.term.bind(prob.p), u0)
+    loop = _PerSampleLoop(field, solver, u0, t0, t1, options, times, limits)
+    u_saved = loop.run()
+    return _per_sample_solution(loop, field, solver, times, u_saved, options, throw)
+
+
+def _limits(dtmin, dtmax, t0, t1, time_dtype):
+    """Per-sample ``dtmin`` and ``dtmax`` (defaults as the joint loop's, from each sample's own span)."""
+    span = (t1 - t0).abs()
+    if dtmax is None:
+        dtmax_v = torch.where(span > 0, span, torch.full_like(span, math.inf))
+    else:
+        dtmax_v = torch.full_like(span, float(dtmax))
+    if dtmin is None:
+        eps = torch.finfo(time_dtype).eps
+        dtmin_v = torch.where(span > 0, 4 * eps * torch.maximum(t0.abs(), t1.abs()), torch.zeros_like(span))
+    else:
+        dtmin_v = torch.full_like(span, float(dtmin))
+        if bool((dtmin_v > dtmax_v).any()):
+            raise ValueError(f"solve: dtmin = {dtmin!r} exceeds dtmax of some sample ({dtmax!r} or its span)")
+    return dtmin_v, dtmax_v
+
+
+def _per_sample_solution(loop, field, solver, times, u_saved, options, throw) -> Solution:
+    u_final, t_final, dt_final, code, naccept, nreject, nfe = loop.result
+    codes = code.tolist()
+    retcodes = tuple(_RETCODE_OF[c] for c in codes)
+    stats = PerSampleStats(nf=field.count, naccept=int(naccept.sum()), nreject=int(nreject.sum()),
+                           nf_per_sample=nfe, naccept_per_sample=naccept, nreject_per_sample=nreject,
+                           retcode_per_sample=retcodes, t_per_sample=t_final)
+    failed = [b for b, c in enumerate(codes) if c != _SUCCESS]
+    retcode = retcodes[failed[0]] if failed else ReturnCode.Success
+    if failed:
+        b = failed[0]
+        listed = ", ".join(str(x) for x in failed[:8]) + (", ..." if len(failed) > 8 else "")
+        detail = f"maxiters = {options.maxiters} reached; " if retcode == ReturnCode.MaxIters else ""
+        message = (f"solve (batch='per-sample') stopped with retcode {retcode.name} for sample(s) {listed} "
+                   f"of {len(codes)}; sample {b} at t = {float(t_final[b])!r}, dt = {float(dt_final[b])!r}, after "
+                   f"{int(naccept[b]) + int(nreject[b])} steps ({int(naccept[b])} accepted, {int(nreject[b])} "
+                   f"rejected): {detail}Meaning: {retcode.message}. The values at times a failed sample did not "
+                   "reach are NaN; sol.stats.retcode_per_sample has every sample's code.")
+    else:
+        message = retcode.message
+    t_out = times.transpose(0, 1) if times is not None else None
+    sol = Solution(t_out, u_saved, retcode, stats, message=message, solver=solver, u0=loop.u0)
+    sol.final_state = (u_final, None)
+    if failed and throw:
+        raise ERROR_FOR_RETCODE[retcode](message + " Pass throw=False to get the partial solution instead of this "
+                                         "error (it is also attached to this exception as .solution).",
+                                         solution=sol, t=float(t_final[failed[0]]), dt=float(dt_final[failed[0]]))
+    return sol
+
