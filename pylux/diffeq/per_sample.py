@@ -48,6 +48,8 @@ step), plus a few per solve for validation and the initial step.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
