@@ -530,32 +530,7 @@ def test_multiscale_deq_continuous_agrees_and_rejects_malformed_layers():
         bad(x, ps, st)
 
 
-# ------------------------------------------------------------------ the experiment's bookkeeping
-
-def test_deq_digits_experiment_runs_and_summarizes(tmp_path):
-    import argparse
-    import json
-
-    from pylux.experiments import deq_digits
-    parser = argparse.ArgumentParser()
-    deq_digits.add_arguments(parser)
-    args = parser.parse_args(["--epochs", "2", "--seeds", "0", "1", "--variants", "vanilla-discrete",
-                              "skipreg-discrete", "--hidden", "16"])
-    args.out = str(tmp_path)
-    result = deq_digits.run(args)
-    summary = result["summary"]
-    for variant in ("vanilla-discrete", "skipreg-discrete"):
-        runs = [r for r in result["runs"] if r["variant"] == variant]
-        accuracies = [100 * r["test_accuracy"] for r in runs]
-        assert summary[variant]["test_accuracy"]["mean"] == pytest.approx(sum(accuracies) / 2)
-        assert summary[variant]["test_accuracy"]["std"] == pytest.approx(abs(accuracies[0] - accuracies[1]) / 2 ** 0.5)
-        assert min(accuracies) > 30.0  # well above the 10% of chance after two epochs
-    ratio = summary["skipreg-discrete"]["test_nfe"]["mean"] / summary["vanilla-discrete"]["test_nfe"]["mean"]
-    assert result["nfe_ratios"]["skipreg-discrete"] == pytest.approx(ratio)
-    saved = json.loads((tmp_path / "deq_digits.json").read_text())
-    assert saved["summary"]["vanilla-discrete"]["test_nfe"]["mean"] == pytest.approx(
-        summary["vanilla-discrete"]["test_nfe"]["mean"])
-    assert "| skipreg-discrete |" in (tmp_path / "deq_digits.md").read_text()
+# the deq-digits experiment is tested with the others in tests/test_experiments.py
 
 
 @pytest.mark.parametrize("alg", [SteadyStateAdjoint(), JacobianFreeBackprop()], ids=repr)
