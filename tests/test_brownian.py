@@ -166,6 +166,24 @@ def test_query_cost_is_logarithmic_and_warm_queries_build_nothing():
 
 
 @pytest.mark.parametrize("levy", [None, "space-time"])
+def test_dyadic_times_are_read_off_shallow_nodes_bitwise_as_the_leaf_would_give(levy):
+    shallow = BrownianTree(0.0, 2.0, (3, 4), seed=6, levy_area=levy)   # depth 20
+    leafwise = BrownianTree(0.0, 2.0, (3, 4), seed=6, levy_area=levy)
+    for k in range(65):  # t = 2k/64: boundaries of nodes at depth <= 6, and t0 and t1 themselves
+        x = k / 64
+        offset, u = min(int(x * 2 ** 20), 2 ** 20 - 1), x * 2 ** 20 - min(int(x * 2 ** 20), 2 ** 20 - 1)
+        expect = leafwise._leaf_point(offset, u)
+        got = shallow._point(x)
+        assert all(torch.equal(a, b) for a, b in zip(got, expect)), k
+    # regression (cost): a fixed step of span/64 used to walk 20 levels down per query, ~16 splits a
+    # step; now each time is a node of the depth-6 tree, at most the 2**7 - 2 nodes below the root
+    tree = BrownianTree(0.0, 2.0, (3, 4), seed=6, levy_area=levy)
+    increments = [tree.increment(2 * k / 64, 2 * (k + 1) / 64) for k in range(64)]
+    assert tree.nodes_built <= 2 ** 7 - 2, tree.nodes_built
+    torch.testing.assert_close(sum(increments), tree(2.0), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("levy", [None, "space-time"])
 def test_exact_additivity_start_at_zero_and_reversal(levy):
     tree = BrownianTree(-1.0, 2.0, (64,), seed=8, levy_area=levy)
     assert torch.equal(tree(-1.0), torch.zeros(64, dtype=F64))

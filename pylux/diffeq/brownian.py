@@ -99,7 +99,11 @@ exactly additive up to rounding since every increment is a difference of
 values ``W(t)``, and a query at a new time costs the node splits below the
 deepest cached node on its way from the root (``depth`` of them cold, about
 ``log₂(Δt/tol)`` for a step ``Δt`` after the previous query) plus one draw
-for its leaf, and ``O(1)`` at a recently queried time.
+for its leaf, and ``O(1)`` at a recently queried time. A time on a node
+boundary (``t0 + k·span·2**-d``, as every time of a fixed-step solve with
+``dt = span·2**-d``) is read off the shallowest node starting there, whose
+values the leaf inherits bitwise: a fixed-step solve then builds about one
+node a step.
 """
 
 from __future__ import annotations
@@ -379,6 +383,26 @@ class BrownianTree(AbstractControl):
         y = x * leaves
         offset = min(int(y), leaves - 1)
         u = y - offset
+        if u == 0.0:
+            return self._remember(x, self._boundary_point(offset))
+        return self._remember(x, self._leaf_point(offset, u))
+
+    def _boundary_point(self, offset: int) -> tuple[torch.Tensor, ...]:
+        """The point at the left end of leaf ``offset``, read off the shallowest node starting there.
+
+        A left half inherits its parent's ``W_a`` and ``J_a`` tensors, so that node's values are the
+        leaf's, bitwise; a fixed step of ``span · 2**-k`` then costs about one split a step instead of
+        the ``depth - k`` splits of the walk down to the leaf.
+        """
+        if offset == 0:
+            state = self._root
+        else:
+            zeros = (offset & -offset).bit_length() - 1
+            state = self._node(self.depth - zeros, offset >> zeros)
+        return (state[0],) if self.levy_area is None else (state[0], state[2])
+
+    def _leaf_point(self, offset: int, u: float) -> tuple[torch.Tensor, ...]:
+        """The point at the fraction ``u`` of leaf ``offset``: the leaf's interpolant (module docstring)."""
         state = self._node(self.depth, offset) if self.depth else self._root
         w = torch.lerp(state[0], state[1], u)
         p = u * (1.0 - u)
@@ -387,7 +411,7 @@ class BrownianTree(AbstractControl):
             # the Brownian bridge at t, from the leaf's own normals (those a further split would use)
             if p > 0.0:
                 w.add_(self._normals((1 << self.depth) + offset, 1)[0], alpha=math.sqrt(width * p))
-            return self._remember(x, (w,))
+            return (w,)
         # the bridge's conditional mean given the leaf's (W_a, W_b, H), and its exact time integral
         w_a, w_b, j_a, area = state
         w.add_(area, alpha=6.0 * p)
@@ -397,7 +421,7 @@ class BrownianTree(AbstractControl):
             c2, c3 = math.sqrt(5.0 * width) * p, -math.sqrt(7.0 * width) * p
             w.add_(z[0], alpha=c2 * (1.0 - 2.0 * u)).add_(z[1], alpha=c3 * (1.0 - 5.0 * p))
             j.add_(z[0], alpha=0.5 * width * c2 * p).add_(z[1], alpha=0.5 * width * c3 * p * (1.0 - 2.0 * u))
-        return self._remember(x, (w, j.add_(j_a)))
+        return w, j.add_(j_a)
 
     def _remember(self, x: float, out: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         points = self._points
