@@ -61,7 +61,7 @@ from .options import make_options
 from .solution import ERROR_FOR_RETCODE, ReturnCode, Solution, SolverStats
 from .solvers import ExplicitRungeKutta
 
-__all__ = ["BATCH_MODES", "PerSampleStats", "wants_batched_times", "solve_batched", "per_sample_norm"]
+__all__ = ["BATCH_MODES", "BatchSolution", "PerSampleStats", "wants_batched_times", "solve_batched", "per_sample_norm"]
 
 #: the values of ``solve(..., batch=...)``
 BATCH_MODES = ("joint", "per-sample")
@@ -82,7 +82,7 @@ def wants_batched_times(prob, batch, saveat, saveat_mask) -> bool:
     return batch == "per-sample" or saveat_mask is not None or per_sample_saveat or per_sample_span
 
 
-@dataclass
+@dataclass(repr=False)
 class PerSampleStats(SolverStats):
     """:class:`SolverStats` of a ``batch="per-sample"`` solve, with every sample's own counters.
 
@@ -156,19 +156,19 @@ def _batch_times(saveat, saveat_mask, t0: torch.Tensor, t1: torch.Tensor, time_d
                                  f"{tuple(saveat.shape)}; give one flag per saved time")
         columns = [saveat.detach().to(device=t0.device)]
         mask = saveat_mask.to(t0.device) if saveat_mask is not None else None
+        _check_batch_times(columns[0], mask, t0, t1)
     times = torch.cat(([t0[:, None]] if save_start else []) + [c.to(time_dtype) for c in columns]
                       + ([t1[:, None]] if save_end else []), dim=1) if (columns or save_start or save_end) \
         else t0.new_zeros((batch, 0))
     if mask is not None:
         ones = torch.ones((batch, 1), dtype=torch.bool, device=t0.device)
         mask = torch.cat(([ones] if save_start else []) + [mask] + ([ones] if save_end else []), dim=1)
-    _check_batch_times(times, mask, t0, t1, saveat is not None)
     if mask is not None:
         times = _forward_fill(times, mask, t0)
     return times, mask
 
 
-def _check_batch_times(times, mask, t0, t1, given: bool) -> None:
+def _check_batch_times(times, mask, t0, t1) -> None:
     """Every unmasked time finite, inside its sample's span and strictly monotone in its direction."""
     if times.shape[1] == 0:
         return
@@ -180,12 +180,12 @@ def _check_batch_times(times, mask, t0, t1, given: bool) -> None:
     bad = valid & ~np.isfinite(host)
     if bad.any():
         b, k = np.argwhere(bad)[0]
-        raise ValueError(f"solve: saveat[{b}, {k}] = {host[b, k]!r} is not finite; mask padding entries with "
+        raise ValueError(f"solve: saveat[{b}, {k}] = {float(host[b, k])!r} is not finite; mask padding entries with "
                          "saveat_mask instead")
     outside = valid & ((host < lo) | (host > hi))
     if outside.any():
         b, k = np.argwhere(outside)[0]
-        raise ValueError(f"solve: saveat[{b}, {k}] = {host[b, k]!r} is outside sample {b}'s tspan "
+        raise ValueError(f"solve: saveat[{b}, {k}] = {float(host[b, k])!r} is outside sample {b}'s tspan "
                          f"({float(t0[b])!r}, {float(t1[b])!r}); every saved time must lie in its sample's span")
     # consecutive unmasked times of each row: compare each with the last unmasked one before it
     index = np.where(valid, np.arange(host.shape[1])[None, :], -1)
@@ -200,8 +200,8 @@ def _check_batch_times(times, mask, t0, t1, given: bool) -> None:
         j = previous[b, k]
         kind = "duplicated" if step[b, k] == 0 else "out of order"
         order = "increasing" if direction[b, 0] > 0 else "decreasing (its tspan runs backward)"
-        raise ValueError(f"solve: sample {b}'s saved times are {kind}: saveat[{b}, {j}] = {host[b, j]!r} and "
-                         f"saveat[{b}, {k}] = {host[b, k]!r}; each row must be strictly {order} over its unmasked "
+        raise ValueError(f"solve: sample {b}'s saved times are {kind}: saveat[{b}, {j}] = {float(host[b, j])!r} and "
+                         f"saveat[{b}, {k}] = {float(host[b, k])!r}; each row must be strictly {order} over its unmasked "
                          "entries (times are never sorted silently)")
 
 
@@ -480,6 +480,17 @@ class _PerSampleLoop:
         return out.reshape((B, T) + tuple(u0.shape[1:])).transpose(0, 1)
 
 
+class BatchSolution(Solution):
+    """A :class:`Solution` whose samples have their own saved times: ``t`` is ``(T, B)``, ``u`` is ``(T, B, ...)``."""
+
+    def __repr__(self) -> str:
+        solver = f"{type(self.solver).__name__}(), " if self.solver is not None else ""
+        rows, batch = self.t.shape
+        return (f"BatchSolution({solver}retcode={self.retcode.name}, t: {rows} times for each of {batch} "
+                f"samples, u: {tuple(self.u.shape)} {str(self.u.dtype).replace('torch.', '')}, "
+                f"nf={self.stats.nf}, naccept={self.stats.naccept}, nreject={self.stats.nreject})")
+
+
 # --- joint stepping with per-sample saved times ------------------------------------------------
 
 def _dense_at_batch_times(dense, u0: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
@@ -566,7 +577,7 @@ def _joint(prob, solver, sensealg, times, keywords):
         values = torch.where(torch.as_tensor(~found, device=u0.device)[:, None], torch.full_like(values, math.nan),
                              values).reshape(B, T, width)
     u = values.reshape((B, T) + tuple(u0.shape[1:])).transpose(0, 1)
-    out = Solution(times.transpose(0, 1), u, sol.retcode, sol.stats, message=sol.message, solver=solver, u0=u0)
+    out = BatchSolution(times.transpose(0, 1), u, sol.retcode, sol.stats, message=sol.message, solver=solver, u0=u0)
     out.backward_stats = sol.backward_stats
     out.final_state = sol.final_state
     return out
@@ -698,7 +709,7 @@ def _per_sample_solution(loop, field, solver, times, u_saved, options, throw) ->
     else:
         message = retcode.message
     t_out = times.transpose(0, 1) if times is not None else None
-    sol = Solution(t_out, u_saved, retcode, stats, message=message, solver=solver, u0=loop.u0)
+    sol = BatchSolution(t_out, u_saved, retcode, stats, message=message, solver=solver, u0=loop.u0)
     sol.final_state = (u_final, None)
     if failed and throw:
         raise ERROR_FOR_RETCODE[retcode](message + " Pass throw=False to get the partial solution instead of this "

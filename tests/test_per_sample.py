@@ -1,0 +1,352 @@
+"""Per-sample time in a batch: (B, T) saveat under joint stepping, and batch="per-sample" stepping.
+
+Each sample of a per-sample solve is checked against a solve of that sample alone (equal to round-off,
+with equal step and evaluation counts); the joint step with a (B, T) saveat against the same joint solve
+saved at one sample's times; gradients against central finite differences in float64 and across
+sensitivity algorithms; bad inputs against their messages.
+"""
+
+import math
+
+import pytest
+import torch
+
+import pylux.diffeq as de
+from pylux.sensitivity import (BacksolveAdjoint, DirectAdjoint, InterpolatingAdjoint, QuadratureAdjoint,
+                               ReversibleAdjoint)
+
+F64 = torch.float64
+TOL = dict(reltol=1e-8, abstol=1e-10)
+
+
+def field(u, p, t):
+    """A nonlinear decay with per-sample rates ``p["k"]`` of shape (B, 1)."""
+    return -p["k"] * u + p["a"] * torch.sin(u)
+
+
+def problem(k, u0, a=0.3, tspan=(0.0, 1.0)):
+    return de.ODEProblem(field, u0, tspan, {"k": k, "a": torch.as_tensor(a, dtype=F64)})
+
+
+def random_times(batch, count, seed=0, lo=0.0, hi=1.0):
+    """(B, T) strictly increasing times inside (lo, hi], different per sample."""
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.rand(batch, count, generator=g, dtype=F64)
+    return lo + (hi - lo) * torch.sort(raw, dim=1).values
+
+
+def batch_case(batch=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.rand(batch, 1, generator=g, dtype=F64) * 4 + 0.5
+    u0 = torch.rand(batch, 2, generator=g, dtype=F64) * 2 - 1
+    return k, u0
+
+
+def solo(k, u0, b, saveat, **kw):
+    """The solve of sample ``b`` alone (a batch of one)."""
+    return de.solve(problem(k[b:b + 1], u0[b:b + 1], **kw.pop("problem", {})), de.Tsit5(), saveat=saveat,
+                    **{**TOL, **kw})
+
+
+# --- per-sample stepping equals separate solves -----------------------------------------------
+
+def test_per_sample_matches_each_sample_solved_alone():
+    k, u0 = batch_case(4)
+    times = random_times(4, 5)
+    sol = de.solve(problem(k, u0), de.Tsit5(), saveat=times, batch="per-sample", **TOL)
+    assert sol.t.shape == (5, 4) and sol.u.shape == (5, 4, 2)
+    assert torch.equal(sol.t, times.T)
+    stats = sol.stats
+    assert all(code == de.ReturnCode.Success for code in stats.retcode_per_sample)
+    for b in range(4):
+        alone = solo(k, u0, b, times[b])
+        torch.testing.assert_close(sol.u[:, b], alone.u[:, 0], rtol=0, atol=1e-13)
+        assert int(stats.naccept_per_sample[b]) == alone.stats.naccept
+        assert int(stats.nreject_per_sample[b]) == alone.stats.nreject
+        assert int(stats.nf_per_sample[b]) == alone.stats.nf
+    assert stats.naccept == int(stats.naccept_per_sample.sum())
+    assert stats.nf == int(stats.nf_per_sample.max())  # the batch runs until its slowest sample is done
+
+
+def test_easy_sample_takes_its_own_step_count_beside_a_stiff_one():
+    """torchode's headline: under per-sample stepping the easy sample is not dragged along."""
+    k = torch.tensor([[1.0], [300.0]], dtype=F64)
+    u0 = torch.ones(2, 1, dtype=F64)
+    tol = dict(reltol=1e-6, abstol=1e-8)
+    times = torch.tensor([[0.25, 0.5, 1.0], [0.25, 0.5, 1.0]], dtype=F64)
+    easy = de.solve(problem(k[:1], u0[:1], a=0.0), de.Tsit5(), saveat=times[0], **tol)
+    hard = de.solve(problem(k[1:], u0[1:], a=0.0), de.Tsit5(), saveat=times[1], **tol)
+    per_sample = de.solve(problem(k, u0, a=0.0), de.Tsit5(), saveat=times, batch="per-sample", **tol)
+    joint = de.solve(problem(k, u0, a=0.0), de.Tsit5(), saveat=times, **tol)
+    assert per_sample.stats.naccept_per_sample.tolist() == [easy.stats.naccept, hard.stats.naccept]
+    assert per_sample.stats.nreject_per_sample.tolist() == [easy.stats.nreject, hard.stats.nreject]
+    # one step size for both: the easy sample takes about the stiff one's steps, several times its own
+    assert joint.stats.naccept > 0.9 * hard.stats.naccept > 3 * easy.stats.naccept
+    assert "BatchSolution" in repr(joint) and "3 times for each of 2 samples" in repr(per_sample)
+    exact = torch.exp(-k * times).T
+    torch.testing.assert_close(per_sample.u[..., 0], exact, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(joint.u[..., 0], exact, rtol=1e-5, atol=1e-7)
+
+
+def test_per_sample_tspans_forward_backward_and_empty():
+    k, u0 = batch_case(4, seed=1)
+    t0 = torch.tensor([0.0, 0.5, 1.0, 0.3], dtype=F64)
+    t1 = torch.tensor([1.0, 2.0, 0.0, 0.3], dtype=F64)
+    prob = problem(k, u0, tspan=(t0, t1))
+    sol = de.solve(prob, de.Tsit5(), batch="per-sample", **TOL)
+    assert sol.t.shape == (2, 4)
+    torch.testing.assert_close(sol.t, torch.stack([t0, t1]))
+    for b in range(3):
+        alone = solo(k, u0, b, None, problem=dict(tspan=(float(t0[b]), float(t1[b]))))
+        torch.testing.assert_close(sol.u[-1, b], alone.u[-1, 0], rtol=0, atol=1e-13)
+        assert int(sol.stats.naccept_per_sample[b]) == alone.stats.naccept
+    assert torch.equal(sol.u[:, 3], u0[3].expand(2, 2))
+    assert int(sol.stats.naccept_per_sample[3]) == 0 and int(sol.stats.nf_per_sample[3]) == 0
+    with pytest.raises(ValueError, match="batch='per-sample'"):
+        de.solve(prob, de.Tsit5())
+
+
+def test_field_sees_each_samples_own_time():
+    # du/dt = cos(t): u(t) = u0 + sin(t) - sin(t0), with t of shape (B,) under per-sample stepping
+    t0 = torch.tensor([0.0, 1.0, -2.0], dtype=F64)
+    t1 = torch.tensor([2.0, 1.5, 0.5], dtype=F64)
+    u0 = torch.zeros(3, 1, dtype=F64)
+    seen = []
+
+    def f(u, p, t):
+        seen.append(tuple(t.shape))
+        return torch.cos(t)[:, None].expand_as(u)
+    times = torch.stack([t0 + (t1 - t0) * s for s in (0.3, 0.6, 1.0)], dim=1)
+    sol = de.solve(de.ODEProblem(f, u0, (t0, t1)), de.DP5(), saveat=times, batch="per-sample", **TOL)
+    assert set(seen) == {(3,)}
+    exact = (torch.sin(times) - torch.sin(t0)[:, None]).T
+    torch.testing.assert_close(sol.u[..., 0], exact, rtol=1e-7, atol=1e-9)
+
+
+def test_fixed_steps_per_sample_match_solo_fixed_steps():
+    k, u0 = batch_case(3, seed=2)
+    t1 = torch.tensor([1.0, 0.35, 0.73], dtype=F64)  # 0.1 does not divide the last two spans
+    prob = problem(k, u0, tspan=(torch.zeros(3, dtype=F64), t1))
+    sol = de.solve(prob, de.RK4(), dt=0.1, batch="per-sample")
+    for b in range(3):
+        alone = de.solve(problem(k[b:b + 1], u0[b:b + 1], tspan=(0.0, float(t1[b]))), de.RK4(), dt=0.1)
+        torch.testing.assert_close(sol.u[-1, b], alone.u[-1, 0], rtol=0, atol=1e-14)
+        assert int(sol.stats.naccept_per_sample[b]) == alone.stats.naccept
+        assert int(sol.stats.nf_per_sample[b]) == alone.stats.nf
+
+
+@pytest.mark.parametrize("options", [dict(controller=de.IController()), dict(norm=de.max_norm),
+                                     dict(solver=de.BS3()), dict(solver=de.Heun(), dt=0.05)])
+def test_controllers_norms_and_tableaus_per_sample_match_solo(options):
+    options = dict(options)
+    solver = options.pop("solver", de.Tsit5())
+    k, u0 = batch_case(3, seed=3)
+    times = random_times(3, 4, seed=3)
+    tol = dict(reltol=1e-5, abstol=1e-7)
+    sol = de.solve(problem(k, u0), solver, saveat=times, batch="per-sample", **tol, **options)
+    for b in range(3):
+        alone = de.solve(problem(k[b:b + 1], u0[b:b + 1]), solver, saveat=times[b], **tol, **options)
+        torch.testing.assert_close(sol.u[:, b], alone.u[:, 0], rtol=0, atol=1e-12)
+        assert int(sol.stats.naccept_per_sample[b]) == alone.stats.naccept
+        assert int(sol.stats.nreject_per_sample[b]) == alone.stats.nreject
+
+
+def test_seminorm_per_sample_measures_each_samples_entries():
+    k, u0 = batch_case(3, seed=4)
+    mask = torch.tensor([True, False])
+    sol = de.solve(problem(k, u0), de.Tsit5(), batch="per-sample", norm=de.SemiNorm(mask), reltol=1e-5,
+                   abstol=1e-7)
+    for b in range(3):
+        alone = de.solve(problem(k[b:b + 1], u0[b:b + 1]), de.Tsit5(), norm=de.SemiNorm(mask[None]),
+                         reltol=1e-5, abstol=1e-7)
+        assert int(sol.stats.naccept_per_sample[b]) == alone.stats.naccept
+        torch.testing.assert_close(sol.u[-1, b], alone.u[-1, 0], rtol=0, atol=1e-12)
+
+
+def test_float32_state_per_sample():
+    k, u0 = batch_case(3, seed=5)
+    times = random_times(3, 4, seed=5)
+    sol32 = de.solve(problem(k.float(), u0.float(), a=torch.tensor(0.3)), de.Tsit5(), saveat=times,
+                     batch="per-sample", reltol=1e-5, abstol=1e-7)
+    sol64 = de.solve(problem(k, u0), de.Tsit5(), saveat=times, batch="per-sample", reltol=1e-5, abstol=1e-7)
+    assert sol32.u.dtype == torch.float32 and sol32.t.dtype == F64
+    torch.testing.assert_close(sol32.u.double(), sol64.u, rtol=1e-4, atol=1e-5)
+
+
+# --- joint stepping with per-sample saved times ----------------------------------------------
+
+def test_joint_step_with_batch_saveat_equals_joint_solve_at_each_row():
+    k, u0 = batch_case(4, seed=6)
+    times = random_times(4, 6, seed=6)
+    sol = de.solve(problem(k, u0), de.Tsit5(), saveat=times, **TOL)
+    assert sol.t.shape == (6, 4) and sol.u.shape == (6, 4, 2)
+    for b in range(4):
+        same_steps = de.solve(problem(k, u0), de.Tsit5(), saveat=times[b], **TOL)
+        assert same_steps.stats.naccept == sol.stats.naccept
+        torch.testing.assert_close(sol.u[:, b], same_steps.u[:, b], rtol=0, atol=1e-13)
+        alone = solo(k, u0, b, times[b])
+        torch.testing.assert_close(sol.u[:, b], alone.u[:, 0], rtol=1e-6, atol=1e-7)
+
+
+def test_joint_batch_saveat_with_other_dense_outputs():
+    # VCAB3's Hermite pieces go through the generic interpolant path
+    k, u0 = batch_case(3, seed=7)
+    times = random_times(3, 4, seed=7)
+    sol = de.solve(problem(k, u0), de.VCAB3(), saveat=times, reltol=1e-7, abstol=1e-9)
+    for b in range(3):
+        same_steps = de.solve(problem(k, u0), de.VCAB3(), saveat=times[b], reltol=1e-7, abstol=1e-9)
+        torch.testing.assert_close(sol.u[:, b], same_steps.u[:, b], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch", ["joint", "per-sample"])
+def test_ragged_series_with_a_mask(batch):
+    k, u0 = batch_case(3, seed=8)
+    times = random_times(3, 5, seed=8)
+    mask = torch.tensor([[True, True, True, True, True],
+                         [True, False, True, True, False],
+                         [False, True, True, False, False]])
+    padded = torch.where(mask, times, torch.full_like(times, math.nan))  # padding may be anything
+    sol = de.solve(problem(k, u0), de.Tsit5(), saveat=padded, saveat_mask=mask, batch=batch, **TOL)
+    for b in range(3):
+        observed = times[b][mask[b]]
+        alone = solo(k, u0, b, observed)
+        torch.testing.assert_close(sol.u[:, b][mask[b]], alone.u[:, 0], rtol=1e-6 if batch == "joint" else 0,
+                                   atol=1e-7 if batch == "joint" else 1e-13)
+    # masked entries repeat the last observed state before them, the initial state when there is none
+    torch.testing.assert_close(sol.u[1, 1], sol.u[0, 1], rtol=0, atol=0)
+    torch.testing.assert_close(sol.u[4, 1], sol.u[3, 1], rtol=0, atol=0)
+    torch.testing.assert_close(sol.u[0, 2], u0[2], rtol=0, atol=0)
+    torch.testing.assert_close(sol.u[4, 2], sol.u[2, 2], rtol=0, atol=0)
+    assert sol.t[0, 2] == 0.0 and sol.t[4, 2] == times[2, 2]
+    # the usual masked loss is finite and gives masked entries no gradient
+    k_ = k.clone().requires_grad_(True)
+    out = de.solve(problem(k_, u0), de.Tsit5(), saveat=padded, saveat_mask=mask, batch=batch, **TOL)
+    (grad,) = torch.autograd.grad((out.u * mask.T[..., None]).sum(), k_)
+    assert torch.isfinite(grad).all() and grad.abs().min() > 0
+
+
+# --- gradients ---------------------------------------------------------------------------------
+
+def _loss(k, a, u0, times, batch, sensealg=None):
+    w = torch.linspace(-1.0, 2.0, times.numel() * 2, dtype=F64).reshape(times.shape[1], times.shape[0], 2)
+    sol = de.solve(problem(k, u0, a=a), de.Tsit5(), saveat=times, batch=batch, sensealg=sensealg,
+                   reltol=1e-10, abstol=1e-12)
+    return (sol.u * w).sum()
+
+
+@pytest.mark.parametrize("batch, which", [("joint", (0, 1)), ("per-sample", (0, 1)),
+                                          pytest.param("joint", (2,), marks=pytest.mark.slow),
+                                          pytest.param("per-sample", (2,), marks=pytest.mark.slow)])
+def test_gradients_against_finite_differences(batch, which):
+    """d loss / d(k, a) by default; d loss / d u0 in the slow variants."""
+    k, u0 = batch_case(2, seed=9)
+    a = torch.tensor(0.3, dtype=F64)
+    times = random_times(2, 4, seed=9)
+    leaves = [k.clone().requires_grad_(True), a.clone().requires_grad_(True), u0.clone().requires_grad_(True)]
+    grads = torch.autograd.grad(_loss(*leaves, times, batch, DirectAdjoint()), leaves)
+    eps = 1e-6
+    for index, (value, grad) in enumerate(zip((k, a, u0), grads)):
+        if index not in which:
+            continue
+        fd = torch.zeros_like(value).reshape(-1)
+        for j in range(value.numel()):
+            step = torch.zeros(value.numel(), dtype=F64)
+            step[j] = eps
+            plus = [x.clone() for x in (k, a, u0)]
+            minus = [x.clone() for x in (k, a, u0)]
+            plus[index] = value + step.reshape(value.shape)
+            minus[index] = value - step.reshape(value.shape)
+            fd[j] = (_loss(*plus, times, batch) - _loss(*minus, times, batch)) / (2 * eps)
+        torch.testing.assert_close(grad.reshape(-1), fd, rtol=1e-5, atol=1e-7)
+
+
+def test_per_sample_and_joint_gradients_agree():
+    k, u0 = batch_case(3, seed=10)
+    a = torch.tensor(0.3, dtype=F64)
+    times = random_times(3, 4, seed=10)
+    grads = {}
+    for batch in ("joint", "per-sample"):
+        leaves = [k.clone().requires_grad_(True), a.clone().requires_grad_(True)]
+        grads[batch] = torch.autograd.grad(_loss(*leaves, u0, times, batch), leaves)
+    for g_joint, g_sample in zip(grads["joint"], grads["per-sample"]):
+        torch.testing.assert_close(g_sample, g_joint, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("sensealg", [BacksolveAdjoint(), InterpolatingAdjoint(), QuadratureAdjoint(),
+                                      ReversibleAdjoint()], ids=lambda s: type(s).__name__)
+def test_joint_batch_saveat_under_every_sensealg(sensealg):
+    k, u0 = batch_case(3, seed=11)
+    a = torch.tensor(0.3, dtype=F64)
+    times = random_times(3, 3, seed=11)
+    leaves = [k.clone().requires_grad_(True), a.clone().requires_grad_(True), u0.clone().requires_grad_(True)]
+    reference = torch.autograd.grad(_loss(*leaves, times, "joint", DirectAdjoint()), leaves)
+    leaves = [x.detach().clone().requires_grad_(True) for x in leaves]
+    value = _loss(*leaves, times, "joint", sensealg)
+    torch.testing.assert_close(value, _loss(k, a, u0, times, "joint"), rtol=1e-7, atol=1e-9)
+    grads = torch.autograd.grad(value, leaves)
+    for got, want in zip(grads, reference):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("sensealg", [BacksolveAdjoint(), InterpolatingAdjoint(), QuadratureAdjoint(),
+                                      ReversibleAdjoint()], ids=lambda s: type(s).__name__)
+def test_per_sample_stepping_refuses_the_re_solving_sensealgs(sensealg):
+    k, u0 = batch_case(2)
+    with pytest.raises(NotImplementedError, match="does not support batch='per-sample'.*DirectAdjoint"):
+        de.solve(problem(k, u0), de.Tsit5(), batch="per-sample", sensealg=sensealg)
+
+
+# --- failures and bad inputs -------------------------------------------------------------------
+
+def test_a_failing_sample_leaves_the_others_intact():
+    # u' = u^2 blows up at t = 1 from u0 = 1; from u0 = -1 it decays as -1/(1 + t)
+    prob = de.ODEProblem(lambda u, p, t: u * u, torch.tensor([[-1.0], [1.0]], dtype=F64), (0.0, 2.0))
+    times = torch.tensor([[0.5, 1.5, 2.0], [0.5, 1.5, 2.0]], dtype=F64)
+    sol = de.solve(prob, de.Tsit5(), saveat=times, batch="per-sample", throw=False, maxiters=2000, **TOL)
+    codes = sol.stats.retcode_per_sample
+    assert codes[0] == de.ReturnCode.Success and codes[1] != de.ReturnCode.Success
+    assert sol.retcode == codes[1] and "sample(s) 1 of 2" in sol.message
+    torch.testing.assert_close(sol.u[:, 0, 0], -1.0 / (1.0 + times[0]), rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(sol.u[0, 1, 0], torch.tensor(2.0, dtype=F64), rtol=1e-7, atol=0)
+    assert torch.isnan(sol.u[1:, 1]).all()
+    assert 0.99 < float(sol.stats.t_per_sample[1]) < 1.01  # where it gave up, near the singularity
+    with pytest.raises(de.SolverError, match="sample\\(s\\) 1 of 2"):
+        de.solve(prob, de.Tsit5(), saveat=times, batch="per-sample", maxiters=2000, **TOL)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(saveat=torch.tensor([[0.2, 0.5], [0.6, 0.3]], dtype=F64)), ValueError,
+     "sample 1's saved times are out of order: saveat\\[1, 0\\] = 0.6 and saveat\\[1, 1\\] = 0.3"),
+    (dict(saveat=torch.tensor([[0.2, 0.2], [0.1, 0.3]], dtype=F64)), ValueError, "duplicated"),
+    (dict(saveat=torch.tensor([[0.2, 0.5], [0.1, 1.3]], dtype=F64)), ValueError,
+     "saveat\\[1, 1\\] = 1.3 is outside sample 1's tspan"),
+    (dict(saveat=torch.tensor([[0.2, 0.5], [0.1, math.nan]], dtype=F64)), ValueError, "is not finite"),
+    (dict(saveat=torch.rand(3, 2, dtype=F64)), ValueError, "must have shape \\(B, T\\) = \\(2, T\\)"),
+    (dict(saveat=torch.tensor([[0.2, 0.5], [0.1, 0.3]], dtype=F64), saveat_mask=torch.ones(2, 3, dtype=torch.bool)),
+     ValueError, "saveat_mask has shape \\(2, 3\\) but saveat has shape \\(2, 2\\)"),
+    (dict(saveat=torch.tensor([[0.2, 0.5], [0.1, 0.3]], dtype=F64), saveat_mask=torch.ones(2, 2)), TypeError,
+     "saveat_mask must be a boolean tensor"),
+    (dict(batch="per_sample"), ValueError, "batch must be one of \\('joint', 'per-sample'\\)"),
+    (dict(batch="per-sample", dense=True), NotImplementedError, "dense=True"),
+    (dict(batch="per-sample", solver=de.VCAB3()), NotImplementedError, "explicit Runge–Kutta"),
+    (dict(batch="per-sample", callback=de.TerminateSteadyState()), NotImplementedError, "termination callbacks"),
+])
+def test_bad_inputs_are_named(kwargs, error, match):
+    kwargs = dict(kwargs)
+    k, u0 = batch_case(2)
+    solver = kwargs.pop("solver", de.Tsit5())
+    for batch in ([kwargs.pop("batch")] if "batch" in kwargs else ["joint", "per-sample"]):
+        with pytest.raises(error, match=match):
+            de.solve(problem(k, u0), solver, batch=batch, **kwargs)
+
+
+def test_saveat_outside_a_per_sample_span_and_bad_spans():
+    k, u0 = batch_case(2)
+    spans = (torch.tensor([0.0, 0.5], dtype=F64), torch.tensor([1.0, 0.8], dtype=F64))
+    with pytest.raises(ValueError, match="saveat\\[1, 0\\] = 0.2 is outside sample 1's tspan \\(0.5, 0.8\\)"):
+        de.solve(problem(k, u0, tspan=spans), saveat=torch.tensor([[0.2, 0.9], [0.2, 0.7]], dtype=F64),
+                 batch="per-sample")
+    with pytest.raises(ValueError, match="must have shape \\(2,\\)"):
+        problem(k, u0, tspan=(torch.zeros(3, dtype=F64), 1.0))
+    with pytest.raises(ValueError, match="finite"):
+        problem(k, u0, tspan=(torch.zeros(2, dtype=F64), torch.tensor([1.0, math.inf], dtype=F64)))
