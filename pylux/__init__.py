@@ -96,7 +96,7 @@ from .sensitivity import (BacksolveAdjoint, DirectAdjoint, HiddenParameterError,
                           QuadratureAdjoint, ReversibleAdjoint)
 
 from .regularize import TaylorRegularization
-from .interop import StatefulLayer
+from .interop import StatefulLayer, odeint, odeint_adjoint
 from .training import BinaryCrossEntropyLoss, CrossEntropyLoss, MSELoss
 
 __version__ = "0.1.0"
