@@ -5,15 +5,18 @@ The Kelly et al. (2020) MNIST neural ODE: state 784, f(z, t) = W2 tanh(W1 [z; t]
 loss = mean(z(1)^2), gradients with respect to the four parameter tensors.
 
 Rows: pylux DirectAdjoint, BacksolveAdjoint (± seminorm), InterpolatingAdjoint (± seminorm,
-checkpointed), QuadratureAdjoint, ReversibleAdjoint (Tsit5 base, coupling 0.999); torchdiffeq
+checkpointed), QuadratureAdjoint, ReversibleAdjoint (Tsit5 base, coupling 0.999), DirectAdjoint with
+binomial checkpointing at 8 stored states; torchdiffeq
 odeint (backprop), odeint_adjoint (± seminorm); torchode AutoDiffAdjoint and
 BacksolveAdjoint. All with (Tsit5 | dopri5) at the same tolerances.
 
 Columns: forward NFE, backward NFE (evaluations of f or of its VJP on the backward pass; for
 backprop methods 0, their backward replays the stored graph), wall time of forward+backward
-(median of --repeats after one warm-up), autograd memory (bytes of tensors saved for the
-backward pass during the forward solve, counted with torch.autograd.graph.saved_tensors_hooks:
-what grows with the number of steps; on CUDA also the peak allocated bytes), the ratio of wall time to
+(median of --repeats after one warm-up), autograd memory (bytes of the distinct storages saved
+for the backward pass during the forward solve, counted with torch.autograd.graph.saved_tensors_hooks:
+what grows with the number of steps), peak memory of forward+backward (CPU: the profiler's
+allocation events, :func:`peak_cpu_bytes`, which also sees what a backward pass holds while it
+recomputes; CUDA: ``torch.cuda.max_memory_allocated``; both beyond what was live before), the ratio of wall time to
 torchdiffeq's equivalent, and the gradient's relative error against DirectAdjoint at 1e-8.
 
 Run twice: as is, and with --scale 3 (weights x3: at random initialisation the unscaled
@@ -171,6 +174,44 @@ def diffrax_rows(params, u0, d, tol, solver_name, repeats):
     return out
 
 
+def saved_tensor_counter():
+    """``(pack, unpack, total)`` for ``torch.autograd.graph.saved_tensors_hooks``: ``total[0]`` becomes the bytes
+    of the distinct storages autograd saves for backward (a parameter saved by every step counts once; the
+    storages are kept referenced so a freed address cannot be counted twice)."""
+    seen: dict = {}
+    total = [0]
+
+    def pack(x):
+        storage = x.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen[storage.data_ptr()] = storage
+            total[0] += storage.nbytes()
+        return x
+    return pack, (lambda x: x), total
+
+
+def peak_cpu_bytes(fn) -> int:
+    """Peak bytes of CPU tensor memory that ``fn()`` allocates beyond what was live when it started.
+
+    From the PyTorch profiler's memory events (``profile_memory=True``): every operator's own
+    allocations minus its frees (``self_cpu_memory_usage``, so nested operators are not counted
+    twice) plus the allocator events outside operators, accumulated in time order. This counts
+    what autograd keeps for backward *and* what a backward pass holds while it recomputes
+    (checkpoints, a step's graph, adjoint states) — the quantity the saved-tensor count misses
+    for checkpointed and adjoint methods. tracemalloc cannot see it (tensor storage bypasses
+    Python's allocator). The profiler slows ``fn`` down, so time it separately.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
 def train_step(run, params, u0, field, hooks=None):
     """Forward (under ``hooks``, if given) then backward: (grads, forward NFE, backward NFE)."""
     if hooks is not None:
@@ -184,16 +225,16 @@ def train_step(run, params, u0, field, hooks=None):
 
 
 def measure(run, params, u0, field, repeats):
-    total = [0]
-
-    def pack(x):
-        total[0] += x.numel() * x.element_size()
-        return x
+    pack, unpack, total = saved_tensor_counter()
     if u0.is_cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    grads, nfe_f, nfe_b = train_step(run, params, u0, field, hooks=(pack, lambda x: x))
-    peak = torch.cuda.max_memory_allocated() if u0.is_cuda else None
+    live_before = torch.cuda.memory_allocated() if u0.is_cuda else 0
+    grads, nfe_f, nfe_b = train_step(run, params, u0, field, hooks=(pack, unpack))
+    if u0.is_cuda:
+        peak = torch.cuda.max_memory_allocated() - live_before
+    else:
+        peak = peak_cpu_bytes(lambda: train_step(run, params, u0, field))
     times = []
     for _ in range(repeats):
         if u0.is_cuda:
@@ -204,6 +245,10 @@ def measure(run, params, u0, field, repeats):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return dict(grads=grads, nfe_f=nfe_f, nfe_b=nfe_b, time=statistics.median(times), saved=total[0], peak=peak)
+
+
+def _megabytes(value) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f}"
 
 
 def main():
@@ -246,6 +291,7 @@ def main():
          "torchdiffeq odeint_adjoint"),
         ("pylux QuadratureAdjoint", pl(lx.QuadratureAdjoint()), "torchdiffeq odeint_adjoint"),
         ("pylux ReversibleAdjoint", pl(lx.ReversibleAdjoint()), "torchdiffeq odeint"),
+        ("pylux DirectAdjoint(checkpoints=8)", pl(lx.DirectAdjoint(checkpoints=8)), "torchdiffeq odeint"),
     ]
     if not args.skip_peers:
         rows += [
@@ -266,18 +312,14 @@ def main():
     print(f"Kelly MNIST neural ODE, batch {u0.shape[0]}, float32, weights x{args.scale:g}, tol {tol:g}, "
           f"{args.threads} threads, {args.device}; pylux rows use {args.solver}")
     header = (f"{'method':40s} {'fwd NFE':>8s} {'bwd NFE':>8s} {'time ms':>9s} {'vs peer':>8s} "
-              f"{'saved MB':>9s} {'grad rel err':>12s}")
-    if device.type == "cuda":
-        header += f" {'peak MB':>9s}"
+              f"{'saved MB':>9s} {'peak MB':>9s} {'grad rel err':>12s}")
     print(header)
     for name, _, peer in rows:
         r = results[name]
         ratio = results[peer]["time"] / r["time"] if peer in results else float("nan")
         err = max(float((g.double() - g_ref).norm() / g_ref.norm()) for g, g_ref in zip(r["grads"], ref))
         line = (f"{name:40s} {r['nfe_f']:8d} {r['nfe_b'] if r['nfe_b'] >= 0 else '-':>8} {1e3 * r['time']:9.1f} "
-                f"{ratio:7.2f}x {r['saved'] / 2**20:9.1f} {err:12.2e}")
-        if r["peak"] is not None:
-            line += f" {r['peak'] / 2**20:9.1f}"
+                f"{ratio:7.2f}x {r['saved'] / 2**20:9.1f} {_megabytes(r['peak']):>9s} {err:12.2e}")
         print(line)
     print("'vs peer' = the torchdiffeq equivalent's time / this time (> 1: pylux faster).")
     if args.diffrax:

@@ -1,32 +1,44 @@
-"""Reversible solver vs backprop with checkpointing: time and memory of a neural-ODE training step.
+"""Reversible solver vs recursive checkpointing: time and memory of a neural-ODE training step.
 
 After McCallum & Foster (2024)'s experiment: a neural ODE f_θ(x, v) (MLP 2 -> 32 -> 32 -> 2,
 tanh) is fitted to Chandrasekhar's white-dwarf equation (x' = v, v' = -(2/t) v - (x^2 - C)^{3/2},
-x(0) = 1, v(0) = 0, C = 0.001, t in [0, 5]; pylux.data.white_dwarf_data) with 1000 fixed
-midpoint steps, loss = mean squared error at 50 evenly spaced times.
+x(0) = 1, v(0) = 0, C = 0.001, t in [0, 5]; pylux.data.white_dwarf_data) with --steps fixed
+midpoint steps (default 1000), loss = mean squared error at 50 evenly spaced times.
 
 Rows:
 * pylux ReversibleAdjoint(Midpoint(), coupling 0.999): O(1) memory in the number of steps,
   the exact gradient of the reversible discretisation;
-* backprop through the (plain) midpoint solve, checkpointed at k = 2 ... 44 segments with
-  torch.utils.checkpoint: stores k states, recomputes one segment at a time;
+* pylux DirectAdjoint(checkpoints=k), k = 2 ... 44: binomial (revolve) recursive checkpointing,
+  the schedule the paper compares against (diffrax's RecursiveCheckpointAdjoint): stores k
+  states, recomputes the minimal r n - binom(k + r, k + 1) steps, gradient = plain backprop's;
+* with --uniform: backprop through k uniform segments with torch.utils.checkpoint;
 * plain backprop (DirectAdjoint), everything stored.
 
-Columns: wall time of one forward+backward (median of --repeats), memory, and the loss after
---train-steps Adam steps (lr 1e-2) from the same initialisation (same loss = both train alike).
-Memory on CPU: 'stored' = bytes autograd keeps after the forward pass (saved-tensor hooks),
-'peak est.' = stored + the largest recomputed segment's graph (per-step bytes of plain
-backprop x steps per segment); the reversible backward holds two steps' graphs at a time.
-The midpoint method costs 2 evaluations per step, its reversible version 4 forward and
-4 + 2 VJPs backward. float64 by default (--dtype float32 to compare).
+Columns: wall time of one forward+backward (median of --repeats), recomputed steps,
+memory, and the loss after --train-steps Adam steps (lr 1e-2) from the same initialisation.
+Binomial checkpointing gives plain backprop's gradient to round-off (the 'grad diff' column
+measures it), so its loss after training is plain backprop's; --train-all trains every row
+anyway. The uniform rows save the step nearest each data time where pylux interpolates, so
+their gradient differs slightly. Memory on CPU: 'stored' = bytes of the distinct storages autograd
+keeps after the forward pass (saved-tensor hooks); 'peak' = the most tensor memory live during forward+backward, from the profiler's
+allocation events (benchmarks/node_train_step.peak_cpu_bytes), which also counts what a
+backward pass holds while it recomputes. The midpoint method costs 2 evaluations per step, its
+reversible version 4 forward and 4 + 2 VJPs backward. float64 by default (--dtype float32).
 
-    python benchmarks/reversible.py [--repeats 3] [--train-steps 100] [--threads 2]
+--steps-list n1,n2,... adds the combined runtime (forward+backward) against the number of
+steps for ReversibleAdjoint, plain backprop and binomial checkpointing (--curve-checkpoints),
+printed and plotted to --plot (PNG, if matplotlib is installed).
+
+    python benchmarks/reversible.py [--repeats 3] [--train-steps 20] [--threads 1] [--steps 1000]
+                                    [--steps-list 100,250,500,1000] [--plot reversible_runtime.png]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -34,8 +46,13 @@ import torch.utils.checkpoint
 
 import pylux as lx
 from pylux import nn
+from pylux.sensitivity.checkpointing import binomial_cost
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from node_train_step import peak_cpu_bytes, saved_tensor_counter  # noqa: E402
 
 STEPS = 1000
+T1 = 5.0
 
 
 def make_model(dtype):
@@ -50,24 +67,28 @@ def field_of(model, st):
     return f
 
 
-def reversible_loss(model, ps, st, data):
-    t_data, u_data = data
-    prob = lx.ODEProblem(field_of(model, st), u_data[0], (0.0, 5.0), ps)
-    sol = lx.solve(prob, lx.Midpoint(), dt=5.0 / STEPS, adaptive=False, saveat=t_data.tolist(),
-                   sensealg=lx.ReversibleAdjoint(coupling=0.999))
-    return (sol.u - u_data).pow(2).mean(), st, {}
+def solve_loss(sensealg, steps: int = STEPS):
+    """The white-dwarf loss with ``steps`` midpoint steps under ``sensealg`` (None: plain backprop)."""
+    def loss_fn(model, ps, st, data):
+        t_data, u_data = data
+        prob = lx.ODEProblem(field_of(model, st), u_data[0], (0.0, T1), ps)
+        sol = lx.solve(prob, lx.Midpoint(), dt=T1 / steps, adaptive=False, saveat=t_data.tolist(),
+                       sensealg=sensealg)
+        return (sol.u - u_data).pow(2).mean(), st, {}
+    return loss_fn
 
 
-def direct_loss(model, ps, st, data):
-    t_data, u_data = data
-    prob = lx.ODEProblem(field_of(model, st), u_data[0], (0.0, 5.0), ps)
-    sol = lx.solve(prob, lx.Midpoint(), dt=5.0 / STEPS, adaptive=False, saveat=t_data.tolist())
-    return (sol.u - u_data).pow(2).mean(), st, {}
+def reversible_loss(model, ps, st, data, steps: int = STEPS):
+    return solve_loss(lx.ReversibleAdjoint(coupling=0.999), steps)(model, ps, st, data)
 
 
-def checkpointed_loss(k: int):
-    """Plain midpoint steps in k segments, each recomputed during backward (torch.utils.checkpoint)."""
-    dt = 5.0 / STEPS
+def direct_loss(model, ps, st, data, steps: int = STEPS):
+    return solve_loss(None, steps)(model, ps, st, data)
+
+
+def checkpointed_loss(k: int, steps: int = STEPS):
+    """Plain midpoint steps in k uniform segments, each recomputed during backward (torch.utils.checkpoint)."""
+    dt = T1 / steps
 
     def loss_fn(model, ps, st, data):
         t_data, u_data = data
@@ -86,7 +107,7 @@ def checkpointed_loss(k: int):
             return (u, *saved)
 
         u = u_data[0]
-        bounds = [round(i * STEPS / k) for i in range(k + 1)]
+        bounds = [round(i * steps / k) for i in range(k + 1)]
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             u, *saved = torch.utils.checkpoint.checkpoint(segment, u, lo, hi, use_reentrant=False)
             for j, value in zip((save_at[n + 1] for n in range(lo, hi) if n + 1 in save_at), saved):
@@ -95,25 +116,23 @@ def checkpointed_loss(k: int):
     return loss_fn
 
 
-def step_cost(loss_fn, model, ps0, st, data, repeats):
-    """(median seconds of forward+backward, bytes autograd stores during the forward pass)."""
+def step_cost(loss_fn, model, ps0, st, data, repeats, peak: bool = False):
+    """(median seconds of forward+backward, bytes autograd stores during the forward pass, gradient,
+    peak bytes of forward+backward or None)."""
     state = lx.training.TrainState(model, ps0, st, lx.training.Adam(1e-2))
-    stored = [0]
-
-    def pack(x):
-        stored[0] += x.numel() * x.element_size()
-        return x
+    pack, unpack, stored = saved_tensor_counter()
 
     def counted_loss(model, ps, st, data):
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             return loss_fn(model, ps, st, data)
-    _, _, _, state = lx.training.compute_gradients(counted_loss, data, state)
+    grads, _, _, state = lx.training.compute_gradients(counted_loss, data, state)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         _, _, _, state = lx.training.compute_gradients(loss_fn, data, state)
         times.append(time.perf_counter() - start)
-    return statistics.median(times), stored[0]
+    peak_bytes = peak_cpu_bytes(lambda: lx.training.compute_gradients(loss_fn, data, state)) if peak else None
+    return statistics.median(times), stored[0], lx.flatten(grads)[0].detach(), peak_bytes
 
 
 def train(loss_fn, model, ps0, st, data, steps: int) -> float:
@@ -124,38 +143,97 @@ def train(loss_fn, model, ps0, st, data, steps: int) -> float:
     return float(loss)
 
 
+def runtime_curve(model, ps0, st, data, steps_list, checkpoints: int, repeats: int):
+    """{method: [seconds of forward+backward for each number of steps]}."""
+    methods = {"ReversibleAdjoint": lambda n: solve_loss(lx.ReversibleAdjoint(coupling=0.999), n),
+               "DirectAdjoint (store all)": lambda n: solve_loss(None, n),
+               f"DirectAdjoint(checkpoints={checkpoints})": lambda n: solve_loss(
+                   lx.DirectAdjoint(checkpoints=checkpoints), n)}
+    return {name: [step_cost(make(n), model, ps0, st, data, repeats)[0] for n in steps_list]
+            for name, make in methods.items()}
+
+
+def plot_curve(curve, steps_list, path, title):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, seconds in curve.items():
+        ax.plot(steps_list, seconds, marker="o", label=name)
+    ax.set_xlabel("number of steps")
+    ax.set_ylabel("forward + backward time (s)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--train-steps", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--train-steps", type=int, default=20)
+    parser.add_argument("--train-all", action="store_true",
+                        help="also train the binomial-checkpointing rows (their gradient is plain backprop's)")
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--checkpoints", default="2,4,8,16,32,44")
+    parser.add_argument("--uniform", action="store_true",
+                        help="also time uniform-segment checkpointing with torch.utils.checkpoint")
+    parser.add_argument("--no-peak", action="store_true", help="skip the profiler's peak-memory measurement")
+    parser.add_argument("--steps-list", default="",
+                        help="comma list of step counts for the runtime-vs-steps curve (empty: skip)")
+    parser.add_argument("--curve-checkpoints", type=int, default=8)
+    parser.add_argument("--plot", default="reversible_runtime.png")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     data = lx.data.white_dwarf_data(50, dtype=dtype)
     model, ps0, st = make_model(dtype)
+    steps, peak = args.steps, not args.no_peak
 
-    direct_time, direct_stored = step_cost(direct_loss, model, ps0, st, data, args.repeats)
-    per_step = direct_stored / STEPS
-    rev_time, rev_stored = step_cost(reversible_loss, model, ps0, st, data, args.repeats)
-    rows = [("DirectAdjoint (store all)", direct_loss, direct_time, direct_stored, direct_stored),
-            ("ReversibleAdjoint", reversible_loss, rev_time, rev_stored, rev_stored + 2 * per_step)]
+    rows = [("DirectAdjoint (store all)", solve_loss(None, steps), 0, True),
+            ("ReversibleAdjoint", solve_loss(lx.ReversibleAdjoint(coupling=0.999), steps), None, True)]
     for k in (int(x) for x in args.checkpoints.split(",")):
-        fn = checkpointed_loss(k)
-        t_k, stored_k = step_cost(fn, model, ps0, st, data, args.repeats)
-        rows.append((f"checkpointed backprop, {k} ckpts", fn, t_k, stored_k,
-                     stored_k + per_step * -(-STEPS // k)))
-    print(f"white dwarf neural ODE, {STEPS} midpoint steps, {args.dtype}, {args.threads} threads; "
+        rows.append((f"DirectAdjoint(checkpoints={k})", solve_loss(lx.DirectAdjoint(checkpoints=k), steps),
+                     binomial_cost(steps, k), args.train_all))
+        if args.uniform:
+            rows.append((f"uniform torch.utils.checkpoint, {k} segs", checkpointed_loss(k, steps), steps, True))
+    measured = {name: step_cost(fn, model, ps0, st, data, args.repeats, peak) for name, fn, _, _ in rows}
+    direct_grad = measured["DirectAdjoint (store all)"][2]
+    rev_time = measured["ReversibleAdjoint"][0]
+    print(f"white dwarf neural ODE, {steps} midpoint steps, {args.dtype}, {args.threads} threads; "
           f"loss after {args.train_steps} Adam steps (lr 1e-2)")
-    print(f"{'method':34s} {'time ms':>9s} {'vs rev.':>8s} {'stored KB':>10s} {'peak est. KB':>13s} "
-          f"{'loss':>10s}")
-    for name, fn, t, stored, peak in rows:
-        loss = train(fn, model, ps0, st, data, args.train_steps)
-        print(f"{name:34s} {1e3 * t:9.1f} {t / rev_time:7.2f}x {stored / 1024:10.1f} {peak / 1024:13.1f} "
-              f"{loss:10.3e}")
-    print("'vs rev.' = this time / ReversibleAdjoint's time (> 1: reversible faster).")
+    print("| method | time ms | vs rev. | recomputed steps | stored KB | peak KB | grad diff vs Direct | loss |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    direct_loss_value = None
+    for name, fn, recomputed, trains in rows:
+        t, stored, grad, peak_bytes = measured[name]
+        loss = train(fn, model, ps0, st, data, args.train_steps) if trains else None
+        if name.startswith("DirectAdjoint (store all)"):
+            direct_loss_value = loss
+        loss_text = f"{loss:.4e}" if loss is not None else f"= Direct ({direct_loss_value:.4e})"
+        diff = float((grad - direct_grad).abs().max() / direct_grad.abs().max())
+        peak_text = f"{peak_bytes / 1024:.1f}" if peak_bytes is not None else "-"
+        rec = "-" if recomputed is None else str(recomputed)
+        print(f"| {name} | {1e3 * t:.1f} | {t / rev_time:.2f}x | {rec} | {stored / 1024:.1f} | {peak_text} | "
+              f"{diff:.1e} | {loss_text} |")
+    print("'vs rev.' = this time / ReversibleAdjoint's time (> 1: reversible faster); 'grad diff' = max |g - g_Direct|"
+          " / max |g_Direct| at the initial parameters (ReversibleAdjoint differentiates a different discretisation).")
+    if args.steps_list:
+        steps_list = [int(x) for x in args.steps_list.split(",")]
+        curve = runtime_curve(model, ps0, st, data, steps_list, args.curve_checkpoints, args.repeats)
+        print("\ncombined runtime (forward + backward, s) against the number of steps")
+        print("| method | " + " | ".join(str(n) for n in steps_list) + " |")
+        print("|---|" + "---:|" * len(steps_list))
+        for name, seconds in curve.items():
+            print(f"| {name} | " + " | ".join(f"{x:.3f}" for x in seconds) + " |")
+        plot_curve(curve, steps_list, args.plot, f"white dwarf, midpoint, {args.dtype}, {args.threads} thread(s)")
 
 
 if __name__ == "__main__":
