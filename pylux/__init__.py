@@ -79,6 +79,8 @@ from .nonlinear import (
     nlsolve,
 )
 from .layers import NeuralODE, NeuralSDE
+from .layers import ODERNN, LatentODE, NeuralCDE
+from .diffeq import CubicSpline, HermiteCubicSpline, LinearInterpolation
 from .layers import FFJORD, StandardNormal
 from .layers import (DEQ, ContinuousSolve, DEQSolution, DeepEquilibriumNetwork, DiscreteSolve, EquilibriumResult,
                      MultiScaleDEQ, MultiScaleDeepEquilibriumNetwork, SkipDEQ, SkipDeepEquilibriumNetwork)

@@ -43,6 +43,7 @@ from .solve import AbstractSensitivityAlgorithm, check_sensealg, solve
 from .solvers import (BS3, DP5, RK4, AbstractAdaptiveSolver, AbstractSolver, Euler,
                       ExplicitRungeKutta, Heun, Midpoint, StepResult, StepStatus, Tsit5)
 from .terms import AbstractControl, AbstractTerm, BoundTerm, ControlTerm, MultiTerm, ODETerm
+from .splines import AbstractSplineControl, CubicSpline, HermiteCubicSpline, LinearInterpolation
 from .tableau import ButcherTableau, TableauError
 
 __all__ = [
@@ -68,3 +69,4 @@ __all__ = [
     "AbstractTerminationCallback", "TerminateSteadyState", "TerminateWhen",
     "AbstractSensitivityAlgorithm", "check_sensealg",
 ]
+__all__ += ["AbstractSplineControl", "CubicSpline", "HermiteCubicSpline", "LinearInterpolation"]

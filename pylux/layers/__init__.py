@@ -16,6 +16,8 @@
 
 from .neural_ode import NeuralODE
 from .neural_sde import NeuralSDE
+from .cde import NeuralCDE
+from .odernn import ODERNN, GRUCell, LatentODE
 from .distributions import StandardNormal
 from .ffjord import FFJORD
 from .deq import (DEQ, AbstractEquilibriumSolve, ContinuousSolve, DEQSolution, DeepEquilibriumNetwork, DiscreteSolve,
@@ -27,3 +29,4 @@ __all__ += ["FFJORD", "StandardNormal"]
 __all__ += ["DEQ", "DEQSolution", "DeepEquilibriumNetwork", "MultiScaleDEQ",
             "MultiScaleDeepEquilibriumNetwork", "SkipDEQ", "SkipDeepEquilibriumNetwork",
             "AbstractEquilibriumSolve", "DiscreteSolve", "ContinuousSolve", "EquilibriumResult"]
+__all__ += ["NeuralCDE", "ODERNN", "GRUCell", "LatentODE"]
