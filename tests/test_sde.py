@@ -177,6 +177,13 @@ def test_reversible_heun_adjoint_is_the_exact_discrete_gradient_at_constant_memo
     assert sol.t.tolist() == pytest.approx([0.37, 1.0])  # saved values are states: the solve stepped onto them
     stats = sol.backward_stats
     assert stats["nsteps"] == 100 and stats["reconstruction_error"] < 1e-12
+    # one drift and one diffusion evaluation and one VJP per node of the solve, as many as the forward takes
+    assert (stats["nf"], stats["ng"], stats["nvjp"]) == (101, 101, 101)
+    # a saved time at t0 and one that is not a step end of the default grid: still the backprop gradient
+    loss, _ = _rev_loss(theta, u0, lx.ReversibleAdjoint(), saveat=(0.0, 0.37, 0.5, 1.0), dt=0.03)
+    ref_loss, _ = _rev_loss(theta, u0, lx.ReversibleAdjoint(backprop=True), saveat=(0.0, 0.37, 0.5, 1.0), dt=0.03)
+    for g, r in zip(torch.autograd.grad(loss, [theta, u0]), torch.autograd.grad(ref_loss, [theta, u0])):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
     # against central finite differences of the same discrete solve
     eps = 1e-6
     fd = torch.stack([(_rev_loss(theta.detach() + eps * e, u0.detach(), None)[0]

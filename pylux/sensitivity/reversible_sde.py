@@ -10,14 +10,14 @@ the shared loop) keeps only the accepted steps' ``t`` and ``dt`` and the final
     y_n = y_{n+1} - \tfrac12 (\mu_n + \mu_{n+1}) h - \tfrac12 (\sigma_n + \sigma_{n+1}) \Delta W_n,
 
 with :math:`\mu_n = f(\hat z_n)`, :math:`\sigma_n = g(\hat z_n)` evaluated once,
-under autograd, and then reused in the step map
-:math:`\Phi: (y_n, \hat z_n) \mapsto (y_{n+1}, \hat z_{n+1})`, whose vector–Jacobian
-product with the adjoints :math:`(a_y, a_z)` of :math:`(y_{n+1}, \hat z_{n+1})`
-gives those of :math:`(y_n, \hat z_n)` and the parameter gradient. The Brownian
-increments are re-queried from the solve's own path. The gradient is that of
-the discrete solve (up to the round-off of the reconstruction, reported as
-``backward_stats["reconstruction_error"]``), at two drift and two diffusion
-evaluations and one VJP per step.
+under autograd. Reverse mode then runs over the solve's nodes rather than its
+steps (:meth:`_Sweep.run`): that one evaluation both rebuilds :math:`y_n` and
+carries the cotangents of :math:`\mu_n, \sigma_n` from the two steps they enter,
+so a backward step costs one drift and one diffusion evaluation and one VJP,
+as a forward step does (a VJP of each step map would evaluate the fields
+twice). The Brownian increments are re-queried from the solve's own path. The
+gradient is that of the discrete solve (up to the round-off of the
+reconstruction, reported as ``backward_stats["reconstruction_error"]``).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class _ReversibleHeunFunction(torch.autograd.Function):
         check_all_gradients_used(grad_at, "ReversibleAdjoint")
         grad_u0 = a_y + a_z + (grad_start if grad_start is not None else 0)
         error = torch.maximum((y0 - u0).abs().max(), (z0 - u0).abs().max()) if u0.numel() else u0.new_zeros(())
-        ctx.backward_stats.update(nf=sweep.nf, ng=sweep.nf, nvjp=len(ctx.steps), nsteps=len(ctx.steps),
+        ctx.backward_stats.update(nf=sweep.nf, ng=sweep.nf, nvjp=sweep.nf, nsteps=len(ctx.steps),
                                   reconstruction_error=float(error))
         return (None, None, None, None, None, None, grad_u0, *a_theta)
 
@@ -110,36 +110,72 @@ class _Sweep:
         return drift, diffusion
 
     def run(self, y, z, grad_at):
+        """Reverse mode over the nodes ``k = N, ..., 0`` of the solve, one field evaluation and one VJP each.
+
+        Node ``k`` holds ``(y_k, z_k)`` and ``mu_k, sigma_k = f, g(z_k)``. With ``(h', dW')`` the step
+        after it and ``(h, dW)`` the step before, ``y_k`` enters ``y_{k+1}`` and ``2 y_k`` enters
+        ``z_{k+1}``, ``z_k`` enters ``z_{k+1}`` as ``-z_k``, and ``mu_k, sigma_k`` enter both steps, so
+
+            a_y^k = a_y^{k+1} + 2 a_z^{k+1} (+ dL/du(t_k)),
+            S_k   = <a_y^{k+1}/2 + a_z^{k+1}, h' mu_k + sigma_k dW'> + <a_y^k/2, h mu_k + sigma_k dW>,
+            a_z^k = -a_z^{k+1} + dS_k/dz_k,     a_theta += dS_k/dtheta,
+
+        where the VJP of ``S_k`` is taken through the one evaluation ``f, g(z_k)`` that also rebuilds
+        ``y_k``. Backprop through the step map would evaluate the fields twice a step.
+        """
         ctx = self.ctx
-        a_y, a_z = torch.zeros_like(y), torch.zeros_like(y)
         a_theta = [torch.zeros_like(x) for x in self.ps_]
         if not ctx.steps:
-            return a_y, a_z, a_theta, y, z
+            return torch.zeros_like(y), torch.zeros_like(y), a_theta, y, z
+        steps = list(zip(ctx.steps, ctx.step_ends))
+        k = len(steps)
+        control = self.term.part_term(1).control
+        after = None  # (h', dW', a_y^{k+1}, a_z^{k+1}) of the step after node k
+        z_k = z.requires_grad_(True)
         self._t = time_scalar(ctx.step_ends[-1], *ctx.time)
-        with torch.no_grad():
-            mu1, sig1 = self.fields(z)
-        for (t, dt), t_new in zip(reversed(ctx.steps), reversed(ctx.step_ends)):
-            if t_new in grad_at:
-                a_y = a_y + grad_at.pop(t_new)
-            dW = self.term.part_term(1).control.increment(t, t_new)
+        mu, sig = self.fields(z_k)
+        y_k = y
+        a_y = grad_at.pop(ctx.step_ends[-1], torch.zeros_like(y))
+        while True:
+            before = None
+            if k > 0:
+                (t, dt), t_new = steps[k - 1]
+                before = (dt, control.increment(t, t_new))
+            a_z = self._node_vjp(z_k, mu, sig, after, before, a_y, a_theta)
+            if before is None:
+                return a_y, a_z, a_theta, y_k, z_k.detach()
+            dt, dW = before
+            mu1, sig1 = mu.detach(), sig.detach()
             with torch.no_grad():
-                z0 = 2 * y - z - mu1 * dt - self.term.part_prod(1, sig1, dW)
-            z0 = z0.requires_grad_(True)
-            self._t = time_scalar(t, *ctx.time)
-            mu0, sig0 = self.fields(z0)
+                z_prev = 2 * y_k - z_k - mu1 * dt - self.term.part_prod(1, sig1, dW)
+            k -= 1
+            self._t = time_scalar(steps[k][0][0], *ctx.time)
+            z_k = z_prev.requires_grad_(True)
+            mu, sig = self.fields(z_k)
             with torch.no_grad():
-                y0 = y - 0.5 * (mu0 + mu1) * dt - self.term.part_prod(1, 0.5 * (sig0 + sig1), dW)
-            y0 = y0.requires_grad_(True)
-            # the step map from (y_n, z_n), with mu_n, sigma_n = f, g(z_n) already on the graph
-            self._t = time_scalar(t_new, *ctx.time)
-            z1 = 2 * y0 - z0 + mu0 * dt + self.term.part_prod(1, sig0, dW)
-            mu1_, sig1_ = self.fields(z1)
-            y1 = y0 + 0.5 * (mu0 + mu1_) * dt + self.term.part_prod(1, 0.5 * (sig0 + sig1_), dW)
-            grads = torch.autograd.grad((y1, z1), [y0, z0, *self.ps_], grad_outputs=(a_y, a_z), allow_unused=True)
-            a_y = grads[0] if grads[0] is not None else torch.zeros_like(y)
-            a_z = grads[1] if grads[1] is not None else torch.zeros_like(y)
-            for j, g in enumerate(grads[2:]):
-                if g is not None:
-                    a_theta[j] = a_theta[j] + g
-            y, z, mu1, sig1 = y0.detach(), z0.detach(), mu0.detach(), sig0.detach()
-        return a_y, a_z, a_theta, y, z
+                y_k = y_k - 0.5 * (mu.detach() + mu1) * dt - self.term.part_prod(1, 0.5 * (sig.detach() + sig1), dW)
+            after = (dt, dW, a_y, a_z)
+            a_y = a_y + 2 * a_z
+            if k > 0 and steps[k - 1][1] in grad_at:  # t0's row is added by the caller
+                a_y = a_y + grad_at.pop(steps[k - 1][1])
+
+    def _node_vjp(self, z_k, mu, sig, after, before, a_y, a_theta):
+        """``a_z^k``: the VJP of ``S_k`` (see :meth:`run`) through ``f, g(z_k)``, adding to ``a_theta``."""
+        prod = self.term.part_prod
+        surrogate = None
+        if after is not None:
+            h, dW, a_y_next, a_z_next = after
+            c = 0.5 * a_y_next + a_z_next
+            surrogate = (c * (mu * h + prod(1, sig, dW))).sum()
+        if before is not None:
+            h, dW = before
+            part = (0.5 * a_y * (mu * h + prod(1, sig, dW))).sum()
+            surrogate = part if surrogate is None else surrogate + part
+        grads = torch.autograd.grad(surrogate, [z_k, *self.ps_], allow_unused=True)
+        a_z = grads[0] if grads[0] is not None else torch.zeros_like(z_k)
+        if after is not None:
+            a_z = a_z - after[3]
+        for j, g in enumerate(grads[1:]):
+            if g is not None:
+                a_theta[j] = a_theta[j] + g
+        return a_z
