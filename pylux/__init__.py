@@ -101,4 +101,6 @@ from .regularize import TaylorRegularization
 from .interop import StatefulLayer, odeint, odeint_adjoint
 from .training import BinaryCrossEntropyLoss, CrossEntropyLoss, MSELoss
 
+from .diffeq import ContinuousCallback, DiscreteCallback, SecondOrderODEProblem, terminate
+
 __version__ = "0.1.0"

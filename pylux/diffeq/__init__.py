@@ -45,6 +45,9 @@ from .solvers import (BS3, DP5, RK4, AbstractAdaptiveSolver, AbstractSolver, Eul
 from .terms import AbstractControl, AbstractTerm, BoundTerm, ControlTerm, MultiTerm, ODETerm
 from .splines import AbstractSplineControl, CubicSpline, HermiteCubicSpline, LinearInterpolation
 from .tableau import ButcherTableau, TableauError
+from .callbacks import AbstractEventCallback, ContinuousCallback, DiscreteCallback, terminate
+from .events import EventLog
+from .second_order import SecondOrderODEProblem
 
 __all__ = [
     # problems and solving
@@ -70,3 +73,5 @@ __all__ = [
     "AbstractSensitivityAlgorithm", "check_sensealg",
 ]
 __all__ += ["AbstractSplineControl", "CubicSpline", "HermiteCubicSpline", "LinearInterpolation"]
+__all__ += ["AbstractEventCallback", "ContinuousCallback", "DiscreteCallback", "terminate", "EventLog",
+            "SecondOrderODEProblem"]

@@ -21,6 +21,9 @@ The loop is a composition of small helpers, each testable on its own:
   without an interpolant) and accept/reject with the next ``dt``;
 * :class:`Saver` — what to store (every step, ``saveat`` by interpolation, ends);
 * :func:`check_termination` — the termination callbacks;
+* :class:`~pylux.diffeq.events.EventHandler` — event callbacks (only when given):
+  conditions tested on the trial step (their flag rides in the step's one
+  transfer), events located, the step cut, affects applied;
 * :class:`StatsRecorder` — per-step internals when ``save_stats=True``.
 
 Host synchronisation: the accept/reject decision needs ``E`` on the host; the
@@ -45,7 +48,9 @@ from typing import Callable
 import torch
 
 from ._device import host_to_device, time_scalar
+from .callbacks import AbstractEventCallback
 from .controllers import FixedTimeGrid, clamp_step, initial_step_size
+from .events import EventHandler, EventLog
 from .interpolation import AbstractInterpolant, DenseOutput
 from .norms import ScaledErrorNorm, scaled_error_norm
 from .options import SolveOptions
@@ -286,20 +291,28 @@ def check_termination(callbacks, u_new: torch.Tensor, t_new: float, du: Callable
 def _fetch(error_norm: torch.Tensor | None, flags: list, status) -> tuple[float, bool, int]:
     """The host synchronisation of a step: ``E``, whether a callback fired and the step status, in
     one transfer (none at all when nothing is a tensor)."""
+    return _fetch_step(error_norm, flags, status, None)[:3]
+
+
+def _fetch_step(error_norm: torch.Tensor | None, flags: list, status, event_flag
+                ) -> tuple[float, bool, int, bool]:
+    """:func:`_fetch`, and whether the events' 0-d flag (or ``None``) is set, in the same transfer."""
     tensor_flags = [f for f in flags if isinstance(f, torch.Tensor)]
     fired = any(bool(f) for f in flags if not isinstance(f, torch.Tensor))
     status_tensor = isinstance(status, torch.Tensor)
     code = 0 if status_tensor else int(status)
-    if error_norm is None and not tensor_flags and not status_tensor:
-        return 0.0, fired, code
+    extra = [] if event_flag is None else [event_flag]
+    if error_norm is None and not tensor_flags and not status_tensor and not extra:
+        return 0.0, fired, code, False
     dtype = error_norm.dtype if error_norm is not None else torch.float32
     values = ([error_norm.detach().reshape(())] if error_norm is not None else []) + [
-        f.detach().reshape(()).to(dtype) for f in tensor_flags + ([status] if status_tensor else [])]
+        f.detach().reshape(()).to(dtype) for f in tensor_flags + extra + ([status] if status_tensor else [])]
     host = torch.stack(values).tolist() if len(values) > 1 else [values[0].item()]
     e = host.pop(0) if error_norm is not None else 0.0
     if status_tensor:
         code = int(host.pop())
-    return e, fired or any(v != 0 for v in host), code
+    event = bool(host.pop()) if extra else False
+    return e, fired or any(v != 0 for v in host), code, event
 
 
 def _du_provider(field, result: StepResult, u_new: torch.Tensor, t_new: torch.Tensor):
@@ -319,7 +332,7 @@ def _retry_state(result: StepResult, state):
 
 
 class _Outcome:
-    __slots__ = ("retcode", "t", "u", "dt", "naccept", "nreject", "detail", "solver_state")
+    __slots__ = ("retcode", "t", "u", "dt", "naccept", "nreject", "detail", "solver_state", "events")
 
     def __init__(self, t0, u0, dt):
         self.retcode = ReturnCode.Success
@@ -327,6 +340,7 @@ class _Outcome:
         self.naccept = self.nreject = 0
         self.detail = ""
         self.solver_state = None
+        self.events = None
 
     def stop(self, retcode: ReturnCode, detail: str = "") -> None:
         self.retcode, self.detail = retcode, detail
@@ -386,6 +400,8 @@ class _Loop:
                                              differentiable=options.save_stats)
         self.finite_flags: list[torch.Tensor] = []
         self.fixed_steps: list[tuple[float, float]] = []
+        self.termination = tuple(cb for cb in options.callbacks if not isinstance(cb, AbstractEventCallback))
+        self.events: EventHandler | None = None
 
     def first_step(self, out: _Outcome) -> float | None:
         """The signed first ``dt`` (Hairer's heuristic unless given), and the solver's initial state."""
@@ -419,6 +435,9 @@ class _Loop:
         if dt is None:
             return out
         out.dt = dt
+        if len(self.termination) != len(self.options.callbacks):
+            self.events = EventHandler(self.options.callbacks, self.solver, self.u0, self.t0, self.t1, self.time)
+            out.events = self.events.log
         self.t, self.u, self.stop_index = self.t0, self.u0, 0
         self.nonfinite_streak, self.last_error = 0, math.nan
         while self.t != self.t1 and out.retcode == ReturnCode.Success:
@@ -444,10 +463,12 @@ class _Loop:
         result = self.solver.step(self.field, time_scalar(t, *self.time), u, time_scalar(dt_step, *self.time),
                                   self.state)
         error_norm = self.error_norm(result, u)
-        callbacks = self.options.callbacks
+        callbacks = self.termination
         flags = check_termination(callbacks, result.u_new, t_new, _du_provider(
             self.field, result, result.u_new, time_scalar(t_new, *self.time))) if callbacks else []
-        e, fired, code = _fetch(error_norm if self.adaptive else None, flags, result.status)
+        event_flag = self.events.check(result, t, t_new) if self.events is not None else None
+        e, fired, code, event_fired = _fetch_step(error_norm if self.adaptive else None, flags, result.status,
+                                                  event_flag)
         if code == StepStatus.FAILURE:
             out.stop(ReturnCode.Failure, f"the step from t = {t!r} failed: {result.reason or 'no reason given'}")
             return dt
@@ -460,7 +481,11 @@ class _Loop:
             self.last_error = e
         accept, dt_next, cstate_new = self.controller.decide(self.cstate, e if self.adaptive else None, dt_step)
         if accept:
-            self.accept(out, result, t_new, dt_step, error_norm, cstate_new, stop)
+            if event_fired:
+                result, t_new, fired = self.resolve_events(result, t, t_new, fired)
+            elif self.events is not None:
+                self.events.advance()
+            self.accept(out, result, t_new, t_new - t if event_fired else dt_step, error_norm, cstate_new, stop)
             if fired:
                 out.stop(ReturnCode.Terminated)
             if self.adaptive and t_new == stop and abs(dt_step) < abs(dt):
@@ -470,6 +495,12 @@ class _Loop:
             out.nreject += 1
             self.state = _retry_state(result, self.state)
         return self.bound_next(out, dt_next, e)
+
+    def resolve_events(self, result: StepResult, t: float, t_new: float, fired: bool):
+        """An accepted step whose events fired: ``(result, t_end, stop)`` after the events, the step cut at the
+        earliest one (termination flags were tested at the uncut end, so they count only without a cut)."""
+        result, t_end, stop, self.field = self.events.resolve(self.field, result, t, t_new)
+        return result, t_end, stop or (fired and t_end == t_new)
 
     def error_norm(self, result: StepResult, u) -> torch.Tensor | None:
         if self.adaptive:
@@ -601,6 +632,8 @@ def integrate(f, u0: torch.Tensor, t0: float, t1: float, solver: AbstractSolver,
     saver.start(u0)
     if t0 == t1:
         out = _Outcome(t0, u0, 0.0)
+        if any(isinstance(cb, AbstractEventCallback) for cb in options.callbacks):
+            out.events = EventLog([])
     else:
         out = _Loop(field, solver, u0, t0, t1, options, saver, dense, stats_recorder).run()
     return _finish(out, field, u0, solver, options, saver, dense, stats_recorder)
@@ -618,6 +651,7 @@ def _finish(out: _Outcome, field: CountingField, u0, solver, options: SolveOptio
     sol = Solution(t_tensor, u_tensor, out.retcode, stats, message=message, dense=dense,
                    solver=solver, u0=u0)
     sol.final_state = (out.u, out.solver_state)
+    sol.events = out.events
     if failed and options.throw:
         raise ERROR_FOR_RETCODE[out.retcode](
             message + " Pass throw=False to get the partial solution instead of this error "

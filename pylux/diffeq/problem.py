@@ -112,7 +112,8 @@ def parse_tspan(tspan, where: str) -> tuple[float, float, torch.dtype]:
         raise ValueError(f"{where}: tspan must be a pair (t0, t1), got {len(ends)} values")
     (t0, dtype0), (t1, dtype1) = _time_value(ends[0], "start", where), _time_value(ends[1], "end", where)
     for value, which in ((t0, "start"), (t1, "end")):
-        if not math.isfinite(value):
+        # an ODE's end may be infinite: solve() then requires a callback that ends the solve
+        if not math.isfinite(value) and not (which == "end" and where == "ODEProblem" and not math.isnan(value)):
             raise ValueError(f"{where}: tspan {which} is {value!r}; both ends must be finite")
     time_dtype = torch.float32 if (dtype0 == torch.float32 and dtype1 in (torch.float32, None)) or (
         dtype1 == torch.float32 and dtype0 is None) else torch.float64
@@ -135,7 +136,8 @@ class ODEProblem:
         u0: the initial state, a real floating-point tensor of any shape; a batch
             is part of the state (``(B, D)``, ``(B, C, H, W)``, …).
         tspan: ``(t0, t1)``, numbers or scalar tensors; ``t1 < t0`` integrates
-            backward in time. Time is kept in its own dtype: float64, or float32
+            backward in time; ``t1 = ±inf`` when the solve has a callback that
+            ends it (a terminating event). Time is kept in its own dtype: float64, or float32
             when both ends are float32 tensors (then each time point is rounded
             to float32, and a step too small to change t is an error).
             A pair of 1-D tensors of ``u0.shape[0]`` entries gives every sample

@@ -110,6 +110,11 @@ class Solution:
         retcode: a :class:`ReturnCode`.
         stats: a :class:`SolverStats`.
         message: for a failure, where it happened (t, dt, steps) and what to try.
+        events: with event callbacks, an :class:`~pylux.diffeq.events.EventLog`
+            (times, which callback, which sample, states); else ``None``.
+        position, velocity: for a :class:`~pylux.diffeq.second_order.SecondOrderODEProblem`,
+            ``u`` split into ``u`` and ``du/dt`` (views of ``sol.u``, each
+            ``(len(t), *u0.shape)``); else ``None``.
 
     ``sol(t)`` evaluates the dense output (the method's own interpolant) at a
     scalar or a sequence/tensor of times inside the solved interval; it needs
@@ -133,6 +138,9 @@ class Solution:
         self.backward_stats: dict | None = None
         #: ``(u, solver_state)`` where the solve stopped (internal: the reversible pair's Z)
         self.final_state = None
+        self.events = None
+        self.position: torch.Tensor | None = None
+        self.velocity: torch.Tensor | None = None
 
     @property
     def success(self) -> bool:

@@ -13,9 +13,11 @@ from typing import Any
 
 from .options import SOLVE_KEYWORDS, SolveOptions, check_keywords, make_options
 from .per_sample import solve_batched, wants_batched_times
+from .events import check_event_solve, split_callbacks, with_events
 from .integrate import integrate
 from .problem import ODEProblem
 from .sde import SDEProblem, check_sde_solver
+from .second_order import SecondOrderODEProblem
 from .solution import Solution
 from .solvers import AbstractSolver, Tsit5
 
@@ -137,7 +139,9 @@ def solve(prob: ODEProblem, solver: AbstractSolver | None = None, *, dt=None, ad
         dtmax: largest step (default ``|t1 - t0|``).
         maxiters: most trial steps (accepted + rejected) before MaxIters.
         callback: a termination callback (``TerminateSteadyState``,
-            ``TerminateWhen``) or a list of them.
+            ``TerminateWhen``), an event callback (``ContinuousCallback``,
+            ``DiscreteCallback``; their events are in ``sol.events``) or a list
+            of them. A callback that can end the solve allows ``t1 = inf``.
         save_stats: record per-step ``t``, ``dt``, error estimate and stiffness
             estimate in ``sol.stats`` (see :class:`SolverStats`).
         throw: on failure raise the return code's :class:`SolverError` (default)
@@ -174,6 +178,9 @@ def solve(prob: ODEProblem, solver: AbstractSolver | None = None, *, dt=None, ad
             save_stats=save_stats, throw=throw, dtmin=dtmin, dtmax=dtmax, dt=dt, adaptive=adaptive,
             reltol=reltol, abstol=abstol, controller=controller, norm=norm, maxiters=maxiters)
     t0, t1 = prob.tspan
+    termination, events = split_callbacks(callback)
+    check_event_solve(t1, termination, events, is_sde=isinstance(prob, SDEProblem), sensealg=sensealg,
+                      solver=solver, adaptive=adaptive, saveat=saveat)
     if sensealg is not None and not sensealg.differentiates_solver:
         if dense:
             raise NotImplementedError(
@@ -186,8 +193,13 @@ def solve(prob: ODEProblem, solver: AbstractSolver | None = None, *, dt=None, ad
         solver, prob.u0, t0, t1, time_dtype=prob.time_dtype, dt=dt, adaptive=adaptive,
         saveat=saveat, save_everystep=save_everystep, save_start=save_start, save_end=save_end,
         dense=dense, reltol=reltol, abstol=abstol, controller=controller, norm=norm, dtmin=dtmin,
-        dtmax=dtmax, maxiters=maxiters, callback=callback, save_stats=save_stats, throw=throw,
+        dtmax=dtmax, maxiters=maxiters, callback=termination, save_stats=save_stats, throw=throw,
         tstops=tstops)
+    options = with_events(options, events, t0, t1, dtmin)
     if sensealg is not None:
-        return sensealg.solve_with(prob, solver, options)
-    return integrate(prob.term.bind(prob.p), prob.u0, t0, t1, solver, options)
+        sol = sensealg.solve_with(prob, solver, options)
+    else:
+        sol = integrate(prob.term.bind(prob.p), prob.u0, t0, t1, solver, options)
+    if isinstance(prob, SecondOrderODEProblem):
+        prob.split(sol)
+    return sol
