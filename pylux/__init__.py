@@ -98,6 +98,7 @@ from .sensitivity import (BacksolveAdjoint, DirectAdjoint, HiddenParameterError,
                           QuadratureAdjoint, ReversibleAdjoint)
 
 from .regularize import TaylorRegularization
+from . import distributed
 from .interop import StatefulLayer, odeint, odeint_adjoint
 from .training import BinaryCrossEntropyLoss, CrossEntropyLoss, MSELoss
 

@@ -10,9 +10,10 @@ import pytest
 import pylux
 
 #: Every package under pylux/, lowest first. pylux.nonlinear sits below pylux.diffeq (implicit ODE
-#: steppers may use its Newton solvers); interop and data import no other pylux package today.
-ORDER = ["core", "nn", "nonlinear", "diffeq", "sensitivity", "regularize", "layers", "training", "interop",
-         "data", "experiments"]
+#: steppers may use its Newton solvers); distributed builds on training; interop holds the torch bridges
+#: (StatefulLayer, odeint) and data imports no other pylux package today.
+ORDER = ["core", "nn", "nonlinear", "diffeq", "sensitivity", "regularize", "layers", "training", "distributed",
+         "interop", "data", "experiments"]
 ROOT = pathlib.Path(pylux.__file__).parent
 #: What ``from pylux import X`` (or ``from .. import X``) means when X is no package: the top-level
 #: pylux namespace, which imports every package, so it counts as above all of them.
