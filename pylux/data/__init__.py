@@ -13,6 +13,7 @@ from .mnist import MNIST_FILES, load_mnist, read_idx
 from .density import (DIGITS_LEVELS, MINIBOONE_DIMS, bits_per_dim, checkerboard, dequantized_digits, eight_gaussians,
                       miniboone, pinwheel)
 from .synthetic import SPIRAL_ODE_MATRIX, spiral_ode_data, spirals, two_moons, white_dwarf_data
+from .timeseries import PHYSIONET_PARAMETERS, character_trajectories, periodic_series, physionet
 
 __all__ = [
     "ArrayLoader", "DIGITS_CLASSES", "DIGITS_SHAPE", "MNIST_FILES", "SPIRAL_ODE_MATRIX", "load_digits",
@@ -20,3 +21,4 @@ __all__ = [
 ]
 __all__ += ["eight_gaussians", "checkerboard", "pinwheel", "dequantized_digits", "bits_per_dim", "miniboone",
             "DIGITS_LEVELS", "MINIBOONE_DIMS"]
+__all__ += ["PHYSIONET_PARAMETERS", "character_trajectories", "periodic_series", "physionet"]
