@@ -76,7 +76,8 @@ from ..layers import NeuralSDE
 from ..regularize import ErrorEstimateRegularization, LocalErrorRegularization, StiffnessRegularization
 from ..training import Adam, TrainState, single_train_step
 from ..training.schedules import ExponentialAnneal
-from ._report import markdown_table, plot_histories, summarize, write_results
+from ._report import (add_common_arguments, check_seeds, markdown_table, paper_comparison, parse_methods,
+                      plot_histories, progress, report_written, summarize, torch_threads, write_results)
 
 __all__ = ["add_arguments", "run", "METHODS", "build_models", "targets"]
 
@@ -91,10 +92,22 @@ STIFFNESS_SCALE = 1.0
 LOCAL_SCALE = 10.0
 
 
+#: the papers' test-NFE ratios against vanilla (Pal's thesis, Tables 5.4 and 6.2, MNIST)
+CLAIMS = (
+    {"method": "ernsde", "baseline": "vanilla", "metric": "test_nfe", "label": "test NFE", "paper": "0.45x",
+     "direction": "lower", "source": "Pal, Ma, Shah & Rackauckas, ICML 2021 (thesis Table 5.4), MNIST NSDE"},
+    {"method": "srnsde", "baseline": "vanilla", "metric": "test_nfe", "label": "test NFE",
+     "paper": "fewer than vanilla", "direction": "lower",
+     "source": "Pal, Ma, Shah & Rackauckas, ICML 2021 (thesis Table 5.4), MNIST NSDE"},
+    *({"method": m, "baseline": "vanilla", "metric": "test_nfe", "label": "test NFE", "paper": "0.73x",
+       "direction": "lower", "source": "Pal, Edelman & Rackauckas, ICML 2023 (thesis Table 6.2), MNIST NSDE"}
+      for m in ("local-unbiased", "local-biased")),
+)
+
+
 def add_arguments(parser) -> None:
+    add_common_arguments(parser, METHODS, quick="2 epochs, 1 seed")
     parser.add_argument("--epochs", type=int, default=EPOCHS, help=f"training epochs (default {EPOCHS})")
-    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--tol", type=float, default=TOL, help=f"reltol = abstol of the SOSRI solves (default {TOL})")
@@ -107,8 +120,6 @@ def add_arguments(parser) -> None:
                         help="SRNSDE weight = error weight / this")
     parser.add_argument("--local-scale", type=float, default=LOCAL_SCALE,
                         help="local-regularizer weight = error weight * this (one step vs a sum over steps)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (timings are per thread count)")
-    parser.add_argument("--quick", action="store_true", help="preset: 2 epochs, 1 seed")
 
 
 def _regularizer(method: str):
@@ -170,19 +181,14 @@ def train_one(method: str, seed: int, args, data) -> dict:
     def loss_fn(model, ps, st, batch):
         xb, yb = batch
         logits, st_new = model(xb, ps, st)
-        loss = torch.nn.functional.cross_entropy(logits, yb)
+        data_loss = torch.nn.functional.cross_entropy(logits, yb)
         sde_st = st_new["layer_2"]
-        if regularized:
-            loss = loss + (schedule(state.step) * scale) * sde_st["regularization"]
-        return loss, st_new, {"nfe": sde_st["nfe"]}
+        reg = (schedule(state.step) * scale) * sde_st["regularization"] if regularized else data_loss.new_zeros(())
+        return data_loss + reg, st_new, {"nfe": sde_st["nfe"], "data_loss": data_loss.detach(), "reg": reg.detach()}
 
-    history = {"loss": [], "nfe": []}
+    history = {"loss": [], "data_loss": [], "reg": [], "nfe": []}
     order_gen = torch.Generator().manual_seed(1000 + seed)
-    try:
-        from tqdm.auto import tqdm  # noqa: PLC0415
-        bar = tqdm(total=total, desc=f"{method} seed {seed}", leave=False)
-    except ImportError:
-        bar = None
+    bar = progress(total, f"{method} seed {seed}")
     start = time.perf_counter()
     for _ in range(args.epochs):
         order = torch.randperm(n, generator=order_gen)
@@ -190,13 +196,14 @@ def train_one(method: str, seed: int, args, data) -> dict:
             idx = order[k * args.batch_size:(k + 1) * args.batch_size]
             _, loss, stats, state = single_train_step(loss_fn, (x_train[idx], y_train[idx]), state)
             history["loss"].append(loss)
+            history["data_loss"].append(stats["data_loss"])
+            history["reg"].append(stats["reg"])
             history["nfe"].append(stats["nfe"])
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
     train_time = time.perf_counter() - start
-    if bar is not None:
-        bar.close()
-    history["loss"] = torch.stack(history["loss"]).tolist() if history["loss"] else []
+    bar.close()
+    for key in ("loss", "data_loss", "reg"):  # one transfer per curve, after the loop
+        history[key] = torch.stack(history[key]).tolist() if history[key] else []
     ps, st = state.ps, testmode(state.st)
     with torch.no_grad():
         logits_train, _ = predictor(x_train, ps, st)
@@ -250,11 +257,13 @@ def _target_text(summary: dict, checks: dict) -> str:
 def run(args) -> dict:
     if args.quick:
         args.epochs, args.seeds = 2, 1
-    torch.set_num_threads(args.threads)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"nsde-digits: unknown method {m!r}; choose from {', '.join(METHODS)}")
+    check_seeds(args.seeds, "nsde-digits")
+    methods = parse_methods(args.methods, METHODS, "nsde-digits")
+    with torch_threads(args.threads):
+        return _run(args, methods)
+
+
+def _run(args, methods) -> dict:
     if args.test_trajectories < 1:
         raise ValueError(f"nsde-digits: --test-trajectories must be >= 1, got {args.test_trajectories}")
     x_train, y_train = load_digits("train")
@@ -279,8 +288,13 @@ def run(args) -> dict:
             f"= {args.tol}; one path per image in training, logits averaged over {args.test_trajectories} paths "
             f"at prediction; test NFE = drift evaluations of that prediction; {args.threads} thread(s)\n\n"
             f"{markdown_table(summary, COLUMNS)}\n\n{_target_text(summary, checks)}")
+    comparison, claims = paper_comparison(summary, CLAIMS)
+    if comparison:
+        text += f"\nAgainst the papers:\n\n{comparison}\n"
     write_results(args.out, text, {"command": command, "settings": vars(args), "summary": summary, "runs": raw,
-                                   "targets": checks, "histories": histories})
-    plot_histories(histories, os.path.join(args.out, "training.png"), "nsde-digits: loss and NFE over training")
+                                   "targets": checks, "paper_comparison": claims, "histories": histories})
+    plots = [plot_histories(histories, os.path.join(args.out, "training.png"),
+                            "nsde-digits: cross-entropy, regularization and NFE over training")]
     print(text)
+    report_written(args.out, plots)
     return summary

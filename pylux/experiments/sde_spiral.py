@@ -99,7 +99,8 @@ from ..layers import NeuralSDE
 from ..regularize import ErrorEstimateRegularization, LocalErrorRegularization, StiffnessRegularization
 from ..training import AdaBelief, TrainState, single_train_step
 from ..training.schedules import ExponentialAnneal
-from ._report import markdown_table, plot_histories, summarize, write_results
+from ._report import (add_common_arguments, check_seeds, markdown_table, paper_comparison, parse_methods,
+                      plot_fit, plot_histories, progress, report_written, summarize, torch_threads, write_results)
 
 __all__ = ["add_arguments", "run", "METHODS", "spiral_sde_data", "ALPHA", "BETA", "GAMMA"]
 
@@ -150,10 +151,18 @@ def spiral_sde_data(trajectories: int = 10000, n_times: int = 30, *, seed: int =
     return t.float(), mean.float(), var.float()
 
 
+QUICK = dict(iterations=40, seeds=1, data_trajectories=2000)
+
+#: the direction the papers report for each regularized row (the thesis' Table 5.3 and Pal et al. 2023)
+CLAIMS = tuple({"method": m, "baseline": "vanilla", "metric": "predict_nfe", "label": "prediction NFE",
+                "paper": "fewer than vanilla", "direction": "lower",
+                "source": "Pal's thesis, Table 5.3 (spiral SDE); Pal, Edelman & Rackauckas, ICML 2023"}
+               for m in METHODS[1:])
+
+
 def add_arguments(parser) -> None:
+    add_common_arguments(parser, METHODS, quick=", ".join(f"{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
     parser.add_argument("--iterations", type=int, default=250, help="AdaBelief iterations (default 250)")
-    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
     parser.add_argument("--trajectories", type=int, default=100,
                         help="model paths per training step and prediction (default 100)")
     parser.add_argument("--data-trajectories", type=int, default=10000,
@@ -167,8 +176,6 @@ def add_arguments(parser) -> None:
                         help="SRNSDE weight = error weight / this")
     parser.add_argument("--local-scale", type=float, default=30.0,
                         help="local-regularizer weight = error weight * this (one step vs a sum over steps)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (timings are per thread count)")
-    parser.add_argument("--quick", action="store_true", help="preset: 40 iterations, 1 seed, 2000 data paths")
 
 
 def _regularizer(method: str):
@@ -209,30 +216,33 @@ def train_one(method: str, seed: int, args, t_obs, mean, var) -> dict:
 
     def loss_fn(model, ps, st, batch):
         pred, st_new = model(u0, ps, st)
-        loss = moment_loss(pred, mean, var)
-        if method != "vanilla":
-            loss = loss + (schedule(state.step) * scale) * st_new["regularization"]
-        return loss, st_new, {"nfe": st_new["nfe"]}
+        data_loss = moment_loss(pred, mean, var)
+        reg = (schedule(state.step) * scale) * st_new["regularization"] if method != "vanilla" else \
+            data_loss.new_zeros(())
+        return data_loss + reg, st_new, {"nfe": st_new["nfe"], "data_loss": data_loss.detach(), "reg": reg.detach()}
 
-    history = {"loss": [], "nfe": []}
-    try:
-        from tqdm.auto import tqdm  # noqa: PLC0415
-        steps = tqdm(range(args.iterations), desc=f"{method} seed {seed}", leave=False)
-    except ImportError:
-        steps = range(args.iterations)
+    history = {"loss": [], "data_loss": [], "reg": [], "nfe": []}
+    bar = progress(args.iterations, f"{method} seed {seed}")
     start = time.perf_counter()
-    for _ in steps:
+    for _ in range(args.iterations):
         _, loss, stats, state = single_train_step(loss_fn, None, state)
         history["loss"].append(loss)
+        history["data_loss"].append(stats["data_loss"])
+        history["reg"].append(stats["reg"])
         history["nfe"].append(stats["nfe"])
+        bar.update(1)
+    bar.close()
     train_time = time.perf_counter() - start
-    history["loss"] = torch.stack(history["loss"]).tolist() if history["loss"] else []
+    for key in ("loss", "data_loss", "reg"):  # one transfer per curve, after the loop
+        history[key] = torch.stack(history[key]).tolist() if history[key] else []
     with torch.no_grad():
         start = time.perf_counter()
         pred, st_test = model(u0, state.ps, testmode(state.st))
         predict_time = time.perf_counter() - start
+    paths = pred.reshape(pred.shape[0], pred.shape[1], -1)
     return {"loss": float(moment_loss(pred, mean, var)), "predict_nfe": st_test["nfe"],
-            "predict_time_s": predict_time, "train_time_s": train_time, "history": history}
+            "predict_time_s": predict_time, "train_time_s": train_time, "history": history,
+            "fit_mean": paths.mean(1).tolist()}
 
 
 COLUMNS = (("loss", "final moment loss", "{:.4f}"), ("predict_nfe", "prediction NFE", "{:.1f}"),
@@ -251,12 +261,15 @@ def _ratios(summary: dict) -> str:
 
 def run(args) -> dict:
     if args.quick:
-        args.iterations, args.seeds, args.data_trajectories = 40, 1, 2000
-    torch.set_num_threads(args.threads)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"sde-spiral: unknown method {m!r}; choose from {', '.join(METHODS)}")
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    check_seeds(args.seeds, "sde-spiral")
+    methods = parse_methods(args.methods, METHODS, "sde-spiral")
+    with torch_threads(args.threads):
+        return _run(args, methods)
+
+
+def _run(args, methods) -> dict:
     if args.trajectories < 2:
         raise ValueError(f"sde-spiral: --trajectories must be >= 2 (a sample variance), got {args.trajectories}")
     start = time.perf_counter()
@@ -265,12 +278,13 @@ def run(args) -> dict:
     print(f"sde-spiral: data moments of {args.data_trajectories} reference paths in {data_time:.1f} s")
     t_obs = [float(x) for x in t.tolist()]
     os.makedirs(args.out, exist_ok=True)
-    summary, histories, raw = {}, {}, {}
+    summary, histories, raw, fits = {}, {}, {}, {}
     for method in methods:
         runs = [train_one(method, seed, args, t_obs, mean, var) for seed in range(args.seeds)]
         summary[method] = summarize(runs, [k for k, _, _ in COLUMNS])
         histories[method] = [r["history"] for r in runs]
-        raw[method] = [{k: v for k, v in r.items() if k != "history"} for r in runs]
+        fits[method] = [r["fit_mean"] for r in runs]
+        raw[method] = [{k: v for k, v in r.items() if k not in ("history", "fit_mean")} for r in runs]
         print(f"{method}: " + ", ".join(f"{label} {fmt.format(summary[method][key][0])}"
                                         for key, label, fmt in COLUMNS))
     command = (f"pylux experiments sde-spiral --iterations {args.iterations} --seeds {args.seeds} "
@@ -283,9 +297,17 @@ def run(args) -> dict:
             f"paths (SOSRI, dt = 2^-10, float64, {data_time:.1f} s); NFE = drift evaluations of one test-mode "
             f"prediction of {args.trajectories} paths; {args.threads} thread(s)\n\n"
             f"{markdown_table(summary, COLUMNS)}\n\n{_ratios(summary)}")
+    comparison, checks = paper_comparison(summary, CLAIMS)
+    if comparison:
+        text += f"\nAgainst the papers:\n\n{comparison}\n"
     write_results(args.out, text, {"command": command, "settings": vars(args), "summary": summary, "runs": raw,
-                                   "histories": histories,
+                                   "paper_comparison": checks, "histories": histories, "fits": fits,
                                    "data": {"t": t.tolist(), "mean": mean.tolist(), "var": var.tolist()}})
-    plot_histories(histories, os.path.join(args.out, "training.png"), "sde-spiral: loss and NFE over training")
+    plots = [plot_histories(histories, os.path.join(args.out, "training.png"),
+                            "sde-spiral: moment loss, regularization and NFE over training"),
+             plot_fit(t, mean, fits, os.path.join(args.out, "fit.png"),
+                      "sde-spiral: the fitted model's mean path against the data's mean (test mode)",
+                      labels=("mean u1", "mean u2"))]
     print(text)
+    report_written(args.out, plots)
     return summary
