@@ -182,6 +182,14 @@ def test_torch_compile_gives_the_same_output_and_gradient():
     torch.testing.assert_close(layer.st["layer_2"]["running_mean"], reference.st["layer_2"]["running_mean"])
 
 
+def test_functional_call_replaces_the_parameters():
+    model, ps, st, x, y = mlp_and_data()
+    layer = lx.StatefulLayer(model, ps, st)
+    params = {name: p.detach() * 2 for name, p in layer.named_parameters()}
+    doubled = lx.tree_map(lambda t: t * 2, ps)
+    torch.testing.assert_close(torch.func.functional_call(layer, params, (x,)), model(x, doubled, st)[0])
+
+
 def test_stateful_layer_refusals():
     with pytest.raises(TypeError, match="must be a pylux layer"):
         lx.StatefulLayer(3, {}, {})

@@ -1,4 +1,4 @@
-"""pylux.interop: zero-copy array exchange through DLPack and moving batches to devices."""
+"""pylux.interop: DLPack exchange, device loaders, and the torch bridges (StatefulLayer, a torchdiffeq-compatible odeint)."""
 
 from .device import DeviceLoader, to_device
 from .dlpack import from_torch, to_numpy, to_torch
