@@ -30,7 +30,7 @@ from ._device import host_to_device
 from .tableau import ButcherTableau
 
 __all__ = ["AbstractInterpolant", "StageInterpolant", "HermiteInterpolant", "DenseOutput",
-           "linear_combination", "dense_weights_at"]
+           "linear_combination"]
 
 
 def linear_combination(base: torch.Tensor | None, terms: Sequence[torch.Tensor],
@@ -70,21 +70,6 @@ def linear_combination(base: torch.Tensor | None, terms: Sequence[torch.Tensor],
         if out is not None:
             return out.copy_(base) if base is not None else out.zero_()
         acc = base if base is not None else torch.zeros_like(terms[0])
-    return acc
-
-
-def dense_weights_at(tableau: ButcherTableau, theta: torch.Tensor) -> torch.Tensor:
-    """``b_i(theta)`` of ``tableau``'s continuous extension for a tensor of ``theta``: shape ``(*theta.shape, s)``.
-
-    The device-side twin of :meth:`ButcherTableau.dense_weights` (Horner's scheme
-    in ``theta``, one polynomial per stage), for interpolants evaluated at a
-    different ``theta`` per sample (a batch with its own time grid per sample).
-    """
-    coefficients = torch.tensor(tableau.dense, dtype=theta.dtype, device=theta.device)  # (s, d)
-    theta = theta.unsqueeze(-1)
-    acc = torch.zeros((), dtype=theta.dtype, device=theta.device)
-    for m in range(coefficients.shape[1] - 1, -1, -1):
-        acc = (acc + coefficients[:, m]) * theta
     return acc
 
 

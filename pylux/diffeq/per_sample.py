@@ -55,7 +55,7 @@ import torch
 
 from .integrate import NONFINITE_SHRINK, MAX_NONFINITE_STREAK, CountingField
 from .controllers import PIController
-from .interpolation import StageInterpolant, dense_weights_at, linear_combination
+from .interpolation import StageInterpolant, linear_combination
 from .norms import SemiNorm, max_norm, rms_norm
 from .options import make_options
 from .solution import ERROR_FOR_RETCODE, ReturnCode, Solution, SolverStats
@@ -154,10 +154,11 @@ def _batch_times(saveat, saveat_mask, t0: torch.Tensor, t1: torch.Tensor, time_d
             if saveat_mask.shape != saveat.shape:
                 raise ValueError(f"solve: saveat_mask has shape {tuple(saveat_mask.shape)} but saveat has shape "
                                  f"{tuple(saveat.shape)}; give one flag per saved time")
-        columns = [saveat.detach().to(device=t0.device)]
+        # compared in the time dtype: a float32 span's ends are float32 numbers
+        columns = [saveat.detach().to(device=t0.device, dtype=time_dtype)]
         mask = saveat_mask.to(t0.device) if saveat_mask is not None else None
         _check_batch_times(columns[0], mask, t0, t1)
-    times = torch.cat(([t0[:, None]] if save_start else []) + [c.to(time_dtype) for c in columns]
+    times = torch.cat(([t0[:, None]] if save_start else []) + columns
                       + ([t1[:, None]] if save_end else []), dim=1) if (columns or save_start or save_end) \
         else t0.new_zeros((batch, 0))
     if mask is not None:
@@ -169,40 +170,43 @@ def _batch_times(saveat, saveat_mask, t0: torch.Tensor, t1: torch.Tensor, time_d
 
 
 def _check_batch_times(times, mask, t0, t1) -> None:
-    """Every unmasked time finite, inside its sample's span and strictly monotone in its direction."""
-    if times.shape[1] == 0:
+    """Every unmasked time finite, inside its sample's span and strictly monotone in its direction.
+
+    The checks run on the device with one transfer of three flags; the message is built on the host
+    only when one fails.
+    """
+    if times.numel() == 0:
         return
-    host = times.detach().cpu().numpy().astype(np.float64)
-    valid = np.ones(host.shape, dtype=bool) if mask is None else mask.cpu().numpy()
-    lo = np.minimum(t0.cpu().numpy(), t1.cpu().numpy())[:, None].astype(np.float64)
-    hi = np.maximum(t0.cpu().numpy(), t1.cpu().numpy())[:, None].astype(np.float64)
-    direction = np.where(t1.cpu().numpy() >= t0.cpu().numpy(), 1.0, -1.0)[:, None]
-    bad = valid & ~np.isfinite(host)
-    if bad.any():
-        b, k = np.argwhere(bad)[0]
+    valid = torch.ones_like(times, dtype=torch.bool) if mask is None else mask
+    direction = torch.where(t1 >= t0, 1.0, -1.0).to(times.dtype)[:, None]
+    lo, hi = torch.minimum(t0, t1)[:, None], torch.maximum(t0, t1)[:, None]
+    finite = torch.isfinite(times)
+    outside = valid & finite & ((times < lo) | (times > hi))
+    # each unmasked time against the last unmasked one before it
+    columns = torch.arange(times.shape[1], device=times.device).expand_as(times)
+    last = torch.where(valid, columns, torch.full_like(columns, -1)).cummax(dim=1).values
+    previous = torch.cat([torch.full_like(last[:, :1], -1), last[:, :-1]], dim=1)
+    step = direction * (times - times.gather(1, previous.clamp_min(0)))
+    wrong = valid & finite & (previous >= 0) & ~(step > 0)
+    flags = torch.stack([(valid & ~finite).any(), outside.any(), wrong.any()]).tolist()
+    if not any(flags):
+        return
+    host = times.detach().cpu().double()
+    if flags[0]:
+        b, k = (valid & ~finite).nonzero()[0].tolist()
         raise ValueError(f"solve: saveat[{b}, {k}] = {float(host[b, k])!r} is not finite; mask padding entries with "
                          "saveat_mask instead")
-    outside = valid & ((host < lo) | (host > hi))
-    if outside.any():
-        b, k = np.argwhere(outside)[0]
+    if flags[1]:
+        b, k = outside.nonzero()[0].tolist()
         raise ValueError(f"solve: saveat[{b}, {k}] = {float(host[b, k])!r} is outside sample {b}'s tspan "
                          f"({float(t0[b])!r}, {float(t1[b])!r}); every saved time must lie in its sample's span")
-    # consecutive unmasked times of each row: compare each with the last unmasked one before it
-    index = np.where(valid, np.arange(host.shape[1])[None, :], -1)
-    previous = np.maximum.accumulate(np.concatenate([np.full((host.shape[0], 1), -1), index[:, :-1]], axis=1),
-                                     axis=1)
-    has_previous = valid & (previous >= 0)
-    prev_value = np.take_along_axis(host, np.maximum(previous, 0), axis=1)
-    step = direction * (host - prev_value)
-    wrong = has_previous & (step <= 0)
-    if wrong.any():
-        b, k = np.argwhere(wrong)[0]
-        j = previous[b, k]
-        kind = "duplicated" if step[b, k] == 0 else "out of order"
-        order = "increasing" if direction[b, 0] > 0 else "decreasing (its tspan runs backward)"
-        raise ValueError(f"solve: sample {b}'s saved times are {kind}: saveat[{b}, {j}] = {float(host[b, j])!r} and "
-                         f"saveat[{b}, {k}] = {float(host[b, k])!r}; each row must be strictly {order} over its unmasked "
-                         "entries (times are never sorted silently)")
+    b, k = wrong.nonzero()[0].tolist()
+    j = int(previous[b, k])
+    kind = "duplicated" if host[b, k] == host[b, j] else "out of order"
+    order = "increasing" if float(direction[b, 0]) > 0 else "decreasing (its tspan runs backward)"
+    raise ValueError(f"solve: sample {b}'s saved times are {kind}: saveat[{b}, {j}] = {float(host[b, j])!r} and "
+                     f"saveat[{b}, {k}] = {float(host[b, k])!r}; each row must be strictly {order} over its unmasked "
+                     "entries (times are never sorted silently)")
 
 
 def _forward_fill(times, mask, t0):
@@ -256,6 +260,20 @@ def _broadcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 # --- the per-sample loop ------------------------------------------------------------------------
 
+class _TableauConstants:
+    """A tableau's ``c`` and dense-output coefficients as device tensors (made once per solve)."""
+
+    def __init__(self, tableau, time_dtype, dtype, device):
+        self.c = torch.tensor(tableau.c, dtype=time_dtype, device=device)[:, None]
+        dense = torch.tensor(tableau.dense, dtype=dtype, device=device)  # (s, d): b_i(theta) = sum_m P_im theta^(m+1)
+        self.dense_t = dense.t().contiguous()
+        self.powers = torch.arange(1, dense.shape[1] + 1, dtype=dtype, device=device)
+
+    def dense_weights(self, theta):
+        """``(..., s)`` weights ``b_i(theta)`` for a tensor ``theta`` (as :meth:`ButcherTableau.dense_weights`)."""
+        return (theta.unsqueeze(-1) ** self.powers) @ self.dense_t
+
+
 class _PerSampleLoop:
     """Adaptive (or fixed-step) explicit Runge–Kutta steps with per-sample ``t``, ``dt`` and status.
 
@@ -265,10 +283,13 @@ class _PerSampleLoop:
     ``dt`` per sample (the controller's formula on ``(B,)`` tensors), save
     the sample's requested times the step passed (its own interpolant at its
     own ``theta``), update counters and statuses. A finished or failed sample
-    stays in the batch with a zero step.
+    stays in the batch with a zero step. Bookkeeping tensors (times, counters,
+    statuses) are updated in place; the state and the stages out of place, so
+    autograd sees every step.
     """
 
-    def __init__(self, field: CountingField, solver: ExplicitRungeKutta, u0, t0, t1, options, times, limits):
+    def __init__(self, field: CountingField, solver: ExplicitRungeKutta, u0, t0, t1, options, times, limits,
+                 check_resolution: bool):
         self.field, self.solver, self.options = field, solver, options
         self.tableau = solver.tableau
         self.u0, self.t0, self.t1 = u0, t0, t1
@@ -279,13 +300,16 @@ class _PerSampleLoop:
         self.direction = torch.where(t1 >= t0, 1.0, -1.0).to(t0.dtype)
         self.controller = options.controller
         self.adaptive = options.adaptive
+        self.check_resolution = check_resolution
+        self.constants = _TableauConstants(self.tableau, t0.dtype, u0.dtype, u0.device)
+        self.state_shape = (self.batch,) + (1,) * (u0.dim() - 1)
 
-    # one step of the tableau with per-sample dt
-    def rk_step(self, u, t, dt, k1):
+    def rk_step(self, u, t, dt_step):
+        """One step of the tableau from ``(u, t)`` with the per-sample step ``dt_step``; ``k1`` is ``self.k1``."""
         tab, vf = self.tableau, self.field.vf
-        h = _broadcast(dt, u)
-        stage_times = t + torch.tensor(tab.c, dtype=t.dtype, device=t.device)[:, None] * dt
-        stages = [k1]
+        h = dt_step.to(u.dtype).view(self.state_shape)
+        stage_times = torch.addcmul(t, self.constants.c, dt_step)  # (s, B)
+        stages = [self.k1]
         y = u
         for i in range(1, tab.stages):
             y = torch.addcmul(u, h, linear_combination(None, stages, tab.a[i]))
@@ -294,11 +318,12 @@ class _PerSampleLoop:
         return u_new, stages, h
 
     def scaled_error(self, u, u_new, stages, h):
+        """Per-sample ``||h sum_i e_i k_i / (abstol + reltol max(|u|, |u_new|))||`` (no gradient)."""
         with torch.no_grad():
             options = self.options
-            error = h * linear_combination(None, stages, self.tableau.b_error)
+            error = linear_combination(None, stages, self.tableau.b_error)
             scale = torch.maximum(u.abs(), u_new.abs()).mul_(options.reltol).add_(options.abstol)
-            return self.norm(error / scale)
+            return self.norm(error.mul_(h).div_(scale))
 
     def initial_dt(self, f0):
         """Hairer's starting step (see :func:`~pylux.diffeq.controllers.initial_step_size`) per sample."""
@@ -309,7 +334,7 @@ class _PerSampleLoop:
             d0, d1 = self.norm(u0 / scale), self.norm(f0 / scale)
             h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
             h0 = torch.minimum(h0.to(t0.dtype), torch.minimum(span, self.dtmax))
-            u1 = u0 + _broadcast(d * h0, u0) * f0
+            u1 = u0 + (d * h0).to(u0.dtype).view(self.state_shape) * f0
             f1 = self.field.vf(u1, t0 + d * h0)
             d2 = self.norm((f1 - f0) / scale).to(t0.dtype) / h0
             dmax = torch.maximum(d1.to(t0.dtype), d2)
@@ -319,39 +344,48 @@ class _PerSampleLoop:
             return torch.where(torch.isfinite(d2), h, h0)
 
     def decide(self, error, dt_step, qold):
-        """``(error_ok, dt_next, qold_new)`` per sample: the controller's formula on ``(B,)`` tensors."""
+        """``(ok, finite, dt_next, qold_new)`` per sample: the controller's formula on ``(B,)`` tensors.
+
+        PI (:class:`~pylux.diffeq.PIController`): ``q11 = E^beta1``, ``q = clamp(q11 / qold^beta2 /
+        gamma, 1/qmax, 1/qmin)``; accepted: ``dt / q`` (``q := 1`` inside the steady band) and
+        ``qold = max(E, qoldinit)``; rejected: ``dt / min(1/qmin, q11/gamma)``. I
+        (:class:`~pylux.diffeq.IController`): ``dt / clamp(E^(1/(k+1)) / gamma, 1/qmax, 1/qmin)``. A
+        NaN/Inf error shrinks the step by ``NONFINITE_SHRINK``, as in the joint loop.
+        """
         c = self.controller
         finite = torch.isfinite(error)
-        e = torch.where(finite, error, torch.ones_like(error)).to(dt_step.dtype)
-        ok = finite & (error <= 1.0)
+        ok = error <= 1.0  # False for NaN/Inf
+        e = torch.where(finite, error, torch.ones((), dtype=error.dtype, device=error.device))
+        steady_band = not (c.qsteady_min == c.qsteady_max == 1.0)  # the default band [1, 1] changes nothing
         if isinstance(c, PIController):
             q11 = e ** c.beta1
-            q = (q11 / qold ** c.beta2 / c.gamma).clamp(1.0 / c.qmax, 1.0 / c.qmin)
-            steady = (q >= c.qsteady_min) & (q <= c.qsteady_max)
-            dt_accept = dt_step / torch.where(steady, torch.ones_like(q), q)
-            dt_reject = dt_step / (q11 / c.gamma).clamp_max(1.0 / c.qmin)
-            dt_next = torch.where(ok, dt_accept, dt_reject)
-            qold = torch.where(ok, e.clamp_min(c.qoldinit), qold)
-        else:  # IController: dt / clamp(E^(1/(k+1)) / gamma, 1/qmax, 1/qmin), kept when steady
-            q = (e ** (1.0 / (c.error_order + 1)) / c.gamma).clamp(1.0 / c.qmax, 1.0 / c.qmin)
-            steady = ok & (q >= c.qsteady_min) & (q <= c.qsteady_max)
-            dt_next = dt_step / torch.where(steady, torch.ones_like(q), q)
-        dt_next = torch.where(finite, dt_next, dt_step * NONFINITE_SHRINK)
-        return ok, finite, dt_next, qold
+            q = (q11 / (qold ** c.beta2 * c.gamma)).clamp_(1.0 / c.qmax, 1.0 / c.qmin)
+            if steady_band:
+                q = torch.where((q >= c.qsteady_min) & (q <= c.qsteady_max), torch.ones_like(q), q)
+            factor = torch.where(ok, q, (q11 / c.gamma).clamp_(max=1.0 / c.qmin))
+            qold_new = e.clamp_min(c.qoldinit)
+        else:
+            factor = (e ** (1.0 / (c.error_order + 1)) / c.gamma).clamp_(1.0 / c.qmax, 1.0 / c.qmin)
+            if steady_band:
+                factor = torch.where(ok & (factor >= c.qsteady_min) & (factor <= c.qsteady_max),
+                                     torch.ones_like(factor), factor)
+            qold_new = qold
+        factor = factor.masked_fill_(~finite, 1.0 / NONFINITE_SHRINK)
+        return ok, finite, dt_step / factor.to(dt_step.dtype), qold_new
 
     def run(self):
         B, u, t, t_end, d = self.batch, self.u0, self.t0.clone(), self.t1, self.direction
         tab, options, device = self.tableau, self.options, self.u0.device
-        code = torch.where(t == t_end, _SUCCESS, _RUNNING).to(device)
-        running = code == _RUNNING
+        signed_end = d * t_end
+        running = t != t_end
+        code = torch.full((B,), _RUNNING, dtype=torch.long, device=device).masked_fill_(~running, _SUCCESS)
         naccept = torch.zeros(B, dtype=torch.long, device=device)
-        nreject = torch.zeros_like(naccept)
-        streak = torch.zeros_like(naccept)
-        k1 = self.field.vf(u, t)
+        trials, streak = torch.zeros_like(naccept), torch.zeros_like(naccept)
+        self.k1 = self.field.vf(u, t)
         nfe = running.long()
         if self.adaptive and options.dt is None:
-            dt = self.initial_dt(k1)
-            nfe = nfe + running.long()
+            dt = self.initial_dt(self.k1)
+            nfe.add_(running)
         else:
             dt = torch.minimum(torch.full_like(t, options.dt), self.dtmax)
         dt = d * dt
@@ -360,82 +394,87 @@ class _PerSampleLoop:
             nearest = ratio.round()
             steps = torch.where((ratio - nearest).abs() <= 1e-10 * ratio.clamp_min(1.0), nearest, ratio.ceil())
             grid_steps = steps.clamp_min(1).long()
-        qold = torch.full_like(t, getattr(self.controller, "qoldinit", 1e-4))
-        nonfinite_start = ~torch.isfinite(k1.reshape(B, -1)).all(1)
-        code = torch.where(running & nonfinite_start, _UNSTABLE, code)
-        running = code == _RUNNING
-        if self.times is not None:
-            saved_times = self.times
-            signed_times = d[:, None] * saved_times
-            pointer = (signed_times <= (d * t)[:, None]).sum(1)  # entries at t0 hold u0 already
-            blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
+        qold = torch.full_like(t, getattr(self.controller, "qoldinit", 1e-4)).to(u.dtype)
+        bad_start = running & ~torch.isfinite(self.k1.reshape(B, -1)).all(1)
+        code.masked_fill_(bad_start, _UNSTABLE)
+        running &= ~bad_start
+        dt_report = dt.clone()
+        dt.masked_fill_(~running, 0.0)  # a stopped sample takes zero steps
+        signed_times = d[:, None] * self.times
+        pointer = (signed_times <= (d * t)[:, None]).sum(1)  # entries at t0 hold u0 already
+        blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
+        per_step = tab.stages - 1  # k1 is reused (FSAL) or evaluated when stale, counted there
+        k1_stale = torch.zeros_like(running)
         n_running = int(running.sum())
-        k1_fresh = torch.ones(B, dtype=torch.bool, device=device)
         while n_running:
-            if not tab.fsal and not bool(k1_fresh.all()):
-                k1 = self.field.vf(u, t)
+            if not tab.fsal and bool(k1_stale.any()):
+                self.k1 = self.field.vf(u, t)
+                nfe.add_(running & k1_stale)
             if self.adaptive:
                 t_try = t + dt
             else:
-                t_try = self.t0 + d * (naccept.to(t.dtype) + 1) * dt.abs()
-            reach = d * t_try >= d * t_end
+                t_try = torch.addcmul(self.t0, d * dt.abs(), (naccept + 1).to(t.dtype))
+            reach = d * t_try >= signed_end
             if not self.adaptive:
-                reach = reach | (naccept + 1 >= grid_steps)
-            t_new = torch.where(running, torch.where(reach, t_end, t_try), t)
+                reach |= naccept + 1 >= grid_steps
+            t_new = torch.where(reach, t_end, t_try)
             dt_step = t_new - t
-            u_new, stages, h = self.rk_step(u, t, dt_step, k1)
-            per_step = tab.stages - 1 if tab.fsal else tab.stages
-            nfe = nfe + running.long() * (per_step - (0 if tab.fsal else k1_fresh.long()))
-            stuck = running & (dt_step == 0)
+            u_new, stages, h = self.rk_step(u, t, dt_step)
+            nfe.add_(running, alpha=per_step)
             if self.adaptive:
                 error = self.scaled_error(u, u_new, stages, h)
                 ok, finite, dt_next, qold_new = self.decide(error, dt_step, qold)
-                accept = running & ok & ~stuck
-                qold = torch.where(accept, qold_new, qold)
-                streak = torch.where(running & ~finite, streak + 1, torch.where(running, 0, streak))
-                dt_next = torch.where(dt_next.abs() > self.dtmax, d * self.dtmax, dt_next)
-                dt = torch.where(running, dt_next, dt)
+                accept = running & ok
+                dt_next = torch.clamp(dt_next, min=-self.dtmax, max=self.dtmax)
             else:
-                accept = running & ~stuck
-                finite = torch.ones_like(running)
-            reject = running & ~accept
-            naccept = naccept + accept.long()
-            nreject = nreject + reject.long()
-            done = accept & (t_new == t_end)
-            if self.times is not None:
-                new_pointer = torch.where(accept, (signed_times <= (d * t_new)[:, None]).sum(1), pointer)
-                passed = new_pointer - pointer
-            # statuses of the samples still running after this step
-            code = torch.where(done, _SUCCESS, code)
-            still = code == _RUNNING
-            if self.adaptive:
-                unstable = still & ~finite & ((streak >= MAX_NONFINITE_STREAK) | (dt.abs() < self.dtmin))
-                code = torch.where(unstable, _UNSTABLE, code)
-                small = (code == _RUNNING) & finite & ((dt.abs() < self.dtmin) | stuck)
-                code = torch.where(small, _DTMIN, code)
-            else:
-                code = torch.where(still & stuck, _DTMIN, code)
-            code = torch.where((code == _RUNNING) & (naccept + nreject >= options.maxiters), _MAXITERS, code)
-            if self.times is not None:
-                n_running, most = torch.stack([(code == _RUNNING).sum(), passed.max()]).tolist()
-                if most:
-                    blocks.append(self.saved_values(u, u_new, t, t_new, h, stages, pointer, passed, int(most)))
-                pointer = new_pointer
-            else:
-                n_running = int((code == _RUNNING).sum())
-            accepted = _broadcast(accept, u).bool()
+                accept = running.clone()
+                dt_next = dt
+            if self.check_resolution:
+                stuck = running & (t_new == t)
+                accept &= ~stuck
+            trials.add_(running)
+            naccept.add_(accept)
+            t_start, u_start = t, u
+            t = torch.where(accept, t_new, t)
+            accepted = accept.view(self.state_shape)
             u = torch.where(accepted, u_new, u)
             if tab.fsal:
-                k1 = torch.where(accepted, stages[-1], k1)
-            k1_fresh = ~accept
-            t = torch.where(accept, t_new, t)
-            running = code == _RUNNING
+                self.k1 = torch.where(accepted, stages[-1], self.k1)
+            else:
+                k1_stale = accept
+            dt_report = torch.where(running, dt_next, dt_report)
+            done = accept & reach
+            code.masked_fill_(done, _SUCCESS)
+            running &= ~done
+            if self.adaptive:
+                qold = torch.where(accept, qold_new, qold)
+                streak = (streak + 1).masked_fill_(finite, 0)
+                small = dt_next.abs() < self.dtmin
+                unstable = running & ~finite & ((streak >= MAX_NONFINITE_STREAK) | small)
+                code.masked_fill_(unstable, _UNSTABLE)
+                too_small = running & finite & small
+                if self.check_resolution:
+                    too_small |= stuck
+                code.masked_fill_(too_small, _DTMIN)
+                running &= ~(unstable | too_small)
+            elif self.check_resolution:
+                code.masked_fill_(stuck, _DTMIN)
+                running &= ~stuck
+            over = running & (trials >= options.maxiters)
+            code.masked_fill_(over, _MAXITERS)
+            running &= ~over
+            dt = dt_next.masked_fill(~running, 0.0)
+            new_pointer = (signed_times <= (d * t)[:, None]).sum(1)
+            passed = new_pointer - pointer
+            n_running, most = torch.stack([running.sum(), passed.max()]).tolist()
+            if most:
+                blocks.append(self.saved_values(u_start, u_new, t_start, t_new, h, stages, pointer, passed,
+                                                int(most)))
+            pointer = new_pointer
         if not self.adaptive:  # fixed steps cannot be shrunk: a NaN/Inf is found once, at the end
             bad = (code == _SUCCESS) & ~torch.isfinite(u.reshape(B, -1)).all(1)
-            code = torch.where(bad, _UNSTABLE, code)
-        self.result = (u, t, dt, code, naccept, nreject, nfe)
-        if self.times is None:
-            return None
+            code.masked_fill_(bad, _UNSTABLE)
+        self.result = (u, t, dt_report, code, naccept, trials - naccept, nfe)
         return self.assemble(blocks, pointer, code)
 
     def saved_values(self, u, u_new, t, t_new, h, stages, pointer, passed, most: int):
@@ -447,22 +486,17 @@ class _PerSampleLoop:
         """
         B, T = self.times.shape
         offsets = torch.arange(most, device=u.device)
-        columns = pointer[:, None] + offsets
         inside = offsets < passed[:, None]
-        columns = torch.where(inside, columns, torch.zeros_like(columns))
+        columns = (pointer[:, None] + offsets).clamp_(max=T - 1)
         when = self.times.gather(1, columns)
         safe_dt = torch.where(t_new == t, torch.ones_like(t), t_new - t)
-        theta = torch.where(inside, (when - t[:, None]) / safe_dt[:, None], torch.zeros_like(when)).clamp(0.0, 1.0)
-        weights = dense_weights_at(self.tableau, theta.to(u.dtype))  # (B, most, s)
-        flat_u = u.reshape(B, 1, -1)
+        theta = ((when - t[:, None]) / safe_dt[:, None]).clamp_(0.0, 1.0).to(u.dtype)
+        weights = self.constants.dense_weights(theta).mul_(h.reshape(B, 1, 1))  # (B, most, s)
         stacked = torch.stack([k.reshape(B, -1) for k in stages], dim=1)  # (B, s, F)
-        values = torch.baddbmm(flat_u, weights * h.reshape(B, 1, 1), stacked)
-        at_end = (when == t_new[:, None]) & inside
-        values = torch.where(at_end[..., None], u_new.reshape(B, 1, -1), values)
-        targets = torch.where(inside, torch.arange(B, device=u.device)[:, None] * T + columns,
-                              torch.full_like(columns, B * T))
+        values = torch.baddbmm(u.reshape(B, 1, -1), weights, stacked)
+        values = torch.where((when == t_new[:, None]).unsqueeze(-1), u_new.reshape(B, 1, -1), values)
+        targets = (columns + torch.arange(0, B * T, T, device=u.device)[:, None]).masked_fill_(~inside, B * T)
         return targets.reshape(-1), values.reshape(B * most, -1)
-
     def assemble(self, blocks, pointer, code):
         """``(T, B, ...)`` saved values; times a failed sample never reached are NaN."""
         B, T = self.times.shape
@@ -520,13 +554,16 @@ def _dense_at_batch_times(dense, u0: torch.Tensor, times: torch.Tensor) -> torch
     theta = np.clip(np.where(lengths != 0, (host - starts[step]) / np.where(lengths != 0, lengths, 1.0), 1.0),
                     0.0, 1.0)
     order = np.argsort(step, kind="stable")
+    constants: dict = {}
     bounds = np.flatnonzero(np.diff(step[order])) + 1
     for rows in np.split(order, bounds):
         piece = dense.pieces[step[rows[0]]]
         index = torch.as_tensor(sample[rows], device=u0.device)
         thetas = torch.as_tensor(theta[rows], dtype=u0.dtype, device=u0.device)
         if isinstance(piece, StageInterpolant) and not isinstance(piece.dt, torch.Tensor):
-            weights = dense_weights_at(piece.tableau, thetas) * piece.dt  # (M, s)
+            if piece.tableau not in constants:
+                constants[piece.tableau] = _TableauConstants(piece.tableau, torch.float64, u0.dtype, u0.device)
+            weights = constants[piece.tableau].dense_weights(thetas) * piece.dt  # (M, s)
             stacked = torch.stack([k.reshape(B, -1).index_select(0, index) for k in piece.stages], dim=1)
             values = torch.baddbmm(piece.u.reshape(B, 1, -1).index_select(0, index), weights[:, None, :],
                                    stacked).squeeze(1)
@@ -666,7 +703,9 @@ def solve_batched(prob, solver, sensealg, *, batch: str, saveat, saveat_mask, sa
                            save_start=False, save_end=False, dense=False, dtmin=None, dtmax=None, **common)
     limits = _limits(dtmin, dtmax, t0, t1, prob.time_dtype)
     field = CountingField(prob.term.bind(prob.p), u0)
-    loop = _PerSampleLoop(field, solver, u0, t0, t1, options, times, limits)
+    # t + dt == t can only happen when dtmin was lowered below the time resolution, or with a fixed dt
+    loop = _PerSampleLoop(field, solver, u0, t0, t1, options, times, limits,
+                          check_resolution=dtmin is not None or not options.adaptive)
     u_saved = loop.run()
     return _per_sample_solution(loop, field, solver, times, u_saved, options, throw)
 
