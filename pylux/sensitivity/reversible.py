@@ -40,7 +40,7 @@ import torch
 
 from ..core import tree_replace_at_paths
 from ..diffeq import AbstractSensitivityAlgorithm, ODEProblem, Reversible, Solution, integrate
-from ..diffeq._device import time_scalar
+from ..diffeq._device import time_vector
 from ..diffeq.options import SolveOptions
 from ..diffeq.sde import SDEProblem
 from ..diffeq.solvers import ExplicitRungeKutta
@@ -200,40 +200,50 @@ def _counted_field(ctx, ps_, u0, counter):
 
 
 def _reverse_sweep(ctx, field, y, z, grad_at, params, ps_, counter):
-    """Walk the accepted steps backward: rebuild (Y_n, Z_n) and accumulate the adjoints."""
+    """Walk the accepted steps backward: rebuild (Y_n, Z_n) and accumulate the adjoints.
+
+    Per step: two base steps on the tape and two vector–Jacobian products, which are inherently
+    sequential (the second's cotangent contains the first's result). The parameter gradients
+    accumulate inside autograd's engine (``backward(inputs=...)`` into the leaves' ``.grad``;
+    the backward step's contribution enters with a negated cotangent), so the Python side does
+    a handful of state-sized operations per step; every step's time tensors come from one
+    transfer before the sweep.
+    """
     base, lam = ctx.reversible.base, ctx.reversible.coupling
     a_y = torch.zeros_like(y)
     a_z = torch.zeros_like(y)
-    a_theta = [torch.zeros_like(x) for x in params]
-    for t, dt, t_new in reversed(ctx.steps):
-        t_, dt_, t_new_ = (time_scalar(v, *ctx.time) for v in (t, dt, t_new))
-        if t_new in grad_at:
-            a_y = a_y + grad_at.pop(t_new)
-        y1 = y.requires_grad_(True)
-        back = base.step(field, t_new_, y1, -dt_, _fresh()).u_new
-        z0 = (z - y1.detach() + back.detach()).requires_grad_(True)  # Z_n = Z_{n+1} + Ψ_{-h}(Y_{n+1})
-        fwd = base.step(field, t_, z0, dt_, _fresh()).u_new
-        y0 = (y1.detach() - fwd.detach()) / lam + z0.detach()
-        # adjoint of Z_{n+1} = Z_n + Y_{n+1} - back(Y_{n+1})
-        g_back = torch.autograd.grad(back, [y1, *ps_], grad_outputs=a_z, allow_unused=True)
-        a_y_total = a_y + a_z - _or_zero(g_back[0], y1)
+    for leaf in ps_:
+        leaf.grad = None
+    fresh = _FRESH  # no f(u, t) to reuse: every base step starts from its own first stage
+    for (t, dt, t_new), (t_, dt_, t_new_, minus_dt_) in zip(reversed(ctx.steps), reversed(_sweep_times(ctx))):
+        g = grad_at.pop(t_new, None)
+        if g is not None:
+            a_y = a_y + g
+        y1 = y.detach().requires_grad_(True)
+        back = base.step(field, t_new_, y1, minus_dt_, fresh).u_new
+        z0 = (z - y + back.detach()).requires_grad_(True)  # Z_n = Z_{n+1} + Ψ_{-h}(Y_{n+1})
+        fwd = base.step(field, t_, z0, dt_, fresh).u_new
+        # adjoint of Z_{n+1} = Z_n + Y_{n+1} - back(Y_{n+1}): y1.grad = -J_back^T a_z
+        torch.autograd.backward(back, -a_z, inputs=[y1, *ps_])
+        a_y_total = a_y + a_z + y1.grad
         # adjoint of Y_{n+1} = λ(Y_n - Z_n) + fwd(Z_n)
-        g_fwd = torch.autograd.grad(fwd, [z0, *ps_], grad_outputs=a_y_total, allow_unused=True)
+        torch.autograd.backward(fwd, a_y_total, inputs=[z0, *ps_])
         counter["nvjp"] += 2
         a_y = lam * a_y_total
-        a_z = a_z - lam * a_y_total + _or_zero(g_fwd[0], z0)
-        for j in range(len(a_theta)):
-            if g_back[j + 1] is not None:
-                a_theta[j] = a_theta[j] - g_back[j + 1]
-            if g_fwd[j + 1] is not None:
-                a_theta[j] = a_theta[j] + g_fwd[j + 1]
-        y, z = y0.detach(), z0.detach()
+        a_z = a_z - a_y + z0.grad
+        z0 = z0.detach()
+        y, z = (y - fwd.detach()) / lam + z0, z0  # Y_n = (Y_{n+1} - fwd(Z_n)) / λ + Z_n
+    a_theta = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in ps_]
     return a_y, a_z, a_theta, y, z
 
 
-def _fresh():
-    return RKState(None)
+def _sweep_times(ctx):
+    """``(t, dt, t_new, -dt)`` time tensors of every step, from one host-to-device transfer."""
+    flat = [v for t, dt, t_new in ctx.steps for v in (t, dt, t_new, -dt)]
+    tensors = time_vector(flat, *ctx.time) if flat else []
+    return [tuple(tensors[4 * i:4 * i + 4]) for i in range(len(ctx.steps))]
 
 
-def _or_zero(g, like):
-    return g if g is not None else torch.zeros_like(like)
+#: the state of a base step with nothing cached (immutable, so one instance serves every step)
+_FRESH = RKState(None)
+
