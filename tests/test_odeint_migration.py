@@ -179,9 +179,20 @@ def test_tuple_states_against_torchdiffeq_and_closed_form():
     tt = t[:, None]
     exact = torch.exp(mu * tt) * (x0 * torch.cos(nu * tt) + (v0 - mu * x0) / nu * torch.sin(nu * tt))
     torch.testing.assert_close(xs, exact, rtol=1e-8, atol=1e-9)
+    with pytest.raises(NotImplementedError, match="options\\['norm'\\] with an adjoint"):
+        odeint(f, (x0, v0), t, adjoint=True, options={"norm": lambda parts: parts[0].abs().max()})
     torchdiffeq = pytest.importorskip("torchdiffeq")
     theirs = torchdiffeq.odeint(f, (x0, v0), t, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(vs, theirs[1], rtol=1e-8, atol=1e-9)
+    # gradients of a tuple state under the adjoint, against torchdiffeq's odeint_adjoint
+    grads = []
+    for solve in (lambda y0: odeint(f, y0, t, adjoint=True, rtol=1e-10, atol=1e-12),
+                  lambda y0: torchdiffeq.odeint_adjoint(f, y0, t, rtol=1e-10, atol=1e-12)):
+        x = x0.clone().requires_grad_(True)
+        xs, vs = solve((x, v0))
+        grads.append(torch.autograd.grad(xs.square().sum() + vs.sum(), [x, f.w, f.c]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
 
 
 def gradients(fn, f, y0, t):
@@ -229,6 +240,22 @@ def test_jump_times_save_evaluations():
         odeint(f, torch.tensor([1.0, 2.0], dtype=DT), torch.tensor([0.0, 1.0], dtype=DT), options=options)
         counts.append(nfe[0])
     assert counts[0] < counts[1]
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_jump_times_use_the_branch_being_integrated(reverse):
+    """x' = -x/2 before t = 1/2, x^2 after: closed form on both sides, forward and backward in time."""
+    def f(t, x):
+        return -0.5 * x if t < 0.5 else x ** 2
+
+    def exact(t):
+        x_half = 0.8 * math.exp(-0.25)
+        return 0.8 * math.exp(-0.5 * t) if t <= 0.5 else 1.0 / (1.0 / x_half - (t - 0.5))
+
+    times = [0.0, 0.3, 0.5, 0.7, 1.0][::-1 if reverse else 1]
+    x0 = torch.tensor([exact(times[0])], dtype=DT)
+    y = odeint(f, x0, torch.tensor(times, dtype=DT), options={"jump_t": [0.5]})
+    torch.testing.assert_close(y[:, 0], torch.tensor([exact(t) for t in times], dtype=DT), rtol=2e-7, atol=0)
 
 
 def test_argument_checks():

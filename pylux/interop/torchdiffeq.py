@@ -267,21 +267,25 @@ def odeint(func: Callable, y0: Any, t: Any, *, rtol: float = 1e-7, atol: float =
     if time_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"odeint: options['dtype'] must be torch.float32 or torch.float64, got {time_dtype!r}")
     grid = times.detach().to(time_dtype)
-    kwargs = _solve_keywords(options, adaptive, grid, packing, rtol, atol)
+    kwargs = _solve_keywords(options, adaptive, grid, packing, rtol, atol,
+                             sensealg is not None and not sensealg.differentiates_solver)
     jumps = _inside(options.get("jump_t") if adaptive else None, grid)
     bounds = [float(grid[0]), *jumps, float(grid[-1])]
     forward = bounds[-1] > bounds[0]
     outputs, u = [], packing.y0
     for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-        # one solve per interval between jumps of f; its last stages see f's left limit at the jump
-        # (torchdiffeq's jump_t), and the next solve restarts from the right limit
+        # one solve per interval between jumps of f, so no step straddles a jump
         inside = [s for s in grid.tolist() if (a < s <= b if forward else b <= s < a)]
         saveat = ([a] if k == 0 else []) + inside + ([] if inside and inside[-1] == b else [b])
-        limit = torch.tensor(np.nextafter(b, a), dtype=time_dtype) if k < len(jumps) else None
+        # at a jump, f is evaluated one ulp inside the interval, on the side being integrated (torchdiffeq's jump_t)
+        end = torch.tensor(np.nextafter(b, a), dtype=time_dtype) if k < len(jumps) else None
+        begin = torch.tensor(np.nextafter(a, b), dtype=time_dtype) if k > 0 else None
 
-        def field(u_, params, t_, b=b, limit=limit):
-            if limit is not None:
-                t_ = torch.where(t_ == b, limit.to(t_.device), t_)
+        def field(u_, params, t_, a=a, b=b, begin=begin, end=end):
+            if end is not None:
+                t_ = torch.where(t_ == b, end.to(t_.device), t_)
+            if begin is not None:
+                t_ = torch.where(t_ == a, begin.to(t_.device), t_)
             out = call(t_.to(state_dtype) if state_dtype.is_floating_point else t_, packing.split(u_), params)
             return packing.join(out, "func")
 
@@ -322,7 +326,8 @@ def _backsolve(method, rtol, atol, adjoint_method, adjoint_options) -> Backsolve
                             abstol=None if atol is None else _float_tolerance("adjoint_atol", atol))
 
 
-def _solve_keywords(options: dict, adaptive: bool, grid: torch.Tensor, packing: _Packing, rtol, atol) -> dict:
+def _solve_keywords(options: dict, adaptive: bool, grid: torch.Tensor, packing: _Packing, rtol, atol,
+                    adjoint: bool) -> dict:
     """torchdiffeq's options as :func:`pylux.solve` keywords."""
     # pylux's finite maxiters default, not torchdiffeq's 2**31 - 1: a blow-up fails instead of hanging
     kwargs: dict[str, Any] = {"reltol": rtol, "abstol": atol}
@@ -330,9 +335,15 @@ def _solve_keywords(options: dict, adaptive: bool, grid: torch.Tensor, packing: 
     if norm is not None:
         if not callable(norm):
             raise TypeError(f"odeint: options['norm'] must be callable, got {type(norm).__name__}")
+        if adjoint:
+            raise NotImplementedError("odeint: options['norm'] with an adjoint: the backward solve would apply it "
+                                      "to the augmented adjoint state; drop the norm (the adjoint then measures "
+                                      "state, adjoint and parameter channels separately) or pass adjoint=False")
         kwargs["norm"] = (lambda x: norm(packing.split(x))) if packing.is_tuple else norm
-    elif packing.is_tuple and len(packing.sizes) > 1 and sum(packing.sizes) > 0:
-        kwargs["norm"] = MixedNorm(packing.sizes)  # torchdiffeq's default norm for tuple states
+    elif packing.is_tuple and len(packing.sizes) > 1 and sum(packing.sizes) > 0 and not adjoint:
+        # torchdiffeq's default norm for tuple states; under an adjoint the default RMS norm is kept,
+        # which the backward solve extends to its own channel groups
+        kwargs["norm"] = MixedNorm(packing.sizes)
     span = abs(float(grid[-1]) - float(grid[0]))
     if adaptive:
         kwargs["controller"] = IController(gamma=options.get("safety", 0.9), qmax=options.get("ifactor", 10.0),
