@@ -160,3 +160,21 @@ def test_errors_without_a_process_group():
     with pytest.raises(TypeError, match="expected a pylux or torch optimizer"):
         lxd.DistributedOptimizer("sgd")
     assert lxd.rank() == 0 and lxd.world_size() == 1
+
+
+@pytest.mark.slow
+def test_example_script_under_torchrun(tmp_path):
+    """examples/distributed_train.py launched as README says, on 2 gloo processes, one epoch."""
+    import pathlib
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(root / "examples" / "distributed_train.py"), "--epochs", "1"],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "2 process(es), backend gloo" in out.stdout
+    assert "parameters agree across ranks to 0.0e+00" in out.stdout
+    accuracy = float(out.stdout.split("test accuracy ")[1].split("%")[0])
+    assert accuracy > 70
