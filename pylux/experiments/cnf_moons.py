@@ -67,7 +67,9 @@ class TimeMLP(AbstractLayer):
 
     def forward(self, x: Any, ps: Mapping, st: Mapping):
         h, t = x
-        column = t.to(h.dtype).expand(h.shape[0], 1)
+        # a time tensor may be float64 beside a float32 state; a Taylor series of t already has z's dtype
+        # (and casting is not one of its operations, so TayNODE keeps its O(K^2) rules)
+        column = (t if t.dtype == h.dtype else t.to(h.dtype)).expand(h.shape[0], 1)
         for k, layer in enumerate(self.layers):
             h, _ = layer(torch.cat([h, column], dim=1), ps[f"layer_{k + 1}"], {})
         return h, st
