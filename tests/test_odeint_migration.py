@@ -282,6 +282,9 @@ def test_argument_checks():
         odeint(f, y0, t, rtoll=1e-3)
     with pytest.raises(ValueError, match="rtol must be a finite number > 0"):
         odeint(f, y0, t, rtol=-1.0)
+    with pytest.raises(ValueError, match="per-element tolerances"):
+        odeint(f, y0, t, atol=torch.full((3,), 1e-6))
+    torch.testing.assert_close(odeint(f, y0, t, atol=torch.tensor(1e-9)), odeint(f, y0, t))
     with pytest.raises(NotImplementedError, match=r"pass t.detach\(\)"):
         odeint(f, y0, t.clone().requires_grad_(True))
     with pytest.raises(NotImplementedError, match="event_fn is not supported"):

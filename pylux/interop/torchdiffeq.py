@@ -177,13 +177,15 @@ def _adjoint_parameters(func: Any, adjoint_params: Any) -> tuple[dict | None, Ca
     return {name: named[name] for name in named if name in chosen}, call
 
 
-def _float_tolerance(name: str, value: Any) -> Any:
+def _float_tolerance(name: str, value: Any) -> float:
     if isinstance(value, torch.Tensor):
         if value.requires_grad:
             raise ValueError(f"odeint: {name} cannot require grad")
-        if value.numel() == 1:
-            return float(value)
-        return value
+        if value.numel() != 1:
+            raise ValueError(f"odeint: {name} must be a number; per-element tolerances (shape "
+                             f"{tuple(value.shape)}) are not supported here. Call pylux.solve with a tensor "
+                             "abstol, or scale the state so one tolerance fits")
+        value = float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"odeint: {name} must be a finite number > 0, got {value!r}")
     return float(value)
