@@ -10,18 +10,18 @@ Problems (float32, batch 256, each sample its own end time t1_b and 16 random sa
 
   (a) vdp:  van der Pol oscillators x'' = mu_b (1 - x^2) x' - x, mu_b uniform in [0.2, 3]
             (samples of mixed difficulty), t1_b uniform in [5, 10], tol 1e-5
-  (b) mlp:  du/dt = W2 tanh(W1 u + b1) + b2 (state 32, hidden 64), t1_b uniform in [0.5, 1.5],
+  (b) mlp:  du/dt = W2 tanh(W1 u + b1) + b2 (state 32, hidden 64), t1_b uniform in [2, 6],
             tol 1e-5; forward, and forward + backward (gradient of a weighted sum of the saved
             states with respect to W1, b1, W2, b2) under pylux DirectAdjoint and torchode
             AutoDiffAdjoint (both backpropagate through the solver)
 
 Printed per solver: NFE (calls of f, each on the whole batch), mean accepted steps per sample, wall
-time (median of ``--repeats`` runs after a warm-up), the bytes autograd saves for the backward pass
+time (median of ``--repeats`` runs after a warm-up, the two solvers run alternately), the bytes autograd saves for the backward pass
 (summed over distinct saved tensors, through ``torch.autograd.graph.saved_tensors_hooks``; the
 memory a backward pass through the solver needs), the largest difference between the two solvers'
 saved states (both solve to the same tolerance), and the time ratio pylux / torchode.
 
-Run:  OMP_NUM_THREADS=1 python benchmarks/per_sample.py [--repeats 5] [--threads 1]
+Run:  OMP_NUM_THREADS=1 python benchmarks/per_sample.py [--repeats 9] [--threads 1]
 Timings on a shared machine are noisy; compare numbers from the same run.
 """
 
@@ -74,7 +74,7 @@ def mlp_problem():
     w2 = ((torch.rand(d, h, generator=g) * 2 - 1) * 1.5 / h ** 0.5).requires_grad_(True)
     b2 = ((torch.rand(d, generator=g) * 2 - 1) / h ** 0.5).requires_grad_(True)
     u0 = torch.rand(BATCH, d, generator=g) * 2 - 1
-    t1 = 0.5 + torch.rand(BATCH, generator=g, dtype=torch.float64)
+    t1 = 2.0 + 4.0 * torch.rand(BATCH, generator=g, dtype=torch.float64)
 
     def field(u, t):
         return torch.addmm(b2, torch.tanh(torch.addmm(b1, u, w1.t())), w2.t())
@@ -123,37 +123,44 @@ def saved_bytes(fn):
     return out, sum(seen.values())
 
 
-def timed(fn, repeats):
-    fn()
-    times = []
+def timed_pair(first, second, repeats):
+    """Median wall times of ``first`` and ``second``, run alternately after a warm-up of each (so that a
+    change in the machine's load affects both alike)."""
+    first(), second()
+    times = ([], [])
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, out in zip((first, second), times):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
-def forward_row(problem, runner, repeats):
+def forward_rows(problem, repeats):
     with torch.no_grad():
-        ys, nfe, steps = runner(problem)
-        seconds = timed(lambda: runner(problem), repeats)
-    return ys, nfe, steps, seconds
+        rows = {"pylux": run_pylux(problem), "torchode": run_torchode(problem)}
+        seconds = timed_pair(lambda: run_pylux(problem), lambda: run_torchode(problem), repeats)
+    return {name: (*row, s) for (name, row), s in zip(rows.items(), seconds)}
 
 
-def backward_row(problem, runner, repeats):
-    def step():
+def backward_rows(problem, repeats):
+    runners = {"pylux": lambda p: run_pylux(p, DirectAdjoint()), "torchode": run_torchode}
+
+    def step(runner):
         ys, nfe, steps = runner(problem)
-        grads = torch.autograd.grad(weighted_sum(ys), problem["params"])
-        return ys, nfe, steps, grads
-    (ys, nfe, steps), memory = saved_bytes(lambda: runner(problem))
-    _, _, _, grads = step()
-    seconds = timed(step, repeats)
-    return ys, nfe, steps, seconds, memory, grads
+        return ys, nfe, steps, torch.autograd.grad(weighted_sum(ys), problem["params"])
+    rows = {}
+    for name, runner in runners.items():
+        _, memory = saved_bytes(lambda: runner(problem))
+        rows[name] = (*step(runner), memory)
+    seconds = timed_pair(lambda: step(runners["pylux"]), lambda: step(runners["torchode"]), repeats)
+    return {name: (ys, nfe, steps, s, memory, grads)
+            for (name, (ys, nfe, steps, grads, memory)), s in zip(rows.items(), seconds)}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -162,8 +169,7 @@ def main():
     ratios = []
     for make in (vdp_problem, mlp_problem):
         problem = make()
-        rows = {"pylux": forward_row(problem, run_pylux, args.repeats),
-                "torchode": forward_row(problem, run_torchode, args.repeats)}
+        rows = forward_rows(problem, args.repeats)
         for name, (ys, nfe, steps, seconds) in rows.items():
             print(f"{problem['name'] + ' fwd':<16}{name:<10}{nfe:>6}{steps:>14.1f}{seconds:>10.3f}{'':>10}")
         diff = (rows["pylux"][0] - rows["torchode"][0]).abs().max().item()
@@ -172,8 +178,7 @@ def main():
         print(f"{'':<16}max |pylux - torchode| = {diff:.2e}; time ratio pylux / torchode = {ratio:.2f}")
         if not problem["params"]:
             continue
-        rows = {"pylux": backward_row(problem, lambda p: run_pylux(p, DirectAdjoint()), args.repeats),
-                "torchode": backward_row(problem, run_torchode, args.repeats)}
+        rows = backward_rows(problem, args.repeats)
         for name, (ys, nfe, steps, seconds, memory, grads) in rows.items():
             print(f"{problem['name'] + ' fwd+bwd':<16}{name:<10}{nfe:>6}{steps:>14.1f}{seconds:>10.3f}"
                   f"{memory / 2 ** 20:>10.1f}")

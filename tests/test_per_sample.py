@@ -350,3 +350,42 @@ def test_saveat_outside_a_per_sample_span_and_bad_spans():
         problem(k, u0, tspan=(torch.zeros(3, dtype=F64), 1.0))
     with pytest.raises(ValueError, match="finite"):
         problem(k, u0, tspan=(torch.zeros(2, dtype=F64), torch.tensor([1.0, math.inf], dtype=F64)))
+
+
+# --- the loop's helpers ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("controller", [de.PIController.for_order(5), de.PIController(beta1=0.17, beta2=0.04),
+                                        de.PIController(beta1=0.1, beta2=0.05, qsteady_min=0.9, qsteady_max=1.3),
+                                        de.IController(error_order=4),
+                                        de.IController(error_order=2, qsteady_min=0.8, qsteady_max=1.2)],
+                         ids=repr)
+def test_per_sample_decisions_equal_the_controllers_own(controller):
+    from types import SimpleNamespace
+    from pylux.diffeq.per_sample import _PerSampleLoop
+    errors = torch.tensor([0.0, 1e-6, 0.3, 0.95, 1.0, 1.0001, 3.0, 80.0, math.nan, math.inf], dtype=F64)
+    dt = torch.linspace(0.01, -0.2, errors.numel(), dtype=F64)
+    qold = torch.linspace(1e-4, 0.9, errors.numel(), dtype=F64)
+    ok, finite, dt_next, qold_new = _PerSampleLoop.decide(SimpleNamespace(controller=controller), errors, dt, qold)
+    for j, e in enumerate(errors.tolist()):
+        if not math.isfinite(e):  # the joint loop shrinks a NaN/Inf step by NONFINITE_SHRINK
+            assert not ok[j] and not finite[j] and float(dt_next[j]) == pytest.approx(float(dt[j]) * 0.2, rel=1e-15)
+            continue
+        accept, want, state = controller.decide(de.ControllerState(qold=float(qold[j])), e, float(dt[j]))
+        assert bool(ok[j]) == accept
+        assert float(dt_next[j]) == pytest.approx(want, rel=1e-14)
+        if accept and isinstance(controller, de.PIController):
+            assert float(qold_new[j]) == pytest.approx(state.qold, rel=1e-14)
+
+
+def test_float32_time_per_sample_spans():
+    k, u0 = batch_case(2, seed=12)
+    t1 = torch.tensor([1.0, 0.7], dtype=torch.float32)
+    prob = problem(k, u0, tspan=(torch.zeros(2, dtype=torch.float32), t1))
+    assert prob.time_dtype == torch.float32
+    sol = de.solve(prob, de.Tsit5(), batch="per-sample", reltol=1e-6, abstol=1e-8)
+    assert sol.t.dtype == torch.float32
+    for b in range(2):
+        alone = de.solve(problem(k[b:b + 1], u0[b:b + 1], tspan=(torch.tensor(0.0), t1[b])), de.Tsit5(),
+                         reltol=1e-6, abstol=1e-8)
+        assert int(sol.stats.naccept_per_sample[b]) == alone.stats.naccept
+        torch.testing.assert_close(sol.u[-1, b], alone.u[-1, 0], rtol=0, atol=1e-12)

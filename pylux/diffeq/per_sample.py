@@ -355,7 +355,7 @@ class _PerSampleLoop:
         c = self.controller
         finite = torch.isfinite(error)
         ok = error <= 1.0  # False for NaN/Inf
-        e = torch.where(finite, error, torch.ones((), dtype=error.dtype, device=error.device))
+        e = error.nan_to_num(nan=1.0, posinf=1.0)  # a NaN/Inf error only shrinks the step (below)
         steady_band = not (c.qsteady_min == c.qsteady_max == 1.0)  # the default band [1, 1] changes nothing
         if isinstance(c, PIController):
             q11 = e ** c.beta1
@@ -405,9 +405,9 @@ class _PerSampleLoop:
         blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
         per_step = tab.stages - 1  # k1 is reused (FSAL) or evaluated when stale, counted there
         k1_stale = torch.zeros_like(running)
-        n_running = int(running.sum())
+        n_running, any_accepted = int(running.sum()), False
         while n_running:
-            if not tab.fsal and bool(k1_stale.any()):
+            if not tab.fsal and any_accepted:
                 self.k1 = self.field.vf(u, t)
                 nfe.add_(running & k1_stale)
             if self.adaptive:
@@ -466,7 +466,8 @@ class _PerSampleLoop:
             dt = dt_next.masked_fill(~running, 0.0)
             new_pointer = (signed_times <= (d * t)[:, None]).sum(1)
             passed = new_pointer - pointer
-            n_running, most = torch.stack([running.sum(), passed.max()]).tolist()
+            # the step's one host transfer
+            n_running, most, any_accepted = torch.stack([running.sum(), passed.max(), accept.sum()]).tolist()
             if most:
                 blocks.append(self.saved_values(u_start, u_new, t_start, t_new, h, stages, pointer, passed,
                                                 int(most)))
@@ -507,7 +508,8 @@ class _PerSampleLoop:
         if blocks:
             targets = torch.cat([b[0] for b in blocks])
             values = torch.cat([b[1] for b in blocks])
-            base = base.index_put((targets,), values)
+            # every saved entry is written once; only the trash row (discarded) receives several
+            base = base.index_copy(0, targets, values)
         out = base[:-1].reshape(B, T, width)
         unreached = (code != _SUCCESS)[:, None] & (torch.arange(T, device=u0.device)[None, :] >= pointer[:, None])
         out = torch.where(unreached[..., None], torch.full_like(out, math.nan), out)
