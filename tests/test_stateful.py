@@ -254,9 +254,10 @@ def test_setup_follows_the_default_dtype():
         assert ps["layer_1"]["weight"].dtype == DT and st["layer_2"]["running_mean"].dtype == DT
         ps32, _ = lx.setup(torch.Generator().manual_seed(0), model, dtype=torch.float32)
         assert ps32["layer_1"]["weight"].dtype == torch.float32  # an explicit dtype wins
+        torch.set_default_dtype(torch.float32)
+        ps, _ = lx.setup(torch.Generator().manual_seed(0), model)
+        assert ps["layer_1"]["weight"].dtype == torch.float32
+        torch.testing.assert_close(ps["layer_1"]["weight"].double(), lx.setup(
+            torch.Generator().manual_seed(0), model, dtype=DT)[0]["layer_1"]["weight"])
     finally:
         torch.set_default_dtype(previous)
-    ps, _ = lx.setup(torch.Generator().manual_seed(0), model)
-    assert ps["layer_1"]["weight"].dtype == torch.float32
-    torch.testing.assert_close(ps["layer_1"]["weight"].double(), lx.setup(
-        torch.Generator().manual_seed(0), model, dtype=DT)[0]["layer_1"]["weight"])
