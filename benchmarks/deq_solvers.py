@@ -28,7 +28,8 @@ try:
     from torchdeq.grad import backward_factory
     from torchdeq.solver import anderson_solver, broyden_solver, fixed_point_iter
 except ImportError as error:  # torchdeq is an optional benchmark dependency
-    raise SystemExit(f"this benchmark needs torchdeq (pip install 'pylux-torch[bench]', or pip install -e '.[bench]' in a checkout): {error}")
+    raise SystemExit(f"this benchmark needs torchdeq (pip install 'pylux-torch[bench]', "
+                     f"or pip install -e '.[bench]' in a checkout): {error}")
 
 STATE, BATCH, TOL, MAXITERS = 128, 512, 1e-4, 100
 

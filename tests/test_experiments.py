@@ -83,7 +83,8 @@ def test_cli_lists_and_runs_an_experiment(tmp_path, capsys):
     ernode = statistics.fmean(run["predict_nfe"] for run in results["runs"]["ernode"])
     assert check["ratio"] == pytest.approx(ernode / statistics.fmean(nfe))
     assert check["reproduced"] == (check["ratio"] < 1)
-    assert f"| ernode | vanilla | prediction NFE (lower) | fewer (the cause of the time) | {check['ratio']:.2f}x" in text
+    row = f"| ernode | vanilla | prediction NFE (lower) | fewer (the cause of the time) | {check['ratio']:.2f}x"
+    assert row in text
     # the data loss and the regularization term are recorded apart: loss = data loss + reg
     history = results["histories"]["ernode"][0]
     assert [d + r for d, r in zip(history["data_loss"], history["reg"])] == pytest.approx(history["loss"], rel=1e-5)

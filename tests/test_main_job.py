@@ -25,3 +25,16 @@ def test_quickstart_trains_a_neural_ode_and_writes_the_plot(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "test accuracy:" in out and "test NFE:" in out and f"wrote {plot}" in out
     assert str(history).startswith("History(46 steps; 2 epochs")
+
+
+def test_readme_quickstart_snippets_run(capsys):
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    blocks = [part.split("```", 1)[0] for part in section.split("```python\n")[1:]]
+    assert len(blocks) == 3  # the neural ODE, the Skip DEQ, the pieces underneath
+    namespace: dict = {}
+    for block in blocks:  # the blocks build on each other, as a reader runs them
+        exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["history"].epochs and namespace["ts"].st["deq"]["solution"].converged
+    out = capsys.readouterr().out
+    assert "History(69 steps; 3 epochs" in out and "History(24 steps; 2 epochs" in out

@@ -22,6 +22,8 @@ import statistics
 
 import torch
 
+from ..training import progress_bar
+
 __all__ = ["summarize", "markdown_table", "plot_histories", "plot_fit", "write_results", "add_common_arguments",
            "parse_methods", "check_seeds", "torch_threads", "paper_comparison", "report_written", "progress"]
 
@@ -76,9 +78,8 @@ def torch_threads(threads: int):
 
 
 def progress(total: int, description: str):
-    """A tqdm bar (``tqdm.auto``: a widget in Jupyter when ipywidgets is installed) that leaves no line behind."""
-    from tqdm.auto import tqdm  # noqa: PLC0415 (tqdm is a dependency; imported where used)
-    return tqdm(total=total, desc=description, leave=False)
+    """A progress bar (a widget in Jupyter with ipywidgets, text elsewhere) that leaves no line behind."""
+    return progress_bar(total=total, desc=description, leave=False)
 
 
 def summarize(runs: list[dict], keys) -> dict:

@@ -124,7 +124,8 @@ def build_model(variant: str, args) -> nn.Chain:
     if kind == "vanilla":
         layer = DEQ(deq_cell(args.hidden, args.init_scale), solver, **options)
     elif kind == "skip":
-        layer = SkipDEQ(deq_cell(args.hidden, args.init_scale), nn.Dense(args.hidden, args.hidden, torch.tanh), solver, **options)
+        layer = SkipDEQ(deq_cell(args.hidden, args.init_scale), nn.Dense(args.hidden, args.hidden, torch.tanh), solver,
+                        **options)
     else:
         layer = SkipDEQ(deq_cell(args.hidden, args.init_scale), None, solver, **options)
     return nn.Chain(downsample=nn.Dense(64, args.hidden, torch.tanh), deq=layer,

@@ -9,7 +9,7 @@ The vocabulary is Lux.jl's ``Training`` module::
 """
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .fit import History, fit
+from .fit import History, fit, progress_bar
 from .losses import AbstractLoss, BinaryCrossEntropyLoss, CrossEntropyLoss, MSELoss
 from .optimizers import AbstractOptimizer, AdaBelief, Adam, Adamax, AdamW, SGD
 from .torch_optimizer import TorchOptimizer
@@ -25,8 +25,8 @@ from .train_state import (
 __all__ = [
     "AbstractOptimizer", "AbstractSchedule", "AdaBelief", "Adam", "AdamW", "Adamax", "CheckpointError",
     "Constant", "CosineAnneal", "ExponentialAnneal", "History", "InverseDecay", "SGD", "StaleTrainStateError",
-    "Step", "TrainState", "apply_gradients", "compute_gradients", "fit", "load_checkpoint", "save_checkpoint",
-    "single_train_step",
+    "Step", "TrainState", "apply_gradients", "compute_gradients", "fit", "load_checkpoint", "progress_bar",
+    "save_checkpoint", "single_train_step",
 ]
 __all__ += ["TorchOptimizer"]
 __all__ += ["AbstractLoss", "BinaryCrossEntropyLoss", "CrossEntropyLoss", "MSELoss"]

@@ -8,17 +8,33 @@ each epoch — the only host synchronisations the loop adds.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import numbers
+import sys
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from .train_state import LossFn, TrainState, single_train_step
 
-__all__ = ["fit", "History"]
+__all__ = ["fit", "History", "progress_bar"]
+
+
+def progress_bar(**kwargs):
+    """A tqdm progress bar: a widget in a Jupyter kernel that has ipywidgets, a text bar everywhere else.
+
+    The choice ``tqdm.auto`` makes, without its warnings: importing ``tqdm.auto`` in
+    a kernel without ipywidgets warns "IProgress not found", so a library that
+    imported it at module level would warn whenever it is imported in Jupyter.
+    Install the ``notebook`` extra (ipywidgets) for widget bars. ``kwargs`` go to tqdm.
+    """
+    if "ipykernel.zmqshell" in sys.modules and importlib.util.find_spec("ipywidgets") is not None:
+        from tqdm.notebook import tqdm as bar  # noqa: PLC0415
+    else:
+        from tqdm.std import tqdm as bar  # noqa: PLC0415
+    return bar(**kwargs)
 
 
 class History(list):
@@ -180,7 +196,7 @@ def fit(loss_fn: LossFn, train_state: TrainState, data_loader: Iterable, *, epoc
             test accuracy) and stored in ``history.epochs``.
         callbacks: ``fn(train_state, epoch_record, history)`` called at the end of each
             epoch; a truthy return value stops training.
-        progress: show a tqdm progress bar (``tqdm.auto``: a widget in Jupyter).
+        progress: show a tqdm progress bar (:func:`progress_bar`: a widget in Jupyter with ipywidgets).
         log_every: bring losses to the host and refresh the bar every this many steps.
         stop_on_nonfinite: raise ``FloatingPointError`` when a NaN/Inf loss is seen
             (checked when losses reach the host, so up to ``log_every`` steps late).
@@ -215,8 +231,8 @@ def fit(loss_fn: LossFn, train_state: TrainState, data_loader: Iterable, *, epoc
         steps_per_epoch = len(data_loader)  # type: ignore[arg-type]
     except TypeError:
         steps_per_epoch = None
-    bar = tqdm(total=None if steps_per_epoch is None else epochs * steps_per_epoch, desc=description,
-               disable=not progress, unit="step", dynamic_ncols=True)
+    bar = progress_bar(total=None if steps_per_epoch is None else epochs * steps_per_epoch, desc=description,
+                       disable=not progress, unit="step", dynamic_ncols=True)
     history = History()
     pending = _PendingRecords()
     start = time.perf_counter()
