@@ -15,6 +15,7 @@ from .options import SOLVE_KEYWORDS, SolveOptions, check_keywords, make_options
 from .per_sample import solve_batched, wants_batched_times
 from .events import check_event_solve, split_callbacks, with_events
 from .integrate import integrate
+from .compiled import compiled_solver
 from .problem import ODEProblem
 from .sde import SDEProblem, check_sde_solver
 from .second_order import SecondOrderODEProblem
@@ -83,7 +84,7 @@ def solve(prob: ODEProblem, solver: AbstractSolver | None = None, *, dt=None, ad
           saveat=None, tstops=None, save_everystep=None, save_start=None, save_end=None, dense=None,
           reltol=1e-3, abstol=1e-6, controller=None, norm=None, dtmin=None, dtmax=None,
           maxiters=100_000, callback=None, save_stats=False, throw=True, sensealg=None,
-          batch="joint", saveat_mask=None, **unknown: Any) -> Solution:
+          batch="joint", saveat_mask=None, compile=False, **unknown: Any) -> Solution:
     """Solve an :class:`ODEProblem` or :class:`SDEProblem`; names and defaults follow DifferentialEquations.jl.
 
     Args:
@@ -148,6 +149,12 @@ def solve(prob: ODEProblem, solver: AbstractSolver | None = None, *, dt=None, ad
             or, with ``False``, return the partial solution with ``sol.retcode``.
         sensealg: an :class:`AbstractSensitivityAlgorithm`; ``None`` =
             backpropagate through the solver's operations.
+        compile: ``True`` runs each step (stages, error estimate, scaled error
+            norm) as one ``torch.compile`` graph (CUDA graphs on CUDA), cached
+            per shape/dtype/device, falling back to eager with a warning when
+            ``f`` cannot be compiled (:mod:`pylux.diffeq.compiled`); or a
+            ``torch.compile`` mode name. Explicit RK solvers, ``sensealg=None``
+            or ``DirectAdjoint()``. The first call compiles (seconds).
 
     Returns:
         a :class:`Solution` with ``t``, ``u`` (shape ``(len(t), *u0.shape)``),
@@ -172,6 +179,8 @@ def solve(prob: ODEProblem, solver: AbstractSolver | None = None, *, dt=None, ad
         prob = _sde_for_one_solve(prob, solver, sensealg)
     check_sensealg(sensealg, "solve")
     if wants_batched_times(prob, batch, saveat, saveat_mask):
+        if compile is not False:
+            raise NotImplementedError("solve: compile=True is not supported with per-sample times; pass compile=False")
         return solve_batched(
             prob, solver, sensealg, batch=batch, saveat=saveat, saveat_mask=saveat_mask, save_start=save_start,
             save_end=save_end, save_everystep=save_everystep, dense=dense, tstops=tstops, callback=callback,
@@ -196,6 +205,7 @@ def solve(prob: ODEProblem, solver: AbstractSolver | None = None, *, dt=None, ad
         dtmax=dtmax, maxiters=maxiters, callback=termination, save_stats=save_stats, throw=throw,
         tstops=tstops)
     options = with_events(options, events, t0, t1, dtmin)
+    solver = compiled_solver(solver, options, sensealg, compile, prob.u0.device)
     if sensealg is not None:
         sol = sensealg.solve_with(prob, solver, options)
     else:

@@ -1,0 +1,186 @@
+"""``solve(..., compile=True)``: one explicit Runge–Kutta step compiled with ``torch.compile``.
+
+The compiled region is the whole trial step of the adaptive loop that runs on
+the device: every stage evaluation of the vector field, the new state, the
+embedded error estimate, the dense-output stages and the scaled error norm
+``E = norm(err / (abstol + reltol * max(|u|, |u_new|)))``. The loop reads ``E``
+back in its one host transfer per step and proposes the next ``dt`` on the host
+(the controllers work on host floats), so a compiled solve synchronises exactly
+as often as an eager one: once per step. Time enters the step as 0-d device
+tensors, so the stage times ``t + c_i dt`` are device arithmetic inside the graph
+and the step compiles without graph breaks (``benchmarks/compile_step.py``).
+
+Compilation is cached by ``torch.compile`` itself, per shape, dtype and device of
+the state and parameters (``dynamic=False``: a new shape compiles a new graph).
+The step is compiled with ``fullgraph=True``: a vector field that would break the
+graph (data-dependent Python control flow, unsupported calls) makes the step
+fall back to eager execution for the rest of the solve, with one warning line.
+The first step of a solve runs eagerly, so the first evaluation of ``f`` is checked
+for shape, dtype and device as in an eager solve.
+
+On CUDA, ``compile=True`` uses ``mode="reduce-overhead"`` (CUDA graphs: the step's
+kernels are replayed from one graph launch); its outputs are copied out of the
+graph's static buffers so that saved states survive the next replay.
+``compile="default"`` / ``"max-autotune"`` choose another ``torch.compile`` mode.
+
+Scope: explicit Runge–Kutta solvers (``Tsit5()``, ``DP5()``, ``BS3()``, …),
+``sensealg=None`` or ``DirectAdjoint()`` (autograd differentiates the compiled
+graph), ODE problems.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .norms import scaled_error_norm
+from .solvers import AbstractSolver, ExplicitRungeKutta, RKState, StepResult
+from .interpolation import StageInterpolant
+from .terms import BoundTerm, as_bound_term
+
+__all__ = ["CompiledSolver", "CompiledStepResult", "compiled_solver", "COMPILE_MODES"]
+
+#: the accepted values of ``solve(..., compile=...)`` besides True/False
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+_COMPILED: dict = {}
+
+
+class CompiledStepResult(StepResult):
+    """A :class:`StepResult` that carries the scaled error norm computed inside the compiled step."""
+
+    __slots__ = ("scaled_error",)
+
+    def __init__(self, *args, scaled_error=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.scaled_error = scaled_error
+
+
+def _fused_step(base, term, t, u, dt, state, abstol, reltol, norm, adaptive):
+    """The eager function that ``torch.compile`` traces: a step and its scaled error norm."""
+    result = base.step(term, t, u, dt, state)
+    error = result.error_estimate
+    scaled = scaled_error_norm(error, u, result.u_new, abstol, reltol, norm) if adaptive else None
+    stiffness = result.stiffness_stages if result.stiffness_stages is not None else ()
+    return (result.u_new, error, scaled, tuple(result.dense_info.stages), result.solver_state_new.f_at_u,
+            tuple(stiffness), result.nfe)
+
+
+def _compiled_function(mode: str):
+    if mode not in _COMPILED:
+        _COMPILED[mode] = torch.compile(_fused_step, fullgraph=True, dynamic=False,
+                                        mode=None if mode == "default" else mode)
+    return _COMPILED[mode]
+
+
+class CompiledSolver(AbstractSolver):
+    """An explicit Runge–Kutta solver whose step runs as one compiled graph (see the module docstring).
+
+    Args:
+        base: the explicit Runge–Kutta method.
+        options: the solve's :class:`~pylux.diffeq.options.SolveOptions` (tolerances and norm
+            enter the compiled error norm).
+        mode: a ``torch.compile`` mode (``"default"``, ``"reduce-overhead"``, ``"max-autotune"``).
+
+    ``fallback_reason`` is ``None`` while the step runs compiled, else why it fell back to eager.
+    """
+
+    def __init__(self, base: ExplicitRungeKutta, options, mode: str = "default") -> None:
+        self.base = base
+        self.order, self.error_order = base.order, base.error_order
+        self.interpolation_order = base.interpolation_order
+        self.mode = mode
+        self.adaptive = options.controller.needs_error_estimate
+        self.tolerances = (options.abstol, options.reltol, options.norm)
+        self.fallback_reason: str | None = None
+        self.compiled_steps = 0
+
+    @property
+    def needs_f0(self) -> bool:  # type: ignore[override]
+        return self.base.needs_f0
+
+    @property
+    def computes_du_new(self) -> bool:  # type: ignore[override]
+        return self.base.computes_du_new
+
+    @property
+    def steps_onto_saveat(self) -> bool:  # type: ignore[override]
+        return self.base.steps_onto_saveat
+
+    def default_controller(self):
+        return self.base.default_controller()
+
+    def init(self, term, t0, u0, dt0, f0=None):
+        return self.base.init(term, t0, u0, dt0, f0)
+
+    def step(self, term, t, u, dt, state):
+        term = as_bound_term(term)
+        if self.fallback_reason is not None or getattr(term, "count", 1) == 0 or not term.control_is_time:
+            return self.base.step(term, t, u, dt, state)
+        abstol, reltol, norm = self.tolerances
+        cuda_graphs = self.mode == "reduce-overhead" and u.is_cuda
+        # the graph sees the plain bound term: a counter's changing integer would be a guard that recompiles
+        # every step, so the loop's evaluation count is advanced here instead
+        plain = BoundTerm(term.term, term.p)
+        try:
+            if cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            out = _compiled_function(self.mode)(self.base, plain, t, u, dt, state, abstol, reltol, norm,
+                                                self.adaptive)
+        except Exception as err:  # noqa: BLE001 - any compile failure means: run eagerly
+            result = self.base.step(term, t, u, dt, state)  # a genuine error of f is raised here, unchanged
+            first_line = (str(err).strip().splitlines() or [""])[0][:200]
+            self.fallback_reason = f"{type(err).__name__}: {first_line}"
+            warnings.warn(f"solve(compile=True): the step could not be compiled ({self.fallback_reason}); "
+                          "running it eagerly for the rest of this solve", RuntimeWarning, stacklevel=2)
+            return result
+        if cuda_graphs:
+            out = tuple(_copy_out(x) for x in out)
+        u_new, error, scaled, stages, k_new, stiffness, nfe = out
+        if hasattr(term, "count"):
+            term.count += nfe
+        self.compiled_steps += 1
+        return CompiledStepResult(
+            u_new, error, dense_info=StageInterpolant(u, dt, list(stages), self.base.tableau),
+            solver_state_new=RKState(k_new), nfe=nfe, du_new=k_new,
+            stiffness_stages=stiffness or None,
+            solver_state_retry=state if state.f_at_u is not None else RKState(stages[0]),
+            scaled_error=scaled)
+
+    def __repr__(self) -> str:
+        return f"CompiledSolver({self.base!r}, mode={self.mode!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, CompiledSolver) and other.base == self.base and other.mode == self.mode
+
+    def __hash__(self) -> int:
+        return hash((CompiledSolver, self.base, self.mode))
+
+
+def _copy_out(x):
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if isinstance(x, tuple):
+        return tuple(_copy_out(v) for v in x)
+    return x
+
+
+def compiled_solver(solver, options, sensealg, compile, device: torch.device) -> AbstractSolver:
+    """The solver ``solve`` runs for its ``compile=`` argument: ``solver`` itself for ``False``, else a
+    :class:`CompiledSolver`; unsupported combinations raise, naming what works."""
+    if compile is False or compile is None:
+        return solver
+    if compile is True:
+        mode = "reduce-overhead" if device.type == "cuda" else "default"
+    elif isinstance(compile, str) and compile in COMPILE_MODES:
+        mode = compile
+    else:
+        raise ValueError(f"solve: compile must be True, False or one of {COMPILE_MODES}, got {compile!r}")
+    if not isinstance(solver, ExplicitRungeKutta):
+        raise TypeError(f"solve: compile=True compiles explicit Runge–Kutta steps (Tsit5(), DP5(), BS3(), RK4(), "
+                        f"...), got {solver!r}; solve it with compile=False")
+    if sensealg is not None and not getattr(sensealg, "differentiates_solver", False):
+        raise NotImplementedError(f"solve: compile=True runs under sensealg=None or DirectAdjoint(), not "
+                                  f"{sensealg!r}; pass compile=False for this sensealg")
+    return CompiledSolver(solver, options, mode)

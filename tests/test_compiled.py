@@ -1,0 +1,85 @@
+"""solve(..., compile=True): the compiled step against the eager one, the eager fallback, and bad inputs."""
+
+import warnings
+
+import pytest
+import torch
+
+import pylux as lx
+from pylux.diffeq.compiled import CompiledSolver
+
+F64 = torch.float64
+SPIRAL = torch.tensor(lx.data.SPIRAL_ODE_MATRIX, dtype=F64)
+
+
+def spiral(u, p, t):
+    return (u ** 3) @ p["A"]
+
+
+def spiral_problem(batch=8, requires_grad=False):
+    g = torch.Generator().manual_seed(0)
+    u0 = (torch.tensor([2.0, 0.0], dtype=F64) + 0.1 * torch.randn(batch, 2, generator=g, dtype=F64))
+    A = SPIRAL.clone().requires_grad_(requires_grad)
+    return lx.ODEProblem(spiral, u0.requires_grad_(requires_grad), (0.0, 1.5), {"A": A})
+
+
+def branching(u, p, t):
+    # data-dependent Python control flow: a graph break, which fullgraph compilation refuses
+    if float(u.abs().max()) > 1e6:
+        return -u
+    return (u ** 3) @ p["A"]
+
+
+@pytest.mark.parametrize("bad", ["fast", 1, "cuda-graphs"])
+def test_bad_compile_values_are_refused(bad):
+    with pytest.raises(ValueError, match="compile must be"):
+        lx.solve(spiral_problem(), lx.Tsit5(), compile=bad)
+
+
+def test_unsupported_combinations_are_refused():
+    prob = spiral_problem()
+    with pytest.raises(TypeError, match="Runge"):
+        lx.solve(prob, lx.VCAB3(), compile=True)
+    with pytest.raises(NotImplementedError, match="compile=False"):
+        lx.solve(prob, lx.Tsit5(), compile=True, sensealg=lx.BacksolveAdjoint())
+    with pytest.raises(NotImplementedError, match="compile=False"):
+        lx.solve(prob, lx.Tsit5(), compile=True, sensealg=lx.DirectAdjoint(checkpoints=4))
+
+
+def test_field_that_cannot_compile_falls_back_with_one_warning():
+    prob = lx.ODEProblem(branching, spiral_problem().u0, (0.0, 1.5), {"A": SPIRAL})
+    eager = lx.solve(prob, lx.Tsit5(), reltol=1e-6, abstol=1e-6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sol = lx.solve(prob, lx.Tsit5(), reltol=1e-6, abstol=1e-6, compile=True)
+    ours = [w for w in caught if "could not be compiled" in str(w.message)]
+    assert len(ours) == 1 and "\n" not in str(ours[0].message)
+    assert isinstance(sol.solver, CompiledSolver) and sol.solver.fallback_reason is not None
+    assert sol.solver.compiled_steps == 0
+    torch.testing.assert_close(sol.u, eager.u, rtol=0, atol=0)
+    assert sol.stats.nf == eager.stats.nf
+
+
+@pytest.mark.slow
+def test_compiled_spiral_equals_eager_forward_and_gradient():
+    """Compilation takes several seconds: slow-marked."""
+    results = {}
+    for compile in (False, True):
+        prob = spiral_problem(requires_grad=True)
+        sol = lx.solve(prob, lx.Tsit5(), reltol=1e-6, abstol=1e-6, saveat=[0.5, 1.0, 1.5], compile=compile)
+        grads = torch.autograd.grad((sol.u ** 2).sum(), [prob.u0, prob.p["A"]])
+        results[compile] = (sol, grads)
+    (eager, g_eager), (comp, g_comp) = results[False], results[True]
+    assert comp.solver.fallback_reason is None
+    steps = comp.stats.naccept + comp.stats.nreject
+    # Tsit5 is FSAL: f's first (checked) evaluation happens before the first step, so every step compiles
+    assert comp.solver.compiled_steps == steps
+    assert (comp.stats.naccept, comp.stats.nreject, comp.stats.nf) == (
+        eager.stats.naccept, eager.stats.nreject, eager.stats.nf)
+    torch.testing.assert_close(comp.u, eager.u, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g_comp, g_eager):
+        assert b.abs().max() > 1e-2
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    # a second solve of the same shapes reuses the compiled graph
+    again = lx.solve(spiral_problem(), lx.Tsit5(), reltol=1e-6, abstol=1e-6, saveat=[1.5], compile=True)
+    assert again.solver.fallback_reason is None and again.solver.compiled_steps > 10
