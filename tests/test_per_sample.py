@@ -314,6 +314,27 @@ def test_a_failing_sample_leaves_the_others_intact():
         de.solve(prob, de.Tsit5(), saveat=times, batch="per-sample", maxiters=2000, **TOL)
 
 
+def test_maxiters_stops_only_the_samples_that_need_more_steps():
+    k = torch.tensor([[1.0], [300.0]], dtype=F64)
+    u0 = torch.ones(2, 1, dtype=F64)
+    easy = de.solve(problem(k[:1], u0[:1], a=0.0), de.Tsit5(), **TOL)
+    sol = de.solve(problem(k, u0, a=0.0), de.Tsit5(), batch="per-sample", maxiters=easy.stats.nsteps + 5,
+                   throw=False, **TOL)
+    assert sol.stats.retcode_per_sample == (de.ReturnCode.Success, de.ReturnCode.MaxIters)
+    assert int(sol.stats.naccept_per_sample[1] + sol.stats.nreject_per_sample[1]) == easy.stats.nsteps + 5
+    torch.testing.assert_close(sol.u[-1, 0], easy.u[-1, 0], rtol=0, atol=1e-14)
+    assert torch.isnan(sol.u[-1, 1]).all() and "maxiters = " in sol.message
+    with pytest.raises(de.MaxItersError):
+        de.solve(problem(k, u0, a=0.0), de.Tsit5(), batch="per-sample", maxiters=easy.stats.nsteps + 5, **TOL)
+
+
+def test_nothing_saved_when_asked_for_nothing():
+    k, u0 = batch_case(2)
+    sol = de.solve(problem(k, u0), de.Tsit5(), batch="per-sample", save_start=False, save_end=False)
+    assert sol.u.shape == (0, 2, 2) and sol.t.shape == (0, 2)
+    torch.testing.assert_close(sol.final_state[0], de.solve(problem(k, u0), de.Tsit5(), batch="per-sample").u[-1])
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(saveat=torch.tensor([[0.2, 0.5], [0.6, 0.3]], dtype=F64)), ValueError,
      "sample 1's saved times are out of order: saveat\\[1, 0\\] = 0.6 and saveat\\[1, 1\\] = 0.3"),

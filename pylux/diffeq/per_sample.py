@@ -303,6 +303,7 @@ class _PerSampleLoop:
         self.check_resolution = check_resolution
         self.constants = _TableauConstants(self.tableau, t0.dtype, u0.dtype, u0.device)
         self.state_shape = (self.batch,) + (1,) * (u0.dim() - 1)
+        self._row_starts = torch.arange(self.batch, device=u0.device)[:, None] * times.shape[1]
 
     def rk_step(self, u, t, dt_step):
         """One step of the tableau from ``(u, t)`` with the per-sample step ``dt_step``; ``k1`` is ``self.k1``."""
@@ -378,7 +379,8 @@ class _PerSampleLoop:
         tab, options, device = self.tableau, self.options, self.u0.device
         signed_end = d * t_end
         running = t != t_end
-        code = torch.full((B,), _RUNNING, dtype=torch.long, device=device).masked_fill_(~running, _SUCCESS)
+        # failures are recorded as they happen; a sample still _RUNNING at the end reached its t1
+        code = torch.full((B,), _RUNNING, dtype=torch.long, device=device)
         naccept = torch.zeros(B, dtype=torch.long, device=device)
         trials, streak = torch.zeros_like(naccept), torch.zeros_like(naccept)
         self.k1 = self.field.vf(u, t)
@@ -394,29 +396,30 @@ class _PerSampleLoop:
             nearest = ratio.round()
             steps = torch.where((ratio - nearest).abs() <= 1e-10 * ratio.clamp_min(1.0), nearest, ratio.ceil())
             grid_steps = steps.clamp_min(1).long()
+            grid_dt = d * dt.abs()
         qold = torch.full_like(t, getattr(self.controller, "qoldinit", 1e-4)).to(u.dtype)
         bad_start = running & ~torch.isfinite(self.k1.reshape(B, -1)).all(1)
         code.masked_fill_(bad_start, _UNSTABLE)
         running &= ~bad_start
         dt_report = dt.clone()
         dt.masked_fill_(~running, 0.0)  # a stopped sample takes zero steps
+        dtmax_low = -self.dtmax
         signed_times = d[:, None] * self.times
         pointer = (signed_times <= (d * t)[:, None]).sum(1)  # entries at t0 hold u0 already
         blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
         per_step = tab.stages - 1  # k1 is reused (FSAL) or evaluated when stale, counted there
         k1_stale = torch.zeros_like(running)
-        n_running, any_accepted = int(running.sum()), False
+        n_running, any_accepted, iteration = int(running.sum()), False, 0
         while n_running:
             if not tab.fsal and any_accepted:
                 self.k1 = self.field.vf(u, t)
                 nfe.add_(running & k1_stale)
             if self.adaptive:
                 t_try = t + dt
+                reach = d * t_try >= signed_end
             else:
-                t_try = torch.addcmul(self.t0, d * dt.abs(), (naccept + 1).to(t.dtype))
-            reach = d * t_try >= signed_end
-            if not self.adaptive:
-                reach |= naccept + 1 >= grid_steps
+                t_try = torch.addcmul(self.t0, grid_dt, (naccept + 1).to(t.dtype))
+                reach = naccept + 1 >= grid_steps
             t_new = torch.where(reach, t_end, t_try)
             dt_step = t_new - t
             u_new, stages, h = self.rk_step(u, t, dt_step)
@@ -425,7 +428,7 @@ class _PerSampleLoop:
                 error = self.scaled_error(u, u_new, stages, h)
                 ok, finite, dt_next, qold_new = self.decide(error, dt_step, qold)
                 accept = running & ok
-                dt_next = torch.clamp(dt_next, min=-self.dtmax, max=self.dtmax)
+                dt_next = torch.clamp(dt_next, min=dtmax_low, max=self.dtmax)
             else:
                 accept = running.clone()
                 dt_next = dt
@@ -442,41 +445,57 @@ class _PerSampleLoop:
                 self.k1 = torch.where(accepted, stages[-1], self.k1)
             else:
                 k1_stale = accept
-            dt_report = torch.where(running, dt_next, dt_report)
-            done = accept & reach
-            code.masked_fill_(done, _SUCCESS)
-            running &= ~done
+            running &= ~(accept & reach)
             if self.adaptive:
                 qold = torch.where(accept, qold_new, qold)
                 streak = (streak + 1).masked_fill_(finite, 0)
-                small = dt_next.abs() < self.dtmin
-                unstable = running & ~finite & ((streak >= MAX_NONFINITE_STREAK) | small)
-                code.masked_fill_(unstable, _UNSTABLE)
-                too_small = running & finite & small
-                if self.check_resolution:
-                    too_small |= stuck
-                code.masked_fill_(too_small, _DTMIN)
-                running &= ~(unstable | too_small)
-            elif self.check_resolution:
-                code.masked_fill_(stuck, _DTMIN)
-                running &= ~stuck
-            over = running & (trials >= options.maxiters)
-            code.masked_fill_(over, _MAXITERS)
-            running &= ~over
+                alarm = running & (~finite | (dt_next.abs() < self.dtmin))
+            else:
+                alarm = torch.zeros_like(running)
+            if self.check_resolution:
+                alarm |= stuck
             dt = dt_next.masked_fill(~running, 0.0)
             new_pointer = (signed_times <= (d * t)[:, None]).sum(1)
             passed = new_pointer - pointer
             # the step's one host transfer
-            n_running, most, any_accepted = torch.stack([running.sum(), passed.max(), accept.sum()]).tolist()
+            n_running, most, any_accepted, failing = torch.stack(
+                [running.sum(), passed.max(), accept.sum(), alarm.sum()]).tolist()
             if most:
                 blocks.append(self.saved_values(u_start, u_new, t_start, t_new, h, stages, pointer, passed,
                                                 int(most)))
             pointer = new_pointer
+            iteration += 1
+            if failing:  # rare: a NaN/Inf step, or a step size below dtmin or the time resolution
+                dt_report = torch.where(running, dt_next, dt_report)
+                running, n_running = self.fail(code, running, finite if self.adaptive else None, streak,
+                                               dt_next, stuck if self.check_resolution else None)
+                dt.masked_fill_(~running, 0.0)
+            if n_running and iteration >= options.maxiters:  # every running sample has tried maxiters steps
+                dt_report = torch.where(running, dt, dt_report)
+                code.masked_fill_(running, _MAXITERS)
+                n_running = 0
+        code.masked_fill_(code == _RUNNING, _SUCCESS)
         if not self.adaptive:  # fixed steps cannot be shrunk: a NaN/Inf is found once, at the end
             bad = (code == _SUCCESS) & ~torch.isfinite(u.reshape(B, -1)).all(1)
             code.masked_fill_(bad, _UNSTABLE)
         self.result = (u, t, dt_report, code, naccept, trials - naccept, nfe)
         return self.assemble(blocks, pointer, code)
+
+    def fail(self, code, running, finite, streak, dt_next, stuck):
+        """Mark the running samples that cannot go on: NaN/Inf too often or with a step below dtmin
+        (Unstable), or a finite step below dtmin or the time resolution (DtLessThanMin)."""
+        small = dt_next.abs() < self.dtmin
+        if finite is not None:
+            unstable = running & ~finite & ((streak >= MAX_NONFINITE_STREAK) | small)
+            too_small = running & finite & small
+        else:
+            unstable = too_small = torch.zeros_like(running)
+        if stuck is not None:
+            too_small |= stuck & ~unstable
+        code.masked_fill_(unstable, _UNSTABLE)
+        code.masked_fill_(too_small, _DTMIN)
+        running = running & ~(unstable | too_small)
+        return running, int(running.sum())
 
     def saved_values(self, u, u_new, t, t_new, h, stages, pointer, passed, most: int):
         """The values at each sample's saved times inside this step: ``(flat targets, values)``.
@@ -486,18 +505,26 @@ class _PerSampleLoop:
         whose target is the trash row ``B * T``.
         """
         B, T = self.times.shape
-        offsets = torch.arange(most, device=u.device)
+        offsets = self._offsets(most, u.device)
         inside = offsets < passed[:, None]
         columns = (pointer[:, None] + offsets).clamp_(max=T - 1)
         when = self.times.gather(1, columns)
-        safe_dt = torch.where(t_new == t, torch.ones_like(t), t_new - t)
-        theta = ((when - t[:, None]) / safe_dt[:, None]).clamp_(0.0, 1.0).to(u.dtype)
+        # a stopped sample's zero step gives 0/0: its window is padding, whose theta must stay finite
+        # (a NaN weight would turn the padding's zero gradient into NaN)
+        theta = ((when - t[:, None]) / (t_new - t)[:, None]).nan_to_num_(0.0).clamp_(0.0, 1.0).to(u.dtype)
         weights = self.constants.dense_weights(theta).mul_(h.reshape(B, 1, 1))  # (B, most, s)
         stacked = torch.stack([k.reshape(B, -1) for k in stages], dim=1)  # (B, s, F)
         values = torch.baddbmm(u.reshape(B, 1, -1), weights, stacked)
+        # a time that is the step's end takes the step's state exactly, as in the joint loop
         values = torch.where((when == t_new[:, None]).unsqueeze(-1), u_new.reshape(B, 1, -1), values)
-        targets = (columns + torch.arange(0, B * T, T, device=u.device)[:, None]).masked_fill_(~inside, B * T)
+        targets = (columns + self._row_starts).masked_fill_(~inside, B * T)
         return targets.reshape(-1), values.reshape(B * most, -1)
+
+    def _offsets(self, most: int, device):
+        cache = self.__dict__.setdefault("_offset_cache", {})
+        if most not in cache:
+            cache[most] = torch.arange(most, device=device)
+        return cache[most]
     def assemble(self, blocks, pointer, code):
         """``(T, B, ...)`` saved values; times a failed sample never reached are NaN."""
         B, T = self.times.shape
