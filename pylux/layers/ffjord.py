@@ -68,9 +68,12 @@ class FFJORD(AbstractLayer):
         trace: ``"hutchinson"`` (one VJP :math:`\varepsilon^\top\partial f/\partial z` per
             evaluation, unbiased) or ``"exact"`` (one batched VJP per dimension, :math:`d` per
             evaluation, for small :math:`d`).
-        probe: the Hutchinson probe, ``"rademacher"`` (±1; the smaller variance,
-            :math:`2\sum_{i<j}\ldots` see the tests) or ``"gaussian"``; drawn once per call from the
-            generator of ``st["rng"]`` and held fixed during the solve.
+        probe: the Hutchinson probe, ``"rademacher"`` (±1) or ``"gaussian"``; drawn once per call from
+            the generator of ``st["rng"]`` and held fixed during the solve. For a Jacobian :math:`J` the
+            estimate :math:`\varepsilon^\top J\varepsilon` has variance
+            :math:`\sum_{i\ne j}(J_{ij}^2 + J_{ij}J_{ji})` with Rademacher and
+            :math:`\sum_{i,j}(J_{ij}^2 + J_{ij}J_{ji})` with Gaussian probes (Hutchinson 1989), so
+            Rademacher is never worse.
         solver: a pylux ODE solver (default Tsit5; fixed-step ones with ``dt=``).
         sensealg: how gradients flow (``None``: backprop through the solver; any pylux
             sensitivity algorithm, e.g. ``BacksolveAdjoint(seminorm=True)``, ``ReversibleAdjoint()``).
@@ -169,20 +172,17 @@ class FFJORD(AbstractLayer):
             return rademacher_like(x, generator)
         return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
 
-    def _joint_field(self, inner_st: Mapping, probe: torch.Tensor | None, integrals: list, counter: list):
+    def _joint_field(self, inner_st: Mapping, d: int, probe: torch.Tensor | None, integrals: list, counter: list):
         r"""``w -> [f(z); -tr(∂f/∂z); integrands]`` on the joint state ``w = [z, Δ, r_1, ...]`` of shape ``(B, D)``.
 
         The trace (and every Jacobian quantity a sharing regularizer needs) comes from VJPs taken
         here, under ``enable_grad`` also when the solve itself runs without gradients (an adjoint's
         forward pass); their graph is kept only when the caller differentiates.
         """
-        d = None
         state_field = self._state_field(inner_st)
         exact = self.trace == "exact"
 
         def joint(w: torch.Tensor, p: Any, t: torch.Tensor) -> torch.Tensor:
-            nonlocal d
-            d = self._dim_of_joint(w, len(integrals)) if d is None else d
             # a graph only when something upstream asks for it (the caller's parameters or state)
             outer = torch.is_grad_enabled() and (w.requires_grad or any(
                 leaf.requires_grad for leaf in tree_leaves(p) if isinstance(leaf, torch.Tensor)))
@@ -203,10 +203,6 @@ class FFJORD(AbstractLayer):
                 out = torch.cat([dz, -trace[:, None]] + [r.to(dz.dtype)[:, None] for r in rates], dim=1)
             return out if outer else out.detach()
         return joint
-
-    @staticmethod
-    def _dim_of_joint(w: torch.Tensor, n_integrals: int) -> int:
-        return w.shape[1] - 1 - n_integrals
 
     @staticmethod
     def _trace(dz, z, probe, exact: bool, create_graph: bool, counter: list):
@@ -268,7 +264,7 @@ class FFJORD(AbstractLayer):
         integrals = [(reg, data, bool(getattr(reg, "shares_jacobian_probe", False)))
                      for reg, data in zip(regs, datas) if isinstance(reg, AbstractIntegralRegularizer)]
         counter = [0]
-        joint = self._joint_field(st["model"], probe, integrals, counter)
+        joint = self._joint_field(st["model"], x.shape[1], probe, integrals, counter)
         w0 = torch.cat([x, x.new_zeros(x.shape[0], 1 + len(integrals))], dim=1)
         kwargs = dict(self.solve_kwargs)
         if training:
