@@ -346,7 +346,6 @@ def _solve_keywords(options: dict, adaptive: bool, grid: torch.Tensor, packing: 
         # torchdiffeq's default norm for tuple states; under an adjoint the default RMS norm is kept,
         # which the backward solve extends to its own channel groups
         kwargs["norm"] = MixedNorm(packing.sizes)
-    span = abs(float(grid[-1]) - float(grid[0]))
     if adaptive:
         kwargs["controller"] = IController(gamma=options.get("safety", 0.9), qmax=options.get("ifactor", 10.0),
                                            qmin=options.get("dfactor", 0.2))
@@ -378,7 +377,7 @@ def _solve_keywords(options: dict, adaptive: bool, grid: torch.Tensor, packing: 
         kwargs["dt"] = step
     else:
         # torchdiffeq's default grid: one step from each output time to the next
-        kwargs["dt"] = float((grid[1:] - grid[:-1]).abs().max()) if grid.numel() > 1 else span
+        kwargs["dt"] = float((grid[1:] - grid[:-1]).abs().max())
         kwargs["tstops"] = grid[1:-1]
     return kwargs
 
