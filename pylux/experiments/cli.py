@@ -15,6 +15,8 @@ EXPERIMENTS["node-digits"] = "node_digits"
 EXPERIMENTS["deq-digits"] = "deq_digits"
 EXPERIMENTS["sde-spiral"] = "sde_spiral"
 EXPERIMENTS["nsde-digits"] = "nsde_digits"
+EXPERIMENTS["latent-ode-periodic"] = "latent_ode_periodic"
+EXPERIMENTS["ncde-characters"] = "ncde_characters"
 EXPERIMENTS["cnf-moons"] = "cnf_moons"
 EXPERIMENTS["ffjord-digits"] = "ffjord_digits"
 
