@@ -26,31 +26,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import weakref
 
 import torch
 
 import pylux as lx
 from pylux import nn
+from pylux.experiments.cnf_moons import saved_tensor_bytes as saved_bytes
 
 B, C, H, T, WIDTH = 256, 32, 64, 50, 128
-
-
-def saved_bytes(closure):
-    packed = []
-
-    def pack(tensor):
-        alias = tensor.detach()
-        packed.append(weakref.ref(alias))
-        return alias
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        out = closure()
-    storages = {}
-    for ref in packed:
-        tensor = ref()
-        if tensor is not None:
-            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-    return out, sum(storages.values())
 
 
 def make_data(seed=0):
@@ -150,7 +133,7 @@ def measure(step, counter, repeats):
         loss.backward()
         times.append(time.perf_counter() - start)
     (loss_again, _), memory = saved_bytes(step)
-    return statistics.median(times), nfe, float(loss), memory
+    return statistics.median(times), nfe, float(loss.detach()), memory
 
 
 def main():
