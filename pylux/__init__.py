@@ -104,4 +104,6 @@ from .training import BinaryCrossEntropyLoss, CrossEntropyLoss, MSELoss
 
 from .diffeq import ContinuousCallback, DiscreteCallback, SecondOrderODEProblem, terminate
 
+from .diffeq import AutoSwitch, ImplicitEuler, Kvaerno5, Rodas5P, Rosenbrock23, TRBDF2
+
 __version__ = "0.1.0"

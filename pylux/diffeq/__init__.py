@@ -45,6 +45,9 @@ from .solvers import (BS3, DP5, RK4, AbstractAdaptiveSolver, AbstractSolver, Eul
 from .terms import AbstractControl, AbstractTerm, BoundTerm, ControlTerm, MultiTerm, ODETerm
 from .splines import AbstractSplineControl, CubicSpline, HermiteCubicSpline, LinearInterpolation
 from .tableau import ButcherTableau, TableauError
+from .rosenbrock import Rodas5P, Rosenbrock23
+from .implicit import ImplicitEuler, Kvaerno5, TRBDF2
+from .autoswitch import AutoSwitch
 from .callbacks import AbstractEventCallback, ContinuousCallback, DiscreteCallback, terminate
 from .events import EventLog
 from .second_order import SecondOrderODEProblem
@@ -75,3 +78,5 @@ __all__ = [
 __all__ += ["AbstractSplineControl", "CubicSpline", "HermiteCubicSpline", "LinearInterpolation"]
 __all__ += ["AbstractEventCallback", "ContinuousCallback", "DiscreteCallback", "terminate", "EventLog",
             "SecondOrderODEProblem"]
+# stiff solvers and automatic stiffness switching
+__all__ += ["Rosenbrock23", "Rodas5P", "ImplicitEuler", "TRBDF2", "Kvaerno5", "AutoSwitch"]

@@ -389,6 +389,9 @@ class _Loop:
     def __init__(self, field: CountingField, solver: AbstractSolver, u0, t0: float, t1: float,
                  options: SolveOptions, saver: Saver, dense: DenseOutput | None, stats: StatsRecorder):
         self.field, self.solver, self.options = field, solver, options
+        bind = getattr(solver, "bind_options", None)
+        if bind is not None:  # a solver whose steps need the solve's tolerances (an implicit method's Newton test)
+            self.solver = bind(options)
         self.saver, self.dense, self.stats = saver, dense, stats
         self.t0, self.t1, self.u0 = t0, t1, u0
         self.direction = 1.0 if t1 > t0 else -1.0
@@ -645,6 +648,9 @@ def _finish(out: _Outcome, field: CountingField, u0, solver, options: SolveOptio
     times, blocks = saver.finish(out.t, out.u)
     stats = SolverStats(nf=field.count, naccept=out.naccept, nreject=out.nreject, ng=field.count_g)
     stats_recorder.finish(stats, options.time_dtype, u0)
+    record = getattr(solver, "record_stats", None)
+    if record is not None and out.solver_state is not None:  # the solver's own counters (Jacobians, LUs, ...)
+        record(stats, out.solver_state)
     t_tensor = host_to_device(times, options.time_dtype, u0.device)
     u_tensor = torch.cat(blocks) if blocks else u0.new_zeros((0,) + tuple(u0.shape))
     failed = not out.retcode.successful

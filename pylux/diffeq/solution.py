@@ -88,6 +88,16 @@ class SolverStats:
     dt: torch.Tensor | None = None
     error_estimate: torch.Tensor | None = None
     stiffness: torch.Tensor | None = None
+    #: stiff solvers' counters: Jacobians, Newton matrices formed, linear solves, GMRES products,
+    #: Newton iterations and Newton convergence failures (OrdinaryDiffEq's DEStats names)
+    njac: int = 0
+    nw: int = 0
+    nsolve: int = 0
+    nkrylov: int = 0
+    nnonliniter: int = 0
+    nnonlinconvfail: int = 0
+    #: AutoSwitch: the index of the method that took each accepted step (0 non-stiff, 1 stiff)
+    alg_choice: tuple | None = None
 
     @property
     def nsteps(self) -> int:

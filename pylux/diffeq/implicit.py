@@ -1,0 +1,406 @@
+r"""Diagonally implicit Runge–Kutta methods with a Newton iteration: ESDIRK, TRBDF2, implicit Euler.
+
+An (E)SDIRK method with stage increments ``z_i = h k_i`` solves, stage by stage,
+
+.. math::
+    z_i = h f\Big(t + c_i h,\ \psi_i + \gamma z_i\Big), \qquad
+    \psi_i = u + \sum_{j<i} a_{ij} z_j, \qquad u_{new} = u + \sum_i b_i z_i,
+
+(an explicit first stage ``z_1 = h f(u, t)`` for an ESDIRK). Each stage is a
+nonlinear system ``G(z) = z - h f(psi + gamma z) = 0`` solved by the simplified
+Newton iteration of Hairer & Wanner (*Solving ODEs II*, IV.8):
+
+.. math::
+    (I - h\gamma J)\,\Delta z = -G(z^{(k)}), \qquad z^{(k+1)} = z^{(k)} + \Delta z,
+
+with one Newton matrix for every stage (the diagonal is constant), stopped when
+``eta_k ||Delta z_k|| <= kappa`` in the solve's scaled norm (``eta_k = theta_k /
+(1 - theta_k)``, ``theta_k = ||Delta z_k|| / ||Delta z_{k-1}||`` the observed
+contraction, ``kappa = 0.01``), and declared failed when it diverges
+(``theta >= 1``), when the contraction predicts no convergence within the
+iterations left, or after ``max_newton_iters`` iterations.
+
+Reuse (as OrdinaryDiffEq's and RADAU5's): the Jacobian is kept across steps
+while Newton converges well (every ``theta`` below ``jac_refresh_theta``), and the
+LU of ``I - h gamma J`` is kept while ``h gamma`` is unchanged (the default
+controller holds ``dt`` when it would change by less than 20%). A Newton
+failure with an old Jacobian recomputes it and retries the stage at the same
+``dt``; a failure with a current Jacobian returns ``StepStatus.REJECT``, and the
+loop halves ``dt``. A singular or non-finite Newton matrix rejects the step the
+same way (a solve where it is singular at every ``dt`` ends with
+``DtLessThanMin`` naming ``t`` and ``dt``).
+
+Tableaus are validated at construction (:class:`ImplicitTableau`): row sums
+equal ``c``, a constant implicit diagonal, and every Butcher order condition
+(all rooted trees) up to the method's order for the propagated weights and
+the embedded order for the embedded ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ._device import host_time
+from .controllers import AbstractController, PIController
+from .interpolation import HermiteInterpolant, linear_combination
+from .jacobian import AbstractStiffSolver, StiffState
+from .norms import rms_norm
+from .solvers import StepResult, StepStatus, _stage_times, as_step_times, time_add
+from .tableau import TableauError
+from .terms import as_bound_term
+
+__all__ = ["ImplicitTableau", "rk_order_residuals", "DiagonallyImplicitRungeKutta", "ImplicitEuler", "TRBDF2",
+           "Kvaerno5", "IMPLICIT_EULER_TABLEAU", "TRBDF2_TABLEAU", "KVAERNO5_TABLEAU"]
+
+_TOL = 1e-10
+#: the Newton iteration stops when eta * ||dz|| <= KAPPA (scaled norm; Hairer & Wanner IV.8, OrdinaryDiffEq)
+KAPPA = 0.01
+
+
+# --- order conditions on rooted trees --------------------------------------------------------------
+def _attach_leaf(tree: tuple):
+    yield tuple(sorted(tree + ((),)))
+    for i, child in enumerate(tree):
+        for grown in _attach_leaf(child):
+            yield tuple(sorted(tree[:i] + (grown,) + tree[i + 1:]))
+
+
+@lru_cache(maxsize=None)
+def rooted_trees(n: int) -> tuple:
+    """All rooted trees with ``n`` nodes, each a sorted tuple of its children's subtrees."""
+    if n == 1:
+        return ((),)
+    return tuple(sorted({grown for tree in rooted_trees(n - 1) for grown in _attach_leaf(tree)}))
+
+
+def _size(tree) -> int:
+    return 1 + sum(_size(c) for c in tree)
+
+
+def _density(tree) -> int:
+    out = _size(tree)
+    for c in tree:
+        out *= _density(c)
+    return out
+
+
+def _weights(tree, A: np.ndarray) -> np.ndarray:
+    phi = np.ones(A.shape[0])
+    for c in tree:
+        phi = phi * (A @ _weights(c, A))
+    return phi
+
+
+def rk_order_residuals(A: np.ndarray, b: np.ndarray, order: int) -> dict:
+    """``b . Phi(t) - 1/gamma(t)`` for every rooted tree ``t`` with at most ``order`` nodes (Butcher's
+    order conditions), keyed by the tree."""
+    return {tree: float(b @ _weights(tree, A) - 1.0 / _density(tree))
+            for n in range(1, order + 1) for tree in rooted_trees(n)}
+
+
+@dataclass(frozen=True)
+class ImplicitTableau:
+    """A diagonally implicit Runge–Kutta tableau, validated at construction.
+
+    Args:
+        name: for messages.
+        c: stage times.
+        a: the lower triangle *with* the diagonal, row ``i`` holding ``a_i0 .. a_ii``.
+        b: propagated weights; ``b_embedded``: embedded weights (error = ``sum (b - b_embedded)_i z_i``).
+        order, embedded_order: the orders the weights must reach (all trees checked).
+
+    Raises:
+        TableauError: row sums differing from ``c``, a non-constant implicit diagonal, or a violated
+            order condition (the tree is named).
+    """
+
+    name: str
+    c: tuple
+    a: tuple
+    b: tuple
+    b_embedded: tuple
+    order: int
+    embedded_order: int
+
+    def __post_init__(self) -> None:
+        name, s = self.name, len(self.c)
+        if len(self.a) != s or len(self.b) != s or len(self.b_embedded) != s:
+            raise TableauError(f"tableau {name!r}: a, b and b_embedded must match the {s} stages")
+        A = np.zeros((s, s))
+        for i, row in enumerate(self.a):
+            if len(row) != i + 1:
+                raise TableauError(f"tableau {name!r}: row {i} of a must hold {i + 1} entries (with the diagonal)")
+            A[i, :i + 1] = row
+        if np.abs(A.sum(1) - np.array(self.c)).max() > _TOL * 100:
+            raise TableauError(f"tableau {name!r}: the row sums of a {A.sum(1).tolist()} differ from c = {list(self.c)}")
+        diagonal = [A[i, i] for i in range(s) if A[i, i] != 0.0]
+        if not diagonal or max(diagonal) - min(diagonal) > _TOL or (A[0, 0] == 0.0 and len(diagonal) != s - 1):
+            raise TableauError(f"tableau {name!r}: the implicit stages must share one diagonal gamma > 0 "
+                               f"(got diagonal {np.diag(A).tolist()})")
+        for weights, p, what in ((self.b, self.order, "b"), (self.b_embedded, self.embedded_order, "b_embedded")):
+            bad = {t: r for t, r in rk_order_residuals(A, np.array(weights, dtype=float), p).items()
+                   if abs(r) > _TOL * 100}
+            if bad:
+                raise TableauError(f"tableau {name!r}: the weights {what} violate order conditions of order <= {p} "
+                                   f"for the trees {list(bad)} (residuals {list(bad.values())})")
+
+    @property
+    def gamma(self) -> float:
+        return max(row[-1] for row in self.a)
+
+    @property
+    def explicit_first(self) -> bool:
+        return self.a[0][0] == 0.0
+
+    @property
+    def stiffly_accurate(self) -> bool:
+        return self.c[-1] == 1.0 and all(abs(x - y) <= _TOL for x, y in zip(self.a[-1], self.b))
+
+
+IMPLICIT_EULER_TABLEAU = ImplicitTableau("ImplicitEuler", c=(1.0,), a=((1.0,),), b=(1.0,), b_embedded=(1.0,),
+                                         order=1, embedded_order=1)
+
+# TR-BDF2 as an ESDIRK (Hosea & Shampine, "Analysis and implementation of TR-BDF2", Appl. Numer. Math.
+# 20 (1996)): gamma = 2 - sqrt 2 (the trapezoidal stage ends at t + gamma h), d = gamma / 2,
+# w = sqrt 2 / 4; the embedded weights are of order 3.
+_G = 2.0 - math.sqrt(2.0)
+_W = math.sqrt(2.0) / 4.0
+_DG = _G / 2.0
+TRBDF2_TABLEAU = ImplicitTableau(
+    "TRBDF2", c=(0.0, _G, 1.0), a=((0.0,), (_DG, _DG), (_W, _W, _DG)), b=(_W, _W, _DG),
+    b_embedded=((1.0 - _W) / 3.0, (3.0 * _W + 1.0) / 3.0, _DG / 3.0), order=2, embedded_order=3)
+
+# Kværnø, "Singly diagonally implicit Runge-Kutta methods with an explicit first stage", BIT 44 (2004):
+# the 7-stage, stiffly accurate, L-stable 5(4) ESDIRK; the embedded solution is the sixth stage.
+_K = 0.26
+_K61 = (0.13855640231268224, 0.0, -0.04245337201752043, 0.02446657898003141, 0.61943039072480676, _K)
+_K71 = (0.13659751177640291, 0.0, -0.05496908796538376, -0.04118626728321046, 0.62993304899016403,
+        0.06962479448202728, _K)
+KVAERNO5_TABLEAU = ImplicitTableau(
+    "Kvaerno5",
+    c=(0.0, 0.52, 1.230333209967908, 0.8957659843500759, 0.43639360985864756, 1.0, 1.0),
+    a=((0.0,), (_K, _K), (0.13, 0.84033320996790809, _K),
+       (0.22371961478320505, 0.47675532319799699, -0.06470895363112615, _K),
+       (0.16648564323248321, 0.10450018841591720, 0.03631482272098715, -0.13090704451073998, _K),
+       _K61, _K71),
+    b=_K71, b_embedded=_K61 + (0.0,), order=5, embedded_order=4)
+
+
+class _NewtonFailure:
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class DiagonallyImplicitRungeKutta(AbstractStiffSolver):
+    """The generic (E)SDIRK stepper with a simplified Newton iteration (see the module docstring).
+
+    Args:
+        jac, jac_structure, krylov_rtol: the Jacobian (:mod:`pylux.diffeq.jacobian`).
+        max_newton_iters: Newton iterations per stage before the stage fails (default 10).
+        jac_refresh_theta: a Newton contraction ``theta`` above this marks the Jacobian for
+            recomputation at the next step (default 0.3).
+
+    Dense output: the cubic Hermite interpolant through ``(u, f(u))`` and
+    ``(u_new, f(u_new))`` (third order); ``f(u_new)`` is the last stage's
+    derivative for a stiffly accurate method (FSAL: no extra evaluation).
+    """
+
+    tableau: ImplicitTableau
+
+    def __init__(self, *, jac="auto", jac_structure: str = "auto", krylov_rtol: float = 1e-7,
+                 max_newton_iters: int = 10, jac_refresh_theta: float = 0.3) -> None:
+        super().__init__(jac=jac, jac_structure=jac_structure, krylov_rtol=krylov_rtol)
+        owner = type(self).__name__
+        if isinstance(max_newton_iters, bool) or not isinstance(max_newton_iters, int) or max_newton_iters < 1:
+            raise ValueError(f"{owner}: max_newton_iters must be an int >= 1, got {max_newton_iters!r}")
+        if not (isinstance(jac_refresh_theta, (int, float)) and 0 < jac_refresh_theta < 1):
+            raise ValueError(f"{owner}: jac_refresh_theta must be in (0, 1), got {jac_refresh_theta!r}")
+        self.max_newton_iters = max_newton_iters
+        self.jac_refresh_theta = float(jac_refresh_theta)
+        self._tolerances = (1e-6, 1e-3, rms_norm)
+
+    def _key(self) -> tuple:
+        return super()._key() + (self.max_newton_iters, self.jac_refresh_theta)
+
+    def bind_options(self, options) -> "DiagonallyImplicitRungeKutta":
+        bound = copy.copy(self)
+        bound._tolerances = (options.abstol, options.reltol, options.norm)
+        return bound
+
+    def default_controller(self) -> AbstractController:
+        # hold dt when it would shrink by less than 20%: the LU of I - h gamma J stays valid (OrdinaryDiffEq)
+        return PIController.for_order(self.order, qsteady_max=1.2)
+
+    # --- the Newton iteration of one stage ----------------------------------------------------
+    def _newton(self, term, psi, z, t_i, h, W, state: StiffState):
+        """``(z, theta_max)`` at convergence, or a :class:`_NewtonFailure`."""
+        abstol, reltol, norm = self._tolerances
+        gamma = self.tableau.gamma
+        counters = state.counters
+        eta = max(state.eta, 1e-16) ** 0.8
+        ndz_prev = None
+        theta_max = 0.0
+        for k in range(self.max_newton_iters):
+            Y = linear_combination(psi, (z,), (gamma,))
+            G = linear_combination(z, (term.vf(Y, t_i),), (-h,))
+            dz = W.solve(G)
+            z = z - dz
+            counters.nnonliniter += 1
+            scale = abstol + reltol * Y.detach().abs()
+            ndz = float(norm(dz.detach() / scale))
+            if not math.isfinite(ndz):
+                return _NewtonFailure(f"the Newton update was NaN/Inf at iteration {k + 1}")
+            if ndz_prev is not None:
+                theta = ndz / ndz_prev if ndz_prev > 0 else 0.0
+                theta_max = max(theta_max, theta)
+                if theta >= 1.0:
+                    return _NewtonFailure(f"Newton diverged (contraction {theta:.3g} >= 1 at iteration {k + 1})")
+                eta = theta / (1.0 - theta)
+                left = self.max_newton_iters - k - 1
+                if eta * ndz > KAPPA and theta ** left / (1.0 - theta) * ndz > KAPPA:
+                    return _NewtonFailure(f"Newton converges too slowly (contraction {theta:.3g}) to reach the "
+                                          f"tolerance in the {left} iterations left")
+            if eta * ndz <= KAPPA or ndz == 0.0:
+                state.eta = eta
+                return z, theta_max
+            ndz_prev = ndz
+        return _NewtonFailure(f"Newton did not converge in {self.max_newton_iters} iterations")
+
+    def _reject(self, state, f0, lin, W, t, h, why: str, nfe: int, u) -> StepResult:
+        state.counters.nnonlinconvfail += 1
+        retry = StiffState(f0, state.counters, state.evaluator, lin, W, 1.0, state.eigen_estimate, True)
+        reason = f"{type(self).__name__} at t = {host_time(t)!r}, dt = {h!r}: {why}"
+        # the loop measures every trial's error before reading its status: a zero estimate, never used
+        return StepResult(u, torch.zeros_like(u), solver_state_new=retry, nfe=nfe, solver_state_retry=retry,
+                          status=StepStatus.REJECT, reason=reason)
+
+    def step(self, term, t, u, dt, state):
+        term = as_bound_term(term)
+        t, dt = as_step_times(t, dt, u)
+        tab = self.tableau
+        h = host_time(dt)
+        gamma = tab.gamma
+        hg = h * gamma
+        nf_start = getattr(term, "count", 0)
+        f0 = state.f_at_u
+        if f0 is None:
+            f0 = term.vf(u, t)
+        lin, W, current = state.lin, state.newton, state.jac_current
+        if lin is None:
+            lin, W, current = state.evaluator(term, u, t, f0, state.counters, need_dfdt=False), None, True
+        if W is None or W.hgamma != hg:
+            W = lin.factor(hg, state.counters)
+        times = _stage_times(t, dt, tab.c)
+        work = StiffState(f0, state.counters, state.evaluator, lin, W, state.eta, state.eigen_estimate, current)
+        Z: list[torch.Tensor] = []
+        theta_max = 0.0
+        for i in range(len(tab.c)):
+            if i == 0 and tab.explicit_first:
+                Z.append(f0 * h)
+                continue
+            psi = linear_combination(u, Z, tab.a[i][:i]) if Z else u
+            guess = Z[-1] if Z else f0 * h
+            outcome = self._stage(term, psi, guess, times[i], h, work, t, u, f0)
+            if isinstance(outcome, _NewtonFailure):
+                return self._reject(state, f0, work.lin, work.newton, t, h, outcome.reason,
+                                    getattr(term, "count", 0) - nf_start, u)
+            z, theta = outcome
+            theta_max = max(theta_max, theta)
+            Z.append(z)
+        u_new = linear_combination(u, Z, tab.b)
+        if tab.stiffly_accurate:
+            f_new = Z[-1] / h
+        else:
+            f_new = term.vf(u_new, time_add(t, dt))
+        error = self._error(Z, f0, h)
+        keep = theta_max <= self.jac_refresh_theta
+        estimate = work.lin.norm_inf()
+        stages = (f0, f_new, u, u_new)
+        if estimate is None:
+            from .integrate import stiffness_estimate
+            estimate = stiffness_estimate(stages)
+        new_state = StiffState(f_new, state.counters, state.evaluator, work.lin if keep else None,
+                               work.newton if keep else None, work.eta, estimate, False)
+        retry = StiffState(f0, state.counters, state.evaluator, work.lin, work.newton, work.eta,
+                           state.eigen_estimate, work.jac_current)
+        return StepResult(u_new, error, dense_info=HermiteInterpolant(u, u_new, f0, f_new, h),
+                          solver_state_new=new_state, nfe=getattr(term, "count", 0) - nf_start, du_new=f_new,
+                          stiffness_stages=stages, solver_state_retry=retry)
+
+    def _stage(self, term, psi, guess, t_i, h, work: StiffState, t, u, f0):
+        """One stage's Newton solve; with an old Jacobian, a failure recomputes it and tries once more."""
+        if not bool(work.newton.ok):
+            if work.jac_current:
+                return _NewtonFailure("the Newton matrix I - h*gamma*J is singular or not finite")
+            self._refresh(term, work, t, u, f0, h)
+            if not bool(work.newton.ok):
+                return _NewtonFailure("the Newton matrix I - h*gamma*J is singular or not finite")
+        outcome = self._newton(term, psi, guess, t_i, h, work.newton, work)
+        if isinstance(outcome, _NewtonFailure) and not work.jac_current:
+            self._refresh(term, work, t, u, f0, h)
+            if not bool(work.newton.ok):
+                return _NewtonFailure("the Newton matrix I - h*gamma*J is singular or not finite")
+            work.eta = 1.0
+            outcome = self._newton(term, psi, guess, t_i, h, work.newton, work)
+        return outcome
+
+    def _refresh(self, term, work: StiffState, t, u, f0, h) -> None:
+        work.lin = work.evaluator(term, u, t, f0, work.counters, need_dfdt=False)
+        work.newton = work.lin.factor(h * self.tableau.gamma, work.counters)
+        work.jac_current = True
+
+    def _error(self, Z, f0, h):
+        tab = self.tableau
+        return linear_combination(None, Z, [bi - ei for bi, ei in zip(tab.b, tab.b_embedded)])
+
+
+class ImplicitEuler(DiagonallyImplicitRungeKutta):
+    r"""Backward Euler, ``u_new = u + h f(u_new, t + h)``: order 1, L-stable.
+
+    Adaptive with the error estimate ``h/2 (f(u_new) - f(u))``, the difference
+    with the trapezoidal rule (``~ h^2 u''/2``, the leading local error; no
+    extra evaluation: ``f(u_new) = z/h`` from the converged stage).
+    OrdinaryDiffEq's ``ImplicitEuler`` estimates the same ``h^2 u''/2`` from a
+    second divided difference of the last three states instead.
+    Args: as :class:`DiagonallyImplicitRungeKutta`.
+    """
+
+    tableau = IMPLICIT_EULER_TABLEAU
+    order = 1
+    error_order = 1
+    interpolation_order = 3
+
+    def _error(self, Z, f0, h):
+        return linear_combination(None, (Z[0], f0), (0.5, -0.5 * h))
+
+
+class TRBDF2(DiagonallyImplicitRungeKutta):
+    """TR-BDF2 (Bank et al. 1985; Hosea & Shampine 1996): a trapezoidal stage to ``t + (2 - sqrt 2) h``
+    then BDF2, written as a 3-stage ESDIRK; order 2, L-stable, stiffly accurate, with the embedded
+    third-order weights of Hosea & Shampine for the error estimate. Args: as
+    :class:`DiagonallyImplicitRungeKutta`."""
+
+    tableau = TRBDF2_TABLEAU
+    order = 2
+    error_order = 2
+    interpolation_order = 3
+
+
+class Kvaerno5(DiagonallyImplicitRungeKutta):
+    """Kværnø's 7-stage ESDIRK 5(4) (BIT 44, 2004): L-stable, stiffly accurate, ``gamma = 0.26``, the
+    embedded fourth-order solution is the sixth stage. Six Newton solves per step with one LU. Args: as
+    :class:`DiagonallyImplicitRungeKutta`."""
+
+    tableau = KVAERNO5_TABLEAU
+    order = 5
+    error_order = 4
+    interpolation_order = 3

@@ -1,0 +1,417 @@
+r"""Jacobians of the vector field and the linear systems of implicit and Rosenbrock steps.
+
+A stiff step linearises the field at ``(u, t)``,
+
+.. math::
+    J = \partial f / \partial u (u, t), \qquad f_t = \partial f / \partial t (u, t),
+
+and solves systems with the *Newton matrix* (Hairer & Wanner, *Solving ODEs II*, IV.7–IV.8)
+
+.. math::
+    M = I - h\gamma J,
+
+where ``h`` is the step and ``gamma`` the method's diagonal coefficient. How
+``J`` is held is the *structure*:
+
+* ``"dense"`` — ``J`` as an ``n x n`` matrix (``n = u.numel()``) by reverse
+  mode, one backward pass per row (batched passes above 16 rows), with ``f_t``
+  from the same graph; ``M`` is factorised once
+  per ``h gamma`` with ``torch.linalg.lu_factor_ex`` and every stage solve is a
+  triangular solve.
+* ``"batched"`` — a state ``(B, d)`` of ``B`` independent samples: the ``B``
+  blocks ``d x d`` of the block-diagonal ``J``, from ``d`` vector–Jacobian
+  products of ``sum_b f(u)_b`` (independence makes ``d/du_b sum_b' f_b' =
+  d f_b / d u_b``), factorised as a batch of small LUs. Cost ``O(B d^3)``, not
+  ``O((B d)^3)``; the user asserts the independence (a field that mixes samples,
+  such as batch norm, gets a wrong Jacobian, which slows Newton and lowers a
+  Rosenbrock method's accuracy).
+* ``"matrix_free"`` — no matrix: products ``J v`` by forward-mode
+  ``torch.func.jvp`` (or a finite difference) and ``M x = b`` by GMRES
+  (:func:`pylux.nonlinear.gmres`): Newton–Krylov for large states.
+* ``"auto"`` (default) — ``"dense"`` up to :data:`DENSE_LIMIT` state entries, ``"matrix_free"`` above.
+
+Where ``J`` comes from is the *source* (``jac=``): ``"auto"`` (automatic
+differentiation; a field whose output carries no autograd graph to ``u`` —
+one that detaches and differentiates internally, as the adjoints' augmented
+fields do — falls back to finite differences for the rest of the solve),
+``"autodiff"`` (no fallback), ``"finite_difference"`` (forward
+differences with steps ``sqrt(eps) (1 + |u_j|)``: ``n`` evaluations of ``f``
+for a dense ``J``, ``d`` for a batched one), or a callable ``jac(u, p, t)``
+returning ``J`` — shape ``(n, n)`` (or ``(*u.shape, *u.shape)``) for
+``"dense"``, ``(B, d, d)`` for ``"batched"`` — checked on its first call.
+
+``f_t`` comes from the dense Jacobian's graph, else from one forward
+difference in ``t`` (exactly zero for an autonomous field). Under
+``torch.no_grad`` the Jacobian is still formed (autograd is enabled locally);
+when ``f(u, t)`` carries a graph to parameters, ``J`` keeps it, so
+backpropagation through a solve sees ``dJ/dp``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+
+from ..core.validation import check_choice, check_float
+from ._device import host_time, time_scalar
+from .solvers import AbstractAdaptiveSolver
+
+__all__ = ["JacobianConfig", "JacobianEvaluator", "Linearization", "NewtonMatrix", "JacobianShapeError", "StiffCounters",
+           "StiffState", "AbstractStiffSolver",
+           "DENSE_LIMIT", "STRUCTURES", "SOURCES"]
+
+#: ``jac_structure="auto"`` uses a dense Jacobian up to this many state entries, matrix-free above.
+DENSE_LIMIT = 1024
+STRUCTURES = ("auto", "dense", "batched", "matrix_free")
+SOURCES = ("auto", "autodiff", "finite_difference")
+
+
+class JacobianShapeError(ValueError):
+    """A user Jacobian ``jac(u, p, t)`` returned a tensor of the wrong shape, dtype or device."""
+
+
+class JacobianConfig:
+    """The Jacobian options of an implicit or Rosenbrock solver (validated at construction).
+
+    Args:
+        jac: ``"auto"``, ``"autodiff"``, ``"finite_difference"`` or a callable
+            ``jac(u, p, t)`` (see the module docstring).
+        jac_structure: ``"auto"``, ``"dense"``, ``"batched"`` or ``"matrix_free"``.
+        krylov_rtol: relative residual of the GMRES solves (matrix-free only).
+        krylov_restart: GMRES restart length (matrix-free only).
+    """
+
+    __slots__ = ("jac", "structure", "krylov_rtol", "krylov_restart")
+
+    def __init__(self, owner: str, jac: Any = "auto", jac_structure: str = "auto", krylov_rtol: float = 1e-7,
+                 krylov_restart: int = 30) -> None:
+        if not callable(jac):
+            if not isinstance(jac, str):
+                raise TypeError(f"{owner}: jac must be one of {SOURCES} or a callable jac(u, p, t), got "
+                                f"{type(jac).__name__}")
+            check_choice(owner, "jac", jac, SOURCES)
+        check_choice(owner, "jac_structure", jac_structure, STRUCTURES)
+        if callable(jac) and jac_structure == "matrix_free":
+            raise ValueError(f"{owner}: a user jac(u, p, t) returns a matrix, which jac_structure='matrix_free' "
+                             "would not use; pass jac_structure='dense' or 'batched'")
+        self.jac = jac
+        self.structure = jac_structure
+        self.krylov_rtol = check_float(owner, "krylov_rtol", krylov_rtol, low=0.0, high=1.0, low_open=True,
+                                       high_open=True)
+        self.krylov_restart = int(krylov_restart)
+
+    def key(self) -> tuple:
+        return (self.jac, self.structure, self.krylov_rtol, self.krylov_restart)
+
+    def __repr__(self) -> str:
+        jac = self.jac if isinstance(self.jac, str) else getattr(self.jac, "__name__", "callable")
+        return f"jac={jac!r}, jac_structure={self.structure!r}"
+
+
+class NewtonMatrix:
+    """``M = I - h gamma J`` ready to solve with: an LU factorisation, or GMRES on products.
+
+    ``ok`` is a 0-d bool tensor (no host synchronisation): the factorisation
+    has no zero pivot and is finite. ``solve(rhs)`` returns ``M^{-1} rhs`` in
+    ``rhs``'s shape.
+    """
+
+    __slots__ = ("lin", "hgamma", "lu", "pivots", "ok", "counters")
+
+    def __init__(self, lin: "Linearization", hgamma: float, counters) -> None:
+        self.lin, self.hgamma, self.counters = lin, hgamma, counters
+        counters.nw += 1
+        if lin.structure == "matrix_free":
+            self.lu = self.pivots = None
+            self.ok = torch.ones((), dtype=torch.bool, device=lin.u.device)
+            return
+        J = lin.J
+        eye = torch.eye(J.shape[-1], dtype=J.dtype, device=J.device)
+        M = eye - hgamma * J
+        self.lu, self.pivots, info = torch.linalg.lu_factor_ex(M)
+        self.ok = (info == 0).all() & torch.isfinite(self.lu).all()
+
+    def solve(self, rhs: torch.Tensor) -> torch.Tensor:
+        lin = self.lin
+        self.counters.nsolve += 1
+        if lin.structure == "dense":
+            return torch.linalg.lu_solve(self.lu, self.pivots, rhs.reshape(-1, 1)).reshape(rhs.shape)
+        if lin.structure == "batched":
+            return torch.linalg.lu_solve(self.lu, self.pivots, rhs.unsqueeze(-1)).squeeze(-1)
+        from ..nonlinear import gmres
+        hgamma = self.hgamma
+
+        def matvec(v):
+            return v - hgamma * lin.matvec(v.reshape(rhs.shape)).reshape(v.shape)
+        result = gmres(matvec, rhs.reshape(1, -1), rtol=lin.config.krylov_rtol, restart=lin.config.krylov_restart)
+        self.counters.nkrylov += result.matvecs
+        return result.x.reshape(rhs.shape)
+
+
+class Linearization:
+    """``J`` (in its structure) and ``f_t`` at one point ``(u, t)``; ``factor(h gamma)`` gives a :class:`NewtonMatrix`."""
+
+    __slots__ = ("structure", "J", "dfdt", "u", "t", "f_u", "field", "config", "use_autodiff")
+
+    def __init__(self, structure, J, dfdt, u, t, f_u, field, config, use_autodiff) -> None:
+        self.structure, self.J, self.dfdt = structure, J, dfdt
+        self.u, self.t, self.f_u, self.field, self.config = u, t, f_u, field, config
+        self.use_autodiff = use_autodiff
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``J v`` for ``v`` of the state's shape."""
+        if self.structure == "dense":
+            return (self.J @ v.reshape(-1)).reshape(v.shape)
+        if self.structure == "batched":
+            return (self.J @ v.unsqueeze(-1)).squeeze(-1)
+        u, t, field = self.u, self.t, self.field
+        if self.use_autodiff:
+            try:
+                return torch.func.jvp(lambda x: field.vf(x, t), (u,), (v,))[1]
+            except RuntimeError:  # a field torch.func cannot transform: finite differences from now on
+                self.use_autodiff = False
+        vnorm = torch.linalg.vector_norm(v)
+        scale = math.sqrt(torch.finfo(u.dtype).eps) * (1.0 + torch.linalg.vector_norm(u))
+        eps = scale / vnorm.clamp_min(torch.finfo(u.dtype).tiny)
+        return (field.vf(u + eps * v, t) - self.f_u) / eps
+
+    def factor(self, hgamma: float, counters) -> NewtonMatrix:
+        return NewtonMatrix(self, hgamma, counters)
+
+    def norm_inf(self) -> torch.Tensor | None:
+        """``||J||_inf`` (largest absolute row sum; the largest over the blocks), an upper bound of the
+        spectral radius; ``None`` without a matrix."""
+        if self.structure == "matrix_free":
+            return None
+        return self.J.abs().sum(-1).amax()
+
+
+class JacobianEvaluator:
+    """Per-solve evaluator of :class:`Linearization` objects (remembers a fallback to finite differences).
+
+    Args:
+        config: the solver's :class:`JacobianConfig`.
+        u0: the initial state (fixes the structure for the solve).
+        owner: the solver's name for messages.
+    """
+
+    __slots__ = ("config", "structure", "shape", "use_autodiff", "owner", "checked")
+
+    def __init__(self, config: JacobianConfig, u0: torch.Tensor, owner: str) -> None:
+        self.config, self.owner, self.shape = config, owner, tuple(u0.shape)
+        structure = config.structure
+        if structure == "auto":
+            structure = "dense" if u0.numel() <= DENSE_LIMIT else "matrix_free"
+        if structure == "batched" and u0.dim() != 2:
+            raise ValueError(f"{owner}: jac_structure='batched' needs a state of shape (B, d) of independent "
+                             f"samples, got shape {tuple(u0.shape)}; use jac_structure='dense' or 'matrix_free'")
+        self.structure = structure
+        self.use_autodiff = config.jac in ("auto", "autodiff")
+        self.checked = False
+
+    def __call__(self, field, u: torch.Tensor, t: torch.Tensor, f_u: torch.Tensor, counters,
+                 need_dfdt: bool) -> Linearization:
+        counters.njac += 1
+        J = dfdt = None
+        jac = self.config.jac
+        if self.structure != "matrix_free":
+            if callable(jac):
+                J = self._user(jac, field, u, t)
+            elif self.use_autodiff:
+                J, dfdt = self._autodiff(field, u, t, f_u, need_dfdt)
+            if J is None:
+                J = self._finite_difference(field, u, t, f_u, counters)
+        if need_dfdt and dfdt is None:
+            dfdt = self._time_difference(field, u, t, f_u)
+        return Linearization(self.structure, J, dfdt, u, t, f_u, field, self.config, self.use_autodiff)
+
+    # --- J ------------------------------------------------------------------------------------
+    def _autodiff(self, field, u, t, f_u, need_dfdt):
+        """``(J, f_t)`` by reverse mode (one backward pass per output row: the dense rows, or the rows
+        of all blocks at once), or ``(None, None)`` when ``f``'s output has no autograd graph to ``u``
+        (a field that differentiates internally): then finite differences, for the rest of the solve.
+
+        The Jacobian keeps its graph (``create_graph``) when ``f(u, t)`` itself carries one, so that
+        backpropagation through the solve sees ``dJ/dp``.
+        """
+        create_graph = torch.is_grad_enabled() and f_u.requires_grad
+        dense = self.structure == "dense"
+        with torch.enable_grad():
+            u_ = u if (u.requires_grad and create_graph) else u.detach().requires_grad_(True)
+            t_ = t.detach().requires_grad_(True) if (need_dfdt and dense) else t
+            out = field.vf(u_, t_)
+            if not out.requires_grad:
+                if self.config.jac == "autodiff":
+                    raise RuntimeError(f"{self.owner}: jac='autodiff' but f's output carries no autograd graph "
+                                       "(f detaches or differentiates internally); use jac='auto' or "
+                                       "'finite_difference'")
+                self.use_autodiff = False
+                return None, None
+            rows = out.reshape(-1) if dense else out.sum(0)
+            wrt = (u_, t_) if t_ is not t else (u_,)
+            n = rows.numel()
+            if n <= 16:
+                grads = [torch.autograd.grad(rows[i], wrt, retain_graph=True, create_graph=create_graph,
+                                             allow_unused=True) for i in range(n)]
+                J_rows = [g[0] if g[0] is not None else torch.zeros_like(u) for g in grads]
+                J = torch.stack(J_rows)
+                dts = [g[1] if len(g) > 1 else None for g in grads]
+            else:
+                eye = torch.eye(n, dtype=rows.dtype, device=rows.device)
+                g = torch.autograd.grad(rows, wrt, eye, is_grads_batched=True, create_graph=create_graph,
+                                        allow_unused=True)
+                J = g[0] if g[0] is not None else u.new_zeros((n,) + tuple(u.shape))
+                dts = None if len(g) < 2 else g[1]
+        if dense:
+            J = J.reshape(n, n)
+            dfdt = None
+            if t_ is not t:
+                if isinstance(dts, list):
+                    dfdt = torch.stack([x if x is not None else torch.zeros_like(t) for x in dts])
+                else:
+                    dfdt = dts if dts is not None else t.new_zeros(n)
+                dfdt = dfdt.reshape(u.shape).to(u.dtype)
+            return J, dfdt
+        return J.permute(1, 0, 2), None  # rows (d, B, d) -> blocks (B, d, d)
+
+    def _finite_difference(self, field, u, t, f_u, counters) -> torch.Tensor:
+        eps = math.sqrt(torch.finfo(u.dtype).eps)
+        if self.structure == "batched":
+            B, d = u.shape
+            cols = []
+            for j in range(d):
+                step = eps * (1.0 + u[:, j].abs())
+                shifted = u.clone()
+                shifted[:, j] = u[:, j] + step
+                cols.append((field.vf(shifted, t) - f_u) / step.unsqueeze(-1))
+            return torch.stack(cols, dim=-1)  # (B, d_out, d_in)
+        flat = u.reshape(-1)
+        f_flat = f_u.reshape(-1)
+        cols = []
+        for j in range(flat.numel()):
+            step = eps * (1.0 + flat[j].abs())
+            shifted = flat.clone()
+            shifted[j] = flat[j] + step
+            cols.append((field.vf(shifted.view(u.shape), t).reshape(-1) - f_flat) / step)
+        if not cols:
+            return u.new_zeros((0, 0))
+        return torch.stack(cols, dim=-1)
+
+    def _user(self, jac: Callable, field, u, t) -> torch.Tensor:
+        J = jac(u, field.p, t)
+        n = u.numel()
+        if self.structure == "batched":
+            expected = (u.shape[0], u.shape[1], u.shape[1])
+        else:
+            expected = (n, n)
+        if not self.checked:
+            if not isinstance(J, torch.Tensor):
+                raise JacobianShapeError(f"{self.owner}: jac(u, p, t) must return a tensor, got {type(J).__name__}")
+            if self.structure == "dense" and tuple(J.shape) == self.shape + self.shape:
+                pass
+            elif tuple(J.shape) != expected:
+                layout = ("(B, d, d): one d x d block per sample" if self.structure == "batched" else
+                          f"(n, n) with n = u.numel() = {n} (or {self.shape + self.shape})")
+                raise JacobianShapeError(
+                    f"{self.owner}: jac(u, p, t) returned shape {tuple(J.shape)} for a state of shape "
+                    f"{self.shape}; with jac_structure={self.structure!r} it must return {expected}, {layout}")
+            if J.dtype != u.dtype or J.device != u.device:
+                raise JacobianShapeError(f"{self.owner}: jac(u, p, t) returned {J.dtype} on {J.device}, but the "
+                                         f"state is {u.dtype} on {u.device}; return the Jacobian in u's dtype and "
+                                         "device")
+            self.checked = True
+        return J.reshape(expected)
+
+    # --- f_t ----------------------------------------------------------------------------------
+    def _time_difference(self, field, u, t, f_u) -> torch.Tensor:
+        """``f_t`` by a forward difference (exactly zero for an autonomous field): one evaluation."""
+        t_host = host_time(t)
+        step = math.sqrt(torch.finfo(u.dtype).eps) * max(1.0, abs(t_host))
+        return (field.vf(u, time_scalar(t_host + step, t.dtype, t.device)) - f_u) / step
+
+
+class StiffCounters:
+    """Per-solve counters of the linear algebra (OrdinaryDiffEq's ``DEStats`` names), shared by every
+    state of one solve and copied into ``sol.stats`` at the end.
+
+    ``njac``: Jacobians formed; ``nw``: Newton matrices ``I - h gamma J`` formed (factorised unless
+    matrix-free); ``nsolve``: linear solves; ``nkrylov``: GMRES products; ``nnonliniter``: Newton
+    iterations; ``nnonlinconvfail``: Newton iterations that failed to converge.
+    """
+
+    __slots__ = ("njac", "nw", "nsolve", "nkrylov", "nnonliniter", "nnonlinconvfail")
+
+    def __init__(self) -> None:
+        self.njac = self.nw = self.nsolve = self.nkrylov = self.nnonliniter = self.nnonlinconvfail = 0
+
+    def write(self, stats) -> None:
+        for name in self.__slots__:
+            setattr(stats, name, getattr(stats, name, 0) + getattr(self, name))
+
+
+class StiffState:
+    """Solver state of the stiff methods: ``f(u, t)`` when known, the per-solve counters and Jacobian
+    evaluator, the cached linearisation and Newton matrix (reused across steps by the Newton-based
+    methods), the Newton contraction memory ``eta`` and the last stiffness estimate."""
+
+    __slots__ = ("f_at_u", "counters", "evaluator", "lin", "newton", "eta", "eigen_estimate", "jac_current")
+
+    def __init__(self, f_at_u, counters, evaluator, lin=None, newton=None, eta=1.0, eigen_estimate=None,
+                 jac_current=False) -> None:
+        self.f_at_u, self.counters, self.evaluator = f_at_u, counters, evaluator
+        self.lin, self.newton, self.eta = lin, newton, eta
+        self.eigen_estimate = eigen_estimate
+        #: the cached Jacobian was formed at the current point (a Newton failure with it is not its fault)
+        self.jac_current = jac_current
+
+    def advanced(self, f_new, eigen_estimate, lin=None, newton=None, eta=1.0) -> "StiffState":
+        """The state at the end of an accepted step."""
+        return StiffState(f_new, self.counters, self.evaluator, lin, newton, eta, eigen_estimate, False)
+
+    def retry(self, f0, lin=None, newton=None, eta=None) -> "StiffState":
+        """The state to retry from the same point (``f0`` and, where given, the linearisation kept)."""
+        return StiffState(f0, self.counters, self.evaluator, lin if lin is not None else self.lin,
+                          newton if newton is not None else self.newton, self.eta if eta is None else eta,
+                          self.eigen_estimate, self.jac_current or (lin is not None and lin.u is not None))
+
+    def restarted(self, f_at_u) -> "StiffState":
+        """The state to resume from another point (after another method stepped): caches dropped."""
+        return StiffState(f_at_u, self.counters, self.evaluator)
+
+
+class AbstractStiffSolver(AbstractAdaptiveSolver):
+    """Base of the Rosenbrock and implicit (Newton) methods: Jacobian options, counters in ``sol.stats``.
+
+    Capabilities the loop uses: ``bind_options(options)`` (the solver for one solve, knowing its
+    tolerances) and ``record_stats(stats, state)`` (the counters of :class:`StiffCounters`).
+    """
+
+    needs_f0 = True
+    computes_du_new = True
+
+    def __init__(self, *, jac: Any = "auto", jac_structure: str = "auto", krylov_rtol: float = 1e-7) -> None:
+        self.jacobian = JacobianConfig(type(self).__name__, jac, jac_structure, krylov_rtol)
+
+    def init(self, term, t0, u0, dt0, f0=None):
+        return StiffState(f0, StiffCounters(), JacobianEvaluator(self.jacobian, u0, type(self).__name__))
+
+    def bind_options(self, options) -> "AbstractStiffSolver":
+        return self
+
+    def record_stats(self, stats, state) -> None:
+        if isinstance(state, StiffState):
+            state.counters.write(stats)
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+    def _key(self) -> tuple:
+        return self.jacobian.key()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.jacobian!r})"

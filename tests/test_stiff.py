@@ -1,0 +1,288 @@
+"""Stiff solvers: Rosenbrock23, Rodas5P, ImplicitEuler, TRBDF2, Kvaerno5 (orders, references, Jacobians,
+gradients, bad inputs)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.integrate import solve_ivp
+
+import pylux as lx
+from pylux.diffeq.implicit import KVAERNO5_TABLEAU, ImplicitTableau, rk_order_residuals, rooted_trees
+from pylux.diffeq.jacobian import JacobianShapeError
+from pylux.diffeq.rosenbrock import RODAS5P_TABLEAU, RosenbrockTableau
+from pylux.diffeq.tableau import TableauError
+
+DT = torch.float64
+STIFF = [lx.ImplicitEuler, lx.TRBDF2, lx.Kvaerno5, lx.Rosenbrock23, lx.Rodas5P]
+ORDERS = {lx.ImplicitEuler: 1, lx.TRBDF2: 2, lx.Kvaerno5: 5, lx.Rosenbrock23: 2, lx.Rodas5P: 5}
+
+A_LIN = torch.tensor([[-1.0, 0.0], [5.0, -10.0]], dtype=DT)
+
+
+def linear(u, p, t):
+    return A_LIN @ u
+
+
+def vdp(u, p, t):
+    x, y = u[0], u[1]
+    return torch.stack([y, p * (1 - x ** 2) * y - x])  # y'' - mu (1 - y^2) y' + y = 0
+
+
+def vdp_np(mu):
+    return lambda t, u: [u[1], mu * (1 - u[0] ** 2) * u[1] - u[0]]
+
+
+def robertson(u, p, t):
+    y1, y2, y3 = u[0], u[1], u[2]
+    return torch.stack([-0.04 * y1 + 1e4 * y2 * y3, 0.04 * y1 - 1e4 * y2 * y3 - 3e7 * y2 * y2, 3e7 * y2 * y2])
+
+
+def robertson_np(t, u):
+    y1, y2, y3 = u
+    return [-0.04 * y1 + 1e4 * y2 * y3, 0.04 * y1 - 1e4 * y2 * y3 - 3e7 * y2 * y2, 3e7 * y2 * y2]
+
+
+def slope(errors, steps):
+    return np.polyfit(np.log(1.0 / np.array(steps, dtype=float)), np.log(np.array(errors)), 1)[0]
+
+
+# --- tableaus ---------------------------------------------------------------------------------------
+
+def test_rooted_tree_counts():
+    assert [len(rooted_trees(n)) for n in range(1, 7)] == [1, 1, 2, 4, 9, 20]
+
+
+def test_kvaerno5_satisfies_all_17_order_five_conditions_and_a_typo_is_caught():
+    A = np.zeros((7, 7))
+    for i, row in enumerate(KVAERNO5_TABLEAU.a):
+        A[i, :i + 1] = row
+    residuals = rk_order_residuals(A, np.array(KVAERNO5_TABLEAU.b), 5)
+    assert len(residuals) == 17 and max(abs(r) for r in residuals.values()) < 1e-12
+    a = list(KVAERNO5_TABLEAU.a)
+    a[3] = (a[3][0] + 1e-6, a[3][1] - 1e-6) + a[3][2:]   # keeps the row sum, breaks order 3+
+    with pytest.raises(TableauError, match="order conditions"):
+        ImplicitTableau("broken", KVAERNO5_TABLEAU.c, tuple(a), KVAERNO5_TABLEAU.b, KVAERNO5_TABLEAU.b_embedded, 5, 4)
+
+
+def test_rodas5p_tableau_validation_catches_a_changed_coefficient():
+    tab = RODAS5P_TABLEAU
+    C = list(tab.C)
+    C[3] = (C[3][0] * (1 + 1e-6),) + C[3][1:]
+    with pytest.raises(TableauError):
+        RosenbrockTableau(tab.name, tab.gamma, tab.a, tuple(C), tab.c, tab.d, tab.m, tab.m_embedded, 5, 4)
+
+
+# --- orders from slopes ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("solver", STIFF)
+def test_order_on_stiff_linear_problem(solver):
+    """u' = A u with eigenvalues -1 and -10 on [0, 2], fixed steps (h |lambda| from 0.6 to 2.5). Rodas5P's
+    propagated weights satisfy the linear conditions to order 6, so its slope may exceed 5 here."""
+    u0 = torch.tensor([1.0, 0.0], dtype=DT)
+    exact = torch.linalg.matrix_exp(2.0 * A_LIN) @ u0
+    steps = (10, 20, 40) if ORDERS[solver] < 5 else (8, 16, 32)
+    errors = []
+    for n in steps:
+        sol = lx.solve(lx.ODEProblem(linear, u0, (0.0, 2.0)), solver(), dt=2.0 / n, adaptive=False)
+        errors.append((sol.u[-1] - exact).abs().max().item())
+    order = slope(errors, steps)
+    assert ORDERS[solver] - 0.3 < order < ORDERS[solver] + 1.3, errors
+
+
+@pytest.mark.parametrize("solver", STIFF)
+def test_order_on_van_der_pol_mu_10(solver):
+    """Fixed steps; the Newton iteration stops at the solve's tolerances, set tight so it does not limit."""
+    mu = 10.0
+    ref = solve_ivp(vdp_np(mu), (0, 0.5), [2.0, 0.0], method="Radau", rtol=1e-13, atol=1e-13).y[:, -1]
+    steps = (40, 80, 160)
+    errors = []
+    for n in steps:
+        sol = lx.solve(lx.ODEProblem(vdp, torch.tensor([2.0, 0.0], dtype=DT), (0.0, 0.5), mu), solver(),
+                       dt=0.5 / n, adaptive=False, save_everystep=False, reltol=1e-12, abstol=1e-12)
+        errors.append(np.abs(sol.u[-1].numpy() - ref).max())
+    assert abs(slope(errors, steps) - ORDERS[solver]) < 0.4, errors
+
+
+# --- reference problems against scipy --------------------------------------------------------------
+
+def _scipy_steps(fun, span, y0, method, rtol, atol):
+    r = solve_ivp(fun, span, y0, method=method, rtol=rtol, atol=atol)
+    return r.t.size - 1, r.y[:, -1]
+
+
+@pytest.mark.parametrize("solver", [lx.Rodas5P, lx.Kvaerno5])
+def test_robertson_against_radau_and_bdf_steps(solver):
+    span, y0, tol = (0.0, 40.0), [1.0, 0.0, 0.0], 1e-6
+    ref = solve_ivp(robertson_np, span, y0, method="Radau", rtol=1e-10, atol=1e-14).y[:, -1]
+    bdf_steps, _ = _scipy_steps(robertson_np, span, y0, "BDF", tol, tol * 1e-4)
+    sol = lx.solve(lx.ODEProblem(robertson, torch.tensor(y0, dtype=DT), span), solver(), reltol=tol,
+                   abstol=tol * 1e-4, save_everystep=False)
+    rel = np.abs(sol.u[-1].numpy() - ref) / np.maximum(np.abs(ref), 1e-8)
+    assert rel.max() < 10 * tol
+    assert sol.stats.naccept + sol.stats.nreject <= 2 * bdf_steps
+    assert sol.stats.njac >= 1 and sol.stats.nw >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("solver", [lx.Rodas5P, lx.Kvaerno5, lx.Rosenbrock23, lx.TRBDF2])
+def test_robertson_to_1e5(solver):
+    span, y0, tol = (0.0, 1e5), [1.0, 0.0, 0.0], 1e-6
+    ref = solve_ivp(robertson_np, span, y0, method="Radau", rtol=1e-10, atol=1e-14).y[:, -1]
+    sol = lx.solve(lx.ODEProblem(robertson, torch.tensor(y0, dtype=DT), span), solver(), reltol=tol,
+                   abstol=tol * 1e-4, save_everystep=False)
+    rel = np.abs(sol.u[-1].numpy() - ref) / np.maximum(np.abs(ref), 1e-8)
+    assert rel.max() < 100 * tol
+
+
+@pytest.mark.parametrize("solver", [lx.Rodas5P, lx.Kvaerno5])
+def test_van_der_pol_mu_1000_against_radau(solver):
+    mu, span, tol = 1000.0, (0.0, 300.0), 1e-6
+    ref = solve_ivp(vdp_np(mu), span, [2.0, 0.0], method="Radau", rtol=1e-10, atol=1e-10).y[:, -1]
+    bdf_steps, _ = _scipy_steps(vdp_np(mu), span, [2.0, 0.0], "BDF", tol, tol)
+    sol = lx.solve(lx.ODEProblem(vdp, torch.tensor([2.0, 0.0], dtype=DT), span, mu), solver(), reltol=tol,
+                   abstol=tol, save_everystep=False)
+    rel = np.abs(sol.u[-1].numpy() - ref) / np.maximum(np.abs(ref), 1e-2)
+    assert rel.max() < 10 * tol
+    assert sol.stats.naccept + sol.stats.nreject <= 2 * bdf_steps
+
+
+# --- Jacobians ------------------------------------------------------------------------------------
+
+def test_counters_are_exact_for_fixed_rosenbrock_steps():
+    sol = lx.solve(lx.ODEProblem(linear, torch.tensor([1.0, 0.0], dtype=DT), (0.0, 1.0)), lx.Rosenbrock23(),
+                   dt=0.1, adaptive=False)
+    assert (sol.stats.naccept, sol.stats.njac, sol.stats.nw, sol.stats.nsolve) == (10, 10, 10, 30)
+
+
+def test_newton_reuses_the_jacobian_across_steps():
+    sol = lx.solve(lx.ODEProblem(linear, torch.tensor([1.0, 0.0], dtype=DT), (0.0, 1.0)), lx.Kvaerno5(),
+                   dt=0.1, adaptive=False)
+    assert sol.stats.naccept == 10 and sol.stats.njac == 1 and sol.stats.nw == 1
+
+
+def test_batched_user_and_matrix_free_jacobians_agree_with_dense():
+    torch.manual_seed(0)
+    W = torch.randn(3, 3, dtype=DT)
+
+    def f(u, p, t):  # independent samples: (B, 3)
+        return -20.0 * u + torch.tanh(u @ W.T)
+
+    def jac(u, p, t):  # per-sample blocks
+        s = 1 - torch.tanh(u @ W.T) ** 2
+        return -20.0 * torch.eye(3, dtype=DT) + s.unsqueeze(-1) * W
+
+    u0 = torch.randn(4, 3, dtype=DT)
+    prob = lx.ODEProblem(f, u0, (0.0, 1.0))
+    dense = lx.solve(prob, lx.Rodas5P(jac_structure="dense"), reltol=1e-8, abstol=1e-8)
+    for solver in (lx.Rodas5P(jac_structure="batched"), lx.Rodas5P(jac=jac, jac_structure="batched"),
+                   lx.Rodas5P(jac_structure="matrix_free", krylov_rtol=1e-12), lx.Rodas5P(jac="finite_difference")):
+        other = lx.solve(prob, solver, reltol=1e-8, abstol=1e-8)
+        assert torch.allclose(other.u[-1], dense.u[-1], rtol=1e-6, atol=1e-8), solver
+    assert other.stats.njac == other.stats.naccept + other.stats.nreject - 0 or other.stats.njac > 0
+
+
+def test_user_jacobian_of_wrong_shape_is_refused():
+    prob = lx.ODEProblem(linear, torch.tensor([1.0, 0.0], dtype=DT), (0.0, 1.0))
+    with pytest.raises(JacobianShapeError, match=r"returned shape \(3, 3\).*must return \(2, 2\)"):
+        lx.solve(prob, lx.Rosenbrock23(jac=lambda u, p, t: torch.zeros(3, 3, dtype=DT)))
+
+
+def test_batched_structure_needs_a_2d_state():
+    prob = lx.ODEProblem(linear, torch.tensor([1.0, 0.0], dtype=DT), (0.0, 1.0))
+    with pytest.raises(ValueError, match=r"\(B, d\)"):
+        lx.solve(prob, lx.Kvaerno5(jac_structure="batched"))
+
+
+@pytest.mark.parametrize("solver", [lx.Rosenbrock23, lx.Kvaerno5])
+def test_singular_newton_matrix_at_every_dt_fails_naming_t_and_dt(solver):
+    prob = lx.ODEProblem(linear, torch.tensor([1.0, 0.0], dtype=DT), (0.0, 1.0))
+    bad = solver(jac=lambda u, p, t: torch.full((2, 2), float("inf"), dtype=DT))
+    with pytest.raises(lx.DtLessThanMinError, match=r"t = 0\.0.*singular or not finite.*dt = ") as info:
+        lx.solve(prob, bad, dt=0.01)
+    assert "Newton matrix" in str(info.value)
+
+
+def test_unknown_jacobian_options_are_refused():
+    with pytest.raises(ValueError, match="jac_structure"):
+        lx.Rosenbrock23(jac_structure="sparse")
+    with pytest.raises(ValueError, match="jac"):
+        lx.Kvaerno5(jac="symbolic")
+
+
+def test_float32_state_works():
+    prob = lx.ODEProblem(lambda u, p, t: A_LIN.float() @ u, torch.tensor([1.0, 0.0]), (0.0, 1.0))
+    exact = torch.linalg.matrix_exp(A_LIN) @ torch.tensor([1.0, 0.0], dtype=DT)
+    for solver in (lx.Rosenbrock23(), lx.Kvaerno5()):
+        sol = lx.solve(prob, solver, reltol=1e-4, abstol=1e-6)
+        assert sol.u.dtype == torch.float32
+        assert torch.allclose(sol.u[-1].double(), exact, atol=1e-3)
+
+
+def test_dense_output_of_rosenbrock23_is_second_order_and_ends_at_the_step():
+    u0 = torch.tensor([1.0, 0.0], dtype=DT)
+    sol = lx.solve(lx.ODEProblem(linear, u0, (0.0, 1.0)), lx.Rosenbrock23(), reltol=1e-7, abstol=1e-9)
+    ts = torch.linspace(0.0, 1.0, 23, dtype=DT)
+    exact = torch.stack([torch.linalg.matrix_exp(A_LIN * t) @ u0 for t in ts])
+    assert (sol(ts) - exact).abs().max() < 1e-4
+    assert torch.equal(sol(sol.t[3]), sol.u[3])
+
+
+# --- gradients --------------------------------------------------------------------------------------
+
+def _grad_problem(p, u0):
+    def f(u, p, t):
+        return torch.stack([-p[0] * u[0] + u[1], p[1] * (u[0] - u[1]) - 5.0 * u[1] ** 3])
+    return lx.ODEProblem(f, u0, (0.0, 1.0), p)
+
+
+def _loss(solver, p, u0, **kw):
+    sol = lx.solve(_grad_problem(p, u0), solver, saveat=[0.5, 1.0], **kw)
+    return (sol.u ** 2).sum() + sol.u[-1, 0]
+
+
+def _fd(fun, x, h=1e-5):
+    g = torch.zeros_like(x)
+    for i in range(x.numel()):
+        e = torch.zeros_like(x)
+        e.view(-1)[i] = h
+        g.view(-1)[i] = (fun(x + e) - fun(x - e)) / (2 * h)
+    return g
+
+
+@pytest.mark.parametrize("solver", [lx.Rosenbrock23, lx.Kvaerno5])
+def test_direct_gradient_through_fixed_steps_matches_finite_differences(solver):
+    p, u0 = torch.tensor([20.0, 30.0], dtype=DT), torch.tensor([1.0, 0.5], dtype=DT)
+    kw = dict(dt=0.05, adaptive=False)
+    pr = p.clone().requires_grad_(True)
+    ur = u0.clone().requires_grad_(True)
+    gp, gu = torch.autograd.grad(_loss(solver(), pr, ur, sensealg=lx.DirectAdjoint(), **kw), (pr, ur))
+    with torch.no_grad():
+        fp = _fd(lambda x: _loss(solver(), x, u0, **kw), p)
+        fu = _fd(lambda x: _loss(solver(), p, x, **kw), u0)
+    assert torch.allclose(gp, fp, rtol=1e-5, atol=1e-9)
+    assert torch.allclose(gu, fu, rtol=1e-5, atol=1e-9)
+
+
+SENSEALGS = [lx.BacksolveAdjoint, lx.InterpolatingAdjoint, lx.QuadratureAdjoint, lx.DirectAdjoint]
+
+
+@pytest.mark.parametrize("solver", [lx.Rosenbrock23, lx.Kvaerno5])
+@pytest.mark.parametrize("sensealg", SENSEALGS)
+def test_adaptive_gradients_under_each_sensealg_match_finite_differences(solver, sensealg):
+    """The backward adjoint solve uses the same implicit solver (its Jacobian by finite differences:
+    the augmented field differentiates internally)."""
+    p, u0 = torch.tensor([20.0, 30.0], dtype=DT), torch.tensor([1.0, 0.5], dtype=DT)
+    tol = 1e-10 if solver is lx.Kvaerno5 else 1e-9
+    kw = dict(reltol=tol, abstol=tol)
+    pr = p.clone().requires_grad_(True)
+    ur = u0.clone().requires_grad_(True)
+    gp, gu = torch.autograd.grad(_loss(solver(), pr, ur, sensealg=sensealg(), **kw), (pr, ur))
+    with torch.no_grad():
+        ref_kw = dict(reltol=1e-12, abstol=1e-12)
+        fp = _fd(lambda x: _loss(lx.Rodas5P(), x, u0, **ref_kw), p, h=1e-4)
+        fu = _fd(lambda x: _loss(lx.Rodas5P(), p, x, **ref_kw), u0, h=1e-4)
+    rtol = 1e-5 if solver is lx.Kvaerno5 else 1e-4
+    assert torch.allclose(gp, fp, rtol=rtol, atol=1e-8), (gp, fp)
+    assert torch.allclose(gu, fu, rtol=rtol, atol=1e-8), (gu, fu)
