@@ -40,9 +40,25 @@ before it (its initial state when there is none), so ``loss * mask`` stays
 finite and gives masked entries an exactly zero gradient; ``sol.t`` holds
 the time that value belongs to.
 
+Gradients: per-sample stepping runs under ``sensealg=None`` and every
+sensitivity algorithm that backpropagates through the solver
+(``differentiates_solver``, i.e. ``DirectAdjoint()``); the step sizes are
+constants of the backward pass, as in the joint loop. ``BacksolveAdjoint``,
+``InterpolatingAdjoint``, ``QuadratureAdjoint`` and ``ReversibleAdjoint``
+re-solve the batch with one time per solve, so they refuse
+``batch="per-sample"`` (``NotImplementedError``); they do work with the joint
+step and a ``(B, T)`` saveat.
+
+Not (yet) available under per-sample stepping, each refused by name:
+``tstops``, callbacks, ``save_stats``, ``dense``/``save_everystep``, SDEs,
+and solvers other than the explicit Runge–Kutta tableaus (``VCAB3``,
+``Reversible``, the implicit methods).
+
 Host synchronisation of the per-sample loop: one transfer per step (the
-number of running samples and the most saved times any sample passed in that
-step), plus a few per solve for validation and the initial step.
+number of running samples, the most saved times any sample passed in that
+step, whether any sample was accepted, whether any is failing), one more on
+a step where a sample fails, and a few per solve for validation, the
+initial step and the return codes.
 """
 
 from __future__ import annotations
