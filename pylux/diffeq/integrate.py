@@ -507,6 +507,9 @@ class _Loop:
 
     def error_norm(self, result: StepResult, u) -> torch.Tensor | None:
         if self.adaptive:
+            scaled = getattr(result, "scaled_error", None)  # a compiled step computed E in its graph
+            if scaled is not None:
+                return scaled
             if result.error_scale is not None:
                 return self.error_norm_of.of_states(result, *result.error_scale)
             return self.error_norm_of(result, u)
