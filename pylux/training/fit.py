@@ -96,14 +96,17 @@ class History(list):
             ImportError: matplotlib is not installed (``pip install matplotlib``).
             ValueError: none of ``keys`` is in the records.
         """
-        import matplotlib  # noqa: PLC0415 (plotting is optional at import time)
-        if path is not None:
-            matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
         present = [key for key in keys if any(key in record for record in self)]
         if not present:
             raise ValueError(f"History.plot: none of {list(keys)} is in the records; recorded keys: {self.keys()}")
-        fig, axes = plt.subplots(1, len(present), figsize=(5 * len(present), 3.6), squeeze=False)
+        size = (5 * len(present), 3.6)
+        if path is None:  # pyplot's figure, so that Jupyter draws it inline
+            import matplotlib.pyplot as plt  # noqa: PLC0415 (matplotlib is imported only when plotting)
+            fig = plt.figure(figsize=size)
+        else:  # a bare Figure: no GUI backend needed, and pyplot's backend (inline in Jupyter) is left alone
+            from matplotlib.figure import Figure  # noqa: PLC0415
+            fig = Figure(figsize=size)
+        axes = fig.subplots(1, len(present), squeeze=False)
         steps = self.column("step")
         for ax, key in zip(axes[0], present):
             pairs = [(s, v) for s, v in zip(steps, self.column(key)) if isinstance(v, numbers.Number)]
@@ -117,7 +120,6 @@ class History(list):
         if path is None:
             return fig
         fig.savefig(path, dpi=120)
-        plt.close(fig)
         return path
 
 
