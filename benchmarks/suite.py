@@ -1,0 +1,276 @@
+"""The reference problems, pylux against every installed peer, in one interleaved run and one table.
+
+Problems (float32 unless noted; the problem code is imported from the single-topic benchmarks):
+
+* P1 spiral forward — dz/dt = (z^3) A, batch 512, t in [0, 10], tol 1e-6 (ode_solve.py):
+  pylux Tsit5 eager and with ``compile=True`` (``--compile``; compiling takes seconds, not timed),
+  torchdiffeq dopri5, torchode Tsit5.
+* P2 Kelly MNIST field (state 784, hidden 100, batch 512, tol 1e-5; node_train_step.py, weights
+  x ``--scale``): the forward solve, and forward + backward of mean(z(1)^2) for pylux DirectAdjoint,
+  BacksolveAdjoint ± seminorm, InterpolatingAdjoint, ReversibleAdjoint, DirectAdjoint(checkpoints=8)
+  beside torchdiffeq odeint / odeint_adjoint ± seminorm and torchode AutoDiffAdjoint.
+* P3 the floor of P2: one evaluation of f and one vector–Jacobian product of f (u and parameters).
+* P4 the DEQ z = tanh(Wz + Ux + b) at tol 1e-4 (deq_solvers.py): Broyden, Anderson and
+  fixed-point iteration, forward and forward + implicit backward, pylux and torchdeq.
+
+Columns: median wall time (ms) over ``--repeats`` interleaved rounds (every case of a problem runs
+once per round, so a slow period of a shared machine hits all alike), NFE (P1/P2: evaluations of f,
+forward + backward; P4: iterations), the error (P1/P2 forward: max abs error of z(t1) against a
+float64 torchdiffeq dopri8 solve at 1e-12; P2 gradients: relative error against pylux Direct in
+float64 at 1e-8; P4: max |z - z*| against a fixed point at 1e-8), the overhead per NFE
+(P1/P2 forward: time / NFE / f's time) and the ratio of the time to the best peer of the same
+problem and mode (< 1: pylux faster). torchsde has no row among P1–P4 (benchmarks/sde_solve.py
+compares SDE solvers); diffrax rows need JAX, which is not installed here (node_train_step.py
+--diffrax runs them where it is).
+
+    python benchmarks/suite.py [--repeats 3] [--threads 1] [--compile] [--scale 1] [--device cpu]
+                               [--problems P1,P2,P3,P4]
+
+Timings on a shared machine are noisy; compare numbers from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import node_train_step as nts  # noqa: E402
+import ode_solve  # noqa: E402
+
+import pylux as lx  # noqa: E402
+import pylux.diffeq as de  # noqa: E402
+
+
+def interleaved(cases: dict, repeats: int) -> dict:
+    """``{name: (median ms, last output)}`` with the cases run round-robin (deq_solvers.timed); on CUDA each
+    case ends with a synchronisation so that its time includes its kernels."""
+    from deq_solvers import timed
+    if torch.cuda.is_available() and torch.get_default_device().type == "cuda":
+        cases = {name: (lambda fn=fn: _synchronized(fn)) for name, fn in cases.items()}
+    return timed(cases, repeats)
+
+
+def _synchronized(fn):
+    out = fn()
+    torch.cuda.synchronize()
+    return out
+
+
+def spiral(device):
+    """P1: ode_solve's spiral (same u0, same matrix) on ``device``."""
+    problem = ode_solve.spiral_problem(torch.float32)
+    A = torch.tensor(lx.data.SPIRAL_ODE_MATRIX, dtype=torch.float32, device=device)
+    problem.update(u0=problem["u0"].to(device), field=lambda u, t: (u ** 3) @ A.to(u.dtype),
+                   field64=lambda u, t: (u ** 3) @ A.double())
+    return problem
+
+
+def kelly(scale, device):
+    """P2 forward: node_train_step's Kelly field and batch on ``device``."""
+    params, u0, d = nts.make_problem(scale, torch.float32, device)
+    f = nts.kelly_field(d)
+    p64 = {k: v.double() for k, v in params.items()}
+    return dict(name="kelly", u0=u0, t1=1.0, tol=1e-5, field=lambda u, t: f(u, params, t),
+                field64=lambda u, t: f(u, p64, t))
+
+
+def reference(problem):
+    """z(t1) of the float64 field by torchdiffeq's dopri8 at rtol = atol = 1e-12."""
+    import torchdiffeq
+    t = torch.tensor([0.0, problem["t1"]], dtype=torch.float64, device=problem["u0"].device)
+    with torch.no_grad():
+        return torchdiffeq.odeint(lambda t, y: problem["field64"](y, t), problem["u0"].double(), t,
+                                  method="dopri8", rtol=1e-12, atol=1e-12)[-1]
+
+
+def pylux_forward(problem, solver, compile=False):
+    """(z(t1), NFE) of a pylux forward solve; the NFE from pylux's own counter (a Python counter inside a
+    compiled field would be a guard that recompiles every step)."""
+    if "pylux_f" not in problem:
+        field = problem["field"]
+        problem["pylux_f"] = lambda u, p, t: field(u, t)
+    prob = de.ODEProblem(problem["pylux_f"], problem["u0"], (0.0, problem["t1"]))
+    sol = de.solve(prob, solver, reltol=problem["tol"], abstol=problem["tol"], saveat=[problem["t1"]],
+                   compile=compile)
+    return sol.u[-1], sol.stats.nf
+
+
+def forward_rows(key, problem, repeats, compile: bool):
+    """P1/P2 forward: every library's solve, timed interleaved, with error and overhead per NFE."""
+    problem["ref"] = reference(problem)
+    f_ms = interleaved({"f": lambda: problem["field"](problem["u0"], torch.zeros(()))}, 20)["f"][0]
+    cases = {"pylux Tsit5": lambda: pylux_forward(problem, de.Tsit5()),
+             "torchdiffeq dopri5": lambda: ode_solve.run_torchdiffeq(problem),
+             "torchode Tsit5": lambda: ode_solve.run_torchode(problem, "Tsit5")}
+    if compile:
+        start = time.perf_counter()
+        with torch.no_grad():
+            pylux_forward(problem, de.Tsit5(), compile=True)
+        print(f"{key}: compile=True first solve (compilation) {time.perf_counter() - start:.1f} s")
+        cases["pylux Tsit5 compile=True"] = lambda: pylux_forward(problem, de.Tsit5(), compile=True)
+    with torch.no_grad():
+        results = interleaved(cases, repeats)
+    rows = []
+    for name, (ms, (u1, nfe)) in results.items():
+        err = (u1.double() - problem["ref"]).abs().max().item()
+        rows.append(dict(problem=key, mode="forward", method=name, ms=ms, nfe=nfe, error=err,
+                         overhead=ms / nfe / f_ms))
+    return rows, f_ms
+
+
+def training_rows(inputs, tol, repeats):
+    """P2 forward + backward of every sensealg and peer (node_train_step's runners) on
+    ``inputs = nts.make_problem(...)``."""
+    params, u0, d = inputs
+    field = nts.kelly_field(d)
+    p64 = {k: v.double() for k, v in params.items()}
+    ref, _, _ = nts.train_step(nts.pylux_step(lx.DirectAdjoint(), 1e-8), p64, u0.double(), field)
+    runs = {
+        "pylux DirectAdjoint": nts.pylux_step(lx.DirectAdjoint(), tol),
+        "pylux DirectAdjoint(checkpoints=8)": nts.pylux_step(lx.DirectAdjoint(checkpoints=8), tol),
+        "pylux BacksolveAdjoint": nts.pylux_step(lx.BacksolveAdjoint(), tol),
+        "pylux BacksolveAdjoint(seminorm)": nts.pylux_step(lx.BacksolveAdjoint(seminorm=True), tol),
+        "pylux InterpolatingAdjoint": nts.pylux_step(lx.InterpolatingAdjoint(), tol),
+        "pylux ReversibleAdjoint": nts.pylux_step(lx.ReversibleAdjoint(), tol),
+        "torchdiffeq odeint": nts.torchdiffeq_step(False, False, tol),
+        "torchdiffeq odeint_adjoint": nts.torchdiffeq_step(True, False, tol),
+        "torchdiffeq odeint_adjoint(seminorm)": nts.torchdiffeq_step(True, True, tol),
+        "torchode AutoDiffAdjoint": nts.torchode_step(False, tol),
+    }
+    modes = {"pylux DirectAdjoint": "backprop", "pylux DirectAdjoint(checkpoints=8)": "backprop",
+             "torchdiffeq odeint": "backprop", "torchode AutoDiffAdjoint": "backprop",
+             "pylux ReversibleAdjoint": "backprop",
+             "pylux BacksolveAdjoint": "backsolve", "torchdiffeq odeint_adjoint": "backsolve",
+             "pylux InterpolatingAdjoint": "backsolve",
+             "pylux BacksolveAdjoint(seminorm)": "backsolve seminorm",
+             "torchdiffeq odeint_adjoint(seminorm)": "backsolve seminorm"}
+    cases = {name: (lambda run=run: nts.train_step(run, params, u0, field)) for name, run in runs.items()}
+    results = interleaved(cases, repeats)
+    rows = []
+    for name, (ms, (grads, nfe_f, nfe_b)) in results.items():
+        err = max(float((g.double() - g_ref).norm() / g_ref.norm()) for g, g_ref in zip(grads, ref))
+        rows.append(dict(problem="P2", mode=f"fwd+bwd {modes[name]}", method=name, ms=ms,
+                         nfe=f"{nfe_f}+{nfe_b}", error=err, overhead=None))
+    return rows, (params, u0, field)
+
+
+def floor_rows(params, u0, field, repeats):
+    """P3: one f and one VJP of f (with respect to the state and the four parameter tensors)."""
+    t = torch.zeros((), dtype=u0.dtype)
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    u = u0.detach().requires_grad_(True)
+    cotangent = torch.ones_like(u0)
+
+    def vjp():
+        out = field(u, leaves, t)
+        return torch.autograd.grad(out, [u, *leaves.values()], cotangent)
+    cases = {"f": lambda: field(u0, params, t), "VJP of f": vjp}
+    results = interleaved(cases, max(repeats, 10))
+    return [dict(problem="P3", mode="floor", method=f"{name} (Kelly field)", ms=ms, nfe=1, error=None,
+                 overhead=None) for name, (ms, _) in results.items()]
+
+
+def deq_rows(repeats):
+    """P4: the DEQ solvers of deq_solvers.py, forward and forward + backward, pylux and torchdeq."""
+    import deq_solvers as dq
+    import pylux.nonlinear as nl
+
+    W, U, b, x = dq.make_problem()
+    params = (W, U, b)
+    g = dq.cell(W, U, b, x)
+    z0 = torch.zeros(dq.BATCH, dq.STATE)
+    with torch.no_grad():  # the fixed point in float64 (float32 cannot resolve a residual of 1e-8)
+        g64 = dq.cell(W.double(), U.double(), b.double(), x.double())
+        z_ref = nl.nlsolve(g64, z0.double(), nl.Anderson(memory=6), abstol=1e-10, reltol=0.0, maxiters=500,
+                           record_history=False).z
+    cases = {}
+    for name in ("broyden", "anderson", "fixed_point"):
+        cases[("pylux", name, "forward")] = lambda name=name: dq.pylux_forward(name, g, z0)
+        cases[("torchdeq", name, "forward")] = lambda name=name: dq.torchdeq_forward(name, g, z0)
+        cases[("pylux", name, "fwd+bwd")] = lambda name=name: dq.pylux_fwd_bwd(name, params, x, z0)
+        cases[("torchdeq", name, "fwd+bwd")] = lambda name=name: dq.torchdeq_fwd_bwd(name, params, x, z0)
+    results = interleaved(cases, repeats)
+    rows = []
+    for (lib, name, mode), (ms, out) in results.items():
+        error = (out[0].double() - z_ref).abs().max().item() if mode == "forward" else None
+        rows.append(dict(problem="P4", mode=mode, method=f"{lib} {name}", ms=ms, nfe=out[1], error=error,
+                         overhead=None, group=(mode, name)))
+    return rows
+
+
+def add_ratios(rows):
+    """Each row's time over the best peer (non-pylux) time of the same problem and mode (P4: and solver)."""
+    for row in rows:
+        group = row.get("group", row["mode"])
+        peers = [r["ms"] for r in rows if r["problem"] == row["problem"] and r.get("group", r["mode"]) == group
+                 and not r["method"].startswith("pylux")]
+        row["ratio"] = row["ms"] / min(peers) if peers and row["method"].startswith("pylux") else None
+    for row in rows:  # P4: pylux's fastest against torchdeq's fastest
+        if row["problem"] == "P4" and row["method"].startswith("pylux"):
+            same = [r for r in rows if r["problem"] == "P4" and r["mode"] == row["mode"]]
+            row["fastest_vs_fastest"] = (min(r["ms"] for r in same if r["method"].startswith("pylux"))
+                                         / min(r["ms"] for r in same if r["method"].startswith("torchdeq")))
+
+
+def _fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(rows):
+    print("| problem | mode | method | median ms | NFE | error | overhead/NFE | vs best peer |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['problem']} | {r['mode']} | {r['method']} | {r['ms']:.1f} | {r['nfe']} | "
+              f"{_fmt(r['error'], '.2e')} | {_fmt(r['overhead'], '.2f')} | {_fmt(r.get('ratio'), '.2f')} |")
+    fastest = {r["mode"]: r["fastest_vs_fastest"] for r in rows if "fastest_vs_fastest" in r}
+    for mode, ratio in fastest.items():
+        print(f"P4 {mode}: pylux's fastest solver / torchdeq's fastest = {ratio:.2f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--scale", type=float, default=1.0, help="P2 weights x scale (3: a harder field)")
+    parser.add_argument("--compile", action="store_true", help="add the P1/P2 forward rows with compile=True")
+    parser.add_argument("--problems", default="P1,P2,P3,P4")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message=".*below what torch.float32 arithmetic can resolve")
+    device = torch.device(args.device)
+    wanted = set(args.problems.split(","))
+    rows = []
+    # problems first (their generators live on the CPU), then the peers' runners make their time tensors
+    # with torch.tensor(...) on the default device
+    p1 = spiral(device) if "P1" in wanted else None
+    p2 = kelly(args.scale, device) if "P2" in wanted else None
+    train_inputs = nts.make_problem(args.scale, torch.float32, device) if wanted & {"P2", "P3"} else None
+    torch.set_default_device(device)
+    if p1 is not None:
+        rows += forward_rows("P1", p1, args.repeats, args.compile)[0]
+    if p2 is not None:
+        rows += forward_rows("P2", p2, args.repeats, args.compile)[0]
+    if train_inputs is not None:
+        train, floor_inputs = training_rows(train_inputs, 1e-5, args.repeats)
+        if "P2" in wanted:
+            rows += train
+        if "P3" in wanted:
+            rows += floor_rows(*floor_inputs, args.repeats)
+    if "P4" in wanted:
+        torch.set_default_device("cpu")  # deq_solvers builds its problem on the CPU
+        rows += deq_rows(max(args.repeats, 5))
+    add_ratios(rows)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.device}, float32, "
+          f"median of {args.repeats} interleaved rounds; P2 weights x{args.scale:g}")
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
