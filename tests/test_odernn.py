@@ -9,7 +9,15 @@ from pylux.core import LayerError, tree_leaves
 from pylux.diffeq import RK4, ODEProblem, solve
 from pylux.layers.odernn import GRUCell, gaussian_kl, kl_annealing, masked_gaussian_log_likelihood
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _float64_default():
+    """These tests build float64 tensors by default; restore the default so other modules are unaffected."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 C, H = 2, 4
 

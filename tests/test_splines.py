@@ -7,7 +7,15 @@ from scipy.interpolate import CubicSpline as ScipyCubicSpline
 from pylux.diffeq import ControlTerm, Euler
 from pylux.diffeq.splines import CubicSpline, HermiteCubicSpline, LinearInterpolation
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _float64_default():
+    """These tests build float64 tensors by default; restore the default so other modules are unaffected."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def _irregular_times(n, generator, span=4.0):
