@@ -9,13 +9,7 @@ from pylux.core import LayerError, tree_leaves
 from pylux.diffeq import RK4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _float64_default():
-    """These tests build float64 tensors by default; restore the default so other modules are unaffected."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 H, C = 3, 2
 

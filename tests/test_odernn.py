@@ -11,13 +11,7 @@ from pylux.layers.odernn import GRUCell, gaussian_kl, kl_annealing, masked_gauss
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _float64_default():
-    """These tests build float64 tensors by default; restore the default so other modules are unaffected."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 C, H = 2, 4
 
