@@ -166,6 +166,42 @@ def test_per_sample_bounces_match_each_sample_closed_form():
         assert np.max(np.abs(got - expected)) < 1e-10
 
 
+def test_per_sample_terminations_among_bounces():
+    # each ball bounces (e = 0.8) and is stopped when it rises through 0.5 after its first bounce
+    heights, e = [1.0, 2.0], 0.8
+    u0 = torch.tensor([[h, 0.0] for h in heights], dtype=F64)
+    rising = de.ContinuousCallback(lambda u, t: u[..., 0] - 0.5, de.terminate, direction=1)
+    sol = de.solve(de.ODEProblem(ball_field, u0, (0.0, 5.0)), de.Tsit5(), callback=[floor_event(bounce(e)), rising],
+                   **TOL)
+    assert sol.retcode == de.ReturnCode.Terminated
+    for i, h in enumerate(heights):
+        v_up = e * math.sqrt(2 * G * h)
+        expected = math.sqrt(2 * h / G) + (v_up - math.sqrt(v_up ** 2 - G)) / G
+        assert abs(sol.events.first_times(1)[i].item() - expected) < 1e-10
+        assert abs(sol.events.first_times(0)[i].item() - math.sqrt(2 * h / G)) < 1e-10
+        assert abs(sol.u[-1, i, 0].item() - 0.5) < 1e-10
+    assert sol.t[-1].item() == sol.events.first_times(1).max().item()
+
+
+def test_events_with_fixed_steps():
+    # RK4 and its third-order dense output are exact on the parabola, so the impacts are too
+    e = 0.5
+    prob = de.ODEProblem(ball_field, torch.tensor([1.0, 0.0], dtype=F64), (0.0, 1.2))
+    sol = de.solve(prob, de.RK4(), dt=0.05, adaptive=False, callback=floor_event(bounce(e)))
+    expected = [x for x in impact_times(1.0, e, 5) if x < 1.2]
+    assert len(sol.events) == len(expected) and np.max(np.abs(sol.events.t.numpy() - expected)) < 1e-10
+
+
+def test_event_callbacks_refused_where_they_cannot_work():
+    falling = de.ODEProblem(ball_field, torch.tensor([1.0, 0.0], dtype=F64), (0.0, 1.0))
+    with pytest.raises(ValueError, match="no dense output to locate events on"):
+        de.solve(falling, de.Reversible(de.Heun()), dt=0.1, callback=floor_event(de.terminate))
+    sde = de.SDEProblem(lambda u, p, t: -u, lambda u, p, t: 0.1 * torch.ones_like(u), torch.ones(1, dtype=F64),
+                        (0.0, 1.0))
+    with pytest.raises(NotImplementedError, match="not supported for SDE problems"):
+        de.solve(sde, de.EulerMaruyama(), dt=0.1, callback=de.ContinuousCallback(lambda u, t: u[0] - 0.5))
+
+
 # --- gradients of event times ---------------------------------------------------------------------
 
 def falling_ball_impact(h, g, sensealg=None, t1=10.0):

@@ -223,7 +223,10 @@ def illinois(g_of, a, b, ga, gb, tol: float, iterations: int = _MAX_ITERATIONS):
     Jarratt 1971), which makes both ends converge, superlinearly. The
     midpoint is taken instead for a point outside the open bracket, when two
     iterations have not halved the bracket, while the near end only carries a
-    sign (``|g(a)| <= _SIGN_ONLY``), and after ``_BISECT_AFTER`` iterations. Stops per function when ``b - a <=
+    sign (``|g(a)| <= _SIGN_ONLY``), and after ``_BISECT_AFTER`` iterations;
+    a point is kept at least ``tol / 2`` inside the bracket (as Brent's
+    method steps by at least the tolerance), so an end already on the root
+    ends the search in one more evaluation. Stops per function when ``b - a <=
     tol`` or ``g(b) == 0``. Returns the final ``(a, b, g(a), g(b))``; ``b`` is on
     the far side of the sign change (or the exact zero).
     """
@@ -241,6 +244,8 @@ def illinois(g_of, a, b, ga, gb, tol: float, iterations: int = _MAX_ITERATIONS):
         slow = (b - a)[idx] > 0.5 * widths[-2][idx]
         midpoint = ~((x > a[idx]) & (x < b[idx])) | slow | (np.abs(fa[idx]) <= _SIGN_ONLY) | (it >= _BISECT_AFTER)
         x[midpoint] = 0.5 * (a[idx] + b[idx])[midpoint]
+        # at least half a tolerance from either end: once one end sits on the root, the next point settles it
+        x = np.clip(x, a[idx] + 0.5 * tol, b[idx] - 0.5 * tol)
         widths = [widths[-1], b - a]
         gx = np.asarray(g_of(x, idx), dtype=np.float64)
         near = np.sign(gx) == near_sign[idx]
@@ -413,7 +418,12 @@ class EventHandler:
         """``(result, t_end, stop, field)`` of the accepted step after its events (see the module docstring)."""
         piece, dt = result.dense_info, t_new - t
         with torch.no_grad():
-            found = [f for f in (self._locate(tr, piece, t, dt) for tr in self.continuous) if f is not None]
+            crossings = [(tr, *self._first_crossings(tr)) for tr in self.continuous]
+            # no event can precede the earliest sub-interval with a non-terminating crossing: nothing past it is
+            # located in this step (it is found again after the cut)
+            limit = min((j.min() for tr, samples, j, _ in crossings if samples.size and not tr.callback.terminates),
+                        default=None)
+            found = [f for f in (self._locate(*c, piece, t, dt, limit) for c in crossings) if f is not None]
         moving, freezing, t_end, stop = self._plan(found, t, t_new, result.u_new)
         theta_end = (t_end - t) / dt
         step = _StepEvents(self, field, piece, t, dt, theta_end, freezing)
@@ -444,12 +454,21 @@ class EventHandler:
         self.active = {tr.index: ~self.frozen.reshape(tr.n, -1).all(1) for tr in self.tracked}
         return FrozenSamplesField(base, keep)
 
-    def _locate(self, tr: _Tracked, piece, t: float, dt: float) -> _Found | None:
+    @staticmethod
+    def _first_crossings(tr: _Tracked):
+        """On the host: the samples with a wanted crossing, the index of the first sampled interval holding
+        it, and the sampled condition values."""
         G, hit = (x.cpu().numpy() for x in tr.pending)
         samples = np.nonzero(hit.any(0))[0]
+        return samples, hit[:, samples].argmax(0), G
+
+    def _locate(self, tr: _Tracked, samples, j, G, piece, t: float, dt: float, limit) -> _Found | None:
+        """Each crossing's event time by root finding, for crossings in sampled intervals up to ``limit``."""
+        if limit is not None:
+            keep = j <= limit if tr.callback.terminates else j == limit
+            samples, j = samples[keep], j[keep]
         if not samples.size:
             return None
-        j = hit[:, samples].argmax(0)
         a, b = self.grid[j], self.grid[j + 1]
         ga, gb = G[j, samples], G[j + 1, samples]
         if tr.callback.rootfind:
