@@ -14,11 +14,11 @@ from typing import Any, Sequence
 
 import torch
 
-from ..core import tree_leaves_with_path
-from ..diffeq import Solution
+from ..core import tree_leaves_with_path, tree_replace_at_paths
+from ..diffeq import Solution, integrate
 
 __all__ = ["HiddenParameterError", "grad_leaves", "check_no_hidden_parameters",
-           "apply_adjoint_function", "BackwardStats", "refuse_higher_order"]
+           "apply_adjoint_function", "BackwardStats", "refuse_higher_order", "solve_detached"]
 
 
 class HiddenParameterError(ValueError):
@@ -138,3 +138,16 @@ def refuse_higher_order(name: str) -> None:
             f"{name}: second derivatives through an adjoint solve are not supported (the gradient it "
             "returns is not differentiable); for gradient penalties or Hessian-vector products use "
             "sensealg=DirectAdjoint(), which backpropagates through the solver's operations")
+
+
+def solve_detached(problem, solver, options, paths, u0, params):
+    """``(solution, detached parameters)``: the forward solve of an adjoint's ``Function.forward``.
+
+    The parameters at ``paths`` are replaced by detached copies and the solve runs without autograd; the
+    backward pass differentiates it its own way.
+    """
+    detached = [x.detach() for x in params]
+    p = tree_replace_at_paths(problem.p, paths, detached) if paths else problem.p
+    with torch.no_grad():
+        sol = integrate(problem.term.bind(p), u0.detach(), *problem.tspan, solver, options)
+    return sol, detached

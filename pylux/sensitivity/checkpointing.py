@@ -53,13 +53,13 @@ from math import comb
 import torch
 
 from ..core import tree_replace_at_paths
-from ..diffeq import ODEProblem, Solution, integrate
+from ..diffeq import ODEProblem, Solution
 from ..diffeq._device import time_scalar
 from ..diffeq.integrate import CountingField, Saver
 from ..diffeq.options import SolveOptions
 from ..diffeq.sde import SDEProblem
 from ..diffeq.solvers import ExplicitRungeKutta, RKState
-from ._params import apply_adjoint_function, check_no_hidden_parameters, refuse_higher_order
+from ._params import apply_adjoint_function, check_no_hidden_parameters, refuse_higher_order, solve_detached
 
 __all__ = ["binomial", "repetition_number", "binomial_cost", "binomial_split", "binomial_schedule",
            "check_checkpoints", "checkpointed_solve"]
@@ -206,10 +206,7 @@ class _CheckpointedFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, alg, problem, solver, options, paths, holder, u0, *params):
-        detached = [x.detach() for x in params]
-        p = tree_replace_at_paths(problem.p, paths, detached) if paths else problem.p
-        with torch.no_grad():
-            sol = integrate(problem.term.bind(p), u0.detach(), *problem.tspan, solver, options)
+        sol, detached = solve_detached(problem, solver, options, paths, u0, params)
         holder["solution"] = sol
         ctx.alg, ctx.problem, ctx.solver, ctx.options, ctx.paths = alg, problem, solver, options, paths
         t0 = problem.tspan[0]

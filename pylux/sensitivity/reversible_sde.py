@@ -29,7 +29,7 @@ from ..diffeq import integrate
 from ..diffeq._device import time_scalar
 from ..diffeq.sde import ReversibleHeun
 from ._params import (apply_adjoint_function, check_all_gradients_used, check_no_hidden_parameters,
-                      gradients_by_saved_time, refuse_higher_order)
+                      gradients_by_saved_time, refuse_higher_order, solve_detached)
 
 __all__ = ["reversible_heun_solve"]
 
@@ -56,10 +56,7 @@ class _ReversibleHeunFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, alg, problem, solver, options, paths, holder, u0, *params):
-        detached = [x.detach() for x in params]
-        p = tree_replace_at_paths(problem.p, paths, detached) if paths else problem.p
-        with torch.no_grad():
-            sol = integrate(problem.term.bind(p), u0.detach(), *problem.tspan, solver, options)
+        sol, detached = solve_detached(problem, solver, options, paths, u0, params)
         y, state = sol.final_state
         z, drift, diffusion = (state.z, state.drift, state.diffusion) if state is not None else (y, None, None)
         holder["solution"] = sol

@@ -47,7 +47,8 @@ from ..core import tree_replace_at_paths
 from ..diffeq import ConstantStepSize, integrate
 from ..diffeq.sde import EulerHeun, ReversibleHeun
 from ..diffeq.terms import AbstractTerm, MultiTerm, ODETerm
-from ._params import BackwardStats, apply_adjoint_function, check_no_hidden_parameters, refuse_higher_order
+from ._params import (BackwardStats, apply_adjoint_function, check_no_hidden_parameters, refuse_higher_order,
+                      solve_detached)
 
 __all__ = ["stochastic_backsolve"]
 
@@ -67,10 +68,7 @@ class _StochasticAdjointFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, alg, problem, solver, options, paths, holder, u0, *params):
-        detached = [x.detach() for x in params]
-        p = tree_replace_at_paths(problem.p, paths, detached) if paths else problem.p
-        with torch.no_grad():
-            sol = integrate(problem.term.bind(p), u0.detach(), *problem.tspan, solver, options)
+        sol, detached = solve_detached(problem, solver, options, paths, u0, params)
         holder["solution"] = sol
         ctx.problem, ctx.paths, ctx.solver, ctx.options = problem, paths, solver, options
         ctx.times = sol.t.tolist()
