@@ -119,6 +119,22 @@ def test_clamp_step_and_time_rounding():
     assert clamp_step(1e7, 0.01, 2e7, torch.float32) == (0.0, 1e7)  # t + dt == t in float32
 
 
+def test_a_step_ending_within_one_percent_of_the_stop_is_stretched_onto_it():
+    assert clamp_step(0.0, 0.995, 1.0, F64) == (1.0, 1.0)
+    assert clamp_step(1.0, -0.995, 0.0, F64) == (-1.0, 0.0)
+    assert clamp_step(0.0, 0.98, 1.0, F64) == (0.98, 0.98)  # 2 % short: an ordinary step
+
+
+def test_no_sliver_step_before_t1():
+    """Regression: the step proposed from 0.679 reached 0.9989 and a 0.0011 step followed (6 more NFE)."""
+    A = torch.tensor([[-0.3, 1.0], [-1.0, -0.3]], dtype=F64)
+    for t1 in (0.8822, 1.1328, 1.4085, 2.01):  # each left a sliver under the old rule
+        sol = de.solve(de.ODEProblem(lambda u, p, t: u @ A, torch.ones(4, 2, dtype=F64), (0.0, t1)), de.Tsit5(),
+                       reltol=1e-5, abstol=1e-5, save_everystep=True)
+        steps = torch.diff(sol.t)
+        assert float(steps[-1]) > 0.01 * float(steps[:-1].max()), steps
+
+
 def test_fixed_time_grid():
     assert len(fixed_time_grid(0.0, 1.0, 0.1, F64)) == 11  # 1 / 0.1 divides the span
     grid = fixed_time_grid(0.0, 1.0, 0.3, F64)
