@@ -1,0 +1,338 @@
+"""Stiff solvers: pylux Rosenbrock23, Rodas5P, Kvaerno5 and AutoSwitch against scipy's BDF, Radau and LSODA.
+
+Problems (float64, single-threaded, forward solves under ``torch.no_grad()``):
+
+  robertson  Robertson's chemical kinetics (Hairer & Wanner II, IV.1), t in [0, 40], u0 = (1, 0, 0),
+             rtol = tol, atol = 1e-4 tol (y2 stays below 4e-5).
+  vdp        Van der Pol, x'' - mu (1 - x^2) x' + x = 0, mu = 1000, u0 = (2, 0), t in [0, 1000]
+             (one relaxation jump, at t ~ 807), rtol = atol = tol.
+  neural     a stiff neural ODE: du/dt = -A u + W2 tanh(W1 u + b1) + b2 for a batch of 256 independent
+             samples of dimension 8 (hidden width 32, random weights), A = Q diag(lambda) Q^T with
+             lambda log-spaced in [1, 1000] (a fixed stiff linear part), t in [0, 10], rtol = atol = tol.
+
+Every solver gets the exact Jacobian: pylux by autodiff (``jac_structure="batched"`` on the neural ODE: the 256
+8 x 8 blocks, 256 small LUs), scipy analytically (BDF and Radau the block-diagonal neural Jacobian as a sparse
+BSR matrix, LSODA the same matrix in its banded packed format: a block-diagonal matrix with 8 x 8 blocks is
+banded with lband = uband = 7). torchdiffeq has no stiff solver: its methods are explicit Runge-Kutta and
+Adams-Bashforth-Moulton ('implicit_adams' corrects with a fixed-point iteration, which converges only for
+h |lambda| < ~1); it gets one row on the neural ODE at a fixed step h = 0.5 / max(lambda), where that iteration
+converges. torchode has no implicit method at all.
+
+Columns: accepted steps (pylux also its rejected ones), f evaluations (pylux counts the one forward pass
+per Jacobian; scipy's nfev does not count its Jacobian calls), Jacobians, LU factorisations (pylux: Newton
+matrices formed), the median wall time over ``--repeats`` interleaved rounds (every case of a problem runs once
+per round, so a slow period of a shared machine hits all alike), the error at t1 against a scipy Radau solve at
+rtol = 1e-12 (atol scaled as the problem's),
+
+    error = max_i |u_i - ref_i| / (|ref_i| + atol / rtol)
+
+(the scaled error divided by the tolerance, so error <= tol is the target), and the ratios of time and steps to
+scipy BDF at the same tolerance. The work-precision summary compares at equal error: for each error level
+reached by scipy's fastest method, pylux's fastest run (any method, any tolerance) with an error no larger,
+over scipy's fastest run with an error no larger.
+
+    python benchmarks/stiff.py [--tols 1e-3,1e-5,1e-7] [--repeats 5] [--problems robertson,vdp,neural]
+                               [--batch 256] [--quick]
+
+``--quick``: one tolerance (1e-4), one timed round, a batch of 32, VdP on [0, 300] (no jump), neural on
+[0, 1]: seconds, for the tests. Timings on a shared machine are noisy; compare numbers from one run, and read
+the load printed in the header.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+import warnings
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import pylux as lx  # noqa: E402
+
+DT = torch.float64
+REFERENCE_RTOL = 1e-12
+
+
+# --- problems -------------------------------------------------------------------------------------
+
+def robertson_problem(quick: bool = False) -> dict:
+    def f(u, p, t):
+        y1, y2, y3 = u[0], u[1], u[2]
+        return torch.stack([-0.04 * y1 + 1e4 * y2 * y3, 0.04 * y1 - 1e4 * y2 * y3 - 3e7 * y2 * y2,
+                            3e7 * y2 * y2])
+
+    def f_np(t, u):
+        y1, y2, y3 = u
+        return np.array([-0.04 * y1 + 1e4 * y2 * y3, 0.04 * y1 - 1e4 * y2 * y3 - 3e7 * y2 * y2, 3e7 * y2 * y2])
+
+    def jac_np(t, u):
+        y1, y2, y3 = u
+        return np.array([[-0.04, 1e4 * y3, 1e4 * y2], [0.04, -1e4 * y3 - 6e7 * y2, -1e4 * y2],
+                         [0.0, 6e7 * y2, 0.0]])
+    return dict(name="robertson", f=f, p=None, u0=np.array([1.0, 0.0, 0.0]), span=(0.0, 40.0), floor=1e-4,
+                f_np=f_np, jac_np=jac_np, batched=False)
+
+
+def vdp_problem(quick: bool = False) -> dict:
+    mu = 1000.0
+
+    def f(u, p, t):
+        x, y = u[0], u[1]
+        return torch.stack([y, mu * (1 - x * x) * y - x])
+
+    def f_np(t, u):
+        return np.array([u[1], mu * (1 - u[0] ** 2) * u[1] - u[0]])
+
+    def jac_np(t, u):
+        return np.array([[0.0, 1.0], [-2 * mu * u[0] * u[1] - 1.0, mu * (1 - u[0] ** 2)]])
+    return dict(name="vdp mu=1000", f=f, p=None, u0=np.array([2.0, 0.0]), span=(0.0, 300.0 if quick else 1000.0),
+                floor=1.0, f_np=f_np, jac_np=jac_np, batched=False)
+
+
+def neural_problem(quick: bool = False, batch: int = 256, d: int = 8, hidden: int = 32,
+                   lam_max: float = 1e3) -> dict:
+    """``du/dt = -A u + W2 tanh(W1 u + b1) + b2`` on a ``(batch, d)`` state; the float64 weights and ``A``
+    come from a fixed seed (numpy arrays for scipy, torch views of the same memory for pylux)."""
+    rng = np.random.default_rng(0)
+    Q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    A = Q @ np.diag(np.logspace(0.0, np.log10(lam_max), d)) @ Q.T
+    W1 = rng.standard_normal((hidden, d)) / np.sqrt(d)
+    b1 = 0.1 * rng.standard_normal(hidden)
+    W2 = 2.0 * rng.standard_normal((d, hidden)) / np.sqrt(hidden)
+    b2 = 0.5 * rng.standard_normal(d)
+    u0 = rng.standard_normal((batch, d))
+    M = -A
+    Mt, W1t, W2t = (torch.from_numpy(x) for x in (M.T.copy(), W1.T.copy(), W2.T.copy()))
+    b1t, b2t = torch.from_numpy(b1), torch.from_numpy(b2)
+
+    def f(u, p, t):
+        return torch.addmm(b2t, torch.tanh(torch.addmm(b1t, u, W1t)), W2t).addmm_(u, Mt)
+
+    n = batch * d
+
+    def f_np(t, y):
+        u = y.reshape(batch, d)
+        return (u @ M.T + np.tanh(u @ W1.T + b1) @ W2.T + b2).reshape(n)
+
+    def blocks(y):
+        u = y.reshape(batch, d)
+        s = 1.0 - np.tanh(u @ W1.T + b1) ** 2           # (batch, hidden)
+        return M[None] + np.einsum("oh,bh,hi->boi", W2, s, W1)  # (batch, d, d)
+
+    from scipy.sparse import bsr_matrix
+    indices, indptr = np.arange(batch), np.arange(batch + 1)
+
+    def jac_sparse(t, y):
+        return bsr_matrix((blocks(y), indices, indptr), shape=(n, n))
+
+    # LSODA's banded packed format: packed[uband + i - j, j] = J[i, j] for |i - j| <= d - 1
+    rows_in_block, cols_in_block = np.meshgrid(np.arange(d), np.arange(d), indexing="ij")
+    gi = (np.arange(batch)[:, None, None] * d + rows_in_block[None]).ravel()
+    gj = (np.arange(batch)[:, None, None] * d + cols_in_block[None]).ravel()
+    band = d - 1
+
+    def jac_banded(t, y):
+        packed = np.zeros((2 * band + 1, n))
+        packed[band + gi - gj, gj] = blocks(y).ravel()
+        return packed
+    t1 = 1.0 if quick else 10.0
+    return dict(name=f"neural B={batch} d={d}", f=f, p=None, u0=u0, span=(0.0, t1), floor=1.0, f_np=f_np,
+                jac_np=jac_sparse, jac_banded=jac_banded, band=band, batched=True, lam_max=lam_max)
+
+
+# --- runners: each returns (u(t1) as a flat numpy array, counters) ---------------------------------
+
+def run_pylux(problem, make_solver, tol):
+    u0 = torch.from_numpy(problem["u0"]).to(DT)
+    prob = lx.ODEProblem(problem["f"], u0, problem["span"], problem["p"])
+    with torch.no_grad():
+        sol = lx.solve(prob, make_solver(), reltol=tol, abstol=tol * problem["floor"], save_everystep=False)
+    s = sol.stats
+    return sol.u[-1].numpy().reshape(-1), dict(steps=s.naccept, rejected=s.nreject, nfe=s.nf,
+                                               njac=getattr(s, "njac", 0), nlu=getattr(s, "nw", 0))
+
+
+def run_scipy(problem, method, tol):
+    from scipy.integrate import solve_ivp
+    kwargs = {"jac": problem["jac_np"]}
+    if method == "LSODA" and problem["batched"]:
+        kwargs = {"jac": problem["jac_banded"], "lband": problem["band"], "uband": problem["band"]}
+    r = solve_ivp(problem["f_np"], problem["span"], problem["u0"].reshape(-1), method=method, rtol=tol,
+                  atol=tol * problem["floor"], **kwargs)
+    if r.status != 0:
+        raise RuntimeError(f"scipy {method} failed: {r.message}")
+    return r.y[:, -1], dict(steps=r.t.size - 1, rejected=None, nfe=r.nfev, njac=r.njev, nlu=r.nlu)
+
+
+def run_torchdiffeq_implicit_adams(problem, tol):
+    """torchdiffeq's fixed-grid Adams-Bashforth-Moulton with its fixed-point corrector, at the step where that
+    corrector converges (h = 0.5 / max(lambda)); ``tol`` is the corrector's convergence test."""
+    import torchdiffeq
+    count = [0]
+    f, p = problem["f"], problem["p"]
+
+    def field(t, y):
+        count[0] += 1
+        return f(y, p, t)
+    t0, t1 = problem["span"]
+    h = 0.5 / problem["lam_max"]
+    u0 = torch.from_numpy(problem["u0"]).to(DT)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y = torchdiffeq.odeint(field, u0, torch.tensor([t0, t1], dtype=DT), method="implicit_adams",
+                               rtol=tol, atol=tol * problem["floor"], options={"step_size": h})
+    steps = int(round((t1 - t0) / h))
+    return y[-1].numpy().reshape(-1), dict(steps=steps, rejected=None, nfe=count[0], njac=0, nlu=0)
+
+
+def reference(problem):
+    from scipy.integrate import solve_ivp
+    kwargs = {"jac": problem["jac_np"]}
+    r = solve_ivp(problem["f_np"], problem["span"], problem["u0"].reshape(-1), method="Radau",
+                  rtol=REFERENCE_RTOL, atol=REFERENCE_RTOL * problem["floor"], **kwargs)
+    if r.status != 0:
+        raise RuntimeError(f"reference solve failed: {r.message}")
+    return r.y[:, -1]
+
+
+def error(u, problem) -> float:
+    ref = problem["ref"]
+    return float(np.max(np.abs(u - ref) / (np.abs(ref) + problem["floor"])))
+
+
+# --- the cases of one problem --------------------------------------------------------------------
+
+def pylux_methods(problem) -> dict:
+    structure = "batched" if problem["batched"] else "auto"
+    return {
+        "pylux Rosenbrock23": lambda: lx.Rosenbrock23(jac_structure=structure),
+        "pylux Rodas5P": lambda: lx.Rodas5P(jac_structure=structure),
+        "pylux Kvaerno5": lambda: lx.Kvaerno5(jac_structure=structure),
+        "pylux AutoSwitch": lambda: lx.AutoSwitch(stiff=lx.Rosenbrock23(jac_structure=structure)),
+    }
+
+
+def cases_of(problem, tols, include_peers=True) -> dict:
+    cases = {}
+    for tol in tols:
+        for name, make in pylux_methods(problem).items():
+            cases[name, tol] = lambda make=make, tol=tol: run_pylux(problem, make, tol)
+        if include_peers:
+            for method in ("BDF", "Radau", "LSODA"):
+                cases[f"scipy {method}", tol] = lambda method=method, tol=tol: run_scipy(problem, method, tol)
+    if include_peers and problem["batched"]:
+        tol = tols[len(tols) // 2]
+        cases["torchdiffeq implicit_adams", tol] = lambda tol=tol: run_torchdiffeq_implicit_adams(problem, tol)
+    return cases
+
+
+def interleaved(cases: dict, repeats: int) -> dict:
+    """``{key: (median ms, last output)}`` with the cases run round-robin after one warm-up run each."""
+    outputs = {key: fn() for key, fn in cases.items()}
+    samples = {key: [] for key in cases}
+    for _ in range(repeats):
+        for key, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            samples[key].append(time.perf_counter() - start)
+    return {key: (statistics.median(samples[key]) * 1e3, outputs[key]) for key in cases}
+
+
+def problem_rows(problem, tols, repeats, include_peers=True) -> list[dict]:
+    problem["ref"] = reference(problem)
+    results = interleaved(cases_of(problem, tols, include_peers), repeats)
+    rows = []
+    for (method, tol), (ms, (u, counts)) in results.items():
+        rows.append(dict(problem=problem["name"], method=method, tol=tol, ms=ms, error=error(u, problem),
+                         **counts))
+    for row in rows:
+        bdf = [r for r in rows if r["method"] == "scipy BDF" and r["tol"] == row["tol"]]
+        row["time_vs_bdf"] = row["ms"] / bdf[0]["ms"] if bdf else None
+        row["steps_vs_bdf"] = ((row["steps"] + (row["rejected"] or 0)) / bdf[0]["steps"]
+                               if bdf and row["method"].startswith("pylux") else None)
+    return rows
+
+
+def equal_error(rows) -> list[dict]:
+    """For each error level of scipy's fastest method at each tolerance: the fastest pylux and scipy runs
+    with an error no larger (any method, any tolerance) and their time ratio."""
+    out = []
+    for problem in dict.fromkeys(r["problem"] for r in rows):
+        mine = [r for r in rows if r["problem"] == problem and r["method"].startswith("pylux")]
+        scipy = [r for r in rows if r["problem"] == problem and r["method"].startswith("scipy")]
+        for tol in dict.fromkeys(r["tol"] for r in scipy):
+            best = min((r for r in scipy if r["tol"] == tol), key=lambda r: r["ms"])
+            level = best["error"]
+            peer = min((r for r in scipy if r["error"] <= level), key=lambda r: r["ms"])
+            hits = [r for r in mine if r["error"] <= level]
+            pylux = min(hits, key=lambda r: r["ms"]) if hits else None
+            out.append(dict(problem=problem, level=level, scipy=peer, pylux=pylux,
+                            ratio=pylux["ms"] / peer["ms"] if pylux else None))
+    return out
+
+
+def _fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(rows):
+    print("| problem | method | tol | steps | rejected | NFE | Jacobians | LUs | median ms | ms/step | error "
+          "| time / BDF | steps / BDF |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        per_step = r["ms"] / max(r["steps"] + (r["rejected"] or 0), 1)
+        print(f"| {r['problem']} | {r['method']} | {r['tol']:.0e} | {r['steps']} | {_fmt(r['rejected'], 'd')} | "
+              f"{r['nfe']} | {r['njac']} | {r['nlu']} | {r['ms']:.1f} | {per_step:.3f} | {r['error']:.2e} | "
+              f"{_fmt(r['time_vs_bdf'], '.2f')} | {_fmt(r['steps_vs_bdf'], '.2f')} |")
+
+
+def print_equal_error(summary):
+    print("\nAt equal error (fastest run of each library with error <= the level; level = the error of "
+          "scipy's fastest method at each tolerance):\n")
+    print("| problem | error level | scipy fastest | ms | pylux fastest | ms | pylux / scipy |")
+    print("|---|---:|---|---:|---|---:|---:|")
+    for s in summary:
+        peer, mine = s["scipy"], s["pylux"]
+        name = f"{mine['method']} @ {mine['tol']:.0e} ({mine['error']:.1e})" if mine else "none reaches it"
+        print(f"| {s['problem']} | {s['level']:.1e} | {peer['method']} @ {peer['tol']:.0e} ({peer['error']:.1e}) "
+              f"| {peer['ms']:.1f} | {name} | {_fmt(mine and mine['ms'], '.1f')} | {_fmt(s['ratio'], '.2f')} |")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tols", default="1e-3,1e-5,1e-7")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--problems", default="robertson,vdp,neural")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="one tolerance, one round, small problems")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    tols = [1e-4] if args.quick else [float(x) for x in args.tols.split(",")]
+    repeats = 1 if args.quick else args.repeats
+    batch = 32 if args.quick else args.batch
+    makers = {"robertson": lambda: robertson_problem(args.quick), "vdp": lambda: vdp_problem(args.quick),
+              "neural": lambda: neural_problem(args.quick, batch)}
+    unknown = set(args.problems.split(",")) - set(makers)
+    if unknown:
+        parser.error(f"unknown problems {sorted(unknown)}; choose from {sorted(makers)}")
+    load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else ["?"]
+    rows = []
+    for key in args.problems.split(","):
+        rows += problem_rows(makers[key](), tols, repeats)
+    load_after = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else ["?"]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), float64, median of {repeats} "
+          f"interleaved round(s); load average before {' '.join(load)}, after {' '.join(load_after)}\n")
+    print_table(rows)
+    summary = equal_error(rows)
+    print_equal_error(summary)
+    return rows, summary
+
+
+if __name__ == "__main__":
+    main()
