@@ -250,6 +250,42 @@ def test_fixed_step_flows_reversible_equals_backprop(solver):
     torch.testing.assert_close(results["reversible"][1], results["backprop"][1], rtol=0.05, atol=2e-3)
 
 
+def test_reversible_counts_every_evaluation_of_the_flow():
+    # RK4, 4 steps. Forward: each step takes Psi_h(Z_n) (4 evaluations) and completes Z_{n+1} with
+    # Psi_{-h}(Y_{n+1}) (4 more; the last one after the loop, which the solve's count once missed:
+    # nfe was 28 while the trace made 32 VJPs, one per evaluation). Backward: both base steps of
+    # every step are rebuilt on the tape (32 evaluations) and each is differentiated once (8 VJPs
+    # through a whole base step).
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    flow, ps, st = mlp_flow(solver=lx.RK4(), dt=0.25, adaptive=False, sensealg=lx.ReversibleAdjoint())
+    _, _, st2 = _nll_and_grad(flow, ps, st, x)
+    assert (st2["nfe"], st2["nvjp"], st2["naccept"]) == (32, 32, 4)
+    back = st2["backward_stats"]
+    assert (back["nf"], back["nvjp"], back["nsteps"]) == (32, 8, 4)
+    # adaptive Tsit5 (7 stages per base step, the 7th giving the error estimate): two evaluations of
+    # the initial step-size heuristic, 14 per accepted step, 7 per rejected one
+    flow, ps, st = mlp_flow(sensealg=lx.ReversibleAdjoint(), reltol=1e-6, abstol=1e-6)
+    _, _, st2 = _nll_and_grad(flow, ps, st, x)
+    assert st2["nfe"] == st2["nvjp"] == 2 + 14 * st2["naccept"] + 7 * st2["nreject"]
+    assert st2["backward_stats"]["nf"] == 14 * st2["naccept"]
+
+
+def test_fixed_step_options_reach_the_flow_solve():
+    # f(z) = A z on RK4's grid of h = 0.25: z(1) = P(hA)^4 x with P the degree-4 Taylor polynomial
+    # of exp (not expm(A)), and the trace channel (constant rate) is integrated exactly
+    A = np.array([[-0.5, 1.4], [-0.9, 0.3]])
+    flow, ps, st = linear_flow(A, 1.0, trace="exact", solver=lx.RK4(), dt=0.25, adaptive=False)
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
+    z1, delta, st2 = flow.transform(x, ps, st)
+    hA = 0.25 * A
+    step = np.eye(2) + hA + hA @ hA / 2 + hA @ hA @ hA / 6 + hA @ hA @ hA @ hA / 24
+    expected = x.numpy() @ np.linalg.matrix_power(step, 4).T
+    np.testing.assert_allclose(z1.numpy(), expected, rtol=0, atol=1e-13)
+    assert np.abs(expected - x.numpy() @ scipy.linalg.expm(A).T).max() > 1e-5  # the grid is visible
+    torch.testing.assert_close(delta, torch.full((4,), -np.trace(A), dtype=F64), rtol=0, atol=1e-13)
+    assert st2["nfe"] == 16
+
+
 # --------------------------------------------------------------------- regularizers
 
 def _count_autograd_grads(monkeypatch):

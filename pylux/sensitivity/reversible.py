@@ -75,8 +75,11 @@ class ReversibleAdjoint(AbstractSensitivityAlgorithm):
             the reference the O(1)-memory backward pass is checked against.
 
     After ``backward()``, the solve's ``sol.backward_stats`` holds ``nf``
-    (evaluations of ``f``), ``nvjp``, ``nsteps`` and ``reconstruction_error``:
-    the largest absolute difference between the rebuilt ``(Y_0, Z_0)`` and ``u0``.
+    (evaluations of ``f``: both base steps of every step, rebuilt on the tape), ``nvjp``
+    (vector–Jacobian products, each through one whole base step: two per step), ``nsteps``
+    and ``reconstruction_error``: the largest absolute difference between the rebuilt
+    ``(Y_0, Z_0)`` and ``u0``. The forward ``sol.stats.nf`` includes the last step's
+    backward increment, which completes the final pair the sweep starts from.
 
     Raises:
         TypeError: a base solver that is not an explicit Runge–Kutta method
@@ -151,7 +154,11 @@ class _ReversibleFunction(torch.autograd.Function):
         with torch.no_grad():
             term = problem.term.bind(p)
             sol = integrate(term, u0.detach(), *problem.tspan, reversible, options)
-            y, z = reversible.final_pair(term, *sol.final_state)
+            y, state = sol.final_state
+            # the last step's backward increment Ψ_{-h}(t_N, Y_N) completes Z_N, which the sweep starts
+            # from: forward work the loop did not count (one base step), so sol.stats.nf counts it here
+            z, nfe = reversible.current_z(term, y, state) if state is not None else (y, 0)
+            sol.stats.nf += nfe
         holder["solution"] = sol
         ctx.alg, ctx.problem, ctx.reversible, ctx.paths = alg, problem, reversible, paths
         ctx.steps, ctx.times, ctx.t0 = _steps_of(sol), sol.t.tolist(), problem.tspan[0]
