@@ -43,7 +43,7 @@ from ._device import host_time
 from .integrate import stiffness_estimate
 from .interpolation import AbstractInterpolant, HermiteInterpolant, linear_combination
 from .jacobian import AbstractStiffSolver, StiffState
-from .solvers import StepResult, StepStatus, _stage_times, as_step_times, time_add
+from .solvers import StepResult, StepStatus, _stage_times, as_step_times
 from .tableau import TableauError
 from .terms import as_bound_term
 
@@ -128,6 +128,9 @@ class RosenbrockTableau:
     l_stable: bool = True
     alpha: np.ndarray = field(init=False, repr=False, compare=False)
     Gamma: np.ndarray = field(init=False, repr=False, compare=False)
+    rhs_weights: tuple = field(init=False, repr=False, compare=False)
+    time_weights: tuple = field(init=False, repr=False, compare=False)
+    error_weights: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         name, s = self.name, len(self.c)
@@ -161,6 +164,10 @@ class RosenbrockTableau:
                 raise TableauError(f"tableau {name!r}: declared L-stable but R(inf) = {r_inf!r}")
         object.__setattr__(self, "alpha", alpha)
         object.__setattr__(self, "Gamma", Gamma)
+        # the steppers' per-stage weights as host floats, computed once: gamma C_ij, gamma d_i, m - m_embedded
+        object.__setattr__(self, "rhs_weights", tuple(tuple(gamma * float(x) for x in row) for row in self.C))
+        object.__setattr__(self, "time_weights", tuple(gamma * float(x) for x in self.d))
+        object.__setattr__(self, "error_weights", tuple(float(x) - float(y) for x, y in zip(self.m, self.m_embedded)))
 
     @classmethod
     def from_standard(cls, name: str, alpha, Gamma, b, b_embedded, order: int, embedded_order: int,
@@ -246,6 +253,15 @@ class _Rosenbrock23Interpolant(AbstractInterpolant):
 def _status(W):
     """The step status as a 0-d tensor (fetched with the error norm: no extra synchronisation)."""
     return (~W.ok).to(torch.int64) * int(StepStatus.REJECT)
+
+
+def _distinct_stage_times(t: torch.Tensor, dt: torch.Tensor, c) -> list[torch.Tensor]:
+    """``t + c_i dt`` for every stage and, last, ``t + dt``: one time tensor per distinct ``c_i`` (Rodas5P's
+    last three stages share ``t + dt``), from one transfer; ``c_i = 0`` is ``t`` itself."""
+    distinct = sorted({ci for ci in c if ci != 0.0} | {1.0})
+    made = dict(zip(distinct, _stage_times(t, dt, distinct)))
+    made[0.0] = t
+    return [made[ci] for ci in c] + [made[1.0]]
 
 
 class _RosenbrockBase(AbstractStiffSolver):
@@ -351,11 +367,11 @@ class Rodas5P(_RosenbrockBase):
     def step(self, term, t, u, dt, state):
         term, t, dt, h, f0, nfe, lin = self._start(term, t, u, dt, state)
         tab = self.tableau
-        gamma = tab.gamma
-        hg = h * gamma
+        hg = h * tab.gamma
         W = lin.factor(hg, state.counters)
         T = lin.dfdt
-        times = _stage_times(t, dt, tab.c)
+        times = _distinct_stage_times(t, dt, tab.c)
+        C, tdw = tab.rhs_weights, tab.time_weights
         U: list[torch.Tensor] = []
         for i in range(len(tab.c)):
             if i == 0:
@@ -363,11 +379,11 @@ class Rodas5P(_RosenbrockBase):
             else:
                 F = term.vf(linear_combination(u, U, tab.a[i]), times[i])
                 nfe += 1
-            weights = [hg] + [gamma * cij for cij in tab.C[i]] + [hg * tab.d[i] * h]
-            U.append(W.solve(linear_combination(None, [F, *U, T], weights)))
+            rhs = linear_combination(None, (F, *U, T), (hg, *C[i], tdw[i] * h * h))
+            U.append(W.solve(rhs))
         u_new = linear_combination(u, U, tab.m)
-        f_new = term.vf(u_new, time_add(t, dt))
+        f_new = term.vf(u_new, times[-1])
         nfe += 1
-        error = linear_combination(None, U, [mi - ei for mi, ei in zip(tab.m, tab.m_embedded)])
+        error = linear_combination(None, U, tab.error_weights)
         dense = HermiteInterpolant(u, u_new, f0, f_new, h)
         return self._result(u, u_new, h, W, lin, state, f0, f_new, dense, error, nfe, t, dt)
