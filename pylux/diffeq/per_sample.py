@@ -42,12 +42,15 @@ the time that value belongs to.
 
 Gradients: per-sample stepping runs under ``sensealg=None`` and every
 sensitivity algorithm that backpropagates through the solver
-(``differentiates_solver``, i.e. ``DirectAdjoint()``); the step sizes are
-constants of the backward pass, as in the joint loop. ``BacksolveAdjoint``,
-``InterpolatingAdjoint``, ``QuadratureAdjoint`` and ``ReversibleAdjoint``
-re-solve the batch with one time per solve, so they refuse
-``batch="per-sample"`` (``NotImplementedError``); they do work with the joint
-step and a ``(B, T)`` saveat.
+(``differentiates_solver``, i.e. ``DirectAdjoint()``; the step sizes are
+constants of the backward pass, as in the joint loop), and under the
+sensitivity algorithms registered with :func:`register_per_sample_adjoint`:
+``BacksolveAdjoint`` (:mod:`pylux.sensitivity.per_sample`: a per-sample
+backward solve of ``[z, a]``, always with the seminorm on the parameter
+channels). ``InterpolatingAdjoint``, ``QuadratureAdjoint`` and
+``ReversibleAdjoint`` re-solve the batch with one time per solve, so they
+refuse ``batch="per-sample"`` (``NotImplementedError``); they do work with
+the joint step and a ``(B, T)`` saveat.
 
 Not (yet) available under per-sample stepping, each refused by name:
 ``tstops``, callbacks, ``save_stats``, ``dense``/``save_everystep``, SDEs,
@@ -77,7 +80,8 @@ from .options import make_options
 from .solution import ERROR_FOR_RETCODE, ReturnCode, Solution, SolverStats
 from .solvers import ExplicitRungeKutta
 
-__all__ = ["BATCH_MODES", "BatchSolution", "PerSampleStats", "wants_batched_times", "solve_batched", "per_sample_norm"]
+__all__ = ["BATCH_MODES", "BatchSolution", "PerSampleStats", "wants_batched_times", "solve_batched", "per_sample_norm",
+           "PerSampleLoop", "PerSampleRun", "register_per_sample_adjoint", "per_sample_adjoint"]
 
 #: the values of ``solve(..., batch=...)``
 BATCH_MODES = ("joint", "per-sample")
@@ -290,7 +294,7 @@ class _TableauConstants:
         return (theta.unsqueeze(-1) ** self.powers) @ self.dense_t
 
 
-class _PerSampleLoop:
+class PerSampleLoop:
     """Adaptive (or fixed-step) explicit Runge–Kutta steps with per-sample ``t``, ``dt`` and status.
 
     Per iteration, for the running samples: clamp each proposal to the
@@ -320,6 +324,13 @@ class _PerSampleLoop:
         self.constants = _TableauConstants(self.tableau, t0.dtype, u0.dtype, u0.device)
         self.state_shape = (self.batch,) + (1,) * (u0.dim() - 1)
         self._row_starts = torch.arange(self.batch, device=u0.device)[:, None] * times.shape[1]
+
+    def first_stage(self, u, t):
+        """``f(u, t)`` as the first stage of the next step (a hook: the adjoints record it)."""
+        return self.field.vf(u, t)
+
+    def on_step(self, u, accept, dt_step, stages) -> None:
+        """Called once per step with its final ``(B,)`` accept mask, before the state moves (a hook)."""
 
     def rk_step(self, u, t, dt_step):
         """One step of the tableau from ``(u, t)`` with the per-sample step ``dt_step``; ``k1`` is ``self.k1``."""
@@ -399,7 +410,7 @@ class _PerSampleLoop:
         code = torch.full((B,), _RUNNING, dtype=torch.long, device=device)
         naccept = torch.zeros(B, dtype=torch.long, device=device)
         trials, streak = torch.zeros_like(naccept), torch.zeros_like(naccept)
-        self.k1 = self.field.vf(u, t)
+        self.k1 = self.first_stage(u, t)
         nfe = running.long()
         if self.adaptive and options.dt is None:
             dt = self.initial_dt(self.k1)
@@ -428,11 +439,13 @@ class _PerSampleLoop:
         n_running, any_accepted, iteration = int(running.sum()), False, 0
         while n_running:
             if not tab.fsal and any_accepted:
-                self.k1 = self.field.vf(u, t)
+                self.k1 = self.first_stage(u, t)
                 nfe.add_(running & k1_stale)
             if self.adaptive:
                 t_try = t + dt
-                reach = d * t_try >= signed_end
+                # a step ending within 1 % of its size short of the end is stretched onto it (Hairer's
+                # DOPRI5 rule, as clamp_step does for the joint loop)
+                reach = d * (t + 1.01 * dt) >= signed_end
             else:
                 t_try = torch.addcmul(self.t0, grid_dt, (naccept + 1).to(t.dtype))
                 reach = naccept + 1 >= grid_steps
@@ -453,6 +466,7 @@ class _PerSampleLoop:
                 accept &= ~stuck
             trials.add_(running)
             naccept.add_(accept)
+            self.on_step(u, accept, dt_step, stages)
             t_start, u_start = t, u
             t = torch.where(accept, t_new, t)
             accepted = accept.view(self.state_shape)
@@ -681,12 +695,13 @@ def _check_per_sample_inputs(prob, solver, sensealg, dense, save_everystep, refu
         raise NotImplementedError(f"solve: batch='per-sample' steps explicit Runge–Kutta methods with a dense "
                                   f"output (Tsit5(), DP5(), BS3(), Heun(), Midpoint(), Euler(), RK4()), got "
                                   f"{type(solver).__name__}(); use it with batch='joint'")
-    if sensealg is not None and not sensealg.differentiates_solver:
+    if sensealg is not None and not sensealg.differentiates_solver and per_sample_adjoint(sensealg) is None:
         raise NotImplementedError(
             f"solve: {type(sensealg).__name__} does not support batch='per-sample' (its backward pass re-solves "
             "the whole batch jointly, with one time per solve). Use sensealg=DirectAdjoint() (backpropagation "
-            "through the per-sample loop), or keep the joint step (batch='joint') with a (B, T) saveat, which "
-            f"works under every sensealg, {type(sensealg).__name__}() included")
+            "through the per-sample loop) or BacksolveAdjoint() (a per-sample backward solve), or keep the joint "
+            "step (batch='joint') with a (B, T) saveat, which works under every sensealg, "
+            f"{type(sensealg).__name__}() included")
     if dense:
         raise NotImplementedError("solve: dense=True (sol(t)) is not available with batch='per-sample' (every "
                                   "sample has its own steps); pass the times you need as a (B, T) saveat")
@@ -746,13 +761,72 @@ def solve_batched(prob, solver, sensealg, *, batch: str, saveat, saveat_mask, sa
                              {"tstops": tstops, "callback": callback, "save_stats": save_stats})
     options = make_options(solver, u0, 0.0, 1.0, time_dtype=prob.time_dtype, saveat=None, save_everystep=False,
                            save_start=False, save_end=False, dense=False, dtmin=None, dtmax=None, **common)
-    limits = _limits(dtmin, dtmax, t0, t1, prob.time_dtype)
-    field = CountingField(prob.term.bind(prob.p), u0)
-    # t + dt == t can only happen when dtmin was lowered below the time resolution, or with a fixed dt
-    loop = _PerSampleLoop(field, solver, u0, t0, t1, options, times, limits,
-                          check_resolution=dtmin is not None or not options.adaptive)
-    u_saved = loop.run()
-    return _per_sample_solution(loop, field, solver, times, u_saved, options, throw)
+    _limits(dtmin, dtmax, t0, t1, prob.time_dtype)  # bad limits raise before any work
+    run = PerSampleRun(solver, options, times, t0, t1, dtmin, dtmax, prob.time_dtype, throw)
+    adjoint = per_sample_adjoint(sensealg) if sensealg is not None and not sensealg.differentiates_solver else None
+    if adjoint is not None:
+        return adjoint(sensealg, prob, run)
+    return run.solve(prob.term.bind(prob.p), u0)
+
+
+@dataclass
+class PerSampleRun:
+    """One per-sample solve's settings apart from the field and ``u0``: what a per-sample adjoint re-uses.
+
+    Attributes:
+        solver, options: the explicit Runge–Kutta method and the solve's options.
+        times: ``(B, T)`` saved times (masked entries forward-filled).
+        t0, t1: ``(B,)`` spans.
+        dtmin, dtmax: the user's limits (None: per-sample defaults from each span, see :func:`_limits`).
+        time_dtype: dtype of the times; throw: raise on a failed sample.
+    """
+
+    solver: ExplicitRungeKutta
+    options: object
+    times: torch.Tensor
+    t0: torch.Tensor
+    t1: torch.Tensor
+    dtmin: float | None
+    dtmax: float | None
+    time_dtype: torch.dtype
+    throw: bool
+
+    @property
+    def check_resolution(self) -> bool:
+        # t + dt == t can only happen when dtmin was lowered below the time resolution, or with a fixed dt
+        return self.dtmin is not None or not self.options.adaptive
+
+    def loop(self, field, u0, t0, t1, times, options=None, loop_class=None):
+        """A :class:`PerSampleLoop` (or ``loop_class``) over the spans ``(t0, t1)`` saving at ``times``."""
+        limits = _limits(self.dtmin, self.dtmax, t0, t1, self.time_dtype)
+        return (loop_class or PerSampleLoop)(field, self.solver, u0, t0, t1, options or self.options, times, limits,
+                                             check_resolution=self.check_resolution)
+
+    def solve(self, term, u0) -> Solution:
+        """The per-sample solve of the bound ``term`` from ``u0`` (differentiable by backpropagation)."""
+        field = CountingField(term, u0)
+        loop = self.loop(field, u0, self.t0, self.t1, self.times)
+        u_saved = loop.run()
+        return _per_sample_solution(loop, field, self.solver, self.times, u_saved, self.options, self.throw)
+
+
+# sensitivity algorithms with their own per-sample backward pass: {class: solve(sensealg, prob, run)}
+_PER_SAMPLE_ADJOINTS: dict = {}
+
+
+def register_per_sample_adjoint(kind: type, solve) -> None:
+    """Let ``batch="per-sample"`` run under the sensealg class ``kind`` (and its subclasses, unless they
+    register their own): ``solve(sensealg, prob, run)`` gets a :class:`PerSampleRun` and returns the
+    solution. The registry keeps the dependency one way: the adjoints live above this package."""
+    _PER_SAMPLE_ADJOINTS[kind] = solve
+
+
+def per_sample_adjoint(sensealg):
+    """The registered per-sample solve for ``sensealg``'s class (nearest in its MRO), or None."""
+    for kind in type(sensealg).__mro__:
+        if kind in _PER_SAMPLE_ADJOINTS:
+            return _PER_SAMPLE_ADJOINTS[kind]
+    return None
 
 
 def _limits(dtmin, dtmax, t0, t1, time_dtype):

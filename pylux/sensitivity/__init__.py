@@ -12,6 +12,7 @@
 from ._params import HiddenParameterError
 from .continuous import BackwardStats, BacksolveAdjoint, InterpolatingAdjoint, QuadratureAdjoint
 from .direct import DirectAdjoint
+from .per_sample import per_sample_backsolve  # noqa: F401  (registers BacksolveAdjoint for batch='per-sample')
 from .reversible import ReversibleAdjoint
 from .steady_state import AbstractImplicitSensitivity, JacobianFreeBackprop, SteadyStateAdjoint
 
