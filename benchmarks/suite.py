@@ -25,8 +25,9 @@ float64 torchdiffeq dopri8 solve at 1e-12; P2 gradients: relative error against 
 float64 at 1e-8; P4: max |z - z*| against a fixed point at 1e-8), the overhead per NFE
 (P1/P2 forward: time / NFE / f's time) and the ratio of the time to the best peer of the same
 problem and mode (< 1: pylux faster). torchsde has no row among P1–P4 (benchmarks/sde_solve.py
-compares SDE solvers); diffrax rows need JAX, which is not installed here (node_train_step.py
---diffrax runs them where it is).
+compares SDE solvers). diffrax rows (jitted, float32) appear when JAX and diffrax are installed: P1/P2
+forward in the round-robin, P2 forward + backward (BacksolveAdjoint ± its seminorm,
+RecursiveCheckpointAdjoint) timed right after the torch rows; their NFE column gives steps.
 
     python benchmarks/suite.py [--repeats 3] [--threads 1] [--compile] [--scale 1] [--device cpu]
                                [--problems P1,P2,P3,P4]
@@ -73,6 +74,10 @@ def spiral(device):
     A = torch.tensor(lx.data.SPIRAL_ODE_MATRIX, dtype=torch.float32, device=device)
     problem.update(u0=problem["u0"].to(device), field=lambda u, t: (u ** 3) @ A.to(u.dtype),
                    field64=lambda u, t: (u ** 3) @ A.double())
+    if have_diffrax():
+        import jax.numpy as jnp
+        A_jax = jnp.asarray(lx.data.SPIRAL_ODE_MATRIX, dtype=jnp.float32)
+        problem["jax_field"] = lambda t, y, args: (y ** 3) @ A_jax
     return problem
 
 
@@ -81,8 +86,17 @@ def kelly(scale, device):
     params, u0, d = nts.make_problem(scale, torch.float32, device)
     f = nts.kelly_field(d)
     p64 = {k: v.double() for k, v in params.items()}
-    return dict(name="kelly", u0=u0, t1=1.0, tol=1e-5, field=lambda u, t: f(u, params, t),
-                field64=lambda u, t: f(u, p64, t))
+    problem = dict(name="kelly", u0=u0, t1=1.0, tol=1e-5, field=lambda u, t: f(u, params, t),
+                   field64=lambda u, t: f(u, p64, t))
+    if have_diffrax():
+        import jax.numpy as jnp
+        pj = {k: jnp.asarray(v.detach().cpu().numpy()) for k, v in params.items()}
+
+        def jax_field(t, y, args):
+            pre = y @ pj["W1"][:, :d].T + t * pj["W1"][:, d] + pj["b1"]
+            return jnp.tanh(pre) @ pj["W2"].T + pj["b2"]
+        problem["jax_field"] = jax_field
+    return problem
 
 
 def reference(problem):
@@ -109,6 +123,41 @@ def pylux_forward(problem, solver, compile=False, controller=None):
     return sol.u[-1], sol.stats.nf
 
 
+def have_diffrax() -> bool:
+    try:
+        import diffrax  # noqa: F401
+        import jax  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def diffrax_forward(problem):
+    """A jitted diffrax Tsit5 solve of ``problem["jax_field"]`` (the same field in JAX) with diffrax's default
+    ``PIDController`` (integral control), and its NFE: FSAL Tsit5 takes 6 new evaluations per step, plus
+    f(t0) and the one evaluation of the initial-step heuristic."""
+    import diffrax
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    y0 = jnp.asarray(problem["u0"].detach().cpu().numpy())
+    term = diffrax.ODETerm(problem["jax_field"])
+    controller = diffrax.PIDController(rtol=problem["tol"], atol=problem["tol"])
+
+    @jax.jit
+    def run(y0):
+        sol = diffrax.diffeqsolve(term, diffrax.Tsit5(), 0.0, problem["t1"], None, y0, None,
+                                  stepsize_controller=controller, saveat=diffrax.SaveAt(t1=True), max_steps=100000)
+        return sol.ys[-1], sol.stats["num_steps"]
+
+    def call():
+        y1, steps = jax.block_until_ready(run(y0))
+        return torch.from_numpy(np.asarray(y1)), 6 * int(steps) + 2
+    call()  # compile outside the timing
+    return call
+
+
 def forward_rows(key, problem, repeats, compile: bool):
     """P1/P2 forward: every library's solve, timed interleaved, with error and overhead per NFE."""
     problem["ref"] = reference(problem)
@@ -124,6 +173,8 @@ def forward_rows(key, problem, repeats, compile: bool):
             pylux_forward(problem, de.Tsit5(), compile=True)
         print(f"{key}: compile=True first solve (compilation) {time.perf_counter() - start:.1f} s")
         cases["pylux Tsit5 compile=True"] = lambda: pylux_forward(problem, de.Tsit5(), compile=True)
+    if have_diffrax():
+        cases["diffrax Tsit5 (jit)"] = diffrax_forward(problem)
     with torch.no_grad():
         results = interleaved(cases, repeats)
     rows = []
@@ -167,6 +218,13 @@ def training_rows(inputs, tol, repeats):
         err = max(float((g.double() - g_ref).norm() / g_ref.norm()) for g, g_ref in zip(grads, ref))
         rows.append(dict(problem="P2", mode=f"fwd+bwd {modes[name]}", method=name, ms=ms,
                          nfe=f"{nfe_f}+{nfe_b}", error=err, overhead=None))
+    if have_diffrax():  # jitted JAX steps cannot join the torch round-robin: timed on their own, right after
+        diffrax_modes = {"diffrax BacksolveAdjoint": "backsolve", "diffrax BacksolveAdjoint(seminorm)":
+                         "backsolve seminorm", "diffrax RecursiveCheckpointAdjoint": "backprop"}
+        for name, out in nts.diffrax_rows(params, u0, d, tol, "Tsit5", max(repeats, 3)).items():
+            err = max(float((g.double() - g_ref).norm() / g_ref.norm()) for g, g_ref in zip(out["grads"], ref))
+            rows.append(dict(problem="P2", mode=f"fwd+bwd {diffrax_modes[name]}", method=name, ms=out["time"] * 1e3,
+                             nfe=f"{out['nfe_f']} steps", error=err, overhead=None))
     return rows, (params, u0, field)
 
 
