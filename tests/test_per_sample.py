@@ -443,6 +443,24 @@ def test_per_sample_backsolve_refusals():
 
 # --- failures and bad inputs -------------------------------------------------------------------
 
+def _bounce(u, t):
+    return u[..., 0] - 0.5
+
+
+@pytest.mark.parametrize("batch", ["joint", "per-sample"])
+@pytest.mark.parametrize("callback", [de.ContinuousCallback(_bounce, de.terminate),
+                                      [de.DiscreteCallback(lambda u, t: u[..., 0] > 0.5, lambda u, t: u)]],
+                         ids=["continuous", "discrete-in-a-list"])
+def test_events_with_per_sample_times_are_refused_clearly(batch, callback):
+    k, u0 = batch_case(2)
+    with pytest.raises(NotImplementedError, match=r"event callbacks \((ContinuousCallback|DiscreteCallback)\) are "
+                                                  "not supported with per-sample times.*1-D saveat"):
+        de.solve(problem(k, u0), de.Tsit5(), saveat=random_times(2, 3), batch=batch, callback=callback)
+    # the suggested route: the joint step with the union of the times as a 1-D saveat
+    union = torch.unique(random_times(2, 3))
+    sol = de.solve(problem(k, u0), de.Tsit5(), saveat=union, callback=callback, **TOL)
+    assert sol.u.shape[1:] == (2, 2)
+
 def test_a_failing_sample_leaves_the_others_intact():
     # u' = u^2 blows up at t = 1 from u0 = 1; from u0 = -1 it decays as -1/(1 + t)
     prob = de.ODEProblem(lambda u, p, t: u * u, torch.tensor([[-1.0], [1.0]], dtype=F64), (0.0, 2.0))

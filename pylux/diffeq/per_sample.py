@@ -52,8 +52,12 @@ channels). ``InterpolatingAdjoint``, ``QuadratureAdjoint`` and
 refuse ``batch="per-sample"`` (``NotImplementedError``); they do work with
 the joint step and a ``(B, T)`` saveat.
 
+Event callbacks (``ContinuousCallback``, ``DiscreteCallback``) are refused
+with per-sample times in both modes (``NotImplementedError``; they work with
+the joint step and a 1-D ``saveat``).
+
 Not (yet) available under per-sample stepping, each refused by name:
-``tstops``, callbacks, ``save_stats``, ``dense``/``save_everystep``, SDEs,
+``tstops``, termination callbacks, ``save_stats``, ``dense``/``save_everystep``, SDEs,
 and solvers other than the explicit Runge–Kutta tableaus (``VCAB3``,
 ``Reversible``, the implicit methods).
 
@@ -73,6 +77,7 @@ import numpy as np
 import torch
 
 from .integrate import NONFINITE_SHRINK, MAX_NONFINITE_STREAK, CountingField
+from .callbacks import AbstractEventCallback
 from .controllers import PIController
 from .interpolation import StageInterpolant, linear_combination
 from .norms import SemiNorm, max_norm, rms_norm
@@ -738,6 +743,7 @@ def solve_batched(prob, solver, sensealg, *, batch: str, saveat, saveat_mask, sa
         raise ValueError("solve: per-sample times need a batched u0 of shape (B, ...) (the leading axis indexes "
                          "the samples), got a 0-d u0")
     B = u0.shape[0]
+    _refuse_events(callback)
     for name, value in (("save_start", save_start), ("save_end", save_end)):
         if value is not None and not isinstance(value, bool):
             raise TypeError(f"solve: {name} must be True or False, got {value!r}")
@@ -827,6 +833,19 @@ def per_sample_adjoint(sensealg):
         if kind in _PER_SAMPLE_ADJOINTS:
             return _PER_SAMPLE_ADJOINTS[kind]
     return None
+
+
+def _refuse_events(callback) -> None:
+    """Event callbacks cut the joint steps and change states at their own times; neither the dense-output
+    gather of a (B, T) saveat nor the per-sample loop follows that (yet)."""
+    items = callback if isinstance(callback, (list, tuple)) else ([] if callback is None else [callback])
+    found = [type(cb).__name__ for cb in items if isinstance(cb, AbstractEventCallback)]
+    if found:
+        raise NotImplementedError(
+            f"solve: event callbacks ({', '.join(found)}) are not supported with per-sample times (a (B, T) "
+            "saveat, a saveat_mask, a per-sample tspan or batch='per-sample'). Events work with the joint step "
+            "and a 1-D saveat, each sample's events at its own times: save at the union of the samples' times "
+            "and pick each sample's rows, or solve the samples one by one")
 
 
 def _limits(dtmin, dtmax, t0, t1, time_dtype):
