@@ -45,9 +45,9 @@ sensitivity algorithm that backpropagates through the solver
 (``differentiates_solver``, i.e. ``DirectAdjoint()``; the step sizes are
 constants of the backward pass, as in the joint loop), and under the
 sensitivity algorithms registered with :func:`register_per_sample_adjoint`:
-``BacksolveAdjoint`` (:mod:`pylux.sensitivity.per_sample`: a per-sample
-backward solve of ``[z, a]``, always with the seminorm on the parameter
-channels). ``InterpolatingAdjoint``, ``QuadratureAdjoint`` and
+``BacksolveAdjoint`` and ``InterpolatingAdjoint`` without checkpointing
+(:mod:`pylux.sensitivity.per_sample`: a per-sample backward solve, always
+with the seminorm on the parameter channels). ``QuadratureAdjoint`` and
 ``ReversibleAdjoint`` re-solve the batch with one time per solve, so they
 refuse ``batch="per-sample"`` (``NotImplementedError``); they do work with
 the joint step and a ``(B, T)`` saveat.
@@ -704,7 +704,8 @@ def _check_per_sample_inputs(prob, solver, sensealg, dense, save_everystep, refu
         raise NotImplementedError(
             f"solve: {type(sensealg).__name__} does not support batch='per-sample' (its backward pass re-solves "
             "the whole batch jointly, with one time per solve). Use sensealg=DirectAdjoint() (backpropagation "
-            "through the per-sample loop) or BacksolveAdjoint() (a per-sample backward solve), or keep the joint "
+            "through the per-sample loop), BacksolveAdjoint() or InterpolatingAdjoint() (per-sample backward "
+            "solves), or keep the joint "
             "step (batch='joint') with a (B, T) saveat, which works under every sensealg, "
             f"{type(sensealg).__name__}() included")
     if dense:
@@ -810,10 +811,14 @@ class PerSampleRun:
 
     def solve(self, term, u0) -> Solution:
         """The per-sample solve of the bound ``term`` from ``u0`` (differentiable by backpropagation)."""
+        return self.solve_with_loop(term, u0)[0]
+
+    def solve_with_loop(self, term, u0, loop_class=None):
+        """``(solution, loop)``: :meth:`solve` by a :class:`PerSampleLoop` subclass, returned for its records."""
         field = CountingField(term, u0)
-        loop = self.loop(field, u0, self.t0, self.t1, self.times)
+        loop = self.loop(field, u0, self.t0, self.t1, self.times, loop_class=loop_class)
         u_saved = loop.run()
-        return _per_sample_solution(loop, field, self.solver, self.times, u_saved, self.options, self.throw)
+        return _per_sample_solution(loop, field, self.solver, self.times, u_saved, self.options, self.throw), loop
 
 
 # sensitivity algorithms with their own per-sample backward pass: {class: solve(sensealg, prob, run)}
