@@ -1,11 +1,23 @@
 r"""Automatic stiffness switching: a non-stiff and a stiff method in one solve (OrdinaryDiffEq's AutoSwitch).
 
 After every accepted step the problem's stiffness is judged from the step's
-own estimate of the dominant eigenvalue ``lambda`` of ``df/du`` — Shampine's
-``||k_s - k_{s-1}|| / ||Y_s - Y_{s-1}||`` from the explicit method's last two
-stages (the estimate the solver records anyway), or ``||J||_inf`` from the
-stiff method's Jacobian while it runs (Hairer & Wanner II, IV.2) — against the
-explicit method's stability interval ``r`` on the negative real axis:
+own estimate of the dominant eigenvalue ``lambda`` of ``df/du`` against the
+explicit method's stability interval ``r`` on the negative real axis. While the
+explicit method runs, the estimate comes from its last two stages (Tsit5's and
+DP5's are both at ``t + dt``; Hairer & Wanner II, IV.2, p. 22), taken
+componentwise, as OrdinaryDiffEq does:
+
+.. math::
+    |\lambda| \approx \max_i |k_{s,i} - k_{s-1,i}| \,/\, |Y_{s,i} - Y_{s-1,i}|
+
+(components with ``Y_{s,i} = Y_{s-1,i}`` left out). The quotient of norms
+``||k_s - k_{s-1}|| / ||Y_s - Y_{s-1}||`` (what ``sol.stats.stiffness`` records)
+averages the stiff components with the others: on Robertson's problem on
+``[0, 40]`` at ``rtol = 1e-7, atol = 1e-11`` its ``|lambda dt| / r`` crept from
+0.47 to 0.9 over the 2032 steps Tsit5 took at a stability-limited ``dt``; the
+componentwise estimate switches after 46.
+While the stiff method runs, the estimate is ``||J||_inf`` of its Jacobian
+(an upper bound of the spectral radius). The test is
 
 .. math::
     \text{stiff} \iff |\lambda\, \Delta t| / r > \text{tol}.
@@ -34,10 +46,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .integrate import stiffness_estimate
 from .solvers import AbstractAdaptiveSolver, AbstractSolver, ExplicitRungeKutta, Tsit5
 
-__all__ = ["AutoSwitch", "stability_interval"]
+__all__ = ["AutoSwitch", "stability_interval", "componentwise_stiffness"]
 
 
 def stability_interval(solver: AbstractSolver) -> float:
@@ -60,6 +71,20 @@ def stability_interval(solver: AbstractSolver) -> float:
     values = np.polyval(coeffs[::-1], -xs)
     outside = np.nonzero(np.abs(values) > 1.0 + 1e-12)[0]
     return float(xs[outside[0] - 1]) if outside.size else float(xs[-1])
+
+
+def componentwise_stiffness(stages) -> torch.Tensor:
+    """``max_i |k_i - k'_i| / |Y_i - Y'_i|`` over the components where ``Y_i != Y'_i``, from
+    ``stages = (k', k, Y', Y)`` (two stage derivatives at the same time and their stage values): for
+    ``f(u) = A u`` with diagonal ``A`` it is the largest ``|A_ii|`` among the components that differ.
+    A 0-d tensor on the state's device (0 when no component differs); no synchronisation."""
+    k_prev, k_last, y_prev, y_last = stages
+    dy = (y_last - y_prev).abs()
+    dk = (k_last - k_prev).abs()
+    if dy.numel() == 0:
+        return dy.new_zeros(())
+    ratio = dk / dy.clamp_min(torch.finfo(dy.dtype).tiny)
+    return torch.where(dy > 0, ratio, torch.zeros_like(ratio)).amax()
 
 
 class _SwitchState:
@@ -174,7 +199,7 @@ class AutoSwitch(AbstractAdaptiveSolver):
         result = solver.step(term, t, u, dt, state.states[current])
         estimate = getattr(result.solver_state_new, "eigen_estimate", None)
         if estimate is None:
-            estimate = (stiffness_estimate(result.stiffness_stages) if result.stiffness_stages is not None
+            estimate = (componentwise_stiffness(result.stiffness_stages) if result.stiffness_stages is not None
                         else torch.zeros(()))
         new_states = list(state.states)
         new_states[current] = result.solver_state_new
