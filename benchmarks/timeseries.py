@@ -15,7 +15,13 @@ which runs torchdiffeq's ``odeint_adjoint``).
 Reported: median wall time of a training step over ``--repeats`` runs (after
 one warm-up), forward NFE (vector-field evaluations, counted by a wrapper in
 both), the two losses (they agree to the solvers' tolerance), and the bytes
-autograd saves during the forward pass (distinct storages).
+autograd saves during the forward pass (distinct storages). pylux runs twice:
+with its default PI controller and with the I controller torchdiffeq's
+``dopri5`` uses (equal controllers give nearly equal steps). The last row is
+the floor of backpropagation: the peer's number of evaluations of
+``f_theta(z) dX`` at the same sizes, forward and backward, with no solver
+around them; a library's time above it is its own overhead, and its ratio to
+the peer bounds what any solver can reach.
 
 Run: ``python benchmarks/timeseries.py --threads 1`` (about a minute or two on
 one idle core; timings on a loaded machine are noisy).
@@ -46,9 +52,10 @@ def make_data(seed=0):
     return t, values, target
 
 
-def pylux_step(sensealg, t, values, target, ps, counter):
+def pylux_step(sensealg, t, values, target, ps, counter, **solve_kwargs):
     field = nn.Chain(nn.Dense(H, WIDTH, torch.nn.functional.softplus), nn.Dense(WIDTH, H * C, torch.tanh))
-    cde = lx.NeuralCDE(_Counted(field, counter), H, C, solver=lx.DP5(), sensealg=sensealg, reltol=1e-3, abstol=1e-3)
+    cde = lx.NeuralCDE(_Counted(field, counter), H, C, solver=lx.DP5(), sensealg=sensealg, reltol=1e-3, abstol=1e-3,
+                       **solve_kwargs)
     readout = nn.Dense(H, 1)
 
     def step():
@@ -121,6 +128,29 @@ def torchcde_step(adjoint, t, values, target, modules):
     return step
 
 
+def floor_step(nfe, ps, counter):
+    """The evaluations alone: ``nfe`` products ``f_theta(z) dX`` at the benchmark's sizes, forward and backward.
+
+    What any solver must spend for that many evaluations when it backpropagates through them; the time a
+    library adds above it is its own overhead."""
+    field = nn.Chain(nn.Dense(H, WIDTH, torch.nn.functional.softplus), nn.Dense(WIDTH, H * C, torch.tanh))
+    g = torch.Generator().manual_seed(2)
+    z0, dx = torch.randn(B, H, generator=g), torch.randn(B, C, 1, generator=g)
+    vf = ps["cde"]["vector_field"]
+
+    def step():
+        leaves = lx.core.tree_leaves(vf)
+        for leaf in leaves:
+            leaf.grad = None
+        z, total = z0, 0.0
+        for _ in range(nfe):
+            counter[0] += 1
+            out = (field(z, vf, {})[0].view(B, H, C) @ dx).squeeze(-1)
+            z = z + 1e-3 * out
+        return (z ** 2).mean(), leaves
+    return step
+
+
 def measure(step, counter, repeats):
     loss, leaves = step()
     loss.backward()
@@ -158,18 +188,29 @@ def main():
                                      ("backsolve adjoint", lx.BacksolveAdjoint(), True)):
         counter = [0]
         ours = measure(pylux_step(sensealg, t, values, target, ps, counter), counter, args.repeats)
+        # torchdiffeq's dopri5 uses the I controller: the same controller in pylux, for equal steps
+        counter_i = [0]
+        ours_i = measure(pylux_step(sensealg, t, values, target, ps, counter_i, controller=lx.IController()),
+                         counter_i, args.repeats)
         peer = measure(torchcde_step(adjoint, t, values, target, modules), modules[4], args.repeats) \
             if modules is not None else None
-        rows.append((label, ours, peer))
+        rows.append((label, [("pylux (PI controller, default)", ours), ("pylux (I controller)", ours_i)], peer))
+    counter = [0]
+    floor_nfe = rows[0][2][1] if rows[0][2] else rows[0][1][1][1][1]
+    floor = measure(floor_step(floor_nfe, ps, counter), counter, args.repeats)
     print(f"# neural CDE training step: batch {B}, {C} channels, {H} hidden, T = {T}, DP5 at 1e-3, "
           f"{args.threads} thread(s), median of {args.repeats}\n")
     print("| gradient | library | step time (s) | forward NFE | loss | saved bytes | time ratio pylux/peer |")
     print("|---|---|---|---|---|---|---|")
-    for label, ours, peer in rows:
-        ratio = f"{ours[0] / peer[0]:.2f}x" if peer else "-"
-        print(f"| {label} | pylux | {ours[0]:.3f} | {ours[1]} | {ours[2]:.6f} | {ours[3]:.3g} | {ratio} |")
+    for label, ours_rows, peer in rows:
+        for name, ours in ours_rows:
+            ratio = f"{ours[0] / peer[0]:.2f}x" if peer else "-"
+            print(f"| {label} | {name} | {ours[0]:.3f} | {ours[1]} | {ours[2]:.6f} | {ours[3]:.3g} | {ratio} |")
         if peer:
             print(f"| {label} | torchcde + torchdiffeq | {peer[0]:.3f} | {peer[1]} | {peer[2]:.6f} | {peer[3]:.3g} | |")
+    ratio = f"{floor[0] / rows[0][2][0]:.2f}x" if rows[0][2] else "-"
+    print(f"| backprop, floor: {floor_nfe} evaluations f(z) dX alone | - | {floor[0]:.3f} | {floor[1]} | - | "
+          f"{floor[3]:.3g} | {ratio} |")
 
 
 if __name__ == "__main__":
