@@ -32,12 +32,16 @@ def test_cnf_moons_quick_run(tmp_path):
 
 def test_ffjord_digits_quick_run(tmp_path):
     assert EXPERIMENTS["ffjord-digits"] == "ffjord_digits"
-    assert main(["experiments", "ffjord-digits", "--quick", "--methods", "vanilla,vanilla-seminorm,rnode",
+    assert main(["experiments", "ffjord-digits", "--quick", "--methods", "vanilla,vanilla-seminorm,rnode,rnode-fixed",
                  "--out", str(tmp_path)]) == 0
     results = _finite_summary(tmp_path, ("test_bpd", "test_nfe", "train_time_s", "backward_nfe"))
-    assert set(results["summary"]) == {"vanilla", "vanilla-seminorm", "rnode"}
-    assert all(run["test_nfe"] > 0 and run["backward_nfe"] > 0 for runs in results["runs"].values() for run in runs)
-    assert {r["method"] for r in results["targets"]} == {"rnode", "vanilla-seminorm"}
+    assert set(results["summary"]) == {"vanilla", "vanilla-seminorm", "rnode", "rnode-fixed"}
+    adaptive = {m: runs for m, runs in results["runs"].items() if m != "rnode-fixed"}
+    assert all(run["test_nfe"] > 0 and run["backward_nfe"] > 0 for runs in adaptive.values() for run in runs)
+    # the fixed grid reaches the training solve: RK4 at dt = 0.25 is 16 evaluations, backprop has no backward solve
+    (fixed,) = results["runs"]["rnode-fixed"]
+    assert (fixed["train_nfe"], fixed["backward_nfe"]) == (16.0, 0.0) and fixed["test_nfe"] > 0
+    assert {r["method"] for r in results["targets"]} == {"rnode", "rnode-fixed", "vanilla-seminorm"}
     assert "Targets" in (tmp_path / "results.md").read_text()
 
 
