@@ -13,7 +13,10 @@ Problems (float64, single-threaded, forward solves under ``torch.no_grad()``):
 Every solver gets the exact Jacobian: pylux by autodiff (``jac_structure="batched"`` on the neural ODE: the 256
 8 x 8 blocks, 256 small LUs), scipy analytically (BDF and Radau the block-diagonal neural Jacobian as a sparse
 BSR matrix, LSODA the same matrix in its banded packed format: a block-diagonal matrix with 8 x 8 blocks is
-banded with lband = uband = 7). torchdiffeq has no stiff solver: its methods are explicit Runge-Kutta and
+banded with lband = uband = 7). The rows "pylux Rosenbrock23 + jac" and "pylux Rodas5P + jac" give pylux the same
+analytic Jacobian as a torch function ``jac(u, p, t)`` (the autodiff Jacobian is half of a Rosenbrock step's
+time on the textbook problems); "pylux AutoSwitch" switches between Tsit5 and Rosenbrock23,
+"pylux AutoSwitch(Rodas5P)" between Tsit5 and Rodas5P. torchdiffeq has no stiff solver: its methods are explicit Runge-Kutta and
 Adams-Bashforth-Moulton ('implicit_adams' corrects with a fixed-point iteration; the fixed grid stays stable
 only for small h |lambda|: here it returns NaN at h = 0.5 / max(lambda) and 0.25 / max(lambda)); it gets one row on
 the neural ODE at h = 0.1 / max(lambda), where it converges (10^4 steps). torchode has no implicit method at all.
@@ -74,8 +77,15 @@ def robertson_problem(quick: bool = False) -> dict:
         y1, y2, y3 = u
         return np.array([[-0.04, 1e4 * y3, 1e4 * y2], [0.04, -1e4 * y3 - 6e7 * y2, -1e4 * y2],
                          [0.0, 6e7 * y2, 0.0]])
+
+    def jac(u, p, t):
+        y2, y3 = u[1], u[2]
+        zero = torch.zeros_like(y2)
+        return torch.stack([torch.stack([zero - 0.04, 1e4 * y3, 1e4 * y2]),
+                            torch.stack([zero + 0.04, -1e4 * y3 - 6e7 * y2, -1e4 * y2]),
+                            torch.stack([zero, 6e7 * y2, zero])])
     return dict(name="robertson", f=f, p=None, u0=np.array([1.0, 0.0, 0.0]), span=(0.0, 40.0), floor=1e-4,
-                f_np=f_np, jac_np=jac_np, batched=False)
+                f_np=f_np, jac_np=jac_np, jac=jac, batched=False)
 
 
 def vdp_problem(quick: bool = False) -> dict:
@@ -90,8 +100,13 @@ def vdp_problem(quick: bool = False) -> dict:
 
     def jac_np(t, u):
         return np.array([[0.0, 1.0], [-2 * mu * u[0] * u[1] - 1.0, mu * (1 - u[0] ** 2)]])
+
+    def jac(u, p, t):
+        x, y = u[0], u[1]
+        return torch.stack([torch.stack([torch.zeros_like(x), torch.ones_like(x)]),
+                            torch.stack([-2 * mu * x * y - 1.0, mu * (1 - x * x)])])
     return dict(name="vdp mu=1000", f=f, p=None, u0=np.array([2.0, 0.0]), span=(0.0, 300.0 if quick else 1000.0),
-                floor=1.0, f_np=f_np, jac_np=jac_np, batched=False)
+                floor=1.0, f_np=f_np, jac_np=jac_np, jac=jac, batched=False)
 
 
 def neural_problem(quick: bool = False, batch: int = 256, d: int = 8, hidden: int = 32,
@@ -112,6 +127,13 @@ def neural_problem(quick: bool = False, batch: int = 256, d: int = 8, hidden: in
 
     def f(u, p, t):
         return torch.addmm(b2t, torch.tanh(torch.addmm(b1t, u, W1t)), W2t).addmm_(u, Mt)
+
+    W1_, W2_, M_ = torch.from_numpy(W1), torch.from_numpy(W2), torch.from_numpy(M)
+
+    def jac(u, p, t):
+        """The (B, d, d) blocks M + W2 diag(1 - tanh^2) W1, as scipy's."""
+        s = 1.0 - torch.tanh(torch.addmm(b1t, u, W1t)).square()
+        return torch.baddbmm(M_.expand(u.shape[0], d, d), W2_ * s[:, None, :], W1_.expand(u.shape[0], hidden, d))
 
     n = batch * d
 
@@ -141,7 +163,7 @@ def neural_problem(quick: bool = False, batch: int = 256, d: int = 8, hidden: in
         packed[band + gi - gj, gj] = blocks(y).ravel()
         return packed
     return dict(name=f"neural B={batch} d={d}", f=f, p=None, u0=u0, span=(0.0, 1.0), floor=1.0, f_np=f_np,
-                jac_np=jac_sparse, jac_banded=jac_banded, band=band, batched=True, lam_max=lam_max)
+                jac=jac, jac_np=jac_sparse, jac_banded=jac_banded, band=band, batched=True, lam_max=lam_max)
 
 
 # --- runners: each returns (u(t1) as a flat numpy array, counters) ---------------------------------
@@ -207,12 +229,18 @@ def error(u, problem) -> float:
 # --- the cases of one problem --------------------------------------------------------------------
 
 def pylux_methods(problem) -> dict:
-    structure = "batched" if problem["batched"] else "auto"
+    """pylux's rows: Jacobians by autodiff, and (``+ jac``) the Rosenbrock methods given the problem's
+    Jacobian ``jac(u, p, t)``, as scipy is (the solver's own cost without the autodiff Jacobian)."""
+    structure = "batched" if problem["batched"] else "dense"
+    jac = problem["jac"]
     return {
         "pylux Rosenbrock23": lambda: lx.Rosenbrock23(jac_structure=structure),
         "pylux Rodas5P": lambda: lx.Rodas5P(jac_structure=structure),
         "pylux Kvaerno5": lambda: lx.Kvaerno5(jac_structure=structure),
         "pylux AutoSwitch": lambda: lx.AutoSwitch(stiff=lx.Rosenbrock23(jac_structure=structure)),
+        "pylux AutoSwitch(Rodas5P)": lambda: lx.AutoSwitch(stiff=lx.Rodas5P(jac_structure=structure)),
+        "pylux Rosenbrock23 + jac": lambda: lx.Rosenbrock23(jac=jac, jac_structure=structure),
+        "pylux Rodas5P + jac": lambda: lx.Rodas5P(jac=jac, jac_structure=structure),
     }
 
 
