@@ -8,6 +8,7 @@ from scipy.integrate import solve_ivp
 import pylux as lx
 from pylux.diffeq.autoswitch import _exponent_ratio, componentwise_stiffness, stability_interval
 from pylux.diffeq.integrate import stiffness_estimate
+from test_stiff import robertson, robertson_np, vdp_np  # noqa: E402  (the shared stiff problems)
 
 DT = torch.float64
 
@@ -71,16 +72,6 @@ def test_bad_arguments():
         lx.AutoSwitch(nonstiff=lx.VCAB3())
 
 
-def robertson(u, p, t):
-    y1, y2, y3 = u[0], u[1], u[2]
-    return torch.stack([-0.04 * y1 + 1e4 * y2 * y3, 0.04 * y1 - 1e4 * y2 * y3 - 3e7 * y2 * y2, 3e7 * y2 * y2])
-
-
-def robertson_np(t, u):
-    y1, y2, y3 = u
-    return [-0.04 * y1 + 1e4 * y2 * y3, 0.04 * y1 - 1e4 * y2 * y3 - 3e7 * y2 * y2, 3e7 * y2 * y2]
-
-
 def test_componentwise_stiffness_is_the_largest_rate_among_the_components_that_moved():
     A = torch.tensor([-3.0, 250.0, -1e6], dtype=DT)
     y_prev = torch.tensor([1.0, 2.0, 5.0], dtype=DT)
@@ -116,8 +107,7 @@ def test_at_most_twice_bdfs_steps_where_rosenbrock23_is_fair(problem, tol):
         f, f_np, y0, span, atol = robertson, robertson_np, [1.0, 0.0, 0.0], (0.0, 40.0), tol * 1e-4
         p = None
     else:
-        f, y0, span, atol, p = vdp, [2.0, 0.0], (0.0, 1000.0), tol, 1000.0
-        f_np = lambda t, u: [u[1], 1000.0 * (1 - u[0] ** 2) * u[1] - u[0]]  # noqa: E731
+        f, f_np, y0, span, atol, p = vdp, vdp_np(1000.0), [2.0, 0.0], (0.0, 1000.0), tol, 1000.0
     bdf_steps = solve_ivp(f_np, span, y0, method="BDF", rtol=tol, atol=atol).t.size - 1
     sol = lx.solve(lx.ODEProblem(f, torch.tensor(y0, dtype=DT), span, p), lx.AutoSwitch(), reltol=tol,
                    abstol=atol, save_everystep=False)
