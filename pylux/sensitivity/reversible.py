@@ -24,7 +24,9 @@ the accepted step sizes from the forward pass: memory is constant in the
 number of steps, and the gradient is the exact gradient of the discrete solve
 (up to the floating-point error of the reconstruction, which the backward
 pass reports). Each step costs two base steps forward and two base steps plus
-two vector–Jacobian products backward. :math:`\\lambda < 1` damps the
+two vector–Jacobian products backward, less one base step forward and one base step and
+one product backward per solve: the last step's backward increment would only complete
+:math:`Z_N`, which nothing reads (the output is :math:`Y`). :math:`\\lambda < 1` damps the
 reconstruction error that :math:`\\lambda = 1` (the asynchronous leapfrog
 limit) can let grow.
 
@@ -75,11 +77,10 @@ class ReversibleAdjoint(AbstractSensitivityAlgorithm):
             the reference the O(1)-memory backward pass is checked against.
 
     After ``backward()``, the solve's ``sol.backward_stats`` holds ``nf``
-    (evaluations of ``f``: both base steps of every step, rebuilt on the tape), ``nvjp``
-    (vector–Jacobian products, each through one whole base step: two per step), ``nsteps``
-    and ``reconstruction_error``: the largest absolute difference between the rebuilt
-    ``(Y_0, Z_0)`` and ``u0``. The forward ``sol.stats.nf`` includes the last step's
-    backward increment, which completes the final pair the sweep starts from.
+    (evaluations of ``f``: the base steps rebuilt on the tape, two per step but one in the
+    last), ``nvjp`` (vector–Jacobian products, each through one whole base step:
+    ``2 * nsteps - 1``), ``nsteps`` and ``reconstruction_error``: the largest absolute
+    difference between the rebuilt ``(Y_0, Z_0)`` and ``u0``.
 
     Raises:
         TypeError: a base solver that is not an explicit Runge–Kutta method
@@ -155,10 +156,10 @@ class _ReversibleFunction(torch.autograd.Function):
             term = problem.term.bind(p)
             sol = integrate(term, u0.detach(), *problem.tspan, reversible, options)
             y, state = sol.final_state
-            # the last step's backward increment Ψ_{-h}(t_N, Y_N) completes Z_N, which the sweep starts
-            # from: forward work the loop did not count (one base step), so sol.stats.nf counts it here
-            z, nfe = reversible.current_z(term, y, state) if state is not None else (y, 0)
-            sol.stats.nf += nfe
+            # the sweep starts from (Y_N, Z_{N-1}): completing Z_N with the last step's backward
+            # increment Ψ_{-h}(t_N, Y_N) would cost a base step here and another in the sweep (whose
+            # cotangent, the adjoint of Z_N, is zero: the solution is Y alone)
+            z = state.z if state is not None else y
         holder["solution"] = sol
         ctx.alg, ctx.problem, ctx.reversible, ctx.paths = alg, problem, reversible, paths
         ctx.steps, ctx.times, ctx.t0 = _steps_of(sol), sol.t.tolist(), problem.tspan[0]
@@ -209,7 +210,8 @@ def _counted_field(ctx, ps_, u0, counter):
 def _reverse_sweep(ctx, field, y, z, grad_at, params, ps_, counter):
     """Walk the accepted steps backward: rebuild (Y_n, Z_n) and accumulate the adjoints.
 
-    Per step: two base steps on the tape and two vector–Jacobian products, which are inherently
+    Per step: two base steps on the tape and two vector–Jacobian products (one of each in the
+    last step, which starts from the saved :math:`Z_{N-1}`), which are inherently
     sequential (the second's cotangent contains the first's result). The parameter gradients
     accumulate inside autograd's engine (``backward(inputs=...)`` into the leaves' ``.grad``;
     the backward step's contribution enters with a negated cotangent), so the Python side does
@@ -222,20 +224,27 @@ def _reverse_sweep(ctx, field, y, z, grad_at, params, ps_, counter):
     for leaf in ps_:
         leaf.grad = None
     fresh = _FRESH  # no f(u, t) to reuse: every base step starts from its own first stage
+    last = True  # the last step: z holds Z_{N-1} already and the adjoint of Z_N is zero
     for (t, dt, t_new), (t_, dt_, t_new_, minus_dt_) in zip(reversed(ctx.steps), reversed(_sweep_times(ctx))):
         g = grad_at.pop(t_new, None)
         if g is not None:
             a_y = a_y + g
-        y1 = y.detach().requires_grad_(True)
-        back = base.step(field, t_new_, y1, minus_dt_, fresh).u_new
-        z0 = (z - y + back.detach()).requires_grad_(True)  # Z_n = Z_{n+1} + Ψ_{-h}(Y_{n+1})
+        if last:
+            z0 = z.detach().requires_grad_(True)
+            a_y_total = a_y + a_z
+            last = False
+        else:
+            y1 = y.detach().requires_grad_(True)
+            back = base.step(field, t_new_, y1, minus_dt_, fresh).u_new
+            z0 = (z - y + back.detach()).requires_grad_(True)  # Z_n = Z_{n+1} + Ψ_{-h}(Y_{n+1})
+            # adjoint of Z_{n+1} = Z_n + Y_{n+1} - back(Y_{n+1}): y1.grad = -J_back^T a_z
+            torch.autograd.backward(back, -a_z, inputs=[y1, *ps_])
+            counter["nvjp"] += 1
+            a_y_total = a_y + a_z + y1.grad
         fwd = base.step(field, t_, z0, dt_, fresh).u_new
-        # adjoint of Z_{n+1} = Z_n + Y_{n+1} - back(Y_{n+1}): y1.grad = -J_back^T a_z
-        torch.autograd.backward(back, -a_z, inputs=[y1, *ps_])
-        a_y_total = a_y + a_z + y1.grad
         # adjoint of Y_{n+1} = λ(Y_n - Z_n) + fwd(Z_n)
         torch.autograd.backward(fwd, a_y_total, inputs=[z0, *ps_])
-        counter["nvjp"] += 2
+        counter["nvjp"] += 1
         a_y = lam * a_y_total
         a_z = a_z - a_y + z0.grad
         z0 = z0.detach()
