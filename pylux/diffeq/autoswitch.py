@@ -35,7 +35,7 @@ One controller serves both methods, with the non-stiff method's gains (a PI
 controller for Tsit5 raises ``E`` to ``beta1 = 0.7/5``). Applied to a stiff
 method of another order those gains under-react (Rosenbrock23's error is
 ``O(dt^3)``: its own controller uses ``beta1 = 0.7/2``), which cost Robertson
-at ``rtol = 1e-5`` 250 steps against Rosenbrock23's 187 alone. So a stiff step
+at ``rtol = 1e-5`` 253 steps against Rosenbrock23's 187 alone. So a stiff step
 hands the loop the scaled error ``E^rho`` instead of ``E``, with ``rho`` the
 ratio of the stiff method's exponent to the controller's (PI:
 ``beta1_stiff / beta1``; I: ``(k + 1) / (k_stiff + 1)`` for error orders ``k``):
