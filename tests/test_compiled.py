@@ -83,3 +83,76 @@ def test_compiled_spiral_equals_eager_forward_and_gradient():
     # a second solve of the same shapes reuses the compiled graph
     again = lx.solve(spiral_problem(), lx.Tsit5(), reltol=1e-6, abstol=1e-6, saveat=[1.5], compile=True)
     assert again.solver.fallback_reason is None and again.solver.compiled_steps > 10
+
+
+# --- the whole loop as one compiled graph (pylux.diffeq.captured) ----------------------------------------
+
+def _captured_and_eager(prob, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback would hide what is under test
+        comp = lx.solve(prob, compile=True, **kw)
+    return comp, lx.solve(prob, **{k: v for k, v in kw.items()})
+
+
+def test_which_solves_run_as_one_compiled_loop():
+    from pylux.diffeq.captured import capture_refusal
+    from pylux.diffeq.integrate import CountingField
+    from pylux.diffeq.options import make_options
+    prob = spiral_problem()
+
+    def refusal(solver=lx.Tsit5(), **kw):
+        kw.setdefault("saveat", [1.5])
+        options = make_options(solver, prob.u0, 0.0, 1.5, time_dtype=F64, dt=kw.pop("dt", None),
+                               adaptive=kw.pop("adaptive", True), saveat=kw.pop("saveat"),
+                               save_everystep=kw.pop("save_everystep", False), save_start=None, save_end=None,
+                               dense=False, reltol=1e-6, abstol=1e-6, controller=kw.pop("controller", None),
+                               norm=None, dtmin=None, dtmax=None, maxiters=1000, callback=(), save_stats=False,
+                               throw=True, tstops=kw.pop("tstops", ()))
+        return capture_refusal(CompiledSolver(solver, options), options, CountingField(prob.term.bind(prob.p),
+                                                                                        prob.u0))
+    assert refusal() is None and refusal(lx.DP5()) is None and refusal(lx.BS3()) is None
+    assert refusal(controller=lx.IController()) is None
+    assert "FSAL" in refusal(lx.RK4(), dt=0.1, adaptive=False)
+    assert "controller" in refusal(adaptive=False, dt=0.1)
+    assert "step-by-step" in refusal(saveat=None, save_everystep=True)
+    assert "step-by-step" in refusal(tstops=(0.7,))
+    assert "saveat" in refusal(saveat=[i / 100 for i in range(1, 100)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("controller", [None, lx.IController()])
+def test_captured_loop_equals_the_eager_loop_step_for_step(controller):
+    """Forward in float32 with a float64 time axis, backward in time, PI and I control."""
+    A = SPIRAL.float()
+    prob = lx.ODEProblem(lambda u, p, t: -((u ** 3) @ A) - 0.1 * t, spiral_problem().u0.float(), (1.5, 0.0))
+    comp, eager = _captured_and_eager(prob, solver=lx.Tsit5(), reltol=1e-5, abstol=1e-5, saveat=[1.2, 0.4, 0.0],
+                                      controller=controller)
+    assert comp.solver.whole_loop_refusal is None
+    assert comp.solver.compiled_steps == comp.stats.naccept + comp.stats.nreject > 10
+    assert (comp.stats.naccept, comp.stats.nreject, comp.stats.nf) == (
+        eager.stats.naccept, eager.stats.nreject, eager.stats.nf)
+    assert comp.t.tolist() == pytest.approx(eager.t.tolist(), rel=1e-12)
+    torch.testing.assert_close(comp.u, eager.u, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_captured_loop_failures_match_the_eager_loop():
+    prob = spiral_problem()
+    comp, eager = _captured_and_eager(prob, solver=lx.Tsit5(), reltol=1e-8, abstol=1e-8, saveat=[0.5, 1.5],
+                                      maxiters=7, throw=False)
+    assert comp.retcode == eager.retcode == lx.ReturnCode.MaxIters
+    assert comp.stats.naccept + comp.stats.nreject == 7
+    # the compiled error estimate (a cancelling sum) rounds differently: the same steps, times equal to ~1e-9
+    assert comp.t.tolist() == pytest.approx(eager.t.tolist(), rel=1e-7)
+    torch.testing.assert_close(comp.u, eager.u, rtol=1e-6, atol=1e-8)
+
+    def blows_up(u, p, t):  # u' = u^2 from u = 1: the solution blows up at t = 1
+        return u ** 2
+    prob = lx.ODEProblem(blows_up, torch.ones(4, 1, dtype=F64), (0.0, 2.0))
+    comp, eager = _captured_and_eager(prob, solver=lx.Tsit5(), reltol=1e-6, abstol=1e-6, saveat=[0.5, 2.0],
+                                      dtmin=1e-6, throw=False)
+    assert comp.retcode == eager.retcode == lx.ReturnCode.DtLessThanMin
+    assert comp.t.tolist() == pytest.approx(eager.t.tolist(), rel=1e-6)  # 0.5 passed, 2.0 not: the stop is saved
+    assert abs(comp.t[-1].item() - 1.0) < 1e-3
+    with pytest.raises(lx.DtLessThanMinError, match="dtmin"):
+        lx.solve(prob, lx.Tsit5(), reltol=1e-6, abstol=1e-6, saveat=[2.0], dtmin=1e-6, compile=True)

@@ -23,6 +23,11 @@ kernels are replayed from one graph launch); its outputs are copied out of the
 graph's static buffers so that saved states survive the next replay.
 ``compile="default"`` / ``"max-autotune"`` choose another ``torch.compile`` mode.
 
+Solves that need no per-step host work (an adaptive FSAL method, PI or I
+control, values at ``saveat`` times only) go further: the whole loop runs as
+one compiled graph (:mod:`pylux.diffeq.captured`); this step-by-step path
+serves the rest.
+
 Scope: explicit Runge–Kutta solvers (``Tsit5()``, ``DP5()``, ``BS3()``, …),
 ``sensealg=None`` or ``DirectAdjoint()`` (autograd differentiates the compiled
 graph), ODE problems.
@@ -34,6 +39,7 @@ import warnings
 
 import torch
 
+from .captured import captured_run
 from .norms import scaled_error_norm
 from .solvers import AbstractSolver, ExplicitRungeKutta, RKState, StepResult
 from .interpolation import StageInterpolant
@@ -94,7 +100,13 @@ class CompiledSolver(AbstractSolver):
         self.adaptive = options.controller.needs_error_estimate
         self.tolerances = (options.abstol, options.reltol, options.norm)
         self.fallback_reason: str | None = None
+        #: why this solve cannot run as one compiled loop (:mod:`pylux.diffeq.captured`), once it failed to compile
+        self.whole_loop_refusal: str | None = None
         self.compiled_steps = 0
+
+    def run_whole_loop(self, loop, out, dt) -> bool:
+        """Run the solve as one compiled while-loop when eligible (:func:`pylux.diffeq.captured.captured_run`)."""
+        return captured_run(loop, out, dt)
 
     @property
     def needs_f0(self) -> bool:  # type: ignore[override]

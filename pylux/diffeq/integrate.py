@@ -438,6 +438,9 @@ class _Loop:
         if dt is None:
             return out
         out.dt = dt
+        whole_loop = getattr(self.solver, "run_whole_loop", None)  # compile=True: the loop as one graph
+        if whole_loop is not None and whole_loop(self, out, dt):
+            return out
         if len(self.termination) != len(self.options.callbacks):
             self.events = EventHandler(self.options.callbacks, self.solver, self.u0, self.t0, self.t1, self.time)
             out.events = self.events.log

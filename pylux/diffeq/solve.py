@@ -154,7 +154,11 @@ def solve(prob: ODEProblem, solver: AbstractSolver | None = None, *, dt=None, ad
             per shape/dtype/device, falling back to eager with a warning when
             ``f`` cannot be compiled (:mod:`pylux.diffeq.compiled`); or a
             ``torch.compile`` mode name. Explicit RK solvers, ``sensealg=None``
-            or ``DirectAdjoint()``. The first call compiles (seconds).
+            or ``DirectAdjoint()``. The first call compiles (seconds). An
+            adaptive FSAL method (Tsit5, DP5, BS3) with PI or I control that
+            saves at ``saveat`` times only (no callbacks, ``tstops``, dense or
+            per-step output) runs its whole loop as one compiled graph, with one
+            synchronisation per solve (:mod:`pylux.diffeq.captured`).
 
     Returns:
         a :class:`Solution` with ``t``, ``u`` (shape ``(len(t), *u0.shape)``),
