@@ -257,7 +257,8 @@ class AutoSwitch(AbstractAdaptiveSolver):
                                                  state.f_at_u)
         if current == 1 and self._stiff_error is not None:
             abstol, reltol, norm, rho = self._stiff_error
-            E = scaled_error_norm(result.error_estimate, u, result.u_new, abstol, reltol, norm)
+            u_old, u_new = result.error_scale if result.error_scale is not None else (u, result.u_new)
+            E = scaled_error_norm(result.error_estimate, u_old, u_new, abstol, reltol, norm)
             result = _StiffStepResult(result, E ** rho)
         return result
 
