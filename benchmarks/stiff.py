@@ -16,20 +16,21 @@ BSR matrix, LSODA the same matrix in its banded packed format: a block-diagonal 
 banded with lband = uband = 7). The rows "pylux Rosenbrock23 + jac" and "pylux Rodas5P + jac" give pylux the same
 analytic Jacobian as a torch function ``jac(u, p, t)`` (the autodiff Jacobian is half of a Rosenbrock step's
 time on the textbook problems); "pylux AutoSwitch" switches between Tsit5 and Rosenbrock23,
-"pylux AutoSwitch(Rodas5P)" between Tsit5 and Rodas5P. torchdiffeq has no stiff solver: its methods are explicit Runge-Kutta and
-Adams-Bashforth-Moulton ('implicit_adams' corrects with a fixed-point iteration; the fixed grid stays stable
-only for small h |lambda|: here it returns NaN at h = 0.5 / max(lambda) and 0.25 / max(lambda)); it gets one row on
-the neural ODE at h = 0.1 / max(lambda), where it converges (10^4 steps). torchode has no implicit method at all.
+"pylux AutoSwitch(Rodas5P)" between Tsit5 and Rodas5P. torchdiffeq has no stiff solver: its methods are
+explicit Runge-Kutta and Adams-Bashforth-Moulton ('implicit_adams' corrects with a fixed-point iteration; the
+fixed grid stays stable only for small h |lambda|: here it returns NaN at h = 0.5 / max(lambda) and
+0.25 / max(lambda)); it gets one row on the neural ODE at h = 0.1 / max(lambda), where it converges (10^4 steps).
+torchode has no implicit method at all.
 
-Columns: accepted steps (pylux also its rejected ones), f evaluations (pylux counts the one forward pass
-per Jacobian; scipy's nfev does not count its Jacobian calls), Jacobians, LU factorisations (pylux: Newton
+Columns: accepted steps (pylux also its rejected ones), f evaluations (pylux's count includes those inside its
+Jacobians: the autodiff forward pass, the difference in t for f_t; scipy's nfev does not count its jac calls), Jacobians, LU factorisations (pylux: Newton
 matrices formed), the median wall time over ``--repeats`` interleaved rounds (every case of a problem runs once
 per round, so a slow period of a shared machine hits all alike), the error at t1 against a scipy Radau solve at
 rtol = 1e-12 (atol scaled as the problem's),
 
     error = max_i |u_i - ref_i| / (|ref_i| + atol / rtol)
 
-(the scaled error divided by the tolerance, so error <= tol is the target), and the ratios of time and steps to
+(tol times the solver's own scaled error measure, so error <= tol is the target), and the ratios of time and steps to
 scipy BDF at the same tolerance. The work-precision summary compares at equal error: for each error level
 reached by scipy's fastest method, pylux's fastest run (any method, any tolerance) with an error no larger,
 over scipy's fastest run with an error no larger.
