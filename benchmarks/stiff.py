@@ -24,9 +24,9 @@ torchode has no implicit method at all.
 
 Columns: accepted steps (pylux also its rejected ones), f evaluations (pylux's count includes those inside its
 Jacobians: the autodiff forward pass, the difference in t for f_t; scipy's nfev does not count its jac calls),
-Jacobians, LU factorisations (pylux: Newton matrices formed), the median wall time over ``--repeats`` interleaved rounds (every case of a problem runs once
-per round, so a slow period of a shared machine hits all alike), the error at t1 against a scipy Radau solve at
-rtol = 1e-12 (atol scaled as the problem's),
+Jacobians, LU factorisations (pylux: Newton matrices formed), the median wall time over ``--repeats``
+interleaved rounds (every case of a problem runs once per round, so a slow period of a shared machine hits all
+alike), the error at t1 against a scipy Radau solve at rtol = 1e-12 (atol scaled as the problem's),
 
     error = max_i |u_i - ref_i| / (|ref_i| + atol / rtol)
 
