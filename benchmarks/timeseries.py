@@ -137,6 +137,7 @@ def floor_step(nfe, ps, counter):
     g = torch.Generator().manual_seed(2)
     z0, dx = torch.randn(B, H, generator=g), torch.randn(B, C, 1, generator=g)
     vf = ps["cde"]["vector_field"]
+    st = field.init_state(torch.Generator())
 
     def step():
         leaves = lx.core.tree_leaves(vf)
@@ -145,7 +146,7 @@ def floor_step(nfe, ps, counter):
         z, total = z0, 0.0
         for _ in range(nfe):
             counter[0] += 1
-            out = (field(z, vf, {})[0].view(B, H, C) @ dx).squeeze(-1)
+            out = (field(z, vf, st)[0].view(B, H, C) @ dx).squeeze(-1)
             z = z + 1e-3 * out
         return (z ** 2).mean(), leaves
     return step
