@@ -40,8 +40,11 @@ for a dense ``J``, ``d`` for a batched one), or a callable ``jac(u, p, t)``
 returning ``J`` — shape ``(n, n)`` (or ``(*u.shape, *u.shape)``) for
 ``"dense"``, ``(B, d, d)`` for ``"batched"`` — checked on its first call.
 
-``f_t`` comes from the dense Jacobian's graph, else from one forward
-difference in ``t`` (exactly zero for an autonomous field). Under
+``f_t`` comes from the dense Jacobian's graph, else from one one-sided
+difference in ``t`` taken in the direction of integration (exactly zero for an
+autonomous field): the field is never evaluated past the end of the span,
+where it may not exist (the interpolating adjoints' backward field reads the
+forward dense output, which ends there). Under
 ``torch.no_grad`` the Jacobian is still formed (autograd is enabled locally);
 when ``f(u, t)`` carries a graph to parameters, ``J`` keeps it, so
 backpropagation through a solve sees ``dJ/dp``.
@@ -188,6 +191,26 @@ class Linearization:
         return self.J.abs().sum(-1).amax()
 
 
+class _JacobianAt(torch.autograd.Function):
+    """``value`` (``J`` or ``f_t``, differentiated at the leaf copy ``u_local`` of ``u``) reattached to ``u``.
+
+    The gradient reaching ``value`` flows on through its own graph (to the parameters) and, by the
+    chain rule through ``u_local = u``, to ``u``: ``grad_u = (d value / d u_local)^T grad``. Differentiable
+    again under ``create_graph=True``.
+    """
+
+    @staticmethod
+    def forward(ctx, u, value, u_local):
+        ctx.value, ctx.u_local = value, u_local
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (grad_u,) = torch.autograd.grad(ctx.value, ctx.u_local, grad, retain_graph=True,
+                                        create_graph=torch.is_grad_enabled(), allow_unused=True)
+        return grad_u, grad, None
+
+
 class JacobianEvaluator:
     """Per-solve evaluator of :class:`Linearization` objects (remembers a fallback to finite differences).
 
@@ -195,12 +218,14 @@ class JacobianEvaluator:
         config: the solver's :class:`JacobianConfig`.
         u0: the initial state (fixes the structure for the solve).
         owner: the solver's name for messages.
+        direction: the sign of the solve's steps (the side of ``t`` the time difference of ``f_t`` is taken on).
     """
 
-    __slots__ = ("config", "structure", "shape", "use_autodiff", "owner", "checked")
+    __slots__ = ("config", "structure", "shape", "use_autodiff", "owner", "checked", "direction")
 
-    def __init__(self, config: JacobianConfig, u0: torch.Tensor, owner: str) -> None:
+    def __init__(self, config: JacobianConfig, u0: torch.Tensor, owner: str, direction: float = 1.0) -> None:
         self.config, self.owner, self.shape = config, owner, tuple(u0.shape)
+        self.direction = -1.0 if direction < 0 else 1.0
         structure = config.structure
         if structure == "auto":
             structure = "dense" if u0.numel() <= DENSE_LIMIT else "matrix_free"
@@ -234,12 +259,15 @@ class JacobianEvaluator:
         (a field that differentiates internally): then finite differences, for the rest of the solve.
 
         The Jacobian keeps its graph (``create_graph``) when ``f(u, t)`` itself carries one, so that
-        backpropagation through the solve sees ``dJ/dp``.
+        backpropagation through the solve sees ``dJ/dp``. It is always formed at a fresh leaf copy of
+        ``u`` and reattached to ``u``'s history afterwards (:class:`_JacobianAt`): differentiating at
+        ``u`` itself makes every ``autograd.grad`` call walk the solve's whole graph so far, a cost
+        that grows with the step index (quadratic in the number of steps under ``DirectAdjoint``).
         """
         create_graph = torch.is_grad_enabled() and f_u.requires_grad
         dense = self.structure == "dense"
         with torch.enable_grad():
-            u_ = u if (u.requires_grad and create_graph) else u.detach().requires_grad_(True)
+            u_ = u.detach().requires_grad_(True)
             t_ = t.detach().requires_grad_(True) if (need_dfdt and dense) else t
             out = field.vf(u_, t_)
             if not out.requires_grad:
@@ -273,8 +301,11 @@ class JacobianEvaluator:
                 else:
                     dfdt = dts if dts is not None else t.new_zeros(n)
                 dfdt = dfdt.reshape(u.shape).to(u.dtype)
-            return J, dfdt
-        return J.permute(1, 0, 2), None  # rows (d, B, d) -> blocks (B, d, d)
+        else:
+            J, dfdt = J.permute(1, 0, 2), None  # rows (d, B, d) -> blocks (B, d, d)
+        if create_graph and u.requires_grad:
+            J, dfdt = (_JacobianAt.apply(u, x, u_) if x is not None and x.requires_grad else x for x in (J, dfdt))
+        return J, dfdt
 
     def _finite_difference(self, field, u, t, f_u, counters) -> torch.Tensor:
         eps = math.sqrt(torch.finfo(u.dtype).eps)
@@ -326,9 +357,10 @@ class JacobianEvaluator:
 
     # --- f_t ----------------------------------------------------------------------------------
     def _time_difference(self, field, u, t, f_u) -> torch.Tensor:
-        """``f_t`` by a forward difference (exactly zero for an autonomous field): one evaluation."""
+        """``f_t`` by a one-sided difference toward the step (exactly zero for an autonomous field): one
+        evaluation. At the start of a backward solve a forward difference would reach past the span."""
         t_host = host_time(t)
-        step = math.sqrt(torch.finfo(u.dtype).eps) * max(1.0, abs(t_host))
+        step = self.direction * math.sqrt(torch.finfo(u.dtype).eps) * max(1.0, abs(t_host))
         return (field.vf(u, time_scalar(t_host + step, t.dtype, t.device)) - f_u) / step
 
 
@@ -395,7 +427,8 @@ class AbstractStiffSolver(AbstractAdaptiveSolver):
         self.jacobian = JacobianConfig(type(self).__name__, jac, jac_structure, krylov_rtol)
 
     def init(self, term, t0, u0, dt0, f0=None):
-        return StiffState(f0, StiffCounters(), JacobianEvaluator(self.jacobian, u0, type(self).__name__))
+        direction = -1.0 if dt0 is not None and host_time(dt0) < 0 else 1.0
+        return StiffState(f0, StiffCounters(), JacobianEvaluator(self.jacobian, u0, type(self).__name__, direction))
 
     def bind_options(self, options) -> "AbstractStiffSolver":
         return self

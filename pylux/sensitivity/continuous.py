@@ -49,6 +49,7 @@ import torch
 from ..core import tree_replace_at_paths
 from ..diffeq import (AbstractSensitivityAlgorithm, MixedNorm, ODEProblem, SemiNorm, Solution, integrate,
                       rms_norm)
+from ..diffeq._device import host_time
 from ..diffeq.options import SolveOptions, _round_time
 from ..diffeq.sde import SDEProblem
 from .stochastic import stochastic_backsolve
@@ -379,9 +380,31 @@ class _Backward:
         self.stats["nvjp"] += 1
         return out, grads
 
+    def forward_state(self, t) -> torch.Tensor:
+        """``z(t)`` from the forward dense output of the current segment, continued past its ends.
+
+        A stage abscissa may lie past the step's end: Kvaerno5's third stage sits at
+        ``t + 1.2303 h``, so the last backward step of a segment evaluates the field
+        ``0.23 |h|`` beyond the segment, where the forward solve never went. There ``z`` is
+        the end step's own interpolant continued (polynomial extrapolation): a smooth (C^1
+        at the end, polynomial beyond) extension of the field, so the stage keeps the
+        method's order. Holding ``z`` at its end value instead would give the field a kink
+        in ``t`` and that stage an O(h) error; the extension's values only feed stages, never
+        the solution at the segment end, which remains a value of the forward trajectory.
+        """
+        dense = self.segment_dense._dense
+        th = host_time(t)
+        lo, hi = sorted((dense.t0, dense.t_end))
+        if lo <= th <= hi or not dense.pieces:
+            return self.segment_dense(t)
+        before = dense.direction * (th - dense.t0) < 0
+        j = 0 if before else len(dense.pieces) - 1
+        start, end = dense.starts[j], dense.ends[j]
+        return dense.pieces[j].evaluate([(th - start) / (end - start)])[0]
+
     def augmented(self, aug, t):
         n_z, zc, shape = self.n_z, self.z_channels, self.shape
-        z = self.segment_dense(t) if self.alg._interpolates else aug[:n_z].view(shape)
+        z = self.forward_state(t) if self.alg._interpolates else aug[:n_z].view(shape)
         a_z = aug[zc:zc + n_z].view(shape)
         out, grads = self._vjp(z, t, a_z, with_params=bool(self.theta_channels))
         pieces = [out.reshape(-1).detach().to(aug.dtype)] if not self.alg._interpolates else []
