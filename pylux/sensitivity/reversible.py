@@ -46,7 +46,6 @@ from ..diffeq._device import time_vector
 from ..diffeq.options import SolveOptions
 from ..diffeq.sde import SDEProblem
 from ..diffeq.solvers import ExplicitRungeKutta
-from ..diffeq.solvers import RKState
 from ._params import (apply_adjoint_function, check_all_gradients_used, check_no_hidden_parameters,
                       gradients_by_saved_time, refuse_higher_order)
 from .reversible_sde import reversible_heun_solve
@@ -223,7 +222,6 @@ def _reverse_sweep(ctx, field, y, z, grad_at, params, ps_, counter):
     a_z = torch.zeros_like(y)
     for leaf in ps_:
         leaf.grad = None
-    fresh = _FRESH  # no f(u, t) to reuse: every base step starts from its own first stage
     last = True  # the last step: z holds Z_{N-1} already and the adjoint of Z_N is zero
     for (t, dt, t_new), (t_, dt_, t_new_, minus_dt_) in zip(reversed(ctx.steps), reversed(_sweep_times(ctx))):
         g = grad_at.pop(t_new, None)
@@ -235,13 +233,13 @@ def _reverse_sweep(ctx, field, y, z, grad_at, params, ps_, counter):
             last = False
         else:
             y1 = y.detach().requires_grad_(True)
-            back = base.step(field, t_new_, y1, minus_dt_, fresh).u_new
+            back = base.advance(field, t_new_, y1, minus_dt_)[0]
             z0 = (z - y + back.detach()).requires_grad_(True)  # Z_n = Z_{n+1} + Ψ_{-h}(Y_{n+1})
             # adjoint of Z_{n+1} = Z_n + Y_{n+1} - back(Y_{n+1}): y1.grad = -J_back^T a_z
             torch.autograd.backward(back, -a_z, inputs=[y1, *ps_])
             counter["nvjp"] += 1
             a_y_total = a_y + a_z + y1.grad
-        fwd = base.step(field, t_, z0, dt_, fresh).u_new
+        fwd = base.advance(field, t_, z0, dt_)[0]  # the increment only: an FSAL method skips f(u_new)
         # adjoint of Y_{n+1} = λ(Y_n - Z_n) + fwd(Z_n)
         torch.autograd.backward(fwd, a_y_total, inputs=[z0, *ps_])
         counter["nvjp"] += 1
@@ -258,8 +256,3 @@ def _sweep_times(ctx):
     flat = [v for t, dt, t_new in ctx.steps for v in (t, dt, t_new, -dt)]
     tensors = time_vector(flat, *ctx.time) if flat else []
     return [tuple(tensors[4 * i:4 * i + 4]) for i in range(len(ctx.steps))]
-
-
-#: the state of a base step with nothing cached (immutable, so one instance serves every step)
-_FRESH = RKState(None)
-
