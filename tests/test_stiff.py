@@ -353,14 +353,14 @@ def _fd_relative(fun, x, h=1e-4):
     return g
 
 
-def _manifold_gradients_match(solver, sensealg, stiffness, tol, rtol):
+def _manifold_gradients_match(solver, sensealg, stiffness, tol, rtol, ref_tol=1e-12):
     p, u0 = torch.tensor([stiffness, 2.0], dtype=DT), torch.tensor([1.0, 0.5], dtype=DT)
     pr = p.clone().requires_grad_(True)
     ur = u0.clone().requires_grad_(True)
     loss = _manifold_loss(solver(), pr, ur, sensealg=sensealg, reltol=tol, abstol=tol)
     gp, gu = torch.autograd.grad(loss, (pr, ur))
     with torch.no_grad():
-        ref_kw = dict(reltol=1e-12, abstol=1e-12)
+        ref_kw = dict(reltol=ref_tol, abstol=ref_tol)
         fp = _fd_relative(lambda x: _manifold_loss(lx.Rodas5P(), x, u0, **ref_kw), p)
         fu = _fd_relative(lambda x: _manifold_loss(lx.Rodas5P(), p, x, **ref_kw), u0)
     assert fu.abs().max() > 0.1 and fp.abs().max() > 0.1   # gradients far above atol: rtol decides
@@ -386,7 +386,6 @@ def test_adaptive_gradients_under_each_sensealg_match_finite_differences(solver,
     _manifold_gradients_match(solver, sensealg(), stiffness, tol, rtol)
 
 
-@pytest.mark.parametrize("sensealg", [lx.InterpolatingAdjoint, lx.QuadratureAdjoint])
-def test_interpolating_adjoints_through_kvaerno5_on_a_stiff_problem(sensealg):
-    """The fast default-run variant: Kvaerno5 forward and backward at rate 1000, tolerance 1e-8."""
-    _manifold_gradients_match(lx.Kvaerno5, sensealg(), 1000.0, 1e-8, 1e-4)
+def test_interpolating_adjoint_through_kvaerno5_on_a_stiff_problem():
+    """The fast default-run variant: Kvaerno5 forward and backward at rate 1000, tolerance 1e-7."""
+    _manifold_gradients_match(lx.Kvaerno5, lx.InterpolatingAdjoint(), 1000.0, 1e-7, 1e-3, ref_tol=1e-10)
