@@ -17,10 +17,10 @@ Usage: python benchmarks/deq_solvers.py [--repeats 15] [--threads 2]
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+
+from _timing import interleaved as timed
 
 import pylux.nonlinear as nl
 
@@ -119,25 +119,6 @@ def pylux_fwd_bwd(name, params, x, z0, backward=None):
 
 
 # ---------------------------------------------------------------- timing
-def timed(cases: dict, repeats: int) -> dict:
-    """Median wall time (ms) and last output of each callable, measured round-robin.
-
-    Interleaving the cases makes a slow period of a shared machine hit all of
-    them alike instead of whichever happened to be running.
-    """
-    outputs = {}
-    for name, fn in cases.items():
-        for _ in range(3):
-            outputs[name] = fn()
-    samples = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, fn in cases.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(samples[name]) * 1e3, outputs[name]) for name in cases}
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)

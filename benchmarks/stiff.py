@@ -47,8 +47,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
+import sys
 import warnings
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -57,6 +56,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import pylux as lx  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import interleaved  # noqa: E402
 
 DT = torch.float64
 REFERENCE_RTOL = 1e-12
@@ -259,21 +261,9 @@ def cases_of(problem, tols, include_peers=True, torchdiffeq=True) -> dict:
     return cases
 
 
-def interleaved(cases: dict, repeats: int) -> dict:
-    """``{key: (median ms, last output)}`` with the cases run round-robin after one warm-up run each."""
-    outputs = {key: fn() for key, fn in cases.items()}
-    samples = {key: [] for key in cases}
-    for _ in range(repeats):
-        for key, fn in cases.items():
-            start = time.perf_counter()
-            fn()
-            samples[key].append(time.perf_counter() - start)
-    return {key: (statistics.median(samples[key]) * 1e3, outputs[key]) for key in cases}
-
-
 def problem_rows(problem, tols, repeats, include_peers=True, torchdiffeq=True) -> list[dict]:
     problem["ref"] = reference(problem)
-    results = interleaved(cases_of(problem, tols, include_peers, torchdiffeq), repeats)
+    results = interleaved(cases_of(problem, tols, include_peers, torchdiffeq), repeats, warmup=1)
     rows = []
     for (method, tol), (ms, (u, counts)) in results.items():
         rows.append(dict(problem=problem["name"], method=method, tol=tol, ms=ms, error=error(u, problem),

@@ -125,7 +125,7 @@ def pylux_forward(problem, solver, compile=False, controller=None):
 
 def have_diffrax() -> bool:
     try:
-        import diffrax  # noqa: F401
+        import diffrax  # noqa: F401 (availability check)
         import jax  # noqa: F401
     except ImportError:
         return False
