@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import pylux as lx
+from pylux.diffeq import MixedNorm
 from pylux.diffeq.compiled import CompiledSolver
 
 F64 = torch.float64
@@ -40,8 +41,9 @@ def test_unsupported_combinations_are_refused():
     prob = spiral_problem()
     with pytest.raises(TypeError, match="Runge"):
         lx.solve(prob, lx.VCAB3(), compile=True)
-    with pytest.raises(NotImplementedError, match="compile=False"):
-        lx.solve(prob, lx.Tsit5(), compile=True, sensealg=lx.BacksolveAdjoint())
+    for sensealg in (lx.InterpolatingAdjoint(), lx.QuadratureAdjoint(), lx.ReversibleAdjoint()):
+        with pytest.raises(NotImplementedError, match="BacksolveAdjoint.*compile=False"):
+            lx.solve(prob, lx.Tsit5(), compile=True, sensealg=sensealg)
     with pytest.raises(NotImplementedError, match="compile=False"):
         lx.solve(prob, lx.Tsit5(), compile=True, sensealg=lx.DirectAdjoint(checkpoints=4))
 
@@ -156,3 +158,59 @@ def test_captured_loop_failures_match_the_eager_loop():
     assert abs(comp.t[-1].item() - 1.0) < 1e-3
     with pytest.raises(lx.DtLessThanMinError, match="dtmin"):
         lx.solve(prob, lx.Tsit5(), reltol=1e-6, abstol=1e-6, saveat=[2.0], dtmin=1e-6, compile=True)
+
+
+def test_backsolve_under_compile_builds_its_compiled_forward_and_a_traceable_backward_field():
+    """No compilation here (fast): the capabilities that route BacksolveAdjoint through compiled solves."""
+    from pylux.diffeq.compiled import compiled_solver
+    from pylux.diffeq.options import make_options
+    prob = spiral_problem()
+    assert lx.BacksolveAdjoint.compiles_backward and not lx.InterpolatingAdjoint.compiles_backward
+    options = make_options(lx.Tsit5(), prob.u0, 0.0, 1.5, time_dtype=F64, dt=None, adaptive=True, saveat=[1.5],
+                           save_everystep=False, save_start=None, save_end=None, dense=False, reltol=1e-6,
+                           abstol=1e-6, controller=None, norm=None, dtmin=None, dtmax=None, maxiters=1000,
+                           callback=(), save_stats=False, throw=True, tstops=())
+    solver = compiled_solver(lx.Tsit5(), options, lx.BacksolveAdjoint(), True, prob.u0.device)
+    assert solver.compiled and not lx.Tsit5().compiled
+    # every backward pass builds its own norm: the compiled-loop cache must see them as one
+    assert MixedNorm([4, 4, 3]) == MixedNorm([4, 4, 3]) != MixedNorm([4, 4, 3], [True, True, False])
+    assert hash(MixedNorm([4, 4, 3])) == hash(MixedNorm([4, 4, 3]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seminorm", [False, True])
+def test_compiled_backsolve_equals_eager_and_compiles_once(seminorm):
+    """The forward and every backward solve of [z, a_z, a_theta] compiled (torch.func.vjp in the field):
+    the eager gradient to round-off, the same backward counts, and a second training step with new
+    parameter tensors and a new problem reuses the compiled graphs."""
+    from torch._dynamo.utils import counters
+
+    def run(compile, shift=0.0):
+        g = torch.Generator().manual_seed(1)
+        u0 = (0.5 * torch.randn(16, 2, generator=g, dtype=F64)).requires_grad_(True)
+        W = (0.5 * torch.randn(2, 2, generator=g, dtype=F64) + shift).requires_grad_(True)
+        b = torch.zeros(2, dtype=F64, requires_grad=True)
+
+        def f(u, p, t):
+            return torch.tanh(u @ p["W"]) + p["b"] - 0.1 * u ** 3
+        prob = lx.ODEProblem(f, u0, (0.0, 2.0), {"W": W, "b": b})
+        sol = lx.solve(prob, lx.Tsit5(), saveat=[0.5, 1.0, 2.0], reltol=1e-8, abstol=1e-8, compile=compile,
+                       sensealg=lx.BacksolveAdjoint(seminorm=seminorm))
+        grads = torch.autograd.grad((sol.u ** 2).sum() + sol.u[0].sum(), [u0, W, b])
+        return sol, grads
+
+    eager, g_eager = run(False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="solve.compile=True")
+        comp, g_comp = run(True)
+    assert comp.solver.whole_loop_refusal is None and comp.solver.compiled_steps > 0
+    for a, b in zip(g_comp, g_eager):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert dict(comp.backward_stats) == dict(eager.backward_stats)
+    assert comp.backward_stats["nvjp"] == comp.backward_stats["nf"]
+    graphs = counters["stats"]["unique_graphs"]
+    again, g_again = run(True, shift=0.01)
+    assert counters["stats"]["unique_graphs"] == graphs
+    eager_again, g_eager_again = run(False, shift=0.01)
+    for a, b in zip(g_again, g_eager_again):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

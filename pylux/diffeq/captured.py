@@ -178,6 +178,16 @@ def _build(base, controller, reltol, norm, direction, dtmin, dtmax, maxiters, n_
     return whole_solve
 
 
+def _norm_key(norm):
+    """The norm itself where it hashes (by value for :class:`~pylux.diffeq.MixedNorm`, which every backward
+    pass builds anew), else its identity; the key holds the object, so an id is never reused."""
+    try:
+        hash(norm)
+    except TypeError:
+        return ("unhashable", id(norm))
+    return norm
+
+
 def _compiled(key, build_args, mode):
     if key not in _CACHE:
         fn = _build(*build_args)
@@ -199,7 +209,7 @@ def captured_run(loop, out, dt: float) -> bool:
     controller = options.controller
     targets_host = list(loop.saver.targets)
     time_dtype, device = options.time_dtype, u0.device
-    key = (type(solver.base), id(solver.base.tableau), controller, options.reltol, id(options.norm), loop.direction,
+    key = (type(solver.base), id(solver.base.tableau), controller, options.reltol, _norm_key(options.norm), loop.direction,
            options.dtmin, options.dtmax, options.maxiters, len(targets_host), solver.mode)
     build_args = (solver.base, controller, options.reltol, options.norm, loop.direction, options.dtmin,
                   options.dtmax, options.maxiters, len(targets_host), NONFINITE_SHRINK, MAX_NONFINITE_STREAK)

@@ -28,9 +28,12 @@ control, values at ``saveat`` times only) go further: the whole loop runs as
 one compiled graph (:mod:`pylux.diffeq.captured`); this step-by-step path
 serves the rest.
 
-Scope: explicit Runge–Kutta solvers (``Tsit5()``, ``DP5()``, ``BS3()``, …),
-``sensealg=None`` or ``DirectAdjoint()`` (autograd differentiates the compiled
-graph), ODE problems.
+Scope: explicit Runge–Kutta solvers (``Tsit5()``, ``DP5()``, ``BS3()``, …), ODE
+problems, and ``sensealg=None`` or ``DirectAdjoint()`` (autograd differentiates
+the compiled graph) or an algorithm that declares ``compiles_backward``
+(``BacksolveAdjoint``: its forward solve and every backward solve of the
+augmented state run compiled, the vector–Jacobian products traced with
+``torch.func.vjp``).
 """
 
 from __future__ import annotations
@@ -91,6 +94,8 @@ class CompiledSolver(AbstractSolver):
 
     ``fallback_reason`` is ``None`` while the step runs compiled, else why it fell back to eager.
     """
+
+    compiled = True
 
     def __init__(self, base: ExplicitRungeKutta, options, mode: str = "default") -> None:
         self.base = base
@@ -192,7 +197,8 @@ def compiled_solver(solver, options, sensealg, compile, device: torch.device) ->
     if not isinstance(solver, ExplicitRungeKutta):
         raise TypeError(f"solve: compile=True compiles explicit Runge–Kutta steps (Tsit5(), DP5(), BS3(), RK4(), "
                         f"...), got {solver!r}; solve it with compile=False")
-    if sensealg is not None and not getattr(sensealg, "differentiates_solver", False):
-        raise NotImplementedError(f"solve: compile=True runs under sensealg=None or DirectAdjoint(), not "
-                                  f"{sensealg!r}; pass compile=False for this sensealg")
+    if sensealg is not None and not (getattr(sensealg, "differentiates_solver", False)
+                                     or getattr(sensealg, "compiles_backward", False)):
+        raise NotImplementedError(f"solve: compile=True runs under sensealg=None, DirectAdjoint() or "
+                                  f"BacksolveAdjoint(), not {sensealg!r}; pass compile=False for this sensealg")
     return CompiledSolver(solver, options, mode)

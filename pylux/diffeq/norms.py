@@ -125,6 +125,13 @@ class MixedNorm:
         # unmeasured groups still turn a NaN/Inf into NaN (0 * sum is 0 only when all entries are finite)
         return value if self._all_measured else value + 0.0 * flat.sum()
 
+    def __eq__(self, other) -> bool:
+        return isinstance(other, MixedNorm) and (self.sizes, self.measured) == (other.sizes, other.measured)
+
+    def __hash__(self) -> int:
+        # by value: each backward pass builds its own, and a compiled loop is cached per norm
+        return hash((MixedNorm, tuple(self.sizes), tuple(self.measured)))
+
     def __repr__(self) -> str:
         groups = ", ".join(f"{n}{'' if m else ' (unmeasured)'}" for n, m in zip(self.sizes, self.measured))
         return f"MixedNorm([{groups}])"

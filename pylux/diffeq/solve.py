@@ -42,12 +42,16 @@ class AbstractSensitivityAlgorithm(abc.ABC):
       own operations, so per-step quantities of the solve (error and stiffness
       estimates, the dense output) are differentiable in the parameters.
     * ``handles_sde``: it can differentiate a solve of an :class:`SDEProblem`.
+    * ``compiles_backward``: under ``solve(..., compile=True)`` its forward and
+      backward solves run compiled (:mod:`pylux.diffeq.compiled`).
     """
 
     #: see the class docstring
     differentiates_solver: bool = False
     #: the algorithm can differentiate an SDE solve (pathwise, on the solve's fixed Brownian path)
     handles_sde: bool = False
+    #: ``compile=True`` compiles the algorithm's own backward solves (see the class docstring)
+    compiles_backward: bool = False
 
     @abc.abstractmethod
     def solve_with(self, problem: ODEProblem, solver: AbstractSolver, options: SolveOptions) -> Solution:

@@ -161,6 +161,10 @@ class AbstractSolver(abc.ABC):
     #: saveat time instead of interpolating (the reversible pair).
     steps_onto_saveat: bool = False
 
+    #: True when steps run as compiled graphs (``solve(..., compile=True)``): a vector field given to
+    #: it must be traceable by ``torch.compile`` (no ``torch.autograd.grad``, no host reads)
+    compiled: bool = False
+
     @abc.abstractmethod
     def init(self, term: BoundTerm, t0, u0: torch.Tensor, dt0, f0: torch.Tensor | None = None) -> Any:
         """Implemented by each concrete subclass."""

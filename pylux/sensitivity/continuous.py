@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from ..core import tree_replace_at_paths
-from ..diffeq import (AbstractSensitivityAlgorithm, MixedNorm, ODEProblem, SemiNorm, Solution, integrate,
+from ..diffeq import (AbstractSensitivityAlgorithm, MixedNorm, ODEProblem, ODETerm, SemiNorm, Solution, integrate,
                       rms_norm)
 from ..diffeq._device import host_time
 from ..diffeq.options import SolveOptions, _round_time
@@ -149,12 +149,21 @@ class BacksolveAdjoint(_ContinuousAdjoint):
     Li et al. (2020), solved backward on the solve's own Brownian path (see
     :mod:`pylux.sensitivity.stochastic` for its accuracy).
 
+    Under ``solve(..., compile=True)`` the forward solve and each backward
+    solve of ``[z, a_z, a_θ]`` run compiled (the whole adaptive loop as one
+    graph where :mod:`pylux.diffeq.captured` allows), the augmented field's
+    vector–Jacobian products traced with ``torch.func.vjp``; the gradient is
+    the eager one to round-off. The forward solve then records no step sizes,
+    so :class:`~pylux.regularize.LocalErrorRegularization` samples its step
+    from the mean accepted step.
+
     Raises:
         NotImplementedError: with a tensor ``abstol`` or ``save_stats=True``
             (both need :class:`DirectAdjoint`).
     """
 
     handles_sde = True
+    compiles_backward = True
 
 
 class InterpolatingAdjoint(_ContinuousAdjoint):
@@ -287,9 +296,10 @@ class _AdjointFunction(torch.autograd.Function):
             # on the time grid of the solve, so that a checkpoint equal to a saved time is that time
             checkpoints = tuple(x for x in (_round_time(c, options.time_dtype) for c in checkpoints)
                                 if x != t0 and x != t1)
-        # the accepted steps' t and dt are recorded (host floats, no gradient): regularizers read them
+        # the accepted steps' t and dt are recorded (host floats, no gradient): regularizers read them; a
+        # compiled solve does not record them, so that its whole loop can run as one graph
         forward_options = options.replace(dense=alg._interpolates and checkpoints is None,
-                                          save_stats=False, save_steps=True)
+                                          save_stats=False, save_steps=checkpoints is not None or not solver.compiled)
         if checkpoints and options.saveat is not None:
             forward_options = forward_options.replace(
                 saveat=tuple(_merge_times(options.saveat, checkpoints, direction)))
@@ -452,10 +462,17 @@ class _Backward:
             return aug
         if self.alg._interpolates:
             self.segment_dense = self._forward_dense(k)
-        sol = integrate(self.augmented, aug, t_from, t_to, self.solver, self.back_options)
+        functional = self.solver.compiled and not self.alg._interpolates
+        field = (_AugmentedTerm(self.problem.term, self.problem.p, self.paths, self.shape,
+                                bool(self.theta_channels), self).bind(tuple(self.params))
+                 if functional else self.augmented)
+        nvjp_before = self.stats["nvjp"]
+        sol = integrate(field, aug, t_from, t_to, self.solver, self.back_options)
         for key, value in (("nf", sol.stats.nf), ("naccept", sol.stats.naccept),
                            ("nreject", sol.stats.nreject)):
             self.stats[key] += value
+        if functional:  # every evaluation of the augmented term is one VJP, eager or traced
+            self.stats["nvjp"] = nvjp_before + sol.stats.nf
         if self.alg._quadrature:
             self._quadrature_over(sol)
         return sol.u[-1]
@@ -526,6 +543,41 @@ class _Backward:
             else:
                 grads.append(self.param_grads[j])
         return [grad_u0, *grads]
+
+
+class _AugmentedTerm(ODETerm):
+    """The backsolve field of ``[z, a_z, a_θ]`` in a form ``torch.compile`` traces (``compile=True``).
+
+    ``vf(aug, params, t) = [f(z), -a_zᵀ ∂_z f, -a_zᵀ ∂_θ f]`` with the vector–Jacobian
+    product from ``torch.func.vjp`` (``torch.autograd.grad`` breaks a graph). The
+    parameters are the bound ``p`` (graph inputs), everything else is fixed per
+    backward pass, so one compiled loop serves every backward pass of the same
+    model. The first evaluation, which every loop makes eagerly, goes through
+    the eager field (:meth:`_Backward.augmented`): it checks once that the
+    parameters are not hidden in a closure.
+    """
+
+    def __init__(self, inner, tree, paths, shape, with_params: bool, eager) -> None:
+        self.inner, self.tree, self.paths = inner, tree, tuple(paths)
+        self.shape, self.n_z = tuple(shape), math.prod(shape)
+        self.with_params, self.eager = with_params, eager
+        self.f = self._field
+
+    def _field(self, aug, params, t):
+        if not torch.compiler.is_compiling() and not self.eager.checked:
+            return self.eager.augmented(aug, t)
+        n_z = self.n_z
+        z, a_z = aug[:n_z].view(self.shape), aug[n_z:2 * n_z].view(self.shape)
+        inner, tree, paths = self.inner, self.tree, self.paths
+
+        def f(z, *ps):
+            return inner.vf(z, tree_replace_at_paths(tree, paths, ps) if paths else tree, t)
+
+        wrt = params if self.with_params else ()
+        out, pullback = torch.func.vjp(f, z, *wrt)
+        grads = pullback(a_z.to(out.dtype))
+        pieces = [out.reshape(-1).to(aug.dtype)] + [-g.reshape(-1).to(aug.dtype) for g in grads]
+        return torch.cat(pieces)
 
 
 def _neg_flat(g, n: int, like: torch.Tensor) -> torch.Tensor:
