@@ -157,8 +157,9 @@ def solve(prob: ODEProblem, solver: AbstractSolver | None = None, *, dt=None, ad
             norm) as one ``torch.compile`` graph (CUDA graphs on CUDA), cached
             per shape/dtype/device, falling back to eager with a warning when
             ``f`` cannot be compiled (:mod:`pylux.diffeq.compiled`); or a
-            ``torch.compile`` mode name. Explicit RK solvers, ``sensealg=None``
-            or ``DirectAdjoint()``. The first call compiles (seconds). An
+            ``torch.compile`` mode name. Explicit RK solvers, ``sensealg=None``,
+            ``DirectAdjoint()`` or ``BacksolveAdjoint()`` (whose backward solves
+            are compiled too). The first call compiles (seconds). An
             adaptive FSAL method (Tsit5, DP5, BS3) with PI or I control that
             saves at ``saveat`` times only (no callbacks, ``tstops``, dense or
             per-step output) runs its whole loop as one compiled graph, with one
