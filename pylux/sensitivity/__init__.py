@@ -14,6 +14,7 @@ from .continuous import BackwardStats, BacksolveAdjoint, InterpolatingAdjoint, Q
 from .direct import DirectAdjoint
 from .per_sample import per_sample_backsolve  # noqa: F401  (registers BacksolveAdjoint for batch='per-sample')
 from .reversible import ReversibleAdjoint
+from .per_sample_reversible import per_sample_reversible  # noqa: F401  (registers ReversibleAdjoint for batch='per-sample')
 from .steady_state import AbstractImplicitSensitivity, JacobianFreeBackprop, SteadyStateAdjoint
 
 __all__ = ["BackwardStats", "BacksolveAdjoint", "DirectAdjoint", "InterpolatingAdjoint", "QuadratureAdjoint",
