@@ -78,19 +78,35 @@ def leaf_params(params):
 SOLVERS = {"Tsit5": lx.Tsit5, "DP5": lx.DP5}
 
 
-def pylux_step(alg, tol, solver="Tsit5", controller=None):
+class SolveCounted:
+    """The NFE of a solve read from its own counters (forward ``sol.stats.nf``, then the backward pass's
+    ``sol.backward_stats``): a compiled field cannot carry a Python counter."""
+
+    def __init__(self):
+        self.sol = None
+
+    @property
+    def n(self):
+        return self.sol.stats.nf + (self.sol.backward_stats or {}).get("nf", 0)
+
+
+def pylux_step(alg, tol, solver="Tsit5", controller=None, compile=False):
     """A pylux train step. ``controller`` defaults to ``IController()``, the controller every peer here
     uses (torchdiffeq's and torchode's integral control, diffrax's ``PIDController`` with its default
     pure-integral gains): pylux's default PI controller (OrdinaryDiffEq's gains) grows the step more
-    slowly from the initial guess and takes 38 NFE on this 1-unit solve where integral control takes 20."""
+    slowly from the initial guess and takes 38 NFE on this 1-unit solve where integral control takes 20.
+    ``compile=True`` solves with ``solve(..., compile=True)`` (the first call compiles)."""
     controller = lx.IController() if controller is None else controller
 
     def run(params, u0, field):
         p = leaf_params(params)
-        counted = Counted(field)
-        prob = lx.ODEProblem(lambda u, p_, t: counted(u, p_, t), u0, (0.0, 1.0), p)
+        counted = SolveCounted() if compile else Counted(field)
+        f = field if compile else (lambda u, p_, t: counted(u, p_, t))
+        prob = lx.ODEProblem(f, u0, (0.0, 1.0), p)
         sol = lx.solve(prob, SOLVERS[solver](), saveat=[1.0], reltol=tol, abstol=tol, sensealg=alg,
-                       controller=controller)
+                       controller=controller, compile=compile)
+        if compile:
+            counted.sol = sol
         return sol.u[-1].pow(2).mean(), list(p.values()), counted
     return run
 

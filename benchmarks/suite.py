@@ -8,7 +8,8 @@ Problems (float32 unless noted; the problem code is imported from the single-top
 * P2 Kelly MNIST field (state 784, hidden 100, batch 512, tol 1e-5; node_train_step.py, weights
   x ``--scale``): the forward solve, and forward + backward of mean(z(1)^2) for pylux DirectAdjoint,
   BacksolveAdjoint ± seminorm, InterpolatingAdjoint, ReversibleAdjoint, DirectAdjoint(checkpoints=8)
-  beside torchdiffeq odeint / odeint_adjoint ± seminorm and torchode AutoDiffAdjoint.
+  beside torchdiffeq odeint / odeint_adjoint ± seminorm and torchode AutoDiffAdjoint; with ``--compile``
+  also DirectAdjoint and BacksolveAdjoint under ``compile=True``.
 * P3 the floor of P2: one evaluation of f and one vector–Jacobian product of f (u and parameters).
 * P4 the DEQ z = tanh(Wz + Ux + b) at tol 1e-4 (deq_solvers.py): Broyden, Anderson and
   fixed-point iteration, forward and forward + implicit backward, pylux and torchdeq.
@@ -185,13 +186,22 @@ def forward_rows(key, problem, repeats, compile: bool):
     return rows, f_ms
 
 
-def training_rows(inputs, tol, repeats):
+def training_rows(inputs, tol, repeats, compile=False):
     """P2 forward + backward of every sensealg and peer (node_train_step's runners) on
-    ``inputs = nts.make_problem(...)``."""
+    ``inputs = nts.make_problem(...)``; with ``compile``, also pylux Direct and Backsolve with
+    ``compile=True`` (compiled before the timing)."""
     params, u0, d = inputs
     field = nts.kelly_field(d)
     p64 = {k: v.double() for k, v in params.items()}
     ref, _, _ = nts.train_step(nts.pylux_step(lx.DirectAdjoint(), 1e-8), p64, u0.double(), field)
+    compiled = {}
+    if compile:
+        for name, alg in (("pylux DirectAdjoint compile=True", lx.DirectAdjoint()),
+                          ("pylux BacksolveAdjoint compile=True", lx.BacksolveAdjoint())):
+            compiled[name] = nts.pylux_step(alg, tol, compile=True)
+            start = time.perf_counter()
+            nts.train_step(compiled[name], params, u0, field)
+            print(f"P2 {name}: first step (compilation) {time.perf_counter() - start:.1f} s")
     runs = {
         "pylux DirectAdjoint": nts.pylux_step(lx.DirectAdjoint(), tol),
         "pylux DirectAdjoint(checkpoints=8)": nts.pylux_step(lx.DirectAdjoint(checkpoints=8), tol),
@@ -203,6 +213,7 @@ def training_rows(inputs, tol, repeats):
         "torchdiffeq odeint_adjoint": nts.torchdiffeq_step(True, False, tol),
         "torchdiffeq odeint_adjoint(seminorm)": nts.torchdiffeq_step(True, True, tol),
         "torchode AutoDiffAdjoint": nts.torchode_step(False, tol),
+        **compiled,
     }
     modes = {"pylux DirectAdjoint": "backprop", "pylux DirectAdjoint(checkpoints=8)": "backprop",
              "torchdiffeq odeint": "backprop", "torchode AutoDiffAdjoint": "backprop",
@@ -210,6 +221,7 @@ def training_rows(inputs, tol, repeats):
              "pylux BacksolveAdjoint": "backsolve", "torchdiffeq odeint_adjoint": "backsolve",
              "pylux InterpolatingAdjoint": "backsolve",
              "pylux BacksolveAdjoint(seminorm)": "backsolve seminorm",
+             "pylux DirectAdjoint compile=True": "backprop", "pylux BacksolveAdjoint compile=True": "backsolve",
              "torchdiffeq odeint_adjoint(seminorm)": "backsolve seminorm"}
     cases = {name: (lambda run=run: nts.train_step(run, params, u0, field)) for name, run in runs.items()}
     results = interleaved(cases, repeats)
@@ -307,7 +319,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--scale", type=float, default=1.0, help="P2 weights x scale (3: a harder field)")
-    parser.add_argument("--compile", action="store_true", help="add the P1/P2 forward rows with compile=True")
+    parser.add_argument("--compile", action="store_true", help="add the P1/P2 forward and P2 Direct/Backsolve rows with compile=True")
     parser.add_argument("--problems", default="P1,P2,P3,P4")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -326,7 +338,7 @@ def main():
     if p2 is not None:
         rows += forward_rows("P2", p2, args.repeats, args.compile)[0]
     if train_inputs is not None:
-        train, floor_inputs = training_rows(train_inputs, 1e-5, args.repeats)
+        train, floor_inputs = training_rows(train_inputs, 1e-5, args.repeats, args.compile)
         if "P2" in wanted:
             rows += train
         if "P3" in wanted:
