@@ -198,6 +198,22 @@ def test_saved_times_at_the_start_and_duplicated_by_the_mask():
     assert_all_close(grads, ref, rtol=1e-9, atol=1e-11)
 
 
+
+def test_a_partial_solve_differentiates_what_it_reached():
+    # maxiters stops every sample early (throw=False): the unreached times are NaN and get no gradient
+    p, u0, times = case(batch=3, seed=12)
+    grads = []
+    for alg in (ReversibleAdjoint(), ReversibleAdjoint(backprop=True)):
+        q, x0 = leaves(p, u0)
+        sol = solve(q, x0, times, alg, maxiters=5, throw=False)
+        assert sol.stats.retcode_per_sample == (de.ReturnCode.MaxIters,) * 3
+        reached = torch.isfinite(sol.u[..., 0])
+        assert 0 < int(reached.sum()) < reached.numel()
+        loss = torch.nan_to_num(sol.u).pow(2).sum()
+        grads.append(torch.autograd.grad(loss, [x0, q["W"], q["q"]]))
+    assert_all_close(*grads, rtol=1e-9, atol=1e-11)
+    assert float(grads[0][1].abs().max()) > 1e-2
+
 # --- costs --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("base,per_increment", [(de.Tsit5(), 6), (de.Midpoint(), 2)], ids=["Tsit5", "Midpoint"])
