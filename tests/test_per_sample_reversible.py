@@ -214,6 +214,18 @@ def test_a_partial_solve_differentiates_what_it_reached():
     assert_all_close(*grads, rtol=1e-9, atol=1e-11)
     assert float(grads[0][1].abs().max()) > 1e-2
 
+
+@pytest.mark.slow
+def test_many_steps_of_many_samples_equal_backprop():
+    p, u0, times = case(batch=16, seed=13, count=6)
+    p = dict(p, W=3 * p["W"])
+    tol = dict(reltol=1e-6, abstol=1e-6, solver=de.Midpoint())  # 1000-2000 steps per sample
+    _, grads, sol = grads_of(p, u0, times, ReversibleAdjoint(), **tol)
+    _, ref, _ = grads_of(p, u0, times, ReversibleAdjoint(backprop=True), **tol)
+    assert int(sol.stats.naccept_per_sample.min()) > 300
+    assert sol.backward_stats["reconstruction_error"] < 1e-10
+    assert_all_close(grads, ref, rtol=1e-8, atol=1e-10)
+
 # --- costs --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("base,per_increment", [(de.Tsit5(), 6), (de.Midpoint(), 2)], ids=["Tsit5", "Midpoint"])
