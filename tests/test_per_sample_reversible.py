@@ -118,22 +118,26 @@ def test_gradient_approaches_direct_adjoint_of_the_ode():
 
 # --- steps: a sample's own solve ---------------------------------------------------------------
 
-def test_one_sample_batch_equals_the_joint_reversible_solve():
+# (scale, reltol, rejects, rtol): the second solve rejects steps; its step ends move by ~1e-10 under a
+# 1e-16 change of u0 (the joint solve's own sensitivity: its error estimates cancel heavily), so the two
+# implementations' round-off differences (controller on host floats or tensors, dt folded into the weights
+# or not) reach the gradient at that level
+@pytest.mark.parametrize("scale,reltol,rejects,rtol", [(1.0, 1e-6, False, 1e-12), (6.0, 1e-5, True, 1e-8)],
+                         ids=["smooth", "rejecting"])
+def test_one_sample_batch_equals_the_joint_reversible_solve(scale, reltol, rejects, rtol):
     p, u0, times = case(batch=1, seed=4, count=5)
-    p = dict(p, W=6 * p["W"], q=6 * p["q"])  # a solve with rejected steps
-    tol = dict(reltol=1e-5, abstol=1e-5)
+    p = dict(p, W=scale * p["W"], q=scale * p["q"])
+    tol = dict(reltol=reltol, abstol=reltol)
     alg = ReversibleAdjoint(coupling=0.99)
     loss, grads, sol = grads_of(p, u0, times, alg, **tol)
     joint_loss, joint_grads, joint = grads_of(p, u0, times[0].tolist(), alg, batch="joint", **tol)
-    assert joint.stats.nreject > 0
+    assert (joint.stats.nreject > 0) == rejects
     assert int(sol.stats.naccept_per_sample[0]) == joint.stats.naccept
     assert int(sol.stats.nreject_per_sample[0]) == joint.stats.nreject
     assert int(sol.stats.nf_per_sample[0]) == joint.stats.nf
-    # the same steps; their sizes agree to round-off (tensor vs host arithmetic of the controller, dt folded
-    # into the weights or not), which the solve amplifies to ~1e-11
-    torch.testing.assert_close(sol.u[:, 0], joint.u[:, 0], rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(loss, joint_loss, rtol=1e-10, atol=0)
-    assert_all_close(grads, joint_grads, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(sol.u[:, 0], joint.u[:, 0], rtol=rtol, atol=rtol * 1e-2)
+    torch.testing.assert_close(loss, joint_loss, rtol=rtol, atol=0)
+    assert_all_close(grads, joint_grads, rtol=rtol, atol=rtol * 1e-2)
     for key in ("nf", "nvjp", "nsteps"):
         assert sol.backward_stats[key] == joint.backward_stats[key], key
 
