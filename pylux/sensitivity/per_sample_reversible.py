@@ -404,8 +404,10 @@ def per_sample_reversible(alg: ReversibleAdjoint, problem, run: PerSampleRun) ->
     but reaches ``f`` only through a closure raises :class:`~pylux.sensitivity.HiddenParameterError`.
 
     Raises:
+        TypeError: a base that is not an explicit Runge–Kutta method.
         ValueError: an adaptive solve (no ``dt`` with ``adaptive=False``) around a base without an
             embedded error estimate.
+        HiddenParameterError: a tensor that requires grad reaches ``f`` only through a closure.
     """
     base = alg.solver if alg.solver is not None else run.solver
     if not isinstance(base, ExplicitRungeKutta):
