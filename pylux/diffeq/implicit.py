@@ -51,6 +51,7 @@ the embedded order for the embedded ones.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -62,9 +63,10 @@ import torch
 from ._device import host_time
 from .controllers import AbstractController, PIController
 from .interpolation import HermiteInterpolant, linear_combination
-from .jacobian import AbstractStiffSolver, StiffState
+from .jacobian import AbstractStiffSolver, StiffCounters, StiffState
 from .norms import rms_norm
 from .solvers import StepResult, StepStatus, _stage_times, as_step_times, time_add
+from ..core.validation import check_choice
 from .tableau import TableauError
 from .terms import as_bound_term
 
@@ -212,6 +214,41 @@ KVAERNO5_TABLEAU = ImplicitTableau(
     b=_K71, b_embedded=_K61 + (0.0,), order=5, embedded_order=4)
 
 
+class _StageAdjoint(torch.autograd.Function):
+    r"""The implicit-function-theorem gradient of one stage solve ``G(z, x) = z - h f(psi + gamma z, t_i) = 0``.
+
+    Applied to the residual ``r = G(z*, x)`` evaluated *with* its graph at the converged (detached)
+    ``z*``, it returns zeros (so ``z* - apply(r)`` has the value ``z*``) and its backward maps the
+    cotangent ``g`` to ``(dG/dz)^{-T} g`` with the exact ``dG/dz = I - h gamma J(psi + gamma z*)``,
+    formed and factorised once per backward pass. Autograd then carries on through ``r``'s graph:
+
+    .. math::
+        \bar x = -\big(\partial G/\partial x\big)^T (\partial G/\partial z)^{-T}\,\bar z
+                = \big(dz^*/dx\big)^T \bar z,
+
+    the implicit function theorem, exact at ``z*`` whatever Newton iteration (and Newton matrix)
+    found it. Once differentiable (the backward forms ``J`` without a graph); a backward pass
+    with ``create_graph=True`` raises.
+    """
+
+    @staticmethod
+    def forward(ctx, r, term, y_star, f_star, t_i, hgamma, evaluator):
+        ctx.term, ctx.evaluator, ctx.hgamma = term, evaluator, hgamma
+        ctx.save_for_backward(y_star, f_star, t_i)
+        return torch.zeros_like(r)
+
+    @staticmethod
+    def backward(ctx, g):
+        if torch.is_grad_enabled():
+            raise RuntimeError("the implicit stage gradient of an ESDIRK solve is once differentiable "
+                               "(backward with create_graph=True): construct the solver with "
+                               "newton_gradient='unrolled' for higher derivatives")
+        y_star, f_star, t_i = ctx.saved_tensors
+        counters = StiffCounters()  # the forward solve's statistics are final by now
+        lin = ctx.evaluator(ctx.term, y_star, t_i, f_star, counters, need_dfdt=False)
+        return lin.factor(ctx.hgamma, counters).solve_transpose(g), None, None, None, None, None, None
+
+
 class _NewtonFailure:
     __slots__ = ("reason",)
 
@@ -227,6 +264,15 @@ class DiagonallyImplicitRungeKutta(AbstractStiffSolver):
         max_newton_iters: Newton iterations per stage before the stage fails (default 10).
         jac_refresh_theta: a Newton contraction ``theta`` above this marks the Jacobian for
             recomputation at the next step (default 0.3).
+        newton_gradient: how backpropagation (``DirectAdjoint``) crosses a stage solve.
+            ``"implicit"`` (default): Newton runs without a graph and each converged stage ``z*`` is
+            attached by the implicit function theorem (:class:`_StageAdjoint`): one evaluation of ``f``
+            with its graph per stage, and in the backward pass one Jacobian and LU at the stage point;
+            the saved memory is one evaluation of ``f`` per stage, whatever the number of Newton
+            iterations, and the gradient is exact for the stage equation at ``z*``. ``"unrolled"``:
+            backpropagation through every Newton iteration (the Jacobian keeps its graph); its
+            gradient is that of the iteration that was run, which differs from the implicit one by
+            the Newton tolerance, and its memory grows with the iterations.
 
     Dense output: the cubic Hermite interpolant through ``(u, f(u))`` and
     ``(u_new, f(u_new))`` (third order); ``f(u_new)`` is the last stage's
@@ -236,7 +282,8 @@ class DiagonallyImplicitRungeKutta(AbstractStiffSolver):
     tableau: ImplicitTableau
 
     def __init__(self, *, jac="auto", jac_structure: str = "auto", krylov_rtol: float = 1e-7,
-                 max_newton_iters: int = 10, jac_refresh_theta: float = 0.3) -> None:
+                 max_newton_iters: int = 10, jac_refresh_theta: float = 0.3,
+                 newton_gradient: str = "implicit") -> None:
         super().__init__(jac=jac, jac_structure=jac_structure, krylov_rtol=krylov_rtol)
         owner = type(self).__name__
         if isinstance(max_newton_iters, bool) or not isinstance(max_newton_iters, int) or max_newton_iters < 1:
@@ -245,10 +292,11 @@ class DiagonallyImplicitRungeKutta(AbstractStiffSolver):
             raise ValueError(f"{owner}: jac_refresh_theta must be in (0, 1), got {jac_refresh_theta!r}")
         self.max_newton_iters = max_newton_iters
         self.jac_refresh_theta = float(jac_refresh_theta)
+        self.newton_gradient = check_choice(owner, "newton_gradient", newton_gradient, ("implicit", "unrolled"))
         self._tolerances = (1e-6, 1e-3, rms_norm)
 
     def _key(self) -> tuple:
-        return super()._key() + (self.max_newton_iters, self.jac_refresh_theta)
+        return super()._key() + (self.max_newton_iters, self.jac_refresh_theta, self.newton_gradient)
 
     def bind_options(self, options) -> "DiagonallyImplicitRungeKutta":
         bound = copy.copy(self)
@@ -317,10 +365,11 @@ class DiagonallyImplicitRungeKutta(AbstractStiffSolver):
         if f0 is None:
             f0 = term.vf(u, t)
         lin, W, current = state.lin, state.newton, state.jac_current
-        if lin is None:
-            lin, W, current = state.evaluator(term, u, t, f0, state.counters, need_dfdt=False), None, True
-        if W is None or abs(hg - W.hgamma) > W_REUSE_RTOL * abs(hg):
-            W = lin.factor(hg, state.counters)
+        with self._newton_graph():
+            if lin is None:
+                lin, W, current = state.evaluator(term, u, t, f0, state.counters, need_dfdt=False), None, True
+            if W is None or abs(hg - W.hgamma) > W_REUSE_RTOL * abs(hg):
+                W = lin.factor(hg, state.counters)
         times = _stage_times(t, dt, tab.c)
         work = StiffState(f0, state.counters, state.evaluator, lin, W, state.eta, state.eigen_estimate, current)
         outcome = self._stages(term, times, u, f0, h, work, t)
@@ -329,7 +378,8 @@ class DiagonallyImplicitRungeKutta(AbstractStiffSolver):
             if drift > self.jac_refresh_theta:
                 # the old Jacobian does not describe the step's direction: its stages may be wrong by more
                 # than Newton measured, so the step is redone with J at u
-                self._refresh(term, work, t, u, f0, h)
+                with self._newton_graph():
+                    self._refresh(term, work, t, u, f0, h)
                 work.eta = 1.0
                 outcome = self._stages(term, times, u, f0, h, work, t)
         if isinstance(outcome, _NewtonFailure):
@@ -368,13 +418,36 @@ class DiagonallyImplicitRungeKutta(AbstractStiffSolver):
                 continue
             psi = linear_combination(u, Z, tab.a[i][:i]) if Z else u
             guess = Z[-1] if Z else f0 * h
-            outcome = self._stage(term, psi, guess, times[i], h, work, t, u, f0)
+            with self._newton_graph():
+                outcome = self._stage(term, psi, guess, times[i], h, work, t, u, f0)
             if isinstance(outcome, _NewtonFailure):
                 return outcome
             z, theta = outcome
+            if self.newton_gradient == "implicit" and torch.is_grad_enabled() and (
+                    psi.requires_grad or f0.requires_grad):
+                z = self._attach(term, psi, z, times[i], h, work)
             theta_max = max(theta_max, theta)
             Z.append(z)
         return Z, theta_max
+
+    def _newton_graph(self):
+        """The context of the Newton iteration and its linear algebra: no graph unless unrolled."""
+        return torch.no_grad() if self.newton_gradient == "implicit" else contextlib.nullcontext()
+
+    def _attach(self, term, psi, z, t_i, h, work: StiffState) -> torch.Tensor:
+        """The converged stage ``z`` (value unchanged) with the implicit-function-theorem gradient:
+        ``z - A(r)`` for the residual ``r = z - h f(psi + gamma z, t_i)`` evaluated with its graph at the
+        detached ``z`` and ``A`` = :class:`_StageAdjoint`. A field without a graph to its inputs leaves
+        ``z`` detached (nothing to differentiate)."""
+        z = z.detach()
+        gamma = self.tableau.gamma
+        y = linear_combination(psi, (z,), (gamma,))
+        fy = term.vf(y, t_i)
+        if not fy.requires_grad:
+            return z
+        r = linear_combination(z, (fy,), (-h,))
+        t_d = t_i.detach() if isinstance(t_i, torch.Tensor) else t_i
+        return z - _StageAdjoint.apply(r, term, y.detach(), fy.detach(), t_d, h * gamma, work.evaluator)
 
     def _stale_contraction(self, term, t, u, f0, Z, h, work: StiffState) -> float:
         r"""The simplified Newton iteration's contraction along the step, for a Jacobian ``J_W`` formed

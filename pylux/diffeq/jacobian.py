@@ -137,17 +137,27 @@ class NewtonMatrix:
         self.ok = (info == 0).all() & torch.isfinite(self.lu).all()
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
+        return self._solve(rhs, False)
+
+    def solve_transpose(self, rhs: torch.Tensor) -> torch.Tensor:
+        """``M^{-T} rhs`` in ``rhs``'s shape (the adjoint of :meth:`solve`): the same LU, or GMRES on
+        ``v - h gamma J^T v`` with vector–Jacobian products."""
+        return self._solve(rhs, True)
+
+    def _solve(self, rhs: torch.Tensor, adjoint: bool) -> torch.Tensor:
         lin = self.lin
         self.counters.nsolve += 1
         if lin.structure == "dense":
-            return torch.linalg.lu_solve(self.lu, self.pivots, rhs.reshape(-1, 1)).reshape(rhs.shape)
+            x = torch.linalg.lu_solve(self.lu, self.pivots, rhs.reshape(-1, 1), adjoint=adjoint)
+            return x.reshape(rhs.shape)
         if lin.structure == "batched":
-            return torch.linalg.lu_solve(self.lu, self.pivots, rhs.unsqueeze(-1)).squeeze(-1)
+            return torch.linalg.lu_solve(self.lu, self.pivots, rhs.unsqueeze(-1), adjoint=adjoint).squeeze(-1)
         from ..nonlinear import gmres
         hgamma = self.hgamma
+        product = lin.rmatvec if adjoint else lin.matvec
 
         def matvec(v):
-            return v - hgamma * lin.matvec(v.reshape(rhs.shape)).reshape(v.shape)
+            return v - hgamma * product(v.reshape(rhs.shape)).reshape(v.shape)
         result = gmres(matvec, rhs.reshape(1, -1), rtol=lin.config.krylov_rtol, restart=lin.config.krylov_restart)
         self.counters.nkrylov += result.matvecs
         return result.x.reshape(rhs.shape)
@@ -156,12 +166,13 @@ class NewtonMatrix:
 class Linearization:
     """``J`` (in its structure) and ``f_t`` at one point ``(u, t)``; ``factor(h gamma)`` gives a :class:`NewtonMatrix`."""
 
-    __slots__ = ("structure", "J", "dfdt", "u", "t", "f_u", "field", "config", "use_autodiff")
+    __slots__ = ("structure", "J", "dfdt", "u", "t", "f_u", "field", "config", "use_autodiff", "vjp_graph")
 
     def __init__(self, structure, J, dfdt, u, t, f_u, field, config, use_autodiff) -> None:
         self.structure, self.J, self.dfdt = structure, J, dfdt
         self.u, self.t, self.f_u, self.field, self.config = u, t, f_u, field, config
         self.use_autodiff = use_autodiff
+        self.vjp_graph = None
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``J v`` for ``v`` of the state's shape."""
@@ -179,6 +190,25 @@ class Linearization:
         scale = math.sqrt(torch.finfo(u.dtype).eps) * (1.0 + torch.linalg.vector_norm(u))
         eps = scale / vnorm.clamp_min(torch.finfo(u.dtype).tiny)
         return (field.vf(u + eps * v, t) - self.f_u) / eps
+
+    def rmatvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``J^T v`` for ``v`` of the state's shape (matrix-free: a vector–Jacobian product by reverse
+        mode, which needs ``f``'s autograd graph to ``u``)."""
+        if self.structure == "dense":
+            return (self.J.T @ v.reshape(-1)).reshape(v.shape)
+        if self.structure == "batched":
+            return (self.J.transpose(-1, -2) @ v.unsqueeze(-1)).squeeze(-1)
+        if self.vjp_graph is None:
+            with torch.enable_grad():
+                u_ = self.u.detach().requires_grad_(True)
+                out = self.field.vf(u_, self.t)
+            if not out.requires_grad:
+                raise RuntimeError("J^T v needs f's autograd graph to u, but f's output carries none (f detaches "
+                                   "or differentiates internally); use jac_structure='dense' or 'batched'")
+            self.vjp_graph = (u_, out)  # one evaluation of f for every product
+        u_, out = self.vjp_graph
+        (g,) = torch.autograd.grad(out, u_, v, retain_graph=True, allow_unused=True)
+        return g if g is not None else torch.zeros_like(v)
 
     def factor(self, hgamma: float, counters) -> NewtonMatrix:
         return NewtonMatrix(self, hgamma, counters)
