@@ -14,7 +14,7 @@ where ``h`` is the step and ``gamma`` the method's diagonal coefficient. How
 ``J`` is held is the *structure*:
 
 * ``"dense"`` — ``J`` as an ``n x n`` matrix (``n = u.numel()``) by reverse
-  mode, one backward pass per row (batched passes above 16 rows), with ``f_t``
+  mode, all ``n`` rows in one batched backward pass (``is_grads_batched``), with ``f_t``
   from the same graph; ``M`` is factorised once
   per ``h gamma`` with ``torch.linalg.lu_factor_ex`` and every stage solve is a
   triangular solve.
@@ -284,9 +284,10 @@ class JacobianEvaluator:
 
     # --- J ------------------------------------------------------------------------------------
     def _autodiff(self, field, u, t, f_u, need_dfdt):
-        """``(J, f_t)`` by reverse mode (one backward pass per output row: the dense rows, or the rows
-        of all blocks at once), or ``(None, None)`` when ``f``'s output has no autograd graph to ``u``
-        (a field that differentiates internally): then finite differences, for the rest of the solve.
+        """``(J, f_t)`` by reverse mode (one batched backward pass over all output rows: the dense
+        rows, or the rows of all blocks at once; :meth:`_rows`), or ``(None, None)`` when ``f``'s
+        output has no autograd graph to ``u`` (a field that differentiates internally): then finite
+        differences, for the rest of the solve.
 
         The Jacobian keeps its graph (``create_graph``) when ``f(u, t)`` itself carries one, so that
         backpropagation through the solve sees ``dJ/dp``. It is always formed at a fresh leaf copy of
@@ -307,35 +308,45 @@ class JacobianEvaluator:
                                        "'finite_difference'")
                 self.use_autodiff = False
                 return None, None
-            rows = out.reshape(-1) if dense else out.sum(0)
             wrt = (u_, t_) if t_ is not t else (u_,)
-            n = rows.numel()
-            if n <= 16:
-                grads = [torch.autograd.grad(rows[i], wrt, retain_graph=True, create_graph=create_graph,
-                                             allow_unused=True) for i in range(n)]
-                J_rows = [g[0] if g[0] is not None else torch.zeros_like(u) for g in grads]
-                J = torch.stack(J_rows)
-                dts = [g[1] if len(g) > 1 else None for g in grads]
-            else:
-                eye = torch.eye(n, dtype=rows.dtype, device=rows.device)
-                g = torch.autograd.grad(rows, wrt, eye, is_grads_batched=True, create_graph=create_graph,
-                                        allow_unused=True)
-                J = g[0] if g[0] is not None else u.new_zeros((n,) + tuple(u.shape))
-                dts = None if len(g) < 2 else g[1]
+            J, dts, n = self._rows(out, wrt, dense, create_graph)
         if dense:
             J = J.reshape(n, n)
             dfdt = None
             if t_ is not t:
-                if isinstance(dts, list):
-                    dfdt = torch.stack([x if x is not None else torch.zeros_like(t) for x in dts])
-                else:
-                    dfdt = dts if dts is not None else t.new_zeros(n)
-                dfdt = dfdt.reshape(u.shape).to(u.dtype)
+                dfdt = (dts if dts is not None else t.new_zeros(n)).reshape(u.shape).to(u.dtype)
         else:
             J, dfdt = J.permute(1, 0, 2), None  # rows (d, B, d) -> blocks (B, d, d)
         if create_graph and u.requires_grad:
             J, dfdt = (_JacobianAt.apply(u, x, u_) if x is not None and x.requires_grad else x for x in (J, dfdt))
         return J, dfdt
+
+    @staticmethod
+    def _rows(out, wrt, dense: bool, create_graph: bool):
+        """``(J_rows, dt_rows, n)``: the ``n`` output rows' gradients with respect to ``wrt`` in one
+        batched backward pass (``is_grads_batched``: the cotangents ``e_1 .. e_n`` through a vmapped
+        backward), rows ``(n, *u.shape)``. Dense: the rows of ``f(u).reshape(-1)``; batched: for each
+        output component ``i`` the cotangent ``e_i`` in every sample at once (the rows of all ``B``
+        blocks). A field whose backward has no batching rule falls back to one pass per row."""
+        u_ = wrt[0]
+        if dense:
+            n = out.numel()
+            cotangents = torch.eye(n, dtype=out.dtype, device=out.device).reshape((n,) + tuple(out.shape))
+        else:
+            n = out.shape[-1]
+            eye = torch.eye(n, dtype=out.dtype, device=out.device)
+            cotangents = eye.unsqueeze(1).expand((n,) + tuple(out.shape))
+        try:
+            g = torch.autograd.grad(out, wrt, cotangents, is_grads_batched=True, retain_graph=True,
+                                    create_graph=create_graph, allow_unused=True)
+        except RuntimeError:
+            rows = [torch.autograd.grad(out, wrt, c, retain_graph=True, create_graph=create_graph,
+                                        allow_unused=True) for c in cotangents]
+            g = tuple(None if all(r[k] is None for r in rows) else
+                      torch.stack([r[k] if r[k] is not None else torch.zeros_like(x) for r in rows])
+                      for k, x in enumerate(wrt))
+        J = g[0] if g[0] is not None else u_.new_zeros((n,) + tuple(u_.shape))
+        return J, (g[1] if len(g) > 1 else None), n
 
     def _finite_difference(self, field, u, t, f_u, counters) -> torch.Tensor:
         eps = math.sqrt(torch.finfo(u.dtype).eps)
