@@ -1,7 +1,6 @@
 """Stiff solvers: Rosenbrock23, Rodas5P, ImplicitEuler, TRBDF2, Kvaerno5 (orders, references, Jacobians,
 gradients, bad inputs)."""
 
-
 import numpy as np
 import pytest
 import torch

@@ -157,3 +157,44 @@ def test_implicit_stage_gradient_with_a_matrix_free_newton_matrix():
         loss = _loss(lx.TRBDF2(jac_structure=structure, krylov_rtol=1e-12, max_newton_iters=50), p, u0, **kw)
         grads.append(torch.cat(torch.autograd.grad(loss, (p, u0))))
     assert torch.allclose(grads[0], grads[1], rtol=1e-8, atol=0.0)
+
+
+# --- the batched autodiff Jacobian -----------------------------------------------------------------
+
+class _HostReadCube(torch.autograd.Function):
+    """x^3 whose backward reads its cotangent on the host: vmap has no batching rule for that."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x ** 3
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        if float(g.abs().max()) == 0.0:
+            return torch.zeros_like(x)
+        return 3.0 * g * x ** 2
+
+
+@pytest.mark.parametrize("structure", ["dense", "batched"])
+def test_autodiff_jacobian_without_a_batching_rule_falls_back_to_row_passes(structure):
+    """The Jacobian of f(u) = -A u - u^3 (the cube through a backward vmap cannot batch) equals the
+    closed form -A - 3 diag(u^2), with f_t = 0 from the same passes (dense)."""
+    from pylux.diffeq.jacobian import JacobianConfig, JacobianEvaluator, StiffCounters
+    A = torch.tensor([[2.0, 1.0], [0.0, 3.0]], dtype=DT)
+
+    def f(u, p, t):
+        return -u @ A.T - _HostReadCube.apply(u)
+
+    u = torch.tensor([[0.5, -1.5], [2.0, 0.25], [1.0, 1.0]], dtype=DT)
+    if structure == "dense":
+        u = u[0]
+    term = lx.ODEProblem(f, u, (0.0, 1.0)).term.bind(None)
+    t = torch.tensor(0.0, dtype=DT)
+    lin = JacobianEvaluator(JacobianConfig("test", "autodiff", structure), u, "test")(
+        term, u, t, term.vf(u, t), StiffCounters(), need_dfdt=structure == "dense")
+    expected = -A - 3.0 * torch.diag_embed(u ** 2)
+    assert torch.allclose(lin.J, expected, rtol=1e-14, atol=1e-14)
+    if structure == "dense":
+        assert torch.equal(lin.dfdt, torch.zeros_like(u))

@@ -43,6 +43,13 @@ Host transfers: one per Newton iteration (the norm of the update, which
 decides convergence); a singular or non-finite matrix is detected from a
 non-finite update, so the matrix's status is read only on that failure path.
 
+Gradients (``DirectAdjoint``): by default Newton runs without a graph and each
+converged stage is attached by the implicit function theorem (:class:`_StageAdjoint`:
+the backward pass solves ``(I - h gamma J(Y*))^T w = g`` with the exact Jacobian at
+the stage point), so the saved memory does not grow with the Newton iterations and
+the gradient is that of the exact stage solution; ``newton_gradient="unrolled"``
+backpropagates through the iterations instead.
+
 Tableaus are validated at construction (:class:`ImplicitTableau`): row sums
 equal ``c``, a constant implicit diagonal, and every Butcher order condition
 (all rooted trees) up to the method's order for the propagated weights and
