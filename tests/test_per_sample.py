@@ -288,16 +288,30 @@ def test_joint_batch_saveat_under_every_sensealg(sensealg):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
 
 
-def test_per_sample_stepping_refuses_the_re_solving_sensealgs():
+def test_per_sample_stepping_runs_every_built_in_sensealg_and_refuses_an_unregistered_one():
     k, u0 = batch_case(2)
-    with pytest.raises(NotImplementedError, match="does not support batch='per-sample'.*DirectAdjoint"
-                                                  ".*BacksolveAdjoint.*InterpolatingAdjoint"):
-        de.solve(problem(k, u0), de.Tsit5(), batch="per-sample", sensealg=QuadratureAdjoint())
-    # ReversibleAdjoint has its own per-sample backward pass (tests/test_per_sample_reversible.py)
+    times = random_times(2, 3)
+    leaves = [k.clone().requires_grad_(True), torch.tensor(0.3, dtype=F64, requires_grad=True)]
+
+    def grads(sensealg):
+        sol = de.solve(problem(*leaves[:1], u0, a=leaves[1]), de.Tsit5(), saveat=times, batch="per-sample",
+                       sensealg=sensealg, reltol=1e-8, abstol=1e-8)
+        return torch.autograd.grad((sol.u ** 2).sum(), leaves)
+    reference = grads(DirectAdjoint())
+    # QuadratureAdjoint and checkpointed InterpolatingAdjoint have per-sample backward passes
+    # (tests/test_per_sample_adjoints_more.py), as ReversibleAdjoint does (tests/test_per_sample_reversible.py)
+    for sensealg in (QuadratureAdjoint(), InterpolatingAdjoint(checkpointing=2)):
+        for got, want in zip(grads(sensealg), reference):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
     sol = de.solve(problem(k, u0), de.Tsit5(), batch="per-sample", sensealg=ReversibleAdjoint())
     assert isinstance(sol.solver, de.Reversible) and sol.u.shape == (2, 2, 2)
-    with pytest.raises(NotImplementedError, match="checkpointing is not supported with batch='per-sample'"):
-        de.solve(problem(k, u0), de.Tsit5(), batch="per-sample", sensealg=InterpolatingAdjoint(checkpointing=2))
+
+    class Unregistered(de.AbstractSensitivityAlgorithm):
+        def solve_with(self, problem, solver, options):
+            raise AssertionError("never reached under batch='per-sample'")
+    with pytest.raises(NotImplementedError, match="Unregistered does not support batch='per-sample'.*DirectAdjoint"
+                                                  ".*BacksolveAdjoint.*InterpolatingAdjoint"):
+        de.solve(problem(k, u0), de.Tsit5(), batch="per-sample", sensealg=Unregistered())
 
 
 # --- the per-sample backsolve adjoint ----------------------------------------------------------

@@ -57,13 +57,18 @@ here): ``InterpolatingAdjoint(checkpointing=...)``, ``QuadratureAdjoint``,
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
-from ..diffeq.per_sample import BatchSolution, PerSampleLoop, per_sample_norm, register_per_sample_adjoint
+from ..diffeq.integrate import CountingField
+from ..diffeq.per_sample import (BatchSolution, PerSampleLoop, _per_sample_solution, per_sample_norm,
+                                 register_per_sample_adjoint)
 from ._params import BackwardStats, check_no_hidden_parameters, grad_leaves, refuse_higher_order
-from .continuous import BacksolveAdjoint, InterpolatingAdjoint, _bound_field
+from .continuous import BacksolveAdjoint, InterpolatingAdjoint, QuadratureAdjoint, _bound_field
 
-__all__ = ["per_sample_backsolve", "per_sample_interpolating"]
+__all__ = ["per_sample_backsolve", "per_sample_interpolating", "per_sample_quadrature"]
 
 
 class _AugmentedField:
@@ -157,12 +162,16 @@ class _PerSampleDense:
         return torch.baddbmm(u.reshape(B, 1, -1), weights, k).reshape(u.shape)
 
 
-class _RecordingLoop(PerSampleLoop):
-    """The forward per-sample loop, keeping each step's start, accepted size, state and stages."""
+class _StepStartLoop(PerSampleLoop):
+    """The per-sample loop, remembering where the step being taken started (``self.step_start``)."""
 
     def rk_step(self, u, t, dt_step):
         self.step_start = t
         return super().rk_step(u, t, dt_step)
+
+
+class _RecordingLoop(_StepStartLoop):
+    """The forward per-sample loop, keeping each step's start, accepted size, state and stages."""
 
     def on_step(self, u, accept, dt_step, stages) -> None:
         log = self.__dict__.setdefault("log", ([], [], [], []))
@@ -179,6 +188,30 @@ class _RecordingLoop(PerSampleLoop):
                          [torch.zeros_like(self.u0)] * self.tableau.stages)
         starts, sizes, states, stages = (torch.stack(x) for x in self.log)
         return _PerSampleDense(starts, sizes, states, stages, self.direction, self.constants)
+
+
+class _CheckpointingLoop(_StepStartLoop):
+    """The forward loop of the checkpointed adjoint: it keeps no dense output, only, per sample and
+    checkpoint interval, the size of the accepted step that started at or last before the interval's start
+    (``first_dt``, ``(B, M)``), with which the backward pass starts that interval's re-solve."""
+
+    def on_step(self, u, accept, dt_step, stages) -> None:
+        d = self.direction[:, None]
+        hit = accept[:, None] & (d * self.step_start[:, None] <= d * self.interval_starts)
+        self.first_dt = torch.where(hit, dt_step.abs()[:, None], self.first_dt)
+
+
+class _ResolveLoop(_RecordingLoop):
+    """One checkpoint interval's forward re-solve, started with the step the forward solve took there
+    (as the joint checkpointed adjoint does), recording that interval's dense output."""
+
+    def initial_dt(self, f0):
+        recorded = torch.minimum(self.first_dt, self.dtmax)
+        # a sample with no accepted step up to the interval's start only occurs after a failed forward solve
+        missing = (recorded == 0) & (self.t1 != self.t0)
+        if bool(missing.any()):
+            return torch.where(missing, super().initial_dt(f0), recorded)
+        return recorded
 
 
 class _BackwardLoop(PerSampleLoop):
@@ -223,83 +256,249 @@ class _BackwardLoop(PerSampleLoop):
         self.stage_records = []
 
 
+class _QuadratureLoop(_StepStartLoop):
+    """The per-sample loop on ``a`` alone that adds each accepted step's Gauss–Legendre quadrature of
+    ``-a^T d_theta f`` to ``grads`` (one VJP per step, every node and sample at once)."""
+
+    def setup(self, grads, term, leaves, nodes: int):
+        self.grads, self.term, self.leaves = grads, term, leaves
+        x, w = np.polynomial.legendre.leggauss(nodes)
+        abscissae = (x + 1.0) / 2.0
+        self.node_c = torch.tensor(abscissae, dtype=self.t0.dtype, device=self.t0.device)[:, None]  # (n, 1)
+        self.node_w = [float(v) / 2.0 for v in w]
+        # a(s + c h) = a(s) + h sum_i b_i(c) k_i: the step's own dense output at the nodes, (n, s)
+        self.node_weights = self.constants.dense_weights(
+            torch.tensor(abscissae, dtype=self.u0.dtype, device=self.u0.device))
+        self.nquadrature = 0
+        self.checked = False
+
+    def rk_step(self, u, t, dt_step):
+        self.field.records = []  # the stages' (f, a) are not needed: the nodes are evaluated afresh
+        return super().rk_step(u, t, dt_step)
+
+    def on_step(self, y, accept, dt_step, stages) -> None:
+        if not self.leaves:
+            return
+        B = y.shape[0]
+        flat = torch.stack([k.reshape(B, -1) for k in stages], dim=1)  # (B, s, F)
+        a_nodes = torch.addcmul(y.reshape(B, 1, -1), dt_step.to(y.dtype)[:, None, None],
+                                torch.matmul(self.node_weights, flat))  # (B, n, F)
+        node_times = torch.addcmul(self.step_start, self.node_c, dt_step)  # (n, B)
+        keep = accept.view(self.state_shape)
+        outputs, cotangents = [], []
+        with torch.enable_grad():
+            for j, w_j in enumerate(self.node_w):
+                out = self.term.vf(self.field.dense(node_times[j]), node_times[j])
+                if not self.checked:
+                    check_no_hidden_parameters(out, self.leaves, where=f"{self.field.where}: f")
+                    self.checked = True
+                if out.requires_grad:
+                    a = a_nodes[:, j].reshape(y.shape)
+                    weight = (-w_j * dt_step).to(y.dtype).view(self.state_shape)
+                    # where, not a product: a rejected trial's stages may be NaN/Inf
+                    cotangents.append(torch.where(keep, weight * a, torch.zeros_like(a)).to(out.dtype))
+                    outputs.append(out)
+        self.nquadrature += len(self.node_w)
+        if outputs:
+            grads = torch.autograd.grad(outputs, self.leaves, cotangents, allow_unused=True)
+            self.field.nvjp += 1
+            for j, g in enumerate(grads):
+                if g is not None:
+                    self.grads[j] += g
+
+
 class _PerSampleAdjointFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, alg, problem, run, paths, holder, u0, *params):
         detached = [x.detach() for x in params]
-        interpolates = isinstance(alg, InterpolatingAdjoint)
+        checkpoints = holder["checkpoints"]
+        records = isinstance(alg, (InterpolatingAdjoint, QuadratureAdjoint)) and checkpoints is None \
+            and run.times.shape[1] > 0
+        term = _bound_field(problem, paths, detached)
+        ctx.dense = ctx.grid = ctx.positions = ctx.first_dt = None
         with torch.no_grad():
-            sol, loop = run.solve_with_loop(_bound_field(problem, paths, detached), u0.detach(),
-                                            loop_class=_RecordingLoop if interpolates else None)
+            if checkpoints is None:
+                sol, loop = run.solve_with_loop(term, u0.detach(), loop_class=_RecordingLoop if records else None)
+                ctx.dense = loop.dense() if records else None
+                states = sol.u[-1:] if sol.u.shape[0] else sol.u
+            else:
+                sol, states, ctx.grid, ctx.positions, ctx.first_dt = _checkpointed_forward(run, term, u0.detach(),
+                                                                                           checkpoints)
         holder["solution"] = sol
         ctx.alg, ctx.problem, ctx.run, ctx.paths = alg, problem, run, paths
-        ctx.dense = loop.dense() if interpolates else None
         ctx.backward_stats = holder["backward_stats"]
-        last = sol.u[-1:] if sol.u.shape[0] else sol.u
-        ctx.save_for_backward(u0.detach(), last.detach(), *detached)
+        ctx.save_for_backward(u0.detach(), states.detach(), *detached)
         return sol.u.detach().clone()
 
     @staticmethod
     def backward(ctx, grad_u):
-        name = type(ctx.alg).__name__
-        refuse_higher_order(name)
-        u0, last, *params = ctx.saved_tensors
-        run, alg, dense = ctx.run, ctx.alg, ctx.dense
-        times, t0 = run.times, run.t0
-        B, T = times.shape
+        refuse_higher_order(type(ctx.alg).__name__)
+        u0, states, *params = ctx.saved_tensors
+        grad_u0, grads = _Backward(ctx, u0, states, params).gradients(grad_u.to(u0.dtype))
+        return (None,) * 5 + (grad_u0, *grads)
+
+
+def _checkpointed_forward(run, term, u0, checkpoints):
+    """The forward per-sample solve saving at each sample's saved times and checkpoints merged.
+
+    Returns ``(solution at the saved times, (M, B, ...) states at the merged times, (B, M) merged times,
+    (B, T) column of each saved time among them, (B, M) first step of each interval)``.
+    """
+    times, t0, t1 = run.times, run.t0, run.t1
+    B, T = times.shape
+    direction = torch.where(t1 >= t0, 1.0, -1.0).to(times.dtype)[:, None]
+    # checkpoints past a sample's last saved time would only carry a zero adjoint: moved onto that time
+    last = times[:, -1:]
+    checkpoints = torch.where(direction * checkpoints > direction * last, last, checkpoints)
+    merged = torch.cat([times, checkpoints], dim=1)
+    M = merged.shape[1]
+    order = torch.sort(direction * merged, dim=1, stable=True).indices
+    grid = merged.gather(1, order)
+    positions = torch.empty_like(order).scatter_(1, order, torch.arange(M, device=order.device).expand(B, M))
+    field = CountingField(term, u0)
+    loop = run.loop(field, u0, t0, t1, grid, loop_class=_CheckpointingLoop)
+    loop.interval_starts = torch.cat([t0[:, None], grid[:, :-1]], dim=1)
+    loop.first_dt = torch.zeros_like(loop.interval_starts)
+    states = loop.run()
+    saved = states[positions[:, :T].transpose(0, 1), torch.arange(B, device=u0.device)[None, :]]
+    sol = _per_sample_solution(loop, field, run.solver, times, saved, run.options, run.throw)
+    return sol, states, grid, positions[:, :T], loop.first_dt
+
+
+class _Backward:
+    """One backward pass of a per-sample adjoint: the backward per-sample solve of each segment between
+    consecutive saved (or checkpoint) times, the jumps at the saved times, and the counters."""
+
+    def __init__(self, ctx, u0, states, params):
+        self.alg, self.problem, self.run, self.paths = ctx.alg, ctx.problem, ctx.run, ctx.paths
+        self.u0, self.states, self.params = u0, states, params
+        self.dense, self.grid, self.positions, self.first_dt = ctx.dense, ctx.grid, ctx.positions, ctx.first_dt
+        self.record = ctx.backward_stats
+        self.name = type(self.alg).__name__
+        self.backsolve = not isinstance(self.alg, (InterpolatingAdjoint, QuadratureAdjoint))
+        self.quadrature = isinstance(self.alg, QuadratureAdjoint)
+        self.checkpointed = self.grid is not None
+
+    def fail(self, what: str, loop, failed, t_from, t_to):
+        b = failed[0]
+        raise RuntimeError(
+            f"{self.name} (batch='per-sample'): the {what} of sample(s) {failed[:8]} failed between "
+            f"t = {float(t_from[b])!r} and {float(t_to[b])!r} (sample {b} stopped at t = "
+            f"{float(loop.result[1][b])!r}); loosen the backward tolerances or use DirectAdjoint()")
+
+    def resolve(self, k, ends, stats):
+        """The forward dense output over interval ``k`` (``ends[:, k]`` to ``ends[:, k + 1]``), re-solved
+        per sample from its checkpoint with the forward options and the forward solve's first step."""
+        run = self.run
+        start = self.u0 if k == 0 else self.states[k - 1]
+        field = CountingField(_bound_field(self.problem, self.paths, self.params), start)
+        options = run.options.replace(dt=None) if run.options.adaptive else run.options
+        loop = run.loop(field, start, ends[:, k], ends[:, k + 1], ends.new_zeros((start.shape[0], 0)),
+                        options=options, loop_class=_ResolveLoop)
+        loop.first_dt = self.first_dt[:, k]
+        with torch.no_grad():
+            loop.run()
+        failed = (loop.result[3] != 0).nonzero().flatten().tolist()
+        if failed:
+            self.fail("forward re-solve from a checkpoint", loop, failed, ends[:, k], ends[:, k + 1])
+        stats["nf_forward_resolve"] += field.count
+        return loop.dense()
+
+    def gradients(self, grad_u):
+        run, alg, u0, params = self.run, self.alg, self.u0, self.params
+        B, T = run.times.shape
         grads = [torch.zeros_like(x) for x in params]
-        stats = BackwardStats(nf=0, nf_param=0, nvjp=0, naccept=0, nreject=0,
+        stats = BackwardStats(nf=0, nvjp=0, naccept=0, nreject=0,
                               nf_per_sample=torch.zeros(B, dtype=torch.long, device=u0.device))
+        stats.update({"nquadrature": 0} if self.quadrature else {"nf_param": 0})
+        if self.checkpointed:
+            stats["nf_forward_resolve"] = 0
         if T == 0:
-            ctx.backward_stats.update(stats)
-            return (None,) * 5 + (torch.zeros_like(u0), *grads)
+            self.record.update(stats)
+            return torch.zeros_like(u0), grads
         leaves = [x.detach().requires_grad_(True) for x in params]
-        term = _bound_field(ctx.problem, ctx.paths, leaves)
-        field = (_AugmentedField(term, leaves, name) if dense is None
-                 else _InterpolatedField(term, leaves, name, dense))
+        term = _bound_field(self.problem, self.paths, leaves)
+        if self.backsolve:
+            field = _AugmentedField(term, leaves, self.name)
+        elif self.quadrature:  # the stages need no graph to the parameters: the nodes have their own
+            field = _InterpolatedField(_bound_field(self.problem, self.paths, params), [], self.name, self.dense)
+        else:
+            field = _InterpolatedField(term, leaves, self.name, self.dense)
         options = run.options.replace(reltol=alg.reltol if alg.reltol is not None else run.options.reltol,
                                       abstol=alg.abstol if alg.abstol is not None else run.options.abstol)
-        grad_u = grad_u.to(u0.dtype)
-        y = torch.stack([last[0], grad_u[T - 1]], dim=1) if dense is None else grad_u[T - 1]
-        ends = torch.cat([t0[:, None], times], dim=1)  # segment k runs from ends[:, k + 1] to ends[:, k]
+        if self.checkpointed:  # dL/du at the merged times (checkpoint columns get none)
+            grid = self.grid
+            jumps = grad_u.new_zeros((grid.shape[1],) + tuple(grad_u.shape[1:]))
+            jumps[self.positions.transpose(0, 1), torch.arange(B, device=u0.device)[None, :]] = grad_u
+        else:
+            grid, jumps = run.times, grad_u
+        M = grid.shape[1]
+        y = torch.stack([self.states[0], jumps[M - 1]], dim=1) if self.backsolve else jumps[M - 1]
+        ends = torch.cat([run.t0[:, None], grid], dim=1)  # segment k runs from ends[:, k + 1] to ends[:, k]
         moving = (ends[:, 1:] != ends[:, :-1]).any(0).tolist()
-        no_saves = times.new_zeros((B, 0))
-        for k in range(T - 1, -1, -1):
+        no_saves = grid.new_zeros((B, 0))
+        nodes = (alg.nodes or max(1, math.ceil((run.solver.order + 1) / 2))) if self.quadrature else 0
+        for k in range(M - 1, -1, -1):
             if moving[k]:
+                if self.checkpointed:
+                    field.dense = self.resolve(k, ends, stats)
                 loop = run.loop(field, y, ends[:, k + 1], ends[:, k], no_saves, options=options,
-                                loop_class=_BackwardLoop)
-                loop.setup(grads, options.norm, interpolates=dense is not None)
+                                loop_class=_QuadratureLoop if self.quadrature else _BackwardLoop)
+                if self.quadrature:
+                    loop.setup(grads, term, leaves, nodes)
+                else:
+                    loop.setup(grads, options.norm, interpolates=not self.backsolve)
                 loop.run()
                 y, _, _, code, naccept, nreject, nfe = loop.result
                 failed = (code != 0).nonzero().flatten().tolist()
                 if failed:
-                    b = failed[0]
-                    raise RuntimeError(
-                        f"{name} (batch='per-sample'): the backward solve of sample(s) {failed[:8]} failed between "
-                        f"t = {float(ends[b, k + 1])!r} and {float(ends[b, k])!r} (sample {b} stopped at t = "
-                        f"{float(loop.result[1][b])!r}); loosen the backward tolerances or use DirectAdjoint()")
+                    self.fail("backward solve", loop, failed, ends[:, k + 1], ends[:, k])
                 stats["naccept"] += int(naccept.sum())
                 stats["nreject"] += int(nreject.sum())
                 stats["nf_per_sample"] += nfe
-                stats["nf_param"] += loop.nf_param
+                if self.quadrature:
+                    stats["nquadrature"] += loop.nquadrature
+                else:
+                    stats["nf_param"] += loop.nf_param
+                if self.checkpointed:
+                    field.dense = None  # the interval's dense output is freed before the next one is made
             if k:
-                y = torch.stack([y[:, 0], y[:, 1] + grad_u[k - 1]], dim=1) if dense is None else y + grad_u[k - 1]
+                y = torch.stack([y[:, 0], y[:, 1] + jumps[k - 1]], dim=1) if self.backsolve else y + jumps[k - 1]
         stats["nf"], stats["nvjp"] = field.count, field.nvjp
-        ctx.backward_stats.update(stats)
-        grad_u0 = y[:, 1] if dense is None else y
-        return (None,) * 5 + (grad_u0.reshape(u0.shape), *[g.to(x.dtype) for g, x in zip(grads, params)])
+        self.record.update(stats)
+        grad_u0 = y[:, 1] if self.backsolve else y
+        return grad_u0.reshape(u0.shape), [g.to(x.dtype) for g, x in zip(grads, params)]
 
 
-def per_sample_backsolve(alg: BacksolveAdjoint, problem, run) -> BatchSolution:
-    """``solve(problem, ..., batch="per-sample", sensealg=alg)``: the forward per-sample solve, whose
-    backward pass is the per-sample adjoint of this module (see the module docstring): backsolve, or
-    interpolating when ``alg`` is an :class:`InterpolatingAdjoint`.
+def _checkpoint_times(alg: InterpolatingAdjoint, run):
+    """Each sample's checkpoints, ``(B, C)`` in the time dtype, or None without checkpointing.
 
-    The gradient flows to ``u0`` and to every tensor of the parameter tree that requires grad; a tensor
-    that requires grad but reaches ``f`` only through a closure raises
-    :class:`~pylux.sensitivity.HiddenParameterError`.
+    ``True``: none beyond the saved times; ``n``: the ``n - 1`` interior points ``t0 + (t1 - t0) i / n``
+    of each sample's own span; a sequence: the same times for every sample, each inside every span.
     """
+    spec, t0, t1 = alg.checkpointing, run.t0, run.t1
+    B = t0.shape[0]
+    if spec is False or run.times.shape[1] == 0:  # nothing saved: the backward pass never runs
+        return None
+    if spec is True:
+        return t0.new_zeros((B, 0))
+    if isinstance(spec, int):
+        steps = torch.arange(1, spec, dtype=t0.dtype, device=t0.device)
+        return t0[:, None] + (t1 - t0)[:, None] * steps / spec
+    times = torch.tensor(spec, dtype=t0.dtype, device=t0.device).reshape(1, -1).expand(B, -1)
+    outside = (times < torch.minimum(t0, t1)[:, None]) | (times > torch.maximum(t0, t1)[:, None])
+    if bool(outside.any()):
+        b, j = outside.nonzero()[0].tolist()
+        raise ValueError(
+            f"{alg!r}: the checkpoint {spec[j]!r} lies outside sample {b}'s tspan ({float(t0[b])!r}, "
+            f"{float(t1[b])!r}); with batch='per-sample' a sequence of checkpoints is shared by every sample and "
+            "must lie inside every sample's span. Use checkpointing=n (n intervals of each sample's own span) or "
+            "checkpointing=True (each sample's saved times)")
+    return times
+
+
+def _solve(alg, problem, run, checkpoints=None) -> BatchSolution:
     if torch.is_tensor(run.options.abstol):
         raise NotImplementedError(f"{type(alg).__name__}: a tensor abstol is not supported by the per-sample "
                                   "adjoint (the backward state has other channels than u); pass a float abstol, or "
@@ -313,7 +512,7 @@ def per_sample_backsolve(alg: BacksolveAdjoint, problem, run) -> BatchSolution:
             out = problem.term.bind(problem.p).vf(problem.u0.detach(), run.t0)
         if isinstance(out, torch.Tensor) and out.requires_grad:
             check_no_hidden_parameters(out, [], where=f"{type(alg).__name__}: f")
-    holder: dict = {"backward_stats": BackwardStats()}
+    holder: dict = {"backward_stats": BackwardStats(), "checkpoints": checkpoints}
     u = _PerSampleAdjointFunction.apply(alg, problem, run, paths, holder, problem.u0, *params)
     sol = holder["solution"]
     out = BatchSolution(sol.t, u, sol.retcode, sol.stats, message=sol.message, solver=sol.solver, u0=problem.u0)
@@ -322,15 +521,36 @@ def per_sample_backsolve(alg: BacksolveAdjoint, problem, run) -> BatchSolution:
     return out
 
 
+def per_sample_backsolve(alg: BacksolveAdjoint, problem, run) -> BatchSolution:
+    """``solve(problem, ..., batch="per-sample", sensealg=alg)``: the forward per-sample solve, whose
+    backward pass is the per-sample adjoint of this module (see the module docstring): backsolve, or
+    interpolating (without checkpointing) when ``alg`` is an :class:`InterpolatingAdjoint`.
+
+    The gradient flows to ``u0`` and to every tensor of the parameter tree that requires grad; a tensor
+    that requires grad but reaches ``f`` only through a closure raises
+    :class:`~pylux.sensitivity.HiddenParameterError`.
+    """
+    return _solve(alg, problem, run)
+
+
 def per_sample_interpolating(alg: InterpolatingAdjoint, problem, run) -> BatchSolution:
-    """``solve(problem, ..., batch="per-sample", sensealg=alg)`` for an :class:`InterpolatingAdjoint`
-    without checkpointing: ``z(t)`` from the forward per-sample dense output (see the module docstring)."""
-    if alg.checkpointing is not False:
-        raise NotImplementedError(f"{alg!r}: checkpointing is not supported with batch='per-sample' (each sample "
-                                  "has its own steps); use InterpolatingAdjoint() (the whole dense output is kept) "
-                                  "or BacksolveAdjoint()")
-    return per_sample_backsolve(alg, problem, run)
+    """``solve(problem, ..., batch="per-sample", sensealg=alg)`` for an :class:`InterpolatingAdjoint`:
+    ``z(t)`` from the forward per-sample dense output, or, with ``checkpointing``, re-solved per sample
+    one checkpoint interval at a time (see the module docstring).
+
+    Raises:
+        ValueError: a sequence of checkpoints with a time outside some sample's span.
+    """
+    return _solve(alg, problem, run, _checkpoint_times(alg, run))
+
+
+def per_sample_quadrature(alg: QuadratureAdjoint, problem, run) -> BatchSolution:
+    """``solve(problem, ..., batch="per-sample", sensealg=alg)`` for a :class:`QuadratureAdjoint`: ``a``
+    alone solved backward per sample, ``dL/dtheta`` by Gauss–Legendre quadrature over each sample's
+    accepted backward steps (see the module docstring)."""
+    return _solve(alg, problem, run)
 
 
 register_per_sample_adjoint(BacksolveAdjoint, per_sample_backsolve)
 register_per_sample_adjoint(InterpolatingAdjoint, per_sample_interpolating)
+register_per_sample_adjoint(QuadratureAdjoint, per_sample_quadrature)
