@@ -23,7 +23,8 @@ fixed grid stays stable only for small h |lambda|: here it returns NaN at h = 0.
 torchode has no implicit method at all.
 
 Columns: accepted steps (pylux also its rejected ones), f evaluations (pylux's count includes those inside its
-Jacobians: the autodiff forward pass, the difference in t for f_t; scipy's nfev does not count its jac calls),
+Jacobians: the autodiff forward pass, the difference in t for f_t; and Kvaerno5's one evaluation per step that
+checks a Jacobian kept from an earlier step; scipy's nfev does not count its jac calls),
 Jacobians, LU factorisations (pylux: Newton matrices formed), the median wall time over ``--repeats``
 interleaved rounds (every case of a problem runs once per round, so a slow period of a shared machine hits all
 alike), the error at t1 against a scipy Radau solve at rtol = 1e-12 (atol scaled as the problem's),
