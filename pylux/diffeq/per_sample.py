@@ -45,12 +45,16 @@ sensitivity algorithm that backpropagates through the solver
 (``differentiates_solver``, i.e. ``DirectAdjoint()``; the step sizes are
 constants of the backward pass, as in the joint loop), and under the
 sensitivity algorithms registered with :func:`register_per_sample_adjoint`:
-``BacksolveAdjoint`` and ``InterpolatingAdjoint`` without checkpointing
+``BacksolveAdjoint``, ``InterpolatingAdjoint`` (with or without
+checkpointing: ``True`` checkpoints at each sample's saved times, ``n`` at
+``n - 1`` points of each sample's own span, a sequence at times shared by
+every sample and inside every span) and ``QuadratureAdjoint``
 (:mod:`pylux.sensitivity.per_sample`: a per-sample backward solve, always
-with the seminorm on the parameter channels). ``QuadratureAdjoint`` and
-``ReversibleAdjoint`` re-solve the batch with one time per solve, so they
-refuse ``batch="per-sample"`` (``NotImplementedError``); they do work with
-the joint step and a ``(B, T)`` saveat.
+with the seminorm on the parameter channels; the quadrature's nodes lie in
+each sample's own backward steps), and ``ReversibleAdjoint``
+(:mod:`pylux.sensitivity.per_sample_reversible`). A sensitivity algorithm
+that registers no per-sample pass is refused (``NotImplementedError``); it
+works with the joint step and a ``(B, T)`` saveat.
 
 Event callbacks (``ContinuousCallback``, ``DiscreteCallback``) are refused
 with per-sample times in both modes (``NotImplementedError``; they work with
