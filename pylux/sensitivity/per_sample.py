@@ -13,9 +13,10 @@ sample's last saved time:
 with :math:`a_b` jumping by :math:`\partial L / \partial u_b(t_{b,k})` at each
 of the sample's own saved times (Chen, Rubanova, Bettencourt & Duvenaud,
 NeurIPS 2018). ``BacksolveAdjoint`` integrates :math:`[z_b, a_b]` backward;
-``InterpolatingAdjoint`` (without checkpointing) integrates :math:`a_b` alone
+``InterpolatingAdjoint`` integrates :math:`a_b` alone
 and reads :math:`z_b(t)` from the forward solve's per-sample dense output
-(every forward step's stages are kept: memory grows with the steps).
+(without checkpointing every forward step's stages are kept, so memory grows
+with the steps; with checkpointing one interval's, see below).
 
 The parameter adjoint
 :math:`\partial L/\partial\theta = \sum_b \int a_b^\top \partial_\theta f\,dt`
@@ -37,22 +38,65 @@ adjoints' default. For the interpolating adjoint this means the accuracy of
 the parameter gradient is not controlled by the step (see
 :class:`~pylux.sensitivity.InterpolatingAdjoint`'s caveat on the seminorm).
 
-A single-sample batch therefore takes exactly the backward steps of the joint
-``BacksolveAdjoint(seminorm=True)`` / ``InterpolatingAdjoint(seminorm=True)``
-and gives its gradient to round-off.
+``QuadratureAdjoint`` integrates :math:`a_b` alone as well (the same
+backward solve as the interpolating adjoint, :math:`z_b(t)` from the forward
+dense output), and forms the parameter integral by Gauss–Legendre
+quadrature over each sample's own backward steps, as the joint
+:class:`~pylux.sensitivity.QuadratureAdjoint` does over its steps
+(SciMLSensitivity's ``QuadratureAdjoint``): an accepted step of sample
+:math:`b` from :math:`s_b` by :math:`h_b` adds
+
+.. math::
+    -h_b \sum_j w_j\, a_b(\tau_{b,j})^\top \partial_\theta f(z_b(\tau_{b,j}), \theta, \tau_{b,j}),
+    \qquad \tau_{b,j} = s_b + c_j h_b,
+
+with the nodes :math:`c_j` and weights :math:`w_j` of Gauss–Legendre on
+:math:`[0, 1]` (``alg.nodes``, by default :math:`\lceil (p + 1)/2 \rceil`
+for a method of order :math:`p`, exact for polynomials of degree
+:math:`p`), :math:`a_b(\tau_{b,j})` from that backward step's own dense
+interpolant and :math:`z_b(\tau_{b,j})` from the forward dense output: per
+batched step, one evaluation of ``f`` per node (every sample at its own
+node times) and **one** VJP with respect to :math:`\theta`, the cotangent
+zero for a sample that did not accept the step. The stage evaluations build
+no graph to the parameters (their VJPs are with respect to ``z`` only). The
+nodes are evaluated on every batched step, also one that no sample accepted:
+skipping it would cost a host synchronisation per step.
+
+``InterpolatingAdjoint(checkpointing=...)`` stores no dense output: the
+forward solve saves each sample at its saved times merged with its
+checkpoints, keeps those states and, per checkpoint interval, the size of
+the accepted step that started at or last before the interval's start. The
+checkpoints of sample :math:`b`: ``True``, its own saved times; an int
+``n``, the :math:`n - 1` points :math:`t_{0,b} + (t_{1,b} - t_{0,b})\,i/n`
+of its own span; a sequence (or 1-D tensor) of times, the same times for
+every sample, each of which must lie in every sample's span (``ValueError``
+otherwise: use ``n`` or ``True`` for per-sample spans). A checkpoint past a
+sample's last saved time carries a zero adjoint and is moved onto that
+time. The backward pass re-solves each interval per sample from its
+checkpoint (the forward options, starting with the forward solve's step
+there, as the joint checkpointed adjoint does), keeping that interval's
+dense output only until the interval's backward solve is done: memory is
+the checkpoint states plus one interval's dense output (the batch's most
+steps in that interval), at the cost of a second forward solve.
+
+A single-sample batch therefore takes exactly the backward steps of the
+joint ``BacksolveAdjoint(seminorm=True)`` / ``InterpolatingAdjoint(seminorm=True)``
+(checkpointed alike, with the same re-solve evaluations, when no checkpoint
+lies past the last saved time) / ``QuadratureAdjoint`` and gives its
+gradient to round-off.
 
 Costs per backward step: the stages' backward evaluations (one evaluation of
-``f`` and one VJP with respect to ``z`` each), one more evaluation of ``f`` at
-the step's start for the parameter VJP (the first stage's graph is not kept
-across steps: with FSAL it belongs to the previous step, which not every
-sample accepted), and the parameter VJP. ``sol.backward_stats``: ``nf``
-(backward evaluations), ``nf_param`` (the extra evaluations, one per batched
-step), ``nvjp``, ``naccept``/``nreject`` (sums over the samples) and
-``nf_per_sample``.
-
-Not per sample (refused by :func:`pylux.diffeq.per_sample.solve_batched` or
-here): ``InterpolatingAdjoint(checkpointing=...)``, ``QuadratureAdjoint``,
-``ReversibleAdjoint``.
+``f`` and one VJP with respect to ``z`` each), then for backsolve and
+interpolating one more evaluation of ``f`` at the step's start for the
+parameter VJP (the first stage's graph is not kept across steps: with FSAL
+it belongs to the previous step, which not every sample accepted) and the
+parameter VJP; for the quadrature one evaluation per node and the parameter
+VJP. ``sol.backward_stats``: ``nf`` (backward evaluations of the stages),
+``nvjp``, ``naccept``/``nreject`` (sums over the samples),
+``nf_per_sample``, and ``nf_param`` (the extra evaluations, one per batched
+step; backsolve and interpolating), ``nquadrature`` (batched node
+evaluations; quadrature), ``nf_forward_resolve`` (batched evaluations of the
+re-solves; checkpointed).
 """
 
 from __future__ import annotations
