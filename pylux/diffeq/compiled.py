@@ -31,7 +31,8 @@ serves the rest.
 Scope: explicit Runge–Kutta solvers (``Tsit5()``, ``DP5()``, ``BS3()``, …), ODE
 problems, and ``sensealg=None`` or ``DirectAdjoint()`` (autograd differentiates
 the compiled graph) or an algorithm that declares ``compiles_backward``
-(``BacksolveAdjoint``: its forward solve and every backward solve of the
+(the continuous adjoints ``BacksolveAdjoint``, ``InterpolatingAdjoint``,
+``QuadratureAdjoint``: their forward solve and every backward solve of the
 augmented state run compiled, the vector–Jacobian products traced with
 ``torch.func.vjp``).
 """
@@ -199,6 +200,7 @@ def compiled_solver(solver, options, sensealg, compile, device: torch.device) ->
                         f"...), got {solver!r}; solve it with compile=False")
     if sensealg is not None and not (getattr(sensealg, "differentiates_solver", False)
                                      or getattr(sensealg, "compiles_backward", False)):
-        raise NotImplementedError(f"solve: compile=True runs under sensealg=None, DirectAdjoint() or "
-                                  f"BacksolveAdjoint(), not {sensealg!r}; pass compile=False for this sensealg")
+        raise NotImplementedError(f"solve: compile=True runs under sensealg=None, DirectAdjoint(), "
+                                  f"BacksolveAdjoint(), InterpolatingAdjoint() or QuadratureAdjoint(), not "
+                                  f"{sensealg!r}; pass compile=False for this sensealg")
     return CompiledSolver(solver, options, mode)

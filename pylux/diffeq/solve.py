@@ -158,8 +158,8 @@ def solve(prob: ODEProblem, solver: AbstractSolver | None = None, *, dt=None, ad
             per shape/dtype/device, falling back to eager with a warning when
             ``f`` cannot be compiled (:mod:`pylux.diffeq.compiled`); or a
             ``torch.compile`` mode name. Explicit RK solvers, ``sensealg=None``,
-            ``DirectAdjoint()`` or ``BacksolveAdjoint()`` (whose backward solves
-            are compiled too). The first call compiles (seconds). An
+            ``DirectAdjoint()`` or a continuous adjoint (Backsolve, Interpolating,
+            Quadrature: their backward solves are compiled too). The first call compiles (seconds). An
             adaptive FSAL method (Tsit5, DP5, BS3) with PI or I control that
             saves at ``saveat`` times only (no callbacks, ``tstops``, dense or
             per-step output) runs its whole loop as one compiled graph, with one

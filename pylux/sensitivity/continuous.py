@@ -31,6 +31,17 @@ algorithm                 ``z(t)`` on the backward pass          ``dL/dθ``
 Vector–Jacobian products come from torch autograd, one per stage evaluation of
 the backward solve, for the whole batch and every parameter tensor at once.
 
+Under ``solve(..., compile=True)`` all three run their forward solve and every
+backward solve compiled (:mod:`pylux.diffeq.compiled`; the whole adaptive loop
+as one graph where :mod:`pylux.diffeq.captured` allows: Backsolve forward and
+backward, Interpolating backward), the augmented field's vector–Jacobian
+products traced with ``torch.func.vjp`` and ``z(t)`` read from the forward
+dense output stacked into tensors (a copy of every forward step's stages:
+meant for small states); the gradient is the eager one to round-off. A
+compiled forward solve of ``BacksolveAdjoint`` records no step sizes, so
+:class:`~pylux.regularize.LocalErrorRegularization` samples its step from the
+mean accepted step.
+
 Caveats shared by all three: the gradient is first order only (a
 ``create_graph=True`` backward raises), and when a termination callback stops
 the solve, the stopping time is treated as a constant (as under
@@ -65,6 +76,8 @@ def _bound_field(problem: ODEProblem, paths, params):
 
 class _ContinuousAdjoint(AbstractSensitivityAlgorithm):
     """Shared machinery; subclasses choose where ``z(t)`` comes from and how ``dL/dθ`` is formed."""
+
+    compiles_backward = True
 
     #: the backward pass reads z(t) from a forward dense output (else re-integrates z).
     _interpolates = False
@@ -149,21 +162,12 @@ class BacksolveAdjoint(_ContinuousAdjoint):
     Li et al. (2020), solved backward on the solve's own Brownian path (see
     :mod:`pylux.sensitivity.stochastic` for its accuracy).
 
-    Under ``solve(..., compile=True)`` the forward solve and each backward
-    solve of ``[z, a_z, a_θ]`` run compiled (the whole adaptive loop as one
-    graph where :mod:`pylux.diffeq.captured` allows), the augmented field's
-    vector–Jacobian products traced with ``torch.func.vjp``; the gradient is
-    the eager one to round-off. The forward solve then records no step sizes,
-    so :class:`~pylux.regularize.LocalErrorRegularization` samples its step
-    from the mean accepted step.
-
     Raises:
         NotImplementedError: with a tensor ``abstol`` or ``save_stats=True``
             (both need :class:`DirectAdjoint`).
     """
 
     handles_sde = True
-    compiles_backward = True
 
 
 class InterpolatingAdjoint(_ContinuousAdjoint):
@@ -462,10 +466,15 @@ class _Backward:
             return aug
         if self.alg._interpolates:
             self.segment_dense = self._forward_dense(k)
-        functional = self.solver.compiled and not self.alg._interpolates
-        field = (_AugmentedTerm(self.problem.term, self.problem.p, self.paths, self.shape,
-                                bool(self.theta_channels), self).bind(tuple(self.params))
-                 if functional else self.augmented)
+        # a forward segment without steps has no dense output to trace: its z(t) is the eager one
+        functional = self.solver.compiled and not (self.alg._interpolates and not self.segment_dense._dense.pieces)
+        if functional:
+            dense = (_TracedDense(self.segment_dense._dense, self.solver.base.tableau,
+                                  self.forward_options.time_dtype) if self.alg._interpolates else None)
+            field = _AugmentedTerm(self.problem.term, self.problem.p, self.paths, self.shape,
+                                   bool(self.theta_channels), self, dense).bind(tuple(self.params))
+        else:
+            field = self.augmented
         nvjp_before = self.stats["nvjp"]
         sol = integrate(field, aug, t_from, t_to, self.solver, self.back_options)
         for key, value in (("nf", sol.stats.nf), ("naccept", sol.stats.naccept),
@@ -546,38 +555,80 @@ class _Backward:
 
 
 class _AugmentedTerm(ODETerm):
-    """The backsolve field of ``[z, a_z, a_θ]`` in a form ``torch.compile`` traces (``compile=True``).
+    """The backward field of an adjoint in a form ``torch.compile`` traces (``compile=True``).
 
-    ``vf(aug, params, t) = [f(z), -a_zᵀ ∂_z f, -a_zᵀ ∂_θ f]`` with the vector–Jacobian
-    product from ``torch.func.vjp`` (``torch.autograd.grad`` breaks a graph). The
-    parameters are the bound ``p`` (graph inputs), everything else is fixed per
-    backward pass, so one compiled loop serves every backward pass of the same
-    model. The first evaluation, which every loop makes eagerly, goes through
-    the eager field (:meth:`_Backward.augmented`): it checks once that the
-    parameters are not hidden in a closure.
+    Backsolve (``dense=None``): ``vf([z, a_z, a_θ], params, t) = [f(z), -a_zᵀ ∂_z f, -a_zᵀ ∂_θ f]``;
+    interpolating (``dense``, a :class:`_TracedDense` of the forward solve): ``vf([a_z, a_θ], params, t)
+    = [-a_zᵀ ∂_z f, -a_zᵀ ∂_θ f]`` at ``z = dense(t)`` (the ``a_θ`` part only when ``with_params``).
+    The vector–Jacobian product comes from ``torch.func.vjp`` (``torch.autograd.grad`` breaks a graph).
+    The parameters are the bound ``p`` (graph inputs), everything else is fixed per backward pass, so
+    one compiled loop serves every backward pass of the same model. The first evaluation, which every
+    loop makes eagerly, goes through the eager field (:meth:`_Backward.augmented`): it checks once
+    that the parameters are not hidden in a closure.
     """
 
-    def __init__(self, inner, tree, paths, shape, with_params: bool, eager) -> None:
+    def __init__(self, inner, tree, paths, shape, with_params: bool, eager, dense=None) -> None:
         self.inner, self.tree, self.paths = inner, tree, tuple(paths)
         self.shape, self.n_z = tuple(shape), math.prod(shape)
-        self.with_params, self.eager = with_params, eager
+        self.with_params, self.eager, self.dense = with_params, eager, dense
         self.f = self._field
 
     def _field(self, aug, params, t):
         if not torch.compiler.is_compiling() and not self.eager.checked:
             return self.eager.augmented(aug, t)
-        n_z = self.n_z
-        z, a_z = aug[:n_z].view(self.shape), aug[n_z:2 * n_z].view(self.shape)
-        inner, tree, paths = self.inner, self.tree, self.paths
+        n_z, dense = self.n_z, self.dense
+        if dense is None:
+            z, a_z = aug[:n_z].view(self.shape), aug[n_z:2 * n_z].view(self.shape)
+        else:
+            z, a_z = dense(t).view(self.shape), aug[:n_z].view(self.shape)
+        inner, tree, paths, with_params = self.inner, self.tree, self.paths, self.with_params
 
         def f(z, *ps):
-            return inner.vf(z, tree_replace_at_paths(tree, paths, ps) if paths else tree, t)
+            leaves = ps if with_params else params  # QuadratureAdjoint: the parameters enter as constants
+            return inner.vf(z, tree_replace_at_paths(tree, paths, leaves) if paths else tree, t)
 
-        wrt = params if self.with_params else ()
+        wrt = params if with_params else ()
         out, pullback = torch.func.vjp(f, z, *wrt)
         grads = pullback(a_z.to(out.dtype))
-        pieces = [out.reshape(-1).to(aug.dtype)] + [-g.reshape(-1).to(aug.dtype) for g in grads]
+        pieces = [out.reshape(-1).to(aug.dtype)] if dense is None else []
+        pieces += [-g.reshape(-1).to(aug.dtype) for g in grads]
         return torch.cat(pieces)
+
+
+class _TracedDense:
+    """A forward solve's Runge–Kutta dense output as tensors, evaluated at a 0-d device time in a traced graph.
+
+    ``z(t) = u_j + h_j Σ_i b_i(θ) k_{j,i}``, ``θ = (t - s_j) / h_j``, on the step ``j`` whose end is
+    the first not before ``t`` (``searchsorted``); before the first step or past the last, the end
+    step's polynomial continued (:meth:`_Backward.forward_state`'s rule). The step count is padded
+    to a power of two with copies of the last step, so solves of similar length share a compiled
+    graph (each new padded count compiles one more).
+    """
+
+    def __init__(self, dense, tableau, time_dtype) -> None:
+        pieces = dense.pieces
+        n, pad = len(pieces), 1 << max(len(dense.pieces) - 1, 0).bit_length()
+        order = list(range(n)) + [n - 1] * (pad - n)
+        u = pieces[0].u
+        self.direction = dense.direction
+        self.signed_ends = torch.tensor([dense.direction * dense.ends[j] for j in order], dtype=time_dtype,
+                                        device=u.device)
+        self.starts = torch.tensor([dense.starts[j] for j in order], dtype=time_dtype, device=u.device)
+        self.sizes = torch.tensor([dense.ends[j] - dense.starts[j] for j in order], dtype=time_dtype,
+                                  device=u.device)
+        self.states = torch.stack([pieces[j].u.reshape(-1) for j in order])
+        self.stages = torch.stack([torch.stack([k.reshape(-1) for k in pieces[j].stages]) for j in order])
+        width = max(len(row) for row in tableau.dense)
+        self.P = torch.tensor([[float(c) for c in row] + [0.0] * (width - len(row)) for row in tableau.dense],
+                              dtype=u.dtype, device=u.device)
+
+    def __call__(self, t):
+        j = torch.searchsorted(self.signed_ends, (self.direction * t).reshape(1)).clamp_(max=self.starts.shape[0] - 1)
+        h = self.sizes[j]
+        theta = ((t - self.starts[j]) / h).to(self.P.dtype)
+        powers = theta.unsqueeze(1) ** torch.arange(1, self.P.shape[1] + 1, dtype=theta.dtype, device=theta.device)
+        weights = (powers @ self.P.t()) * h.to(self.P.dtype).unsqueeze(1)  # (1, stages)
+        return (self.states[j] + weights.unsqueeze(1).bmm(self.stages[j]).squeeze(1)).squeeze(0)
 
 
 def _neg_flat(g, n: int, like: torch.Tensor) -> torch.Tensor:
