@@ -243,3 +243,23 @@ def test_refusals_hidden_parameters_and_unused_parameters(name):
     loss, _ = _shared_loss(q, x0, times, ALGS[name]())
     g_unused, g_q = torch.autograd.grad(loss, [unused, q["q"]])
     assert torch.equal(g_unused, torch.zeros(3, dtype=F64)) and g_q.abs().min() > 0
+
+
+@pytest.mark.parametrize("name", ["quadrature", "checkpointed-saved-times", "checkpointed-3"])
+def test_a_zero_span_and_a_fully_masked_sample_beside_a_normal_one(name):
+    """Sample 1 has t0 == t1, sample 2 observes nothing: their checkpoints collapse onto t0 and their
+    backward solves never move, while sample 0 gets the gradient of its own solve."""
+    p, u0, _ = shared_case(batch=3, seed=40)
+    spans = (torch.tensor([0.0, 0.7, 0.2], dtype=F64), torch.tensor([2.0, 0.7, 1.5], dtype=F64))
+    times = torch.tensor([[0.5, 1.0, 2.0], [0.7, 0.7, 0.7], [0.3, 0.9, 1.2]], dtype=F64)
+    mask = torch.tensor([[True, True, True], [True, False, False], [False, False, False]])
+    grads = {}
+    for key, sensealg in (("direct", DirectAdjoint()), (name, ALGS[name]())):
+        q, x0 = _leaves(p, u0)
+        sol = de.solve(de.ODEProblem(shared_field, x0, spans, q), de.Tsit5(), saveat=times, saveat_mask=mask,
+                       batch="per-sample", sensealg=sensealg, reltol=1e-8, abstol=1e-8)
+        grads[key] = torch.autograd.grad((sol.u ** 2 * mask.T[..., None]).sum(), [x0, q["W"], q["q"]])
+    for got, want in zip(grads[name], grads["direct"]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(grads[name][0][1], 2 * u0[1], rtol=0, atol=0)  # d(u0^2)/du0, nothing else
+    assert torch.equal(grads[name][0][2], torch.zeros(2, dtype=F64))

@@ -66,7 +66,9 @@ skipping it would cost a host synchronisation per step.
 forward solve saves each sample at its saved times merged with its
 checkpoints, keeps those states and, per checkpoint interval, the size of
 the accepted step that started at or last before the interval's start. The
-checkpoints of sample :math:`b`: ``True``, its own saved times; an int
+checkpoints of sample :math:`b`: ``True``, its own saved times (without a
+``saveat`` these are ``t0`` and ``t1``: one interval, unlike the joint
+adjoint, whose every step is then a saved time); an int
 ``n``, the :math:`n - 1` points :math:`t_{0,b} + (t_{1,b} - t_{0,b})\,i/n`
 of its own span; a sequence (or 1-D tensor) of times, the same times for
 every sample, each of which must lie in every sample's span (``ValueError``
