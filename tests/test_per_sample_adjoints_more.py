@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import pylux.diffeq as de
-from pylux.sensitivity import (DirectAdjoint, HiddenParameterError, InterpolatingAdjoint, QuadratureAdjoint)
+from pylux.sensitivity import (BacksolveAdjoint, DirectAdjoint, HiddenParameterError, InterpolatingAdjoint,
+                               QuadratureAdjoint)
 from pylux.sensitivity import per_sample as per_sample_adjoints
 
 F64 = torch.float64
@@ -263,3 +264,24 @@ def test_a_zero_span_and_a_fully_masked_sample_beside_a_normal_one(name):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(grads[name][0][1], 2 * u0[1], rtol=0, atol=0)  # d(u0^2)/du0, nothing else
     assert torch.equal(grads[name][0][2], torch.zeros(2, dtype=F64))
+
+
+@pytest.mark.parametrize("sensealg", [BacksolveAdjoint(), InterpolatingAdjoint(), QuadratureAdjoint(),
+                                      InterpolatingAdjoint(checkpointing=True), InterpolatingAdjoint(checkpointing=3)],
+                         ids=repr)
+def test_samples_stopped_by_maxiters_are_differentiated_up_to_where_they_got(sensealg):
+    """throw=False: the unreached saved times are NaN constants (no gradient, as under DirectAdjoint); the
+    backward pass of each sample starts where its forward solve stopped, from its final state there."""
+    p, u0, times = shared_case(batch=3, seed=12)
+    grads = {}
+    for key, alg in (("direct", DirectAdjoint()), ("adjoint", sensealg)):
+        q, x0 = _leaves(p, u0)
+        sol = de.solve(de.ODEProblem(shared_field, x0, (0.0, 2.0), q), de.Tsit5(), saveat=times, batch="per-sample",
+                       sensealg=alg, reltol=1e-8, abstol=1e-8, maxiters=12, throw=False)
+        assert sol.stats.retcode_per_sample == (de.ReturnCode.MaxIters,) * 3
+        reached = torch.isfinite(sol.u[..., 0])
+        assert 0 < int(reached.sum()) < reached.numel()
+        grads[key] = torch.autograd.grad(torch.nan_to_num(sol.u).pow(2).sum(), [x0, q["W"], q["q"]])
+    for got, want in zip(grads["adjoint"], grads["direct"]):  # continuous and discrete gradients at 1e-8
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert float(grads["adjoint"][1].abs().max()) > 1e-2

@@ -81,6 +81,13 @@ dense output only until the interval's backward solve is done: memory is
 the checkpoint states plus one interval's dense output (the batch's most
 steps in that interval), at the cost of a second forward solve.
 
+A sample whose forward solve stopped early (``throw=False``: maxiters, a
+step below ``dtmin``) is differentiated up to where it got, as under
+``DirectAdjoint``: its values at the times it did not reach are NaN
+constants without gradient, and its backward solve starts at its stopping
+time from its final state there (so a backsolve or a re-solve never starts
+from NaN).
+
 A single-sample batch therefore takes exactly the backward steps of the
 joint ``BacksolveAdjoint(seminorm=True)`` / ``InterpolatingAdjoint(seminorm=True)``
 (checkpointed alike, with the same re-solve evaluations, when no checkpoint
@@ -371,6 +378,14 @@ class _PerSampleAdjointFunction(torch.autograd.Function):
             else:
                 sol, states, ctx.grid, ctx.positions, ctx.first_dt = _checkpointed_forward(run, term, u0.detach(),
                                                                                            checkpoints)
+        ctx.t_stop = sol.stats.t_per_sample
+        if states.shape[0]:
+            # a sample stopped early (throw=False) is differentiated up to where it got, as under DirectAdjoint
+            # (its later values are NaN constants): the backward pass starts from its final state there
+            grid = ctx.grid if ctx.grid is not None else run.times[:, -1:]
+            unreached = _past(grid, ctx.t_stop, run).transpose(0, 1).reshape(
+                grid.shape[::-1] + (1,) * (states.dim() - 2))
+            states = torch.where(unreached, sol.final_state[0].unsqueeze(0), states)
         holder["solution"] = sol
         ctx.alg, ctx.problem, ctx.run, ctx.paths = alg, problem, run, paths
         ctx.backward_stats = holder["backward_stats"]
@@ -383,6 +398,12 @@ class _PerSampleAdjointFunction(torch.autograd.Function):
         u0, states, *params = ctx.saved_tensors
         grad_u0, grads = _Backward(ctx, u0, states, params).gradients(grad_u.to(u0.dtype))
         return (None,) * 5 + (grad_u0, *grads)
+
+
+def _past(times, t_stop, run):
+    """``(B, M)``: which of each sample's ``times`` lie beyond where its forward solve stopped."""
+    direction = torch.where(run.t1 >= run.t0, 1.0, -1.0).to(times.dtype)[:, None]
+    return direction * times > direction * t_stop[:, None]
 
 
 def _checkpointed_forward(run, term, u0, checkpoints):
@@ -420,6 +441,7 @@ class _Backward:
         self.alg, self.problem, self.run, self.paths = ctx.alg, ctx.problem, ctx.run, ctx.paths
         self.u0, self.states, self.params = u0, states, params
         self.dense, self.grid, self.positions, self.first_dt = ctx.dense, ctx.grid, ctx.positions, ctx.first_dt
+        self.t_stop = ctx.t_stop
         self.record = ctx.backward_stats
         self.name = type(self.alg).__name__
         self.backsolve = not isinstance(self.alg, (InterpolatingAdjoint, QuadratureAdjoint))
@@ -479,6 +501,7 @@ class _Backward:
             jumps[self.positions.transpose(0, 1), torch.arange(B, device=u0.device)[None, :]] = grad_u
         else:
             grid, jumps = run.times, grad_u
+        grid = torch.where(_past(grid, self.t_stop, run), self.t_stop[:, None], grid)
         M = grid.shape[1]
         y = torch.stack([self.states[0], jumps[M - 1]], dim=1) if self.backsolve else jumps[M - 1]
         ends = torch.cat([run.t0[:, None], grid], dim=1)  # segment k runs from ends[:, k + 1] to ends[:, k]
