@@ -708,8 +708,8 @@ def _check_per_sample_inputs(prob, solver, sensealg, dense, save_everystep, refu
         raise NotImplementedError(
             f"solve: {type(sensealg).__name__} does not support batch='per-sample' (its backward pass re-solves "
             "the whole batch jointly, with one time per solve). Use sensealg=DirectAdjoint() (backpropagation "
-            "through the per-sample loop), BacksolveAdjoint() or InterpolatingAdjoint() (per-sample backward "
-            "solves), or keep the joint "
+            "through the per-sample loop), BacksolveAdjoint(), InterpolatingAdjoint(), QuadratureAdjoint() or "
+            "ReversibleAdjoint() (per-sample backward passes), or keep the joint "
             "step (batch='joint') with a (B, T) saveat, which works under every sensealg, "
             f"{type(sensealg).__name__}() included")
     if dense:
