@@ -3,6 +3,8 @@
 import json
 import math
 
+import pytest
+
 from pylux.experiments import EXPERIMENTS, main
 
 
@@ -26,6 +28,45 @@ def test_latent_ode_periodic_quick(tmp_path):
     assert {r["method"] for r in results["paper"]} == {"ernode", "local-biased"}
     assert (tmp_path / "fits.png").exists()
     assert "pylux experiments latent-ode-periodic --epochs 2 --seeds 1" in (tmp_path / "results.md").read_text()
+    # --quick fits 16 series and holds 4 out for validation, scored like the test set
+    assert results["settings"]["train"] - results["settings"]["val"] == 16
+    assert all(run["val_nfe"] > 0 and math.isfinite(run["val_mse"])
+               for runs in results["runs"].values() for run in runs)
+    assert all(len(h["reg"]) == 2 * 2 for h in results["histories"]["vanilla"])  # 2 epochs of 16 // 8 steps
+    assert all(r == 0.0 for r in results["histories"]["vanilla"][0]["reg"])
+    assert all(r > 0.0 for r in results["histories"]["ernode"][0]["reg"])
+
+
+def test_latent_ode_periodic_schedules():
+    from types import SimpleNamespace
+
+    from pylux.experiments.latent_ode_periodic import _schedules
+    from pylux.training import CosineAnneal
+    args = SimpleNamespace(lr=1e-2, lr_end=1e-4, weight_er=100.0, weight_sr=1.0, weight_local=1e4, weight_taylor=1.0,
+                           weight_end=0.1, weight_delay=0)
+    lr, weight = _schedules("ernode", args, 1000)
+    assert isinstance(lr, CosineAnneal) and lr(0) == 1e-2 and abs(lr(1000) - 1e-4) < 1e-15
+    assert weight(0) == 100.0 and abs(weight(500) - 100.0 * 0.1 ** 0.5) < 1e-9 and abs(weight(1000) - 10.0) < 1e-12
+    args.lr_end, args.weight_end = None, 1.0
+    lr, weight = _schedules("ernode", args, 1000)
+    assert lr == 1e-2 and weight(0) == weight(999) == 100.0
+    assert _schedules("vanilla", args, 1000)[1](5) == 0.0
+    args.weight_delay, args.weight_end = 200, 0.1  # off for 200 steps, then 100 -> 10 over the remaining 800
+    weight = _schedules("ernode", args, 1000)[1]
+    assert weight(0) == weight(199) == 0.0 and weight(200) == 100.0
+    assert abs(weight(600) - 100.0 * 0.1 ** 0.5) < 1e-9 and abs(weight(1000) - 10.0) < 1e-12
+
+
+@pytest.mark.parametrize("flags, message", [(["--val", "16"], "--val must be in"),
+                                            (["--val", "-1"], "--val must be in"),
+                                            (["--batch-size", "30"], "--batch-size must be in"),
+                                            (["--first-seed", "-1"], "--first-seed must be"),
+                                            (["--units", "0"], "--units must be"),
+                                            (["--weight-delay", "-1"], "--weight-delay must be")])
+def test_latent_ode_periodic_bad_split(tmp_path, flags, message):
+    with pytest.raises(ValueError, match=message):
+        main(["experiments", "latent-ode-periodic", "--train", "16", "--val", "4", "--test", "4", "--epochs", "1",
+              "--seeds", "1", "--methods", "vanilla", "--out", str(tmp_path), *flags])
 
 
 def test_ncde_characters_quick(tmp_path):
