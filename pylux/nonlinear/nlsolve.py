@@ -21,6 +21,9 @@ DEFAULT_ABSTOL = 1e-6
 DEFAULT_RELTOL = 1e-6
 DEFAULT_MAXITERS = 100
 _LISTED = 10
+# Whether a check every iteration uses the fused test of ``_Iteration._fused_check``; the general
+# test gives the same results bitwise (tests compare them).
+_FUSED_CHECK = True
 _KEYWORDS = ("abstol", "reltol", "maxiters", "on_failure", "throw", "check_every", "record_history")
 
 
@@ -203,6 +206,10 @@ def _check_z0(where, z0):
                          "use z0.reshape(1, 1) for a single scalar problem.")
     if z0.numel() == 0:
         return
+    # A finite sum proves every entry finite in one pass (NaN and Inf propagate through it); only a
+    # non-finite sum (which a large finite z0 may also overflow to) needs the per-element test.
+    if bool(torch.isfinite(z0.detach().sum())):
+        return
     bad = ~torch.isfinite(z0.detach().reshape(z0.shape[0], -1)).all(dim=1)
     if bool(bad.any()):
         raise ValueError(f"{where}: z0 contains NaN or Inf in batch elements "
@@ -294,7 +301,15 @@ class _Iteration:
         self.F = self.gz - z
         self.res = torch.linalg.vector_norm(self.F, dim=1)
         self.tol = _tolerance(z, abstol, reltol)
-        self.converged = self.res <= self.tol
+        # With a check every iteration, ``converged`` is ``res <= tol`` at each check (a frozen element
+        # keeps its residual, an unstable one keeps a non-finite one), so the check derives it, and the
+        # iteration of convergence, itself; the steps do not track them.
+        self.fused = check_every == 1 and _FUSED_CHECK
+        self.converged = torch.zeros(batch, dtype=torch.bool, device=device) if self.fused else self.res <= self.tol
+        self.n_converged = self.n_unstable = 0
+        self.checks = torch.empty(3, batch, dtype=torch.bool, device=device) if self.fused else None
+        self.active = self.frozen_rows = None
+        self.copy_frozen = True
         self.converged_at = torch.zeros(batch, dtype=torch.long, device=device)
         self.unstable = torch.zeros(batch, dtype=torch.bool, device=device)
         self.unstable_at = torch.zeros(batch, dtype=torch.long, device=device)
@@ -326,6 +341,8 @@ class _Iteration:
         many unstable? A newly non-finite element is frozen at its best finite
         iterate; the rest of the batch goes on.
         """
+        if self.fused:
+            return self._fused_check()
         bad = ~torch.isfinite(self.res) & ~self.unstable
         improved = self.res <= self.best_res
         n_converged, n_bad, n_improved, n_unstable = (
@@ -346,6 +363,60 @@ class _Iteration:
         self.last_check = self.iterations
         return False
 
+    def _fused_check(self) -> bool:
+        """:meth:`check` for ``check_every == 1``, in four small kernels and one transfer.
+
+        Rows of ``self.checks``: ``res <= tol`` (converged), ``res <= best_res``
+        (improved) and ``res < inf`` (finite; ``res >= 0``, so only NaN and
+        ``+inf`` fail it). Converged and unstable elements only ever join their
+        sets (they are frozen), so an unchanged count is an unchanged set, and
+        the masks and row indices of the frozen elements are rebuilt only when
+        a count changes.
+        """
+        checks, res = self.checks, self.res
+        torch.le(res, self.tol, out=checks[0])
+        torch.le(res, self.best_res, out=checks[1])
+        torch.lt(res, float("inf"), out=checks[2])
+        n_converged, n_improved, n_finite = checks.sum(dim=1).tolist()
+        if n_improved == self.batch:
+            self.best_z, self.best_res = self.z, self.res
+        else:
+            self._keep_best(checks[1])
+        changed = n_converged != self.n_converged
+        if changed:
+            self.converged_at.masked_fill_(checks[0] & ~self.converged, self.iterations)
+            self.converged = checks[0].clone()
+            self.n_converged = n_converged
+        n_bad = self.batch - n_finite - self.n_unstable
+        if n_bad:
+            bad = ~checks[2] & ~self.unstable
+            self.unstable = self.unstable | bad
+            self.unstable_at.masked_fill_(bad, self.iterations)
+            self.n_unstable += n_bad
+            changed = True
+            if self.first_window is None:
+                self.first_window = (self.last_check, self.iterations)
+        n_frozen = n_converged + self.n_unstable
+        if n_frozen == self.batch:
+            return True
+        if changed:
+            frozen = self.converged | self.unstable
+            self.active = ~frozen
+            # Freezing copies the smaller set of rows (an index copy is several times cheaper than a
+            # where over the whole batch when few rows are copied).
+            self.copy_frozen = 2 * n_frozen <= self.batch
+            self.frozen_rows = (frozen if self.copy_frozen else self.active).nonzero().flatten()
+        self.some_frozen = n_frozen > 0
+        self.last_check = self.iterations
+        return False
+
+    def _freeze(self, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        """``torch.where(active, new, old)`` row-wise, by copying the rows in ``frozen_rows``."""
+        rows = self.frozen_rows
+        if self.copy_frozen:
+            return new.clone().index_copy_(0, rows, old.index_select(0, rows))
+        return old.clone().index_copy_(0, rows, new.index_select(0, rows))
+
     def track_best(self) -> None:
         """Between checks: keep each element's lowest-residual iterate, without a transfer."""
         self._keep_best(self.res <= self.best_res)
@@ -356,25 +427,34 @@ class _Iteration:
 
     def step(self) -> None:
         """One solver step; frozen elements keep their iterate; newly converged ones are recorded."""
-        active = ~(self.converged | self.unstable) if self.some_frozen else None
+        if not self.some_frozen:
+            active = None
+        elif self.fused:
+            active = self.active
+        else:
+            active = ~(self.converged | self.unstable)
         z_new, gz_new, self.state, used = self.solver.step(self.fn, self.z, self.gz, self.F, self.state, active)
         self.nf += used
         self.iterations += 1
-        if active is not None:
+        if active is None:
+            self.z, self.gz = z_new, gz_new
+        elif self.fused:
+            self.z, self.gz = self._freeze(z_new, self.z), self._freeze(gz_new, self.gz)
+        else:
             keep = active.unsqueeze(1)
             self.z = torch.where(keep, z_new, self.z)
             self.gz = torch.where(keep, gz_new, self.gz)
-        else:
-            self.z, self.gz = z_new, gz_new
         self.F = self.gz - self.z
         self.res = torch.linalg.vector_norm(self.F, dim=1)
         if self.reltol:
             self.tol = _tolerance(self.z, self.abstol, self.reltol)
+        if self.history is not None:
+            self.history.append(self.res)
+        if self.fused:
+            return
         newly = ~self.converged & ~self.unstable & (self.res <= self.tol)
         self.converged_at.masked_fill_(newly, self.iterations)
         self.converged = self.converged | newly
-        if self.history is not None:
-            self.history.append(self.res)
 
     def finish(self, shape: torch.Size) -> NonlinearSolution:
         """The result: converged elements at their converging iterate, the others at their best."""
@@ -390,11 +470,16 @@ class _Iteration:
             retcode = NonlinearReturnCode.Success
         else:
             retcode = NonlinearReturnCode.MaxIters
-        z_out = torch.where(converged.unsqueeze(1), self.z, self.best_z)
-        res_out = torch.where(converged, self.res, self.best_res)
-        sample_iterations = torch.where(
-            converged, self.converged_at,
-            torch.where(unstable, unstable_at, torch.full_like(self.converged_at, self.iterations)))
+        if retcode is NonlinearReturnCode.Success:
+            # What the selections below give when every element converged (z copied: it may be a view
+            # of z0 or a tensor g returned).
+            z_out, res_out, sample_iterations = self.z.clone(), self.res, self.converged_at
+        else:
+            z_out = torch.where(converged.unsqueeze(1), self.z, self.best_z)
+            res_out = torch.where(converged, self.res, self.best_res)
+            sample_iterations = torch.where(
+                converged, self.converged_at,
+                torch.where(unstable, unstable_at, torch.full_like(self.converged_at, self.iterations)))
         return NonlinearSolution(
             z_out.reshape(shape), retcode, self.iterations, self.nf, res_out, _relative(res_out, z_out), converged,
             sample_iterations, history, self.solver, self.abstol, self.reltol, self.maxiters, unstable)
