@@ -24,6 +24,7 @@ _LISTED = 10
 # Whether a check every iteration uses the fused test of ``_Iteration._fused_check``; the general
 # test gives the same results bitwise (tests compare them).
 _FUSED_CHECK = True
+_INF = float("inf")
 _KEYWORDS = ("abstol", "reltol", "maxiters", "on_failure", "throw", "check_every", "record_history")
 
 
@@ -308,6 +309,7 @@ class _Iteration:
         self.converged = torch.zeros(batch, dtype=torch.bool, device=device) if self.fused else self.res <= self.tol
         self.n_converged = self.n_unstable = 0
         self.checks = torch.empty(3, batch, dtype=torch.bool, device=device) if self.fused else None
+        self.check_rows = self.checks.unbind(0) if self.fused else None
         self.active = self.frozen_rows = None
         self.copy_frozen = True
         self.converged_at = torch.zeros(batch, dtype=torch.long, device=device)
@@ -373,23 +375,24 @@ class _Iteration:
         the masks and row indices of the frozen elements are rebuilt only when
         a count changes.
         """
-        checks, res = self.checks, self.res
-        torch.le(res, self.tol, out=checks[0])
-        torch.le(res, self.best_res, out=checks[1])
-        torch.lt(res, float("inf"), out=checks[2])
-        n_converged, n_improved, n_finite = checks.sum(dim=1).tolist()
+        res = self.res
+        converged, improved, finite = self.check_rows
+        torch.le(res, self.tol, out=converged)
+        torch.le(res, self.best_res, out=improved)
+        torch.lt(res, _INF, out=finite)
+        n_converged, n_improved, n_finite = self.checks.sum(dim=1).tolist()
         if n_improved == self.batch:
-            self.best_z, self.best_res = self.z, self.res
+            self.best_z, self.best_res = self.z, res
         else:
-            self._keep_best(checks[1])
+            self._keep_best(improved)
         changed = n_converged != self.n_converged
         if changed:
-            self.converged_at.masked_fill_(checks[0] & ~self.converged, self.iterations)
-            self.converged = checks[0].clone()
+            self.converged_at.masked_fill_(converged & ~self.converged, self.iterations)
+            self.converged = converged.clone()
             self.n_converged = n_converged
         n_bad = self.batch - n_finite - self.n_unstable
         if n_bad:
-            bad = ~checks[2] & ~self.unstable
+            bad = ~finite & ~self.unstable
             self.unstable = self.unstable | bad
             self.unstable_at.masked_fill_(bad, self.iterations)
             self.n_unstable += n_bad
@@ -466,7 +469,7 @@ class _Iteration:
                 # The exact iteration of each element's first non-finite residual.
                 first_bad = torch.argmin(torch.isfinite(history).to(history.dtype), dim=0)
                 unstable_at = torch.where(unstable, first_bad, unstable_at)
-        elif bool(converged.all()):
+        elif (self.n_converged == self.batch) if self.fused else bool(converged.all()):
             retcode = NonlinearReturnCode.Success
         else:
             retcode = NonlinearReturnCode.MaxIters
@@ -488,7 +491,8 @@ class _Iteration:
 def _relative(res, z):
     """``res / ||z||`` per row; ``inf`` where ``z = 0`` and the residual is not, ``0`` where both are."""
     znorm = torch.linalg.vector_norm(z, dim=1)
-    return torch.where(znorm > 0, res / torch.where(znorm > 0, znorm, torch.ones_like(znorm)),
+    positive = znorm > 0
+    return torch.where(positive, res / torch.where(positive, znorm, torch.ones_like(znorm)),
                        torch.where(res > 0, torch.full_like(res, float("inf")), torch.zeros_like(res)))
 
 
