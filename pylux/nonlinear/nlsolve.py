@@ -24,7 +24,6 @@ _LISTED = 10
 # Whether a check every iteration uses the fused test of ``_Iteration._fused_check``; the general
 # test gives the same results bitwise (tests compare them).
 _FUSED_CHECK = True
-_INF = float("inf")
 _KEYWORDS = ("abstol", "reltol", "maxiters", "on_failure", "throw", "check_every", "record_history")
 
 
@@ -224,9 +223,10 @@ def _list(indices: list) -> str:
 
 def _flat_map(g, shape, batch, n, z0, where):
     checked = [False]
+    flat = len(shape) == 2  # then the flattened state is the state: no views on the way in and out
 
     def fn(z_flat):
-        out = g(z_flat.view(shape))
+        out = g(z_flat if flat else z_flat.view(shape))
         if not checked[0]:
             if not isinstance(out, torch.Tensor):
                 raise TypeError(f"{where}: g must return a torch.Tensor, got {type(out).__name__}.")
@@ -237,7 +237,7 @@ def _flat_map(g, shape, batch, n, z0, where):
                 raise TypeError(f"{where}: g returned {out.dtype} on {out.device} for a state that is "
                                 f"{z0.dtype} on {z0.device}; g must keep dtype and device.")
             checked[0] = True
-        return out.reshape(batch, n)
+        return out if flat else out.reshape(batch, n)
     return fn
 
 
@@ -308,8 +308,15 @@ class _Iteration:
         self.fused = check_every == 1 and _FUSED_CHECK
         self.converged = torch.zeros(batch, dtype=torch.bool, device=device) if self.fused else self.res <= self.tol
         self.n_converged = self.n_unstable = 0
-        self.checks = torch.empty(3, batch, dtype=torch.bool, device=device) if self.fused else None
-        self.check_rows = self.checks.unbind(0) if self.fused else None
+        if self.fused:
+            # The check is one comparison of res against the rows (tol, best_res, largest finite value):
+            # converged, improved, finite (res >= 0, so only NaN and +inf exceed the largest float).
+            self.checks = torch.empty(3, batch, dtype=torch.bool, device=device)
+            self.check_rows = self.checks.unbind(0)
+            self.bounds = self.res.new_empty(3, batch)
+            self.bounds[2] = torch.finfo(self.res.dtype).max
+            if not reltol:
+                self.bounds[0] = abstol
         self.active = self.frozen_rows = None
         self.copy_frozen = True
         self.converged_at = torch.zeros(batch, dtype=torch.long, device=device)
@@ -317,6 +324,9 @@ class _Iteration:
         self.unstable_at = torch.zeros(batch, dtype=torch.long, device=device)
         self.first_window = None  # (last check before, check that found) the first non-finite residual
         self.best_z, self.best_res = z, self.res
+        if self.fused:
+            self.best_res = self.bounds[1]
+            self.best_res.copy_(self.res)
         self.history = [self.res] if record_history else None
         self.state = solver.init(z, self.gz, maxiters)
         self.iterations = 0
@@ -366,25 +376,28 @@ class _Iteration:
         return False
 
     def _fused_check(self) -> bool:
-        """:meth:`check` for ``check_every == 1``, in four small kernels and one transfer.
+        """:meth:`check` for ``check_every == 1``, in three small kernels and one transfer.
 
         Rows of ``self.checks``: ``res <= tol`` (converged), ``res <= best_res``
-        (improved) and ``res < inf`` (finite; ``res >= 0``, so only NaN and
-        ``+inf`` fail it). Converged and unstable elements only ever join their
+        (improved) and ``res <= finfo.max`` (finite; ``res >= 0``, so only NaN
+        and ``+inf`` fail it). Converged and unstable elements only ever join their
         sets (they are frozen), so an unchanged count is an unchanged set, and
         the masks and row indices of the frozen elements are rebuilt only when
         a count changes.
         """
         res = self.res
         converged, improved, finite = self.check_rows
-        torch.le(res, self.tol, out=converged)
-        torch.le(res, self.best_res, out=improved)
-        torch.lt(res, _INF, out=finite)
+        if self.reltol:
+            self.bounds[0].copy_(self.tol)
+        torch.le(res, self.bounds, out=self.checks)
         n_converged, n_improved, n_finite = self.checks.sum(dim=1).tolist()
+        # best_res is the row bounds[1], updated in place.
         if n_improved == self.batch:
-            self.best_z, self.best_res = self.z, res
+            self.best_z = self.z
+            self.best_res.copy_(res)
         else:
-            self._keep_best(improved)
+            self.best_z = torch.where(improved.unsqueeze(1), self.z, self.best_z)
+            torch.where(improved, res, self.best_res, out=self.best_res)
         changed = n_converged != self.n_converged
         if changed:
             self.converged_at.masked_fill_(converged & ~self.converged, self.iterations)
