@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -208,7 +209,7 @@ def _check_z0(where, z0):
         return
     # A finite sum proves every entry finite in one pass (NaN and Inf propagate through it); only a
     # non-finite sum (which a large finite z0 may also overflow to) needs the per-element test.
-    if bool(torch.isfinite(z0.detach().sum())):
+    if math.isfinite(z0.detach().sum().item()):
         return
     bad = ~torch.isfinite(z0.detach().reshape(z0.shape[0], -1)).all(dim=1)
     if bool(bad.any()):
@@ -504,9 +505,8 @@ class _Iteration:
 def _relative(res, z):
     """``res / ||z||`` per row; ``inf`` where ``z = 0`` and the residual is not, ``0`` where both are."""
     znorm = torch.linalg.vector_norm(z, dim=1)
-    positive = znorm > 0
-    return torch.where(positive, res / torch.where(positive, znorm, torch.ones_like(znorm)),
-                       torch.where(res > 0, torch.full_like(res, float("inf")), torch.zeros_like(res)))
+    # Where znorm = 0 the quotient (inf or NaN) is replaced, so it may divide by zero.
+    return torch.where(znorm > 0, res / znorm, torch.where(res > 0, float("inf"), 0.0))
 
 
 def _tolerance(z, abstol, reltol):
