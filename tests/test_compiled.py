@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pylux as lx
-from pylux.diffeq import MixedNorm
+from pylux.diffeq import MixedNorm, SemiNorm
 from pylux.diffeq.compiled import CompiledSolver
 
 F64 = torch.float64
@@ -175,6 +175,9 @@ def test_backsolve_under_compile_builds_its_compiled_forward_and_a_traceable_bac
     # every backward pass builds its own norm: the compiled-loop cache must see them as one
     assert MixedNorm([4, 4, 3]) == MixedNorm([4, 4, 3]) != MixedNorm([4, 4, 3], [True, True, False])
     assert hash(MixedNorm([4, 4, 3])) == hash(MixedNorm([4, 4, 3]))
+    mask = torch.tensor([True, True, False])
+    assert SemiNorm(mask) == SemiNorm(mask.clone()) != SemiNorm(~mask)
+    assert hash(SemiNorm(mask)) == hash(SemiNorm(mask.clone()))
 
 
 @pytest.mark.slow

@@ -599,3 +599,11 @@ def test_float32_time_per_sample_spans():
                          reltol=1e-6, abstol=1e-8)
         assert int(sol.stats.naccept_per_sample[b]) == alone.stats.naccept
         torch.testing.assert_close(sol.u[-1, b], alone.u[-1, 0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch", ["joint", "per-sample"])
+def test_an_empty_batch_with_per_sample_times_is_refused_clearly(batch):
+    u0 = torch.zeros(0, 2, dtype=torch.float64)
+    prob = de.ODEProblem(lambda u, p, t: -u, u0, (0.0, 1.0))
+    with pytest.raises(ValueError, match="empty batch.*shape \\(0, 2\\)"):
+        de.solve(prob, de.Tsit5(), saveat=torch.zeros(0, 3, dtype=torch.float64), batch=batch)

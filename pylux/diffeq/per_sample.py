@@ -258,14 +258,14 @@ def per_sample_norm(norm):
     """
     if norm is rms_norm:
         def rms(x):
-            flat = x.reshape(x.shape[0], -1)
+            flat = x.reshape(x.shape[0], math.prod(x.shape[1:]))
             if flat.shape[1] == 0:
                 return flat.new_zeros(flat.shape[0])
             return torch.linalg.vector_norm(flat, dim=1) * (1.0 / math.sqrt(flat.shape[1]))
         return rms
     if norm is max_norm:
         def maximum(x):
-            flat = x.reshape(x.shape[0], -1)
+            flat = x.reshape(x.shape[0], math.prod(x.shape[1:]))
             if flat.shape[1] == 0:
                 return flat.new_zeros(flat.shape[0])
             return flat.abs().amax(dim=1)
@@ -277,7 +277,7 @@ def per_sample_norm(norm):
             selected = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)).reshape(x.shape[0], -1)
             count = mask.reshape(x.shape[0], -1).sum(1).clamp_min(1).to(x.dtype)
             value = torch.linalg.vector_norm(selected, dim=1) / count.sqrt()
-            return value + 0.0 * x.reshape(x.shape[0], -1).sum(1)  # NaN/Inf anywhere in a sample stays visible
+            return value + 0.0 * x.reshape(x.shape[0], math.prod(x.shape[1:])).sum(1)  # NaN/Inf anywhere in a sample stays visible
         return semi
     return torch.vmap(norm)
 
@@ -756,6 +756,10 @@ def solve_batched(prob, solver, sensealg, *, batch: str, saveat, saveat_mask, sa
         save_start = saveat is None
     if save_end is None:
         save_end = saveat is None
+    if B == 0:
+        raise ValueError("solve: per-sample times (a (B, T) saveat, a saveat_mask, per-sample tspans or "
+                         f"batch='per-sample') got an empty batch (u0 of shape {tuple(prob.u0.shape)}): there is "
+                         "no sample to step or save; skip the solve for an empty batch")
     t0, t1 = _spans(prob, B)
     times, _ = _batch_times(saveat, saveat_mask, t0, t1, prob.time_dtype, save_start, save_end)
     common = dict(keywords, throw=throw)

@@ -367,6 +367,7 @@ class _Backward:
         if alg._quadrature:
             self.stats["nquadrature"] = 0
         self.segment_dense = None
+        self._traced = None  # (dense output, its _TracedDense) of the last compiled segment
         self.checked = False
         self.back_options = self._backward_options()
 
@@ -461,6 +462,14 @@ class _Backward:
         self.stats["nf_forward_resolve"] += sol.stats.nf
         return sol
 
+    def _traced_dense(self) -> "_TracedDense":
+        """The current segment's forward dense output as tensors; built once when every segment shares the
+        whole forward solve's (no checkpoints), once per re-solved interval otherwise."""
+        source = self.segment_dense._dense
+        if self._traced is None or self._traced[0] is not source:
+            self._traced = (source, _TracedDense(source, self.solver.base.tableau, self.forward_options.time_dtype))
+        return self._traced[1]
+
     def _integrate_segment(self, aug, t_from: float, t_to: float, k: int):
         if t_from == t_to:
             return aug
@@ -469,8 +478,7 @@ class _Backward:
         # a forward segment without steps has no dense output to trace: its z(t) is the eager one
         functional = self.solver.compiled and not (self.alg._interpolates and not self.segment_dense._dense.pieces)
         if functional:
-            dense = (_TracedDense(self.segment_dense._dense, self.solver.base.tableau,
-                                  self.forward_options.time_dtype) if self.alg._interpolates else None)
+            dense = self._traced_dense() if self.alg._interpolates else None
             field = _AugmentedTerm(self.problem.term, self.problem.p, self.paths, self.shape,
                                    bool(self.theta_channels), self, dense).bind(tuple(self.params))
         else:
