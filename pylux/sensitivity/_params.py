@@ -92,14 +92,16 @@ def apply_adjoint_function(function, alg, problem, solver, options) -> Solution:
     return out
 
 
-def _refuse_closure_only_gradients(problem, where: str) -> None:
+def _refuse_closure_only_gradients(problem, where: str, t0=None) -> None:
     """Raise before the solve when ``f`` depends on a tensor that requires grad while neither ``u0`` nor
     ``p`` does: the adjoint's backward would never run, so that tensor would silently get no gradient.
 
     Costs one evaluation of ``f`` at ``(u0, t0)``, only in that case (with grad enabled and
-    nothing to differentiate with respect to).
+    nothing to differentiate with respect to). ``t0``: the start time as a tensor (a per-sample
+    solve's ``(B,)`` starts); default the problem's.
     """
-    t0 = torch.full((), problem.tspan[0], dtype=problem.time_dtype, device=problem.u0.device)
+    if t0 is None:
+        t0 = torch.full((), problem.tspan[0], dtype=problem.time_dtype, device=problem.u0.device)
     with torch.enable_grad():
         out = problem.f(problem.u0.detach(), problem.p, t0)
     if isinstance(out, torch.Tensor) and out.requires_grad:

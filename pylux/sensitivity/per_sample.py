@@ -118,7 +118,8 @@ import torch
 from ..diffeq.integrate import CountingField
 from ..diffeq.per_sample import (BatchSolution, PerSampleLoop, _per_sample_solution, per_sample_norm,
                                  register_per_sample_adjoint)
-from ._params import BackwardStats, check_no_hidden_parameters, grad_leaves, refuse_higher_order
+from ._params import (BackwardStats, _refuse_closure_only_gradients, check_no_hidden_parameters, grad_leaves,
+                      refuse_higher_order)
 from .continuous import BacksolveAdjoint, InterpolatingAdjoint, QuadratureAdjoint, _bound_field
 
 __all__ = ["per_sample_backsolve", "per_sample_interpolating", "per_sample_quadrature"]
@@ -576,11 +577,7 @@ def _solve(alg, problem, run, checkpoints=None) -> BatchSolution:
     paths = [path for path, _ in pairs]
     params = [leaf for _, leaf in pairs]
     if torch.is_grad_enabled() and not params and not problem.u0.requires_grad:
-        # the backward pass would never run: a tensor reaching f through a closure would get no gradient
-        with torch.enable_grad():
-            out = problem.term.bind(problem.p).vf(problem.u0.detach(), run.t0)
-        if isinstance(out, torch.Tensor) and out.requires_grad:
-            check_no_hidden_parameters(out, [], where=f"{type(alg).__name__}: f")
+        _refuse_closure_only_gradients(problem, type(alg).__name__, t0=run.t0)
     holder: dict = {"backward_stats": BackwardStats(), "checkpoints": checkpoints}
     u = _PerSampleAdjointFunction.apply(alg, problem, run, paths, holder, problem.u0, *params)
     sol = holder["solution"]

@@ -86,7 +86,8 @@ from ..diffeq.interpolation import linear_combination
 from ..diffeq.per_sample import (_MAXITERS, _RUNNING, _SUCCESS, _UNSTABLE, BatchSolution, PerSampleLoop, PerSampleRun,
                                  register_per_sample_adjoint)
 from ..diffeq.solvers import ExplicitRungeKutta
-from ._params import BackwardStats, check_no_hidden_parameters, grad_leaves, refuse_higher_order
+from ._params import (BackwardStats, _refuse_closure_only_gradients, check_no_hidden_parameters, grad_leaves,
+                      refuse_higher_order)
 from .continuous import _bound_field
 from .reversible import ReversibleAdjoint
 
@@ -427,11 +428,7 @@ def per_sample_reversible(alg: ReversibleAdjoint, problem, run: PerSampleRun) ->
     paths = [path for path, _ in pairs]
     params = [leaf for _, leaf in pairs]
     if torch.is_grad_enabled() and not params and not problem.u0.requires_grad:
-        # the backward pass would never run: a tensor reaching f through a closure would get no gradient
-        with torch.enable_grad():
-            out = problem.term.bind(problem.p).vf(problem.u0.detach(), run.t0)
-        if isinstance(out, torch.Tensor) and out.requires_grad:
-            check_no_hidden_parameters(out, [], where="ReversibleAdjoint: f")
+        _refuse_closure_only_gradients(problem, "ReversibleAdjoint", t0=run.t0)
     holder: dict = {"backward_stats": BackwardStats()}
     u = _PerSampleReversibleFunction.apply(alg, problem, run, paths, holder, problem.u0, *params)
     sol = holder["solution"]
