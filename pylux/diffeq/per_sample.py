@@ -485,20 +485,10 @@ class PerSampleLoop:
             else:
                 k1_stale = accept
             running &= ~(accept & reach)
-            if self.adaptive:
-                qold = torch.where(accept, qold_new, qold)
-                streak = (streak + 1).masked_fill_(finite, 0)
-                alarm = running & (~finite | (dt_next.abs() < self.dtmin))
-            else:
-                alarm = torch.zeros_like(running)
-            if self.check_resolution:
-                alarm |= stuck
-            dt = dt_next.masked_fill(~running, 0.0)
-            new_pointer = (signed_times <= (d * t)[:, None]).sum(1)
-            passed = new_pointer - pointer
-            # the step's one host transfer
-            n_running, most, any_accepted, failing = torch.stack(
-                [running.sum(), passed.max(), accept.sum(), alarm.sum()]).tolist()
+            qold, streak, dt, new_pointer, passed, (n_running, most, any_accepted, failing) = self.close_step(
+                running, accept, dt_next, t, signed_times, pointer, qold, streak,
+                qold_new if self.adaptive else None, finite if self.adaptive else None,
+                stuck if self.check_resolution else None)
             if most:
                 blocks.append(self.saved_values(u_start, u_new, t_start, t_new, h, stages, pointer, passed,
                                                 int(most)))
@@ -519,6 +509,28 @@ class PerSampleLoop:
             code.masked_fill_(bad, _UNSTABLE)
         self.result = (u, t, dt_report, code, naccept, trials - naccept, nfe)
         return self.assemble(blocks, pointer, code)
+
+    def close_step(self, running, accept, dt_next, t, signed_times, pointer, qold, streak, qold_new, finite, stuck):
+        """The bookkeeping after a step has moved its accepted samples (shared by every per-sample loop):
+        the controller's memory, the non-finite streak, the alarms (NaN/Inf, dt below dtmin, the time
+        resolution), the next ``dt`` (zero for a stopped sample), the saved times each sample passed, and
+        the step's one host transfer ``[n running, most times passed, n accepted, n alarms]``.
+
+        Returns ``(qold, streak, dt, new_pointer, passed, counts)``.
+        """
+        if self.adaptive:
+            qold = torch.where(accept, qold_new, qold)
+            streak = (streak + 1).masked_fill_(finite, 0)
+            alarm = running & (~finite | (dt_next.abs() < self.dtmin))
+        else:
+            alarm = torch.zeros_like(running)
+        if self.check_resolution:
+            alarm |= stuck
+        dt = dt_next.masked_fill(~running, 0.0)
+        new_pointer = (signed_times <= (self.direction * t)[:, None]).sum(1)
+        passed = new_pointer - pointer
+        counts = torch.stack([running.sum(), passed.max(), accept.sum(), alarm.sum()]).tolist()
+        return qold, streak, dt, new_pointer, passed, counts
 
     def fail(self, code, running, finite, streak, dt_next, stuck):
         """Mark the running samples that cannot go on: NaN/Inf too often or with a step below dtmin

@@ -227,19 +227,10 @@ class _ReversibleLoop(PerSampleLoop):
             pending, last_dt = accept, dt_step
             segment_count = segment_count + accept
             running &= ~(accept & (d * t >= signed_end))
-            if self.adaptive:
-                qold = torch.where(accept, qold_new, qold)
-                streak = (streak + 1).masked_fill_(finite, 0)
-                alarm = running & (~finite | (dt_next.abs() < self.dtmin))
-            else:
-                alarm = torch.zeros_like(running)
-            if self.check_resolution:
-                alarm |= stuck
-            dt = dt_next.masked_fill(~running, 0.0)
-            new_pointer = (signed_times <= (d * t)[:, None]).sum(1)
-            passed = new_pointer - pointer
-            n_running, most, any_pending, failing = torch.stack(
-                [running.sum(), passed.max(), accept.sum(), alarm.sum()]).tolist()
+            qold, streak, dt, new_pointer, passed, (n_running, most, any_pending, failing) = self.close_step(
+                running, accept, dt_next, t, signed_times, pointer, qold, streak,
+                qold_new if self.adaptive else None, finite if self.adaptive else None,
+                stuck if self.check_resolution else None)
             if most:
                 targets = self.saved_targets(pointer, passed, int(most))
                 blocks.append((targets, y_new.reshape(B, 1, -1).expand(B, int(most), -1).reshape(B * int(most), -1)))
