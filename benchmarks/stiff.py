@@ -37,7 +37,13 @@ reached by scipy's fastest method, pylux's fastest run (any method, any toleranc
 over scipy's fastest run with an error no larger.
 
     python benchmarks/stiff.py [--tols 1e-3,1e-5,1e-7] [--repeats 5] [--problems robertson,vdp,neural]
-                               [--batch 256] [--quick]
+                               [--batch 256] [--quick] [--compile]
+
+``--compile`` adds the four Rosenbrock rows with ``compile=True`` ("... compiled"): the whole adaptive loop —
+Jacobian, factorisation, stages, error norm, controller — as one compiled graph with one synchronisation per
+solve (pylux.diffeq.captured). Each loop is compiled once before the timed rounds (30-120 s per method and
+problem; the tolerances are graph inputs, so the sweep reuses it); its Jacobian count includes one eager
+linearisation at u0 and a fresh Jacobian for every retried step.
 
 ``--quick``: one tolerance (1e-4), one timed round, a batch of 32, VdP on [0, 300] (no jump), no torchdiffeq
 row: seconds, for the tests. Timings on a shared machine are noisy; compare numbers from one run, and read
@@ -49,6 +55,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import warnings
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -172,11 +179,12 @@ def neural_problem(quick: bool = False, batch: int = 256, d: int = 8, hidden: in
 
 # --- runners: each returns (u(t1) as a flat numpy array, counters) ---------------------------------
 
-def run_pylux(problem, make_solver, tol):
+def run_pylux(problem, make_solver, tol, compile=False):
     u0 = torch.from_numpy(problem["u0"]).to(DT)
     prob = lx.ODEProblem(problem["f"], u0, problem["span"], problem["p"])
     with torch.no_grad():
-        sol = lx.solve(prob, make_solver(), reltol=tol, abstol=tol * problem["floor"], save_everystep=False)
+        sol = lx.solve(prob, make_solver(), reltol=tol, abstol=tol * problem["floor"], save_everystep=False,
+                       compile=compile)
     s = sol.stats
     return sol.u[-1].numpy().reshape(-1), dict(steps=s.naccept, rejected=s.nreject, nfe=s.nf,
                                                njac=getattr(s, "njac", 0), nlu=getattr(s, "nw", 0))
@@ -248,11 +256,17 @@ def pylux_methods(problem) -> dict:
     }
 
 
-def cases_of(problem, tols, include_peers=True, torchdiffeq=True) -> dict:
+#: the rows that also run with ``compile=True`` (``--compile``)
+COMPILED_ROWS = ("pylux Rosenbrock23", "pylux Rodas5P", "pylux Rosenbrock23 + jac", "pylux Rodas5P + jac")
+
+
+def cases_of(problem, tols, include_peers=True, torchdiffeq=True, compiled=False) -> dict:
     cases = {}
     for tol in tols:
         for name, make in pylux_methods(problem).items():
             cases[name, tol] = lambda make=make, tol=tol: run_pylux(problem, make, tol)
+            if compiled and name in COMPILED_ROWS:
+                cases[f"{name} compiled", tol] = lambda make=make, tol=tol: run_pylux(problem, make, tol, True)
         if include_peers:
             for method in ("BDF", "Radau", "LSODA"):
                 cases[f"scipy {method}", tol] = lambda method=method, tol=tol: run_scipy(problem, method, tol)
@@ -262,9 +276,17 @@ def cases_of(problem, tols, include_peers=True, torchdiffeq=True) -> dict:
     return cases
 
 
-def problem_rows(problem, tols, repeats, include_peers=True, torchdiffeq=True) -> list[dict]:
+def problem_rows(problem, tols, repeats, include_peers=True, torchdiffeq=True, compiled=False) -> list[dict]:
     problem["ref"] = reference(problem)
-    results = interleaved(cases_of(problem, tols, include_peers, torchdiffeq), repeats, warmup=1)
+    cases = cases_of(problem, tols, include_peers, torchdiffeq, compiled)
+    if compiled:  # compile each loop once before the timed rounds (the warm-up round would time it)
+        for tol in tols[:1]:
+            for name in COMPILED_ROWS:
+                start = time.perf_counter()
+                cases[f"{name} compiled", tol]()
+                print(f"{problem['name']}: {name} compile=True, first solve (compilation) "
+                      f"{time.perf_counter() - start:.1f} s", flush=True)
+    results = interleaved(cases, repeats, warmup=1)
     rows = []
     for (method, tol), (ms, (u, counts)) in results.items():
         rows.append(dict(problem=problem["name"], method=method, tol=tol, ms=ms, error=error(u, problem),
@@ -330,6 +352,9 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="one tolerance, one round, small problems")
+    parser.add_argument("--compile", action="store_true",
+                        help="add the Rosenbrock rows with compile=True (the whole loop as one graph; "
+                             "compiling takes 30-120 s per method and problem, not timed)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     tols = [1e-4] if args.quick else [float(x) for x in args.tols.split(",")]
@@ -343,7 +368,7 @@ def main(argv=None):
     load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else ["?"]
     rows = []
     for key in args.problems.split(","):
-        rows += problem_rows(makers[key](), tols, repeats, torchdiffeq=not args.quick)
+        rows += problem_rows(makers[key](), tols, repeats, torchdiffeq=not args.quick, compiled=args.compile)
     load_after = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else ["?"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), float64, median of {repeats} "
           f"interleaved round(s); load average before {' '.join(load)}, after {' '.join(load_after)}\n")

@@ -29,6 +29,23 @@ Gradients: autograd differentiates through the loop (``DirectAdjoint`` /
 Autograd keeps every trial step's tensors, as backpropagation through an eager
 solve does.
 
+The Rosenbrock methods (``Rosenbrock23()``, ``Rodas5P()``) run the same loop:
+their step has no iteration and no host decision, so the body is the eager
+:meth:`step` traced, with ``J`` and ``f_t`` formed in the graph
+(:meth:`pylux.diffeq.jacobian.JacobianEvaluator._traced`: the user's ``jac``, or
+forward mode), ``I - h gamma J`` factorised by ``lu_factor_ex`` and each stage
+solved by substitution on the factors unrolled over the block size
+(``TRACED_SUBSTITUTION_LIMIT``), which the compiler fuses with the stages. A
+step the method rejects (a singular or non-finite Newton matrix) is retried at
+half the step, as in the eager loop. An eager linearisation at ``u0`` precedes
+the loop (it checks a user ``jac`` and whether ``f`` can be differentiated); a
+rejected step's retry forms ``J`` again where the eager loop reuses it, so
+``njac`` counts trial steps plus one. Forward solves only: autograd does not
+differentiate the factorisation inside a ``while_loop``, so a solve whose
+inputs need a gradient runs eagerly (one warning). On the Robertson problem
+the compiled Rosenbrock23 loop takes ~5 ms against ~85 ms eagerly
+(``benchmarks/stiff.py --compile``).
+
 Anything else (fixed steps, other controllers, callbacks, ``save_everystep``,
 ``dense=True``, ``save_stats``) runs the per-step compiled path of
 :mod:`pylux.diffeq.compiled` instead, as does a problem whose loop fails to
@@ -40,9 +57,12 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from .controllers import IController, PIController
 from .norms import scaled_error_norm
+from ._device import time_scalar
+from .jacobian import StiffState
 from .solvers import RKState
 from .solution import ReturnCode
 from .terms import BoundTerm
@@ -50,10 +70,13 @@ from .terms import BoundTerm
 __all__ = ["captured_run", "capture_refusal"]
 
 # loop status codes (device int64)
-_RUNNING, _DONE, _MAXITERS, _DTMIN, _UNSTABLE, _RESOLUTION = range(6)
+_RUNNING, _DONE, _MAXITERS, _DTMIN, _UNSTABLE, _RESOLUTION, _SOLVER_REJECTS = range(7)
 
 #: compiled whole-solve functions, per configuration of constants (tensors are arguments)
 _CACHE: dict = {}
+
+#: the configurations whose C++-wrapped loop failed to compile (they compile with the Python wrapper)
+_PYTHON_WRAPPED: set = set()
 
 #: why a configuration failed to compile (its later solves go step by step without retrying)
 _REFUSED: dict = {}
@@ -67,7 +90,10 @@ def capture_refusal(solver, options, field) -> str | None:
     base = solver.base
     tableau = getattr(base, "tableau", None)
     controller = options.controller
-    if tableau is None or not tableau.fsal or tableau.b_error is None or tableau.dense is None:
+    if getattr(base, "captures_whole_loop", False):
+        if getattr(base.jacobian, "structure", None) == "matrix_free":
+            return "a matrix-free Jacobian (GMRES) iterates; pass jac_structure='dense' or 'batched'"
+    elif tableau is None or not getattr(tableau, "fsal", False) or tableau.b_error is None or tableau.dense is None:
         return "the method is not an adaptive FSAL Runge–Kutta method with dense output"
     if type(controller) not in (IController, PIController):
         return "the controller is neither IController nor PIController"
@@ -108,15 +134,18 @@ def _controller_update(controller, E, dt_step, qold, accept):
     return dt_step / q.to(dt_step.dtype), qold
 
 
-def _build(base, controller, reltol, norm, direction, dtmin, dtmax, maxiters, n_targets, shrink, streak_max):
-    tableau = base.tableau
-    P_rows = [list(map(float, row)) for row in tableau.dense]
-    width = max(len(row) for row in P_rows)
-    P_host = [row + [0.0] * (width - len(row)) for row in P_rows]
+def _build(base, controller, norm, direction, dtmin, dtmax, maxiters, n_targets, shrink, streak_max,
+           make_state, reject_shrink):
+    dense_rows = getattr(base.tableau, "dense", None)  # a Runge–Kutta interpolant's weight polynomials
+    P_host = None
+    if dense_rows is not None:
+        P_rows = [list(map(float, row)) for row in dense_rows]
+        width = max(len(row) for row in P_rows)
+        P_host = [row + [0.0] * (width - len(row)) for row in P_rows]
 
-    def whole_solve(term, u0, k0, t0, dt0, t1, abstol, targets):
+    def whole_solve(term, u0, k0, t0, dt0, t1, abstol, reltol, targets):
         t1, targets = t1.clone(), targets.clone()  # the loop's inputs may not alias (views of one transfer)
-        P = torch.tensor(P_host, dtype=u0.dtype, device=u0.device)
+        P = torch.tensor(P_host, dtype=u0.dtype, device=u0.device) if P_host is not None else None
         zero = torch.zeros((), dtype=torch.int64, device=u0.device)
         qold0 = torch.full((), getattr(controller, "qoldinit", 1.0), dtype=u0.dtype, device=u0.device)
         # autograd through while_loop follows only carried tensors that require grad from the first iteration:
@@ -134,16 +163,21 @@ def _build(base, controller, reltol, norm, direction, dtmin, dtmax, maxiters, n_
             dt_step = torch.where(reach, t1 - t, dt)
             t_new = torch.where(reach, t1, t + dt_step)
             moves = t_new != t
-            result = base.step(term, t, u, dt_step, RKState(k))
+            result = base.step(term, t, u, dt_step, make_state(k))
             u_new = result.u_new
             # the controller is not differentiated (as in the eager loop, whose dt are host floats)
             E = scaled_error_norm(result.error_estimate, u, u_new, abstol, reltol, norm).detach()
             finite = torch.isfinite(E)
-            accept = finite & (E <= 1.0) & moves
+            # a step the method itself rejects (a singular Newton matrix) is retried at half the step, with
+            # neither the controller's memory nor the NaN streak changed (the eager loop's reject_status)
+            method_ok = result.status == 0 if isinstance(result.status, torch.Tensor) else torch.ones_like(finite)
+            finite = finite | ~method_ok
+            accept = finite & (E <= 1.0) & moves & method_ok
             dt_next, qold_new = _controller_update(controller, E, dt_step, qold, accept)
             dt_next = torch.where(finite, dt_next, dt_step * shrink)
+            dt_next = torch.where(method_ok, dt_next, dt_step * reject_shrink)
             dt_next = torch.clamp(dt_next.abs(), max=dtmax) * direction
-            streak_new = torch.where(finite, torch.zeros_like(streak), streak + 1)
+            streak_new = torch.where(~method_ok, streak, torch.where(finite, torch.zeros_like(streak), streak + 1))
             t_out = torch.where(accept, t_new, t)
             u_out = torch.where(accept, u_new, u)
             k_out = torch.where(accept, result.solver_state_new.f_at_u, k)
@@ -152,8 +186,11 @@ def _build(base, controller, reltol, norm, direction, dtmin, dtmax, maxiters, n_
             if n_targets:
                 theta = ((targets - t) / dt_step).to(u.dtype)
                 passed = accept & (direction * targets > direction * t) & (direction * targets <= direction * t_new)
-                stages = torch.stack([s.reshape(-1) for s in result.dense_info.stages])
-                values = u.reshape(1, -1) + (_dense_weights(P, theta) * dt_step.to(u.dtype)) @ stages
+                if P is not None:
+                    stages = torch.stack([s.reshape(-1) for s in result.dense_info.stages])
+                    values = u.reshape(1, -1) + (_dense_weights(P, theta) * dt_step.to(u.dtype)) @ stages
+                else:
+                    values = result.dense_info.evaluate(list(theta.unbind(0))).reshape(n_targets, -1)
                 saved = torch.where(passed.unsqueeze(1), values, saved)
                 written = written | passed
             else:
@@ -163,6 +200,8 @@ def _build(base, controller, reltol, norm, direction, dtmin, dtmax, maxiters, n_
             new_status = torch.where((new_status == _RUNNING) & ~finite & ((streak_new >= streak_max)
                                                                            | (dt_next.abs() < dtmin)),
                                      _UNSTABLE, new_status)
+            new_status = torch.where((new_status == _RUNNING) & running & ~method_ok & (dt_next.abs() < dtmin),
+                                     _SOLVER_REJECTS, new_status)
             new_status = torch.where((new_status == _RUNNING) & running & (dt_next.abs() < dtmin), _DTMIN,
                                      new_status)
             new_status = torch.where((new_status == _RUNNING) & running & (nacc_new + nrej_new >= maxiters),
@@ -188,53 +227,187 @@ def _norm_key(norm):
     return norm
 
 
-def _compiled(key, build_args, mode):
-    if key not in _CACHE:
+#: the largest inner and outer sizes ``k, n`` of an ``(m, k) @ (k, n)`` product that compiles as multiply-adds
+SMALL_MATMUL = 16
+
+
+def _small_matmul_pass():
+    """An inductor post-grad pass that writes ``mm(a, b)`` and ``addmm(c, a, b)`` with a small static ``b``
+    (both sizes at most :data:`SMALL_MATMUL`) on the CPU as ``sum_j a[:, j:j+1] * b[j]``, unrolled.
+
+    A field such as ``(u ** 3) @ A`` with a 2 x 2 ``A`` otherwise calls the BLAS once per stage: six extern
+    calls per trial step, each costing more than the arithmetic, which then fuses into the stage's kernel.
+    Inductor's own ``decompose_mm_pass`` reads its size limits once, when it is imported, and on the CPU
+    decomposes only products with one row. Applied to every graph of the compiled loop (the while-loop body
+    and, under autograd, the backward graphs)."""
+    import functools
+
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+    from torch._inductor.pattern_matcher import Arg, CallFunction, PatternMatcherPass, register_graph_pattern
+
+    aten = torch.ops.aten
+    patterns = PatternMatcherPass(pass_name="pylux_small_matmul")
+
+    def small(a, b) -> bool:
+        a, b = a.meta.get("val"), b.meta.get("val")
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.dim() != 2 or b.dim() != 2:
+            return False
+        sizes = (*a.shape, *b.shape)
+        return (all(isinstance(size, int) for size in sizes) and a.device.type == b.device.type == "cpu"
+                and a.dtype == b.dtype and a.dtype in (torch.float32, torch.float64)
+                and b.shape[0] <= SMALL_MATMUL and b.shape[1] <= SMALL_MATMUL)
+
+    def unrolled(a, b):
+        out = a[:, 0:1] * b[0]
+        for j in range(1, b.shape[0]):
+            out = out + a[:, j:j + 1] * b[j]
+        return out
+
+    @register_graph_pattern(CallFunction(aten.mm, Arg(), Arg()), pass_dict=patterns)
+    def mm(match, a, b):
+        if small(a, b):
+            match.replace_by_example(unrolled, [a, b])
+
+    @register_graph_pattern(CallFunction(aten.addmm, Arg(), Arg(), Arg()), pass_dict=patterns)
+    def addmm(match, c, a, b):
+        if small(a, b):
+            match.replace_by_example(lambda c, a, b: unrolled(a, b) + c, [c, a, b])
+
+    class SmallMatmul(CustomGraphPass):
+        def __call__(self, graph):
+            patterns.apply(graph)
+
+        @functools.cache
+        def uuid(self):  # the compiled-graph cache key: this file's contents
+            return get_hash_for_files((__file__,))
+    return SmallMatmul()
+
+
+_SMALL_MATMUL_PASS = None
+
+
+def _inductor_options(mode, device_type: str, cpp_wrapper: bool) -> dict:
+    """``torch.compile`` options for the whole-loop graph: ``mode``'s own, and on the CPU
+    :func:`_small_matmul_pass` and (``cpp_wrapper``) the C++ wrapper: the while loop, its condition read and
+    its kernel calls in C++ rather than Python, about 30 us less per trial step on ``benchmarks/suite.py``
+    P1 (a 2-d state), where the Python wrapper cost more than the kernels."""
+    global _SMALL_MATMUL_PASS
+    from torch._inductor import list_mode_options
+    options = dict(list_mode_options(mode)) if mode not in ("default", "reduce-overhead") else {}
+    if device_type == "cpu":
+        if _SMALL_MATMUL_PASS is None:
+            _SMALL_MATMUL_PASS = _small_matmul_pass()
+        options.update(cpp_wrapper=cpp_wrapper, post_grad_custom_post_pass=_SMALL_MATMUL_PASS)
+    return options
+
+
+def _compiled(key, build_args, mode, device_type: str = "cpu", cpp_wrapper: bool = True):
+    cache_key = key if cpp_wrapper else (key, "python wrapper")
+    if cache_key not in _CACHE:
         fn = _build(*build_args)
-        _CACHE[key] = torch.compile(fn, fullgraph=True, dynamic=False,
-                                    mode=None if mode in ("default", "reduce-overhead") else mode)
-    return _CACHE[key]
+        _CACHE[cache_key] = torch.compile(fn, fullgraph=True, dynamic=False,
+                                          options=_inductor_options(mode, device_type, cpp_wrapper))
+    return _CACHE[cache_key]
 
 
 def captured_run(loop, out, dt: float) -> bool:
     """Run ``loop``'s solve (a :class:`pylux.diffeq.integrate._Loop` after its first step) as one compiled
     while-loop; fill ``out`` and the loop's saver. ``False`` (nothing done) when the solve is not eligible
     or the loop does not compile (then with one warning, and the step-by-step path runs)."""
-    from .integrate import MAX_NONFINITE_STREAK, NONFINITE_SHRINK
+    from .integrate import MAX_NONFINITE_STREAK, NONFINITE_SHRINK, STATUS_REJECT_SHRINK
 
     solver, options, field = loop.solver, loop.options, loop.field
-    if solver.whole_loop_refusal is not None or capture_refusal(solver, options, field) is not None:
+    if solver.whole_loop_refusal is not None:
+        return False
+    refusal = capture_refusal(solver, options, field)
+    if refusal is not None:
+        solver.whole_loop_refusal = refusal
         return False
     u0, t0, t1 = loop.u0, loop.t0, loop.t1
-    controller = options.controller
+    base, controller = solver.base, options.controller
     targets_host = list(loop.saver.targets)
     time_dtype, device = options.time_dtype, u0.device
-    key = (type(solver.base), id(solver.base.tableau), controller, options.reltol, _norm_key(options.norm), loop.direction,
-           options.dtmin, options.dtmax, options.maxiters, len(targets_host), solver.mode)
-    build_args = (solver.base, controller, options.reltol, options.norm, loop.direction, options.dtmin,
-                  options.dtmax, options.maxiters, len(targets_host), NONFINITE_SHRINK, MAX_NONFINITE_STREAK)
+    make_state, method_key = RKState, None
+    evaluator = getattr(loop.state, "evaluator", None)
+    if getattr(base, "captures_whole_loop", False):
+        if evaluator.structure == "matrix_free":
+            solver.whole_loop_refusal = ("a matrix-free Jacobian (GMRES) iterates; pass jac_structure='dense' or "
+                                         "'batched' to compile the loop")
+            return False
+        if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad
+                                           for x in [u0, *tree_leaves(field.p)]):
+            # autograd cannot yet differentiate a while_loop through the LU factorisation
+            solver.whole_loop_refusal = ("the compiled Rosenbrock loop runs forward only (under torch.no_grad or "
+                                         "for inputs that need no gradient); differentiate with compile=False")
+            return False
+        # one eager linearisation first: it checks a user jac's shape and finds out whether f can be
+        # differentiated (else finite differences), as the first step of an eager solve does
+        evaluator(field, u0, time_scalar(t0, time_dtype, device), loop.state.f_at_u, loop.state.counters,
+                  need_dfdt=True)
+
+        def stiff_state(k):  # fresh per trace: the counters of a compiled loop are added up after it
+            return StiffState(k, None, evaluator)
+        make_state = stiff_state
+        method_key = (base, evaluator.structure, evaluator.use_autodiff, evaluator.direction)
+    # the tolerances are graph inputs: a sweep over them reuses one compiled loop
+    key = (type(base), id(base.tableau), method_key, controller, _norm_key(options.norm),
+           loop.direction, options.dtmin, options.dtmax, options.maxiters, len(targets_host), solver.mode,
+           device.type)
+    build_args = (base, controller, options.norm, loop.direction, options.dtmin,
+                  options.dtmax, options.maxiters, len(targets_host), NONFINITE_SHRINK, MAX_NONFINITE_STREAK,
+                  make_state, STATUS_REJECT_SHRINK)
     abstol = options.abstol
     abstol = abstol if isinstance(abstol, torch.Tensor) else torch.full((), float(abstol), dtype=u0.dtype,
                                                                          device=device)
+    reltol = torch.full((), float(options.reltol), dtype=u0.dtype, device=device)
     times = torch.tensor([t0, dt, t1] + targets_host, dtype=time_dtype).to(device)
     plain = BoundTerm(field.term, field.p)  # a counter's changing integer would be a guard
     refused = _REFUSED.get(key)
     if refused is not None:
         solver.whole_loop_refusal = refused
         return False
+    from torch._dynamo.exc import BackendCompilerFailed
+    from torch._inductor.exc import InductorError
     try:
-        fn = _compiled(key, build_args, solver.mode)
-        result = fn(plain, u0, loop.state.f_at_u, times[0], times[1], times[2], abstol, times[3:])
+        args = (plain, u0, loop.state.f_at_u, times[0], times[1], times[2], abstol, reltol, times[3:])
+        # the C++ wrapper cannot yet lower the loop's backward (its stacked per-iteration outputs)
+        differentiated = torch.is_grad_enabled() and any(
+            isinstance(x, torch.Tensor) and x.requires_grad for x in tree_leaves((field.p, args[1:])))
+        cpp_wrapper = device.type == "cpu" and not differentiated and key not in _PYTHON_WRAPPED
+        try:
+            result = _compiled(key, build_args, solver.mode, device.type, cpp_wrapper)(*args)
+        except (BackendCompilerFailed, InductorError):
+            # the C++ wrapper lowers fewer programs than the Python one (and a field that closes over
+            # parameters is differentiated unseen): this configuration takes the Python wrapper from now on
+            if not cpp_wrapper:
+                raise
+            _PYTHON_WRAPPED.add(key)
+            result = _compiled(key, build_args, solver.mode, device.type, cpp_wrapper=False)(*args)
     except Exception as err:  # noqa: BLE001 - any compile failure means: run the step-by-step path
         first_line = (str(err).strip().splitlines() or [""])[0][:200]
         solver.whole_loop_refusal = _REFUSED[key] = f"{type(err).__name__}: {first_line}"
+        if getattr(base, "captures_whole_loop", False):
+            solver.fallback_reason = solver.whole_loop_refusal  # warned here, not again by the eager steps
+            instead = "running eagerly instead"
+        else:
+            instead = "compiling step by step instead"
         warnings.warn(f"solve(compile=True): the whole loop could not be compiled ({solver.whole_loop_refusal}); "
-                      "compiling step by step instead", RuntimeWarning, stacklevel=3)
+                      f"{instead}", RuntimeWarning, stacklevel=3)
         return False
     t, dt_last, u, k, _, nacc, nrej, _, status, saved, written = result
     host = torch.stack([t.double(), dt_last.double(), nacc.double(), nrej.double(), status.double()]).tolist()
     t_end, dt_end, n_acc, n_rej, code = host[0], host[1], int(host[2]), int(host[3]), int(host[4])
-    field.count += (solver.base.tableau.stages - 1) * (n_acc + n_rej)
+    trials = n_acc + n_rej
+    step_counts = getattr(base, "step_counts", None)
+    if step_counts is not None:  # a Rosenbrock step: its f evaluations, its linearisation's, its solves
+        nfe, nsolve = step_counts
+        field.count += (nfe + evaluator.traced_nfe(u0)) * trials
+        counters = loop.state.counters
+        counters.njac += trials
+        counters.nw += trials
+        counters.nsolve += nsolve * trials
+    else:
+        field.count += (base.tableau.stages - 1) * trials
     if targets_host:
         keep = written.tolist()
         inside = [x for x, w in zip(targets_host, keep) if w]
@@ -243,7 +416,7 @@ def captured_run(loop, out, dt: float) -> bool:
             loop.saver.times.extend(inside)
             loop.saver.blocks.append(saved.index_select(0, index).reshape((len(inside),) + tuple(u0.shape)))
     out.t, out.u, out.dt, out.naccept, out.nreject = t_end, u, dt_end, n_acc, n_rej
-    out.solver_state = RKState(k)
+    out.solver_state = RKState(k) if step_counts is None else loop.state.advanced(k, None)
     _set_return_code(out, code, options, t_end, dt_end)
     solver.compiled_steps += n_acc + n_rej
     return True
@@ -256,6 +429,9 @@ def _set_return_code(out, code: int, options, t: float, dt: float) -> None:
         out.stop(ReturnCode.DtLessThanMin, f"the next step dt = {dt!r} is below dtmin = {options.dtmin!r}")
     elif code == _RESOLUTION:
         out.stop(ReturnCode.DtLessThanMin, f"t + dt == t in {str(options.time_dtype).replace('torch.', '')} time")
+    elif code == _SOLVER_REJECTS:
+        out.stop(ReturnCode.DtLessThanMin, f"the method kept rejecting its step (the Newton matrix I - h*gamma*J "
+                 f"is singular or not finite; check the Jacobian) down to dt = {dt!r}, last at t = {t!r}")
     elif code == _UNSTABLE:
         out.stop(ReturnCode.Unstable, f"the step from t = {t!r} produced NaN/Inf repeatedly, shrinking dt "
                  f"down to {dt!r}")

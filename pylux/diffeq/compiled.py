@@ -26,7 +26,9 @@ graph's static buffers so that saved states survive the next replay.
 Solves that need no per-step host work (an adaptive FSAL method, PI or I
 control, values at ``saveat`` times only) go further: the whole loop runs as
 one compiled graph (:mod:`pylux.diffeq.captured`); this step-by-step path
-serves the rest.
+serves the rest. The Rosenbrock methods compile their whole loop or nothing:
+outside the whole-loop conditions (or under a sensitivity algorithm, or with
+inputs that need a gradient) their steps run eagerly, with one warning.
 
 Scope: explicit Runge–Kutta solvers (``Tsit5()``, ``DP5()``, ``BS3()``, …), ODE
 problems, and ``sensealg=None`` or ``DirectAdjoint()`` (autograd differentiates
@@ -132,8 +134,27 @@ class CompiledSolver(AbstractSolver):
     def init(self, term, t0, u0, dt0, f0=None):
         return self.base.init(term, t0, u0, dt0, f0)
 
+    def bind_options(self, options) -> "CompiledSolver":
+        bind = getattr(self.base, "bind_options", None)
+        if bind is not None:
+            self.base = bind(options)
+        return self
+
+    def record_stats(self, stats, state) -> None:
+        record = getattr(self.base, "record_stats", None)
+        if record is not None:
+            record(stats, state)
+
     def step(self, term, t, u, dt, state):
         term = as_bound_term(term)
+        if not isinstance(self.base, ExplicitRungeKutta):
+            # a stiff method compiles its whole loop or nothing: this solve needs the step-by-step loop
+            if self.fallback_reason is None:
+                self.fallback_reason = self.whole_loop_refusal or "the solve needs the step-by-step loop"
+                warnings.warn(f"solve(compile=True): {type(self.base).__name__} runs its loop compiled only as a "
+                              f"whole ({self.fallback_reason}); this solve runs eagerly", RuntimeWarning,
+                              stacklevel=2)
+            return self.base.step(term, t, u, dt, state)
         if self.fallback_reason is not None or getattr(term, "count", 1) == 0 or not term.control_is_time:
             return self.base.step(term, t, u, dt, state)
         abstol, reltol, norm = self.tolerances
@@ -195,9 +216,14 @@ def compiled_solver(solver, options, sensealg, compile, device: torch.device) ->
         mode = compile
     else:
         raise ValueError(f"solve: compile must be True, False or one of {COMPILE_MODES}, got {compile!r}")
-    if not isinstance(solver, ExplicitRungeKutta):
+    if not (isinstance(solver, ExplicitRungeKutta) or getattr(solver, "captures_whole_loop", False)):
         raise TypeError(f"solve: compile=True compiles explicit Runge–Kutta steps (Tsit5(), DP5(), BS3(), RK4(), "
-                        f"...), got {solver!r}; solve it with compile=False")
+                        f"...) and Rosenbrock loops (Rosenbrock23(), Rodas5P()), got {solver!r}; solve it with "
+                        "compile=False")
+    if not isinstance(solver, ExplicitRungeKutta) and sensealg is not None:
+        raise NotImplementedError(f"solve: compile=True with {type(solver).__name__} runs forward solves only "
+                                  f"(sensealg=None, under torch.no_grad or for inputs that need no gradient), not "
+                                  f"under {sensealg!r}; pass compile=False to differentiate a stiff solve")
     if sensealg is not None and not (getattr(sensealg, "differentiates_solver", False)
                                      or getattr(sensealg, "compiles_backward", False)):
         raise NotImplementedError(f"solve: compile=True runs under sensealg=None, DirectAdjoint(), "

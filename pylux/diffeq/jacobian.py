@@ -67,6 +67,10 @@ __all__ = ["JacobianConfig", "JacobianEvaluator", "Linearization", "NewtonMatrix
 
 #: ``jac_structure="auto"`` uses a dense Jacobian up to this many state entries, matrix-free above.
 DENSE_LIMIT = 1024
+
+#: in a compiled step, systems of up to this many unknowns (per block) are solved by unrolled substitution
+#: on the LU factors, which the compiler fuses into the step's kernels; larger ones call ``lu_solve``
+TRACED_SUBSTITUTION_LIMIT = 16
 STRUCTURES = ("auto", "dense", "batched", "matrix_free")
 SOURCES = ("auto", "autodiff", "finite_difference")
 
@@ -121,11 +125,13 @@ class NewtonMatrix:
     ``rhs``'s shape.
     """
 
-    __slots__ = ("lin", "hgamma", "lu", "pivots", "ok", "counters")
+    __slots__ = ("lin", "hgamma", "lu", "pivots", "ok", "counters", "row_order")
 
-    def __init__(self, lin: "Linearization", hgamma: float, counters) -> None:
+    def __init__(self, lin: "Linearization", hgamma, counters) -> None:
         self.lin, self.hgamma, self.counters = lin, hgamma, counters
-        counters.nw += 1
+        self.row_order = None
+        if counters is not None:
+            counters.nw += 1
         if lin.structure == "matrix_free":
             self.lu = self.pivots = None
             self.ok = torch.ones((), dtype=torch.bool, device=lin.u.device)
@@ -135,8 +141,14 @@ class NewtonMatrix:
         M = eye - hgamma * J
         self.lu, self.pivots, info = torch.linalg.lu_factor_ex(M)
         self.ok = (info == 0).all() & torch.isfinite(self.lu).all()
+        if torch.compiler.is_compiling() and J.shape[-1] <= TRACED_SUBSTITUTION_LIMIT:
+            self.row_order = _row_order(self.pivots)
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
+        if self.row_order is not None:
+            if self.lin.structure == "dense":
+                return _substitute(self.lu, self.row_order, rhs.reshape(-1)).reshape(rhs.shape)
+            return _substitute(self.lu, self.row_order, rhs)
         return self._solve(rhs, False)
 
     def solve_transpose(self, rhs: torch.Tensor) -> torch.Tensor:
@@ -146,7 +158,8 @@ class NewtonMatrix:
 
     def _solve(self, rhs: torch.Tensor, adjoint: bool) -> torch.Tensor:
         lin = self.lin
-        self.counters.nsolve += 1
+        if self.counters is not None:
+            self.counters.nsolve += 1
         if lin.structure == "dense":
             x = torch.linalg.lu_solve(self.lu, self.pivots, rhs.reshape(-1, 1), adjoint=adjoint)
             return x.reshape(rhs.shape)
@@ -161,6 +174,40 @@ class NewtonMatrix:
         result = gmres(matvec, rhs.reshape(1, -1), rtol=lin.config.krylov_rtol, restart=lin.config.krylov_restart)
         self.counters.nkrylov += result.matvecs
         return result.x.reshape(rhs.shape)
+
+
+def _row_order(pivots: torch.Tensor) -> torch.Tensor:
+    """The row permutation of LAPACK's pivots (1-based sequential swaps ``k <-> pivots[k]``): ``order[i]``
+    is the row of the original system that the factorisation put at position ``i``, per block."""
+    n = pivots.shape[-1]
+    order = torch.arange(n, device=pivots.device).expand(pivots.shape)
+    for k in range(n):
+        target = (pivots[..., k:k + 1] - 1).long()
+        at_k, at_target = order[..., k:k + 1], order.gather(-1, target)
+        order = order.scatter(-1, target, at_k)
+        order = torch.cat([order[..., :k], at_target, order[..., k + 1:]], -1)
+    return order
+
+
+def _substitute(lu: torch.Tensor, order: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``M^{-1} rhs`` from ``M = P L U`` (``lu`` packed, unit lower ``L``): forward then back substitution,
+    unrolled over the (small, static) block size so that a compiled step fuses it into a few loops over the
+    blocks instead of one ``lu_solve`` call per stage. ``rhs`` is ``(..., n)`` against ``lu`` ``(..., n, n)``."""
+    n = lu.shape[-1]
+    b = rhs.gather(-1, order)
+    y: list[torch.Tensor] = []
+    for i in range(n):
+        v = b[..., i]
+        for j in range(i):
+            v = v - lu[..., i, j] * y[j]
+        y.append(v)
+    x: list = [None] * n
+    for i in reversed(range(n)):
+        v = y[i]
+        for j in range(i + 1, n):
+            v = v - lu[..., i, j] * x[j]
+        x[i] = v / lu[..., i, i]
+    return torch.stack(x, -1)
 
 
 class Linearization:
@@ -268,6 +315,9 @@ class JacobianEvaluator:
 
     def __call__(self, field, u: torch.Tensor, t: torch.Tensor, f_u: torch.Tensor, counters,
                  need_dfdt: bool) -> Linearization:
+        if torch.compiler.is_compiling():
+            J, dfdt = self._traced(field, u, t, f_u, need_dfdt)
+            return Linearization(self.structure, J, dfdt, u, t, f_u, field, self.config, self.use_autodiff)
         counters.njac += 1
         J = dfdt = None
         jac = self.config.jac
@@ -281,6 +331,48 @@ class JacobianEvaluator:
         if need_dfdt and dfdt is None:
             dfdt = self._time_difference(field, u, t, f_u)
         return Linearization(self.structure, J, dfdt, u, t, f_u, field, self.config, self.use_autodiff)
+
+    # --- J in a compiled step -----------------------------------------------------------------
+    def _traced(self, field, u, t, f_u, need_dfdt):
+        """``(J, f_t)`` as graph operations (:mod:`pylux.diffeq.captured`): the user's ``jac`` (checked by the
+        eager linearisation that precedes a compiled solve), else finite differences (``jac="finite_difference"``
+        or an earlier fallback), else forward mode (``torch.func.jvp``; a dense ``f_t`` from the same
+        transform, a batched one from the time difference of the eager path)."""
+        jac = self.config.jac
+        dfdt = None
+        if callable(jac):
+            n = u.numel()
+            expected = (u.shape[0], u.shape[1], u.shape[1]) if self.structure == "batched" else (n, n)
+            J = jac(u, field.p, t).reshape(expected)
+        elif not self.use_autodiff:
+            J = self._finite_difference(field, u, t, f_u, None)
+        elif self.structure == "dense":
+            def vf(x, s):
+                return field.vf(x, s)
+            J, dfdt = torch.func.jacfwd(vf, argnums=(0, 1))(u, t)
+            J = J.reshape(u.numel(), u.numel())
+            dfdt = dfdt.reshape(u.shape).to(u.dtype)
+        else:
+            d = u.shape[-1]
+            basis = torch.eye(d, dtype=u.dtype, device=u.device).unsqueeze(1).expand((d,) + tuple(u.shape))
+
+            def column(v):
+                return torch.func.jvp(lambda x: field.vf(x, t), (u,), (v,))[1]
+            J = torch.func.vmap(column)(basis).permute(1, 2, 0)  # (d_in, B, d_out) -> blocks (B, d_out, d_in)
+        if need_dfdt and dfdt is None:
+            step = torch.clamp(t.abs(), min=1.0) * (self.direction * math.sqrt(torch.finfo(u.dtype).eps))
+            dfdt = (field.vf(u, t + step) - f_u) / step.to(u.dtype)
+        return J, dfdt
+
+    def traced_nfe(self, u: torch.Tensor) -> int:
+        """Evaluations of ``f`` in one linearisation of :meth:`_traced`, counted as the eager path counts
+        them (the forward pass of an autodiff Jacobian is one; the difference in ``t`` is one)."""
+        if callable(self.config.jac):
+            return 1
+        if not self.use_autodiff:
+            columns = u.shape[-1] if self.structure == "batched" else u.numel()
+            return columns + 1
+        return 1 if self.structure == "dense" else 2
 
     # --- J ------------------------------------------------------------------------------------
     def _autodiff(self, field, u, t, f_u, need_dfdt):

@@ -43,7 +43,7 @@ from ._device import host_time
 from .integrate import stiffness_estimate
 from .interpolation import AbstractInterpolant, HermiteInterpolant, linear_combination
 from .jacobian import AbstractStiffSolver, StiffState
-from .solvers import StepResult, StepStatus, _stage_times, as_step_times
+from .solvers import StepResult, StepStatus, _stage_times, as_step_times, step_scale
 from .tableau import TableauError
 from .terms import as_bound_term
 
@@ -265,7 +265,18 @@ def _distinct_stage_times(t: torch.Tensor, dt: torch.Tensor, c) -> list[torch.Te
 
 
 class _RosenbrockBase(AbstractStiffSolver):
-    """Shared by the Rosenbrock steppers: the linearisation at ``(u, t)`` (reused on a retry from the same point)."""
+    """Shared by the Rosenbrock steppers: the linearisation at ``(u, t)`` (reused on a retry from the same point).
+
+    A Rosenbrock step has no iteration and no host decision inside it, so it traces: under
+    ``solve(..., compile=True)`` the whole adaptive loop (Jacobian, factorisation, stages, error norm,
+    controller) runs as one compiled graph (:mod:`pylux.diffeq.captured`); ``step_counts`` gives the
+    evaluations of ``f`` and the linear solves of one trial step, which the compiled loop cannot count.
+    """
+
+    #: the compiled whole-loop path runs this method (a capability, :func:`pylux.diffeq.captured.capture_refusal`)
+    captures_whole_loop = True
+    #: (evaluations of f, linear solves) of one step with f(u, t) known, besides its linearisation
+    step_counts = (0, 0)
 
     def _start(self, term, t, u, dt, state: StiffState):
         """The common start of a step: times, ``f(u, t)`` (FSAL when known) and the linearisation at
@@ -279,14 +290,15 @@ class _RosenbrockBase(AbstractStiffSolver):
         lin = state.lin
         if lin is None or lin.u is not u:
             lin = state.evaluator(term, u, t, f0, state.counters, need_dfdt=True)
-        return term, t, dt, host_time(dt), f0, nfe, lin
+        return term, t, dt, step_scale(dt), f0, nfe, lin
 
     def _result(self, u, u_new, h, W, lin, state, f0, f_new, dense, error, nfe, t, dt) -> StepResult:
         stages = (f0, f_new, u, u_new)
         estimate = lin.norm_inf()
         new_state = state.advanced(f_new, estimate if estimate is not None else stiffness_estimate(stages))
-        reason = (f"the Newton matrix I - h*gamma*J of {type(self).__name__} is singular or not finite at "
-                  f"t = {host_time(t)!r}, dt = {h!r} (check the Jacobian; a user jac must return df/du)")
+        reason = None if torch.compiler.is_compiling() else (
+            f"the Newton matrix I - h*gamma*J of {type(self).__name__} is singular or not finite at "
+            f"t = {host_time(t)!r}, dt = {h!r} (check the Jacobian; a user jac must return df/du)")
         return StepResult(u_new, error, dense_info=dense, solver_state_new=new_state, nfe=nfe, du_new=f_new,
                           stiffness_stages=stages, solver_state_retry=state.retry(f0, lin),
                           status=_status(W), reason=reason)
@@ -324,6 +336,7 @@ class Rosenbrock23(_RosenbrockBase):
     order = 2
     error_order = 2
     interpolation_order = 2
+    step_counts = (2, 3)
 
     def step(self, term, t, u, dt, state):
         term, t, dt, h, f0, nfe, lin = self._start(term, t, u, dt, state)
@@ -363,6 +376,7 @@ class Rodas5P(_RosenbrockBase):
     order = 5
     error_order = 4
     interpolation_order = 3
+    step_counts = (8, 8)
 
     def step(self, term, t, u, dt, state):
         term, t, dt, h, f0, nfe, lin = self._start(term, t, u, dt, state)
@@ -379,7 +393,10 @@ class Rodas5P(_RosenbrockBase):
             else:
                 F = term.vf(linear_combination(u, U, tab.a[i]), times[i])
                 nfe += 1
-            rhs = linear_combination(None, (F, *U, T), (hg, *C[i], tdw[i] * h * h))
+            if tdw[i] != 0.0:
+                rhs = linear_combination(None, (F, *U, T), (hg, *C[i], tdw[i] * h * h))
+            else:
+                rhs = linear_combination(None, (F, *U), (hg, *C[i]))
             U.append(W.solve(rhs))
         u_new = linear_combination(u, U, tab.m)
         f_new = term.vf(u_new, times[-1])

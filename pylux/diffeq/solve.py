@@ -163,7 +163,11 @@ def solve(prob: ODEProblem, solver: AbstractSolver | None = None, *, dt=None, ad
             adaptive FSAL method (Tsit5, DP5, BS3) with PI or I control that
             saves at ``saveat`` times only (no callbacks, ``tstops``, dense or
             per-step output) runs its whole loop as one compiled graph, with one
-            synchronisation per solve (:mod:`pylux.diffeq.captured`).
+            synchronisation per solve (:mod:`pylux.diffeq.captured`). So do the
+            Rosenbrock methods (``Rosenbrock23``, ``Rodas5P``) with a dense or
+            batched Jacobian, for forward solves (``sensealg=None``, no gradient
+            needed): the Jacobian, the factorisation and the stage solves join
+            the graph; anything else runs them eagerly, with one warning.
 
     Returns:
         a :class:`Solution` with ``t``, ``u`` (shape ``(len(t), *u0.shape)``),
