@@ -222,3 +222,55 @@ def test_compiled_continuous_adjoints_equal_eager_and_compile_once(make_sensealg
     eager_again, g_eager_again = run(False, shift=0.01)
     for a, b in zip(g_again, g_eager_again):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_small_matmul_pass_writes_small_products_as_multiply_adds():
+    """mm and addmm with a right factor of at most SMALL_MATMUL x SMALL_MATMUL become unrolled multiply-adds
+    of the same value; a wider one stays a matmul."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from pylux.diffeq.captured import SMALL_MATMUL, _small_matmul_pass
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(64, 3, generator=g, dtype=F64), torch.randn(3, 5, generator=g, dtype=F64),
+               torch.randn(5, generator=g, dtype=F64))
+    wide = torch.randn(3, SMALL_MATMUL + 1, generator=g, dtype=F64)
+
+    def f(a, b, c, wide):
+        return torch.sin(a) @ b, torch.addmm(c, a, b), a @ wide
+    gm = make_fx(f, tracing_mode="fake")(a, b, c, wide)
+    _small_matmul_pass()(gm.graph)
+    gm.recompile()
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    aten = torch.ops.aten
+    assert targets.count(aten.mm.default) == 1 and aten.addmm.default not in targets
+    assert targets.count(aten.mul.Tensor) == 2 * 3
+    for ours, exact in zip(gm(a, b, c, wide), f(a, b, c, wide)):
+        torch.testing.assert_close(ours, exact, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.slow
+def test_captured_loop_compiles_with_the_python_wrapper_where_the_cpp_wrapper_fails(monkeypatch):
+    """A whole loop that the C++ wrapper cannot lower still runs as one loop, with no warning."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+    from pylux.diffeq import captured
+
+    class Refuses(CustomGraphPass):
+        def __call__(self, graph):
+            raise RuntimeError("not for the C++ wrapper")
+
+        def uuid(self):
+            return "refuses"
+    inductor_options = captured._inductor_options
+
+    def options(mode, device_type, cpp_wrapper):
+        out = inductor_options(mode, device_type, cpp_wrapper)
+        return dict(out, post_grad_custom_post_pass=Refuses()) if cpp_wrapper else out
+    monkeypatch.setattr(captured, "_inductor_options", options)
+    prob = spiral_problem()
+    before = len(captured._PYTHON_WRAPPED)
+    kw = dict(solver=lx.Tsit5(), reltol=1e-7, abstol=1e-7, saveat=[0.5, 1.5], maxiters=12345)  # a fresh key
+    comp, eager = _captured_and_eager(prob, **kw)
+    assert comp.solver.whole_loop_refusal is None and len(captured._PYTHON_WRAPPED) == before + 1
+    assert comp.solver.compiled_steps == comp.stats.naccept + comp.stats.nreject > 10
+    assert (comp.stats.naccept, comp.stats.nreject, comp.stats.nf) == (
+        eager.stats.naccept, eager.stats.nreject, eager.stats.nf)
+    torch.testing.assert_close(comp.u, eager.u, rtol=1e-10, atol=1e-10)

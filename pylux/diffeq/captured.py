@@ -37,10 +37,11 @@ forward mode), ``I - h gamma J`` factorised by ``lu_factor_ex`` and each stage
 solved by substitution on the factors unrolled over the block size
 (``TRACED_SUBSTITUTION_LIMIT``), which the compiler fuses with the stages. A
 step the method rejects (a singular or non-finite Newton matrix) is retried at
-half the step, as in the eager loop. An eager linearisation at ``u0`` precedes
-the loop (it checks a user ``jac`` and whether ``f`` can be differentiated); a
-rejected step's retry forms ``J`` again where the eager loop reuses it, so
-``njac`` counts trial steps plus one. Forward solves only: autograd does not
+half the step, as in the eager loop. Before the loop a user ``jac`` is called
+once (its shape is checked) or ``f`` is evaluated once with autograd (a field
+whose output has no graph gets finite differences, as eagerly); a rejected
+step's retry forms ``J`` again where the eager loop reuses it, so ``njac``
+counts trial steps. Forward solves only: autograd does not
 differentiate the factorisation inside a ``while_loop``, so a solve whose
 inputs need a gradient runs eagerly (one warning). On the Robertson problem
 the compiled Rosenbrock23 loop takes ~5 ms against ~85 ms eagerly
@@ -54,6 +55,7 @@ compile (one warning).
 
 from __future__ import annotations
 
+import types
 import warnings
 
 import torch
@@ -305,6 +307,9 @@ def _compiled(key, build_args, mode, device_type: str = "cpu", cpp_wrapper: bool
     cache_key = key if cpp_wrapper else (key, "python wrapper")
     if cache_key not in _CACHE:
         fn = _build(*build_args)
+        # a code object of its own: dynamo counts its recompile limit (8) per code object, and every
+        # configuration's loop would otherwise share the one of ``whole_solve``
+        fn = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
         _CACHE[cache_key] = torch.compile(fn, fullgraph=True, dynamic=False,
                                           options=_inductor_options(mode, device_type, cpp_wrapper))
     return _CACHE[cache_key]
@@ -340,10 +345,7 @@ def captured_run(loop, out, dt: float) -> bool:
             solver.whole_loop_refusal = ("the compiled Rosenbrock loop runs forward only (under torch.no_grad or "
                                          "for inputs that need no gradient); differentiate with compile=False")
             return False
-        # one eager linearisation first: it checks a user jac's shape and finds out whether f can be
-        # differentiated (else finite differences), as the first step of an eager solve does
-        evaluator(field, u0, time_scalar(t0, time_dtype, device), loop.state.f_at_u, loop.state.counters,
-                  need_dfdt=True)
+        evaluator.check_traceable(field, u0, time_scalar(t0, time_dtype, device))
 
         def stiff_state(k):  # fresh per trace: the counters of a compiled loop are added up after it
             return StiffState(k, None, evaluator)
