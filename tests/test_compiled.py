@@ -224,29 +224,6 @@ def test_compiled_continuous_adjoints_equal_eager_and_compile_once(make_sensealg
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_small_matmul_pass_writes_small_products_as_multiply_adds():
-    """mm and addmm with a right factor of at most SMALL_MATMUL x SMALL_MATMUL become unrolled multiply-adds
-    of the same value; a wider one stays a matmul."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-    from pylux.diffeq.captured import SMALL_MATMUL, _small_matmul_pass
-    g = torch.Generator().manual_seed(0)
-    a, b, c = (torch.randn(64, 3, generator=g, dtype=F64), torch.randn(3, 5, generator=g, dtype=F64),
-               torch.randn(5, generator=g, dtype=F64))
-    wide = torch.randn(3, SMALL_MATMUL + 1, generator=g, dtype=F64)
-
-    def f(a, b, c, wide):
-        return torch.sin(a) @ b, torch.addmm(c, a, b), a @ wide
-    gm = make_fx(f, tracing_mode="fake")(a, b, c, wide)
-    _small_matmul_pass()(gm.graph)
-    gm.recompile()
-    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
-    aten = torch.ops.aten
-    assert targets.count(aten.mm.default) == 1 and aten.addmm.default not in targets
-    assert targets.count(aten.mul.Tensor) == 2 * 3
-    for ours, exact in zip(gm(a, b, c, wide), f(a, b, c, wide)):
-        torch.testing.assert_close(ours, exact, rtol=1e-14, atol=1e-14)
-
-
 @pytest.mark.slow
 def test_captured_loop_compiles_with_the_python_wrapper_where_the_cpp_wrapper_fails(monkeypatch):
     """A whole loop that the C++ wrapper cannot lower still runs as one loop, with no warning."""

@@ -229,77 +229,19 @@ def _norm_key(norm):
     return norm
 
 
-#: the largest inner and outer sizes ``k, n`` of an ``(m, k) @ (k, n)`` product that compiles as multiply-adds
-SMALL_MATMUL = 16
-
-
-def _small_matmul_pass():
-    """An inductor post-grad pass that writes ``mm(a, b)`` and ``addmm(c, a, b)`` with a small static ``b``
-    (both sizes at most :data:`SMALL_MATMUL`) on the CPU as ``sum_j a[:, j:j+1] * b[j]``, unrolled.
-
-    A field such as ``(u ** 3) @ A`` with a 2 x 2 ``A`` otherwise calls the BLAS once per stage: six extern
-    calls per trial step, each costing more than the arithmetic, which then fuses into the stage's kernel.
-    Inductor's own ``decompose_mm_pass`` reads its size limits once, when it is imported, and on the CPU
-    decomposes only products with one row. Applied to every graph of the compiled loop (the while-loop body
-    and, under autograd, the backward graphs)."""
-    import functools
-
-    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
-    from torch._inductor.pattern_matcher import Arg, CallFunction, PatternMatcherPass, register_graph_pattern
-
-    aten = torch.ops.aten
-    patterns = PatternMatcherPass(pass_name="pylux_small_matmul")
-
-    def small(a, b) -> bool:
-        a, b = a.meta.get("val"), b.meta.get("val")
-        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.dim() != 2 or b.dim() != 2:
-            return False
-        sizes = (*a.shape, *b.shape)
-        return (all(isinstance(size, int) for size in sizes) and a.device.type == b.device.type == "cpu"
-                and a.dtype == b.dtype and a.dtype in (torch.float32, torch.float64)
-                and b.shape[0] <= SMALL_MATMUL and b.shape[1] <= SMALL_MATMUL)
-
-    def unrolled(a, b):
-        out = a[:, 0:1] * b[0]
-        for j in range(1, b.shape[0]):
-            out = out + a[:, j:j + 1] * b[j]
-        return out
-
-    @register_graph_pattern(CallFunction(aten.mm, Arg(), Arg()), pass_dict=patterns)
-    def mm(match, a, b):
-        if small(a, b):
-            match.replace_by_example(unrolled, [a, b])
-
-    @register_graph_pattern(CallFunction(aten.addmm, Arg(), Arg(), Arg()), pass_dict=patterns)
-    def addmm(match, c, a, b):
-        if small(a, b):
-            match.replace_by_example(lambda c, a, b: unrolled(a, b) + c, [c, a, b])
-
-    class SmallMatmul(CustomGraphPass):
-        def __call__(self, graph):
-            patterns.apply(graph)
-
-        @functools.cache
-        def uuid(self):  # the compiled-graph cache key: this file's contents
-            return get_hash_for_files((__file__,))
-    return SmallMatmul()
-
-
-_SMALL_MATMUL_PASS = None
-
-
 def _inductor_options(mode, device_type: str, cpp_wrapper: bool) -> dict:
-    """``torch.compile`` options for the whole-loop graph: ``mode``'s own, and on the CPU
-    :func:`_small_matmul_pass` and (``cpp_wrapper``) the C++ wrapper: the while loop, its condition read and
-    its kernel calls in C++ rather than Python, about 30 us less per trial step on ``benchmarks/suite.py``
-    P1 (a 2-d state), where the Python wrapper cost more than the kernels."""
-    global _SMALL_MATMUL_PASS
+    """``torch.compile`` options for the whole-loop graph: ``mode``'s own, and on the CPU (``cpp_wrapper``)
+    the C++ wrapper: the while loop, its condition read and its kernel calls in C++ rather than Python. On
+    ``benchmarks/suite.py`` P1 (a 2-d state, where the Python wrapper cost more than the kernels) the solve
+    takes ~5-7 ms instead of ~12 ms.
+
+    Writing the field's small matmuls as multiply-adds (inductor's ``decompose_mm_pass``, or a pass of our
+    own) is left out: with the C++ wrapper it did not speed P1 up measurably, and it made ``tanh(u @ W)``
+    with a 2 x 2 to 16 x 16 ``W`` 1.15-3.3x slower (the fused stages recompute their inputs)."""
     from torch._inductor import list_mode_options
     options = dict(list_mode_options(mode)) if mode not in ("default", "reduce-overhead") else {}
     if device_type == "cpu":
-        if _SMALL_MATMUL_PASS is None:
-            _SMALL_MATMUL_PASS = _small_matmul_pass()
-        options.update(cpp_wrapper=cpp_wrapper, post_grad_custom_post_pass=_SMALL_MATMUL_PASS)
+        options.update(cpp_wrapper=cpp_wrapper)
     return options
 
 
