@@ -42,8 +42,8 @@ over scipy's fastest run with an error no larger.
 ``--compile`` adds the four Rosenbrock rows with ``compile=True`` ("... compiled"): the whole adaptive loop —
 Jacobian, factorisation, stages, error norm, controller — as one compiled graph with one synchronisation per
 solve (pylux.diffeq.captured). Each loop is compiled once before the timed rounds (30-120 s per method and
-problem; the tolerances are graph inputs, so the sweep reuses it); its Jacobian count includes one eager
-linearisation at u0 and a fresh Jacobian for every retried step.
+problem and tolerance); its Jacobian count includes a fresh
+Jacobian for every retried step (the eager loop reuses it).
 
 ``--quick``: one tolerance (1e-4), one timed round, a batch of 32, VdP on [0, 300] (no jump), no torchdiffeq
 row: seconds, for the tests. Timings on a shared machine are noisy; compare numbers from one run, and read

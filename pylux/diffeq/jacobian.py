@@ -139,10 +139,14 @@ class NewtonMatrix:
         J = lin.J
         eye = torch.eye(J.shape[-1], dtype=J.dtype, device=J.device)
         M = eye - hgamma * J
+        if torch.compiler.is_compiling() and J.shape[-1] <= TRACED_SUBSTITUTION_LIMIT:
+            self.lu, self.row_order = _small_lu(M)
+            self.pivots = None
+            diagonal = self.lu.diagonal(dim1=-2, dim2=-1)
+            self.ok = (diagonal != 0).all() & torch.isfinite(self.lu).all()
+            return
         self.lu, self.pivots, info = torch.linalg.lu_factor_ex(M)
         self.ok = (info == 0).all() & torch.isfinite(self.lu).all()
-        if torch.compiler.is_compiling() and J.shape[-1] <= TRACED_SUBSTITUTION_LIMIT:
-            self.row_order = _row_order(self.pivots)
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
         if self.row_order is not None:
@@ -176,17 +180,26 @@ class NewtonMatrix:
         return result.x.reshape(rhs.shape)
 
 
-def _row_order(pivots: torch.Tensor) -> torch.Tensor:
-    """The row permutation of LAPACK's pivots (1-based sequential swaps ``k <-> pivots[k]``): ``order[i]``
-    is the row of the original system that the factorisation put at position ``i``, per block."""
-    n = pivots.shape[-1]
-    order = torch.arange(n, device=pivots.device).expand(pivots.shape)
-    for k in range(n):
-        target = (pivots[..., k:k + 1] - 1).long()
-        at_k, at_target = order[..., k:k + 1], order.gather(-1, target)
-        order = order.scatter(-1, target, at_k)
-        order = torch.cat([order[..., :k], at_target, order[..., k + 1:]], -1)
-    return order
+def _small_lu(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lu, order)`` with ``M[order] = L U`` per block (``lu`` packs the unit lower ``L`` and ``U``):
+    Gaussian elimination with partial pivoting (the largest ``|entry|`` of the column below the diagonal,
+    as LAPACK's ``getrf``), unrolled over the (small, static) block size as gathers and outer-product
+    updates, which a compiled step fuses; ``lu_factor_ex`` would leave the graph for an external call
+    each step. A zero pivot leaves Inf/NaN in ``lu`` (the caller's ``ok`` flag)."""
+    n = M.shape[-1]
+    A = M
+    positions = torch.arange(n, device=M.device)
+    order = positions.expand(M.shape[:-1])
+    for k in range(n - 1):
+        p = A[..., k:, k].abs().argmax(-1, keepdim=True) + k                       # (..., 1)
+        swap = torch.where(positions == k, p, torch.where(positions == p, k, positions))  # (..., n)
+        A = A.gather(-2, swap.unsqueeze(-1).expand(A.shape))
+        order = order.gather(-1, swap)
+        multipliers = A[..., k + 1:, k] / A[..., k:k + 1, k]                      # (..., n-k-1)
+        below = A[..., k + 1:, k + 1:] - multipliers.unsqueeze(-1) * A[..., k:k + 1, k + 1:]
+        lower = torch.cat([multipliers.unsqueeze(-1), below], -1)                 # rows k+1.., columns k..
+        A = torch.cat([A[..., :k + 1, :], torch.cat([A[..., k + 1:, :k], lower], -1)], -2)
+    return A, order
 
 
 def _substitute(lu: torch.Tensor, order: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -363,6 +376,25 @@ class JacobianEvaluator:
             step = torch.clamp(t.abs(), min=1.0) * (self.direction * math.sqrt(torch.finfo(u.dtype).eps))
             dfdt = (field.vf(u, t + step) - f_u) / step.to(u.dtype)
         return J, dfdt
+
+    def check_traceable(self, field, u: torch.Tensor, t: torch.Tensor) -> None:
+        """Before a compiled solve, what the first eager linearisation would find out, at less cost: a user
+        ``jac``'s shape, dtype and device (one call), and whether ``f``'s output carries an autograd graph
+        to ``u`` (one evaluation; forward mode through a field that detaches would give a zero Jacobian
+        silently): if not, finite differences, or the error of ``jac="autodiff"``."""
+        if callable(self.config.jac):
+            self._user(self.config.jac, field, u, t)
+            return
+        if self.structure == "matrix_free" or not self.use_autodiff:
+            return
+        with torch.enable_grad():
+            out = field.vf(u.detach().requires_grad_(True), t)
+        if not out.requires_grad:
+            if self.config.jac == "autodiff":
+                raise RuntimeError(f"{self.owner}: jac='autodiff' but f's output carries no autograd graph "
+                                   "(f detaches or differentiates internally); use jac='auto' or "
+                                   "'finite_difference'")
+            self.use_autodiff = False
 
     def traced_nfe(self, u: torch.Tensor) -> int:
         """Evaluations of ``f`` in one linearisation of :meth:`_traced`, counted as the eager path counts
