@@ -268,7 +268,8 @@ def captured_run(loop, out, dt: float) -> bool:
         return False
     refusal = capture_refusal(solver, options, field)
     if refusal is not None:
-        solver.whole_loop_refusal = refusal
+        # this solve's reason only: the solver may serve later solves that qualify (an adjoint's backward)
+        solver.capture_refusal = refusal
         return False
     u0, t0, t1 = loop.u0, loop.t0, loop.t1
     base, controller = solver.base, options.controller

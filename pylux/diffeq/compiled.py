@@ -110,6 +110,8 @@ class CompiledSolver(AbstractSolver):
         self.fallback_reason: str | None = None
         #: why this solve cannot run as one compiled loop (:mod:`pylux.diffeq.captured`), once it failed to compile
         self.whole_loop_refusal: str | None = None
+        #: why the last solve did not qualify for the whole-loop path (:func:`pylux.diffeq.captured.capture_refusal`)
+        self.capture_refusal: str | None = None
         self.compiled_steps = 0
 
     def run_whole_loop(self, loop, out, dt) -> bool:
@@ -150,7 +152,8 @@ class CompiledSolver(AbstractSolver):
         if not isinstance(self.base, ExplicitRungeKutta):
             # a stiff method compiles its whole loop or nothing: this solve needs the step-by-step loop
             if self.fallback_reason is None:
-                self.fallback_reason = self.whole_loop_refusal or "the solve needs the step-by-step loop"
+                self.fallback_reason = (self.whole_loop_refusal or self.capture_refusal
+                                        or "the solve needs the step-by-step loop")
                 warnings.warn(f"solve(compile=True): {type(self.base).__name__} runs its loop compiled only as a "
                               f"whole ({self.fallback_reason}); this solve runs eagerly", RuntimeWarning,
                               stacklevel=2)
