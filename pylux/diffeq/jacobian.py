@@ -389,12 +389,18 @@ class JacobianEvaluator:
             return
         with torch.enable_grad():
             out = field.vf(u.detach().requires_grad_(True), t)
-        if not out.requires_grad:
-            if self.config.jac == "autodiff":
-                raise RuntimeError(f"{self.owner}: jac='autodiff' but f's output carries no autograd graph "
-                                   "(f detaches or differentiates internally); use jac='auto' or "
-                                   "'finite_difference'")
-            self.use_autodiff = False
+        self._lacks_graph(out)
+
+    def _lacks_graph(self, out: torch.Tensor) -> bool:
+        """Whether ``f``'s output has no autograd graph to ``u`` (then finite differences from now on, or
+        the error of ``jac="autodiff"``)."""
+        if out.requires_grad:
+            return False
+        if self.config.jac == "autodiff":
+            raise RuntimeError(f"{self.owner}: jac='autodiff' but f's output carries no autograd graph "
+                               "(f detaches or differentiates internally); use jac='auto' or 'finite_difference'")
+        self.use_autodiff = False
+        return True
 
     def traced_nfe(self, u: torch.Tensor) -> int:
         """Evaluations of ``f`` in one linearisation of :meth:`_traced`, counted as the eager path counts
@@ -425,12 +431,7 @@ class JacobianEvaluator:
             u_ = u.detach().requires_grad_(True)
             t_ = t.detach().requires_grad_(True) if (need_dfdt and dense) else t
             out = field.vf(u_, t_)
-            if not out.requires_grad:
-                if self.config.jac == "autodiff":
-                    raise RuntimeError(f"{self.owner}: jac='autodiff' but f's output carries no autograd graph "
-                                       "(f detaches or differentiates internally); use jac='auto' or "
-                                       "'finite_difference'")
-                self.use_autodiff = False
+            if self._lacks_graph(out):
                 return None, None
             wrt = (u_, t_) if t_ is not t else (u_,)
             J, dts, n = self._rows(out, wrt, dense, create_graph)
