@@ -8,8 +8,10 @@ abstol=1e-4, reltol=0). "forward" times the solve alone; "fwd+bwd" adds the
 implicit backward pass of the loss 0.5 ||z*||^2: one differentiable
 application of g at z* and, in backward, the adjoint fixed point
 lambda = J_g(z*)^T lambda + dL/dz solved with the same kind of solver on
-vector-Jacobian products, as torchdeq's IFT gradient does. pylux also runs the
-backward as the linear system (I - J^T) lambda = dL/dz with GMRES.
+vector-Jacobian products, as torchdeq's IFT gradient does (pylux: the library's
+SteadyStateAdjoint(solver=...), see pylux_sensealg). pylux also runs the
+backward as the linear system (I - J^T) lambda = dL/dz with GMRES, the
+library's default SteadyStateAdjoint().
 
 Usage: python benchmarks/deq_solvers.py [--repeats 15] [--threads 2]
 """
@@ -22,6 +24,7 @@ import torch
 
 from _timing import interleaved as timed
 
+import pylux as lx
 import pylux.nonlinear as nl
 
 try:
@@ -82,37 +85,36 @@ def pylux_forward(name, g, z0):
     return sol.z, sol.iterations
 
 
-class _ImplicitGrad(torch.autograd.Function):
-    """Identity forward; backward solves lambda = J^T lambda + grad at the fixed point."""
+def injected_map(z, x, ps):
+    """``f(z, x, ps) = tanh(W z + U x + b)``, ``ps = (W, U, b)``: the map of :func:`cell` as the library's
+    sensitivity algorithms take it (every trainable tensor in ``ps``)."""
+    W, U, b = ps
+    return torch.tanh(torch.addmm(torch.addmm(b, x, U.t()), z, W.t()))
 
-    @staticmethod
-    def forward(ctx, z, g, solver):
-        ctx.g, ctx.solver = g, solver
-        ctx.save_for_backward(z.detach())
-        return z.view_as(z)
 
-    @staticmethod
-    def backward(ctx, grad):
-        (z_star,) = ctx.saved_tensors
-        with torch.enable_grad():
-            z_leaf = z_star.requires_grad_()
-            gz = ctx.g(z_leaf)
+def pylux_sensealg(backward):
+    """The library's implicit gradient for the backward solver ``backward`` (a PYLUX name, or "gmres").
 
-        def vjp(v):
-            return torch.autograd.grad(gz, z_leaf, v, retain_graph=True)[0]
-
-        if ctx.solver == "gmres":
-            lam = nl.gmres(lambda v: v - vjp(v), grad, atol=TOL, rtol=1e-12, restart=30).x
-        else:
-            lam = nl.nlsolve(lambda v: vjp(v) + grad, torch.zeros_like(grad), PYLUX[ctx.solver],
-                             abstol=TOL, reltol=0.0, maxiters=MAXITERS, record_history=False).z
-        return lam, None, None
+    :class:`pylux.sensitivity.SteadyStateAdjoint` with ``solver=`` the same
+    nonlinear solver as the forward pass solves lambda = J^T lambda + dL/dz
+    by nlsolve on vector-Jacobian products (torchdeq's IFT backward); it starts
+    at lambda = dL/dz, where torchdeq starts at 0 (one VJP fewer for the
+    fixed-point iteration, the same iterates after it). Both stop an element at
+    ||J^T lambda + dL/dz - lambda|| <= 1e-4 (``tol=0``, ``atol=TOL``). ``"gmres"``
+    is the library's default linear solve of (I - J^T) lambda = dL/dz.
+    """
+    if backward == "gmres":
+        return lx.SteadyStateAdjoint(tol=1e-12, atol=TOL, restart=30)
+    return lx.SteadyStateAdjoint(solver=PYLUX[backward], tol=0.0, atol=TOL, maxiters=MAXITERS)
 
 
 def pylux_fwd_bwd(name, params, x, z0, backward=None):
-    g = cell(*params, x)
-    z_star, iters = pylux_forward(name, g, z0)
-    z = _ImplicitGrad.apply(g(z_star.requires_grad_()), g, backward or name)
+    """The forward solve of :func:`pylux_forward`, then the library's implicit gradient
+    (``SteadyStateAdjoint.attach_gradient``, what a DEQ layer runs): one application of f at z*, in
+    backward, whose graph serves both the adjoint's VJPs and the parameter gradient (torchdeq applies g
+    at z* twice, once in forward for the parameter graph and again in backward for the VJPs)."""
+    z_star, iters = pylux_forward(name, cell(*(p.detach() for p in params), x), z0)
+    z = pylux_sensealg(backward or name).attach_gradient(injected_map, z_star, x, tuple(params))
     loss = 0.5 * z.pow(2).sum()
     grads = torch.autograd.grad(loss, params)
     return grads, iters

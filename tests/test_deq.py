@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 
 import pytest
 import torch
@@ -194,6 +193,143 @@ def test_misspelt_sensitivity_options_are_rejected_by_name():
         SteadyStateAdjoint(on_failure="explode")
     with pytest.raises(ValueError, match="tol"):
         SteadyStateAdjoint(tol=-1.0)
+
+
+# ------------------------------------------------------------------ the adjoint by a nonlinear solver
+
+class _CountBackward(torch.autograd.Function):
+    """Identity whose backward counts: placed on z inside f, it counts the VJPs with respect to z."""
+
+    @staticmethod
+    def forward(ctx, z, counter):
+        ctx.counter = counter
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.counter["vjp"] += 1
+        return grad, None
+
+
+def counting_cell(counter):
+    def f(z, x, ps):
+        counter["f"] += 1
+        return cell(_CountBackward.apply(z, counter), x, ps)
+    return f
+
+
+@pytest.mark.parametrize("solver", [lx.FixedPointIteration(), lx.Anderson(memory=4), lx.Broyden()], ids=repr)
+def test_adjoint_by_a_nonlinear_solver_matches_finite_differences_and_gmres(solver):
+    ps, x = cell_problem(seed=9)
+    leaves = [x, *ps.values()]
+    alg = SteadyStateAdjoint(solver=solver, tol=1e-13, maxiters=200)
+    record: dict = {}
+    grads = torch.autograd.grad(implicit_loss(alg, ps, x, record), leaves)
+    assert record["converged"] and 0 < record["iterations"] <= 200 and record["residual"] <= 1e-13
+    gmres_grads = torch.autograd.grad(implicit_loss(SteadyStateAdjoint(tol=1e-13), ps, x), leaves)
+    for a, b in zip(grads, gmres_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # the directional derivative along a random direction of every leaf, by central differences
+    gen = _gen(10)
+    directions = [torch.randn(leaf.shape, generator=gen, dtype=F64) for leaf in leaves]
+    h = 1e-6
+    with torch.no_grad():
+        for leaf, d in zip(leaves, directions):
+            leaf.add_(h * d)
+        up = cubic_loss(tight_fixed_point(ps, x))
+        for leaf, d in zip(leaves, directions):
+            leaf.sub_(2 * h * d)
+        down = cubic_loss(tight_fixed_point(ps, x))
+        for leaf, d in zip(leaves, directions):
+            leaf.add_(h * d)
+    numeric = (up - down) / (2 * h)
+    analytic = sum((g * d).sum() for g, d in zip(grads, directions))
+    torch.testing.assert_close(analytic, numeric, rtol=1e-7, atol=1e-9)
+
+
+def test_fixed_point_adjoint_evaluates_f_once_and_saves_the_first_product():
+    """From lambda_0 = g the iteration is the one from 0 shifted by one step: one VJP fewer, the same gradient."""
+    ps, x = cell_problem(seed=11)
+    z_star = tight_fixed_point(ps, x)
+    counter = {"f": 0, "vjp": 0}
+    alg = SteadyStateAdjoint(solver=lx.FixedPointIteration(), tol=0.0, atol=1e-12, maxiters=500)
+    record: dict = {}
+    z = alg.attach_gradient(counting_cell(counter), z_star, x, ps, record=record)
+    assert counter == {"f": 0, "vjp": 0}  # attaching evaluates nothing
+    grads = torch.autograd.grad(cubic_loss(z), [x, *ps.values()])
+    assert counter["f"] == 1  # one application of f at z*, for the VJPs and for the final product
+    assert counter["vjp"] == record["matvecs"] > 0
+    # the same iteration from 0 on the same VJPs
+    z_leaf = z_star.detach().requires_grad_(True)
+    fz = cell(z_leaf, x, ps)
+    (g,) = torch.autograd.grad(cubic_loss(z_leaf), [z_leaf])
+    products = [0]
+
+    def step(v):
+        products[0] += 1
+        return torch.autograd.grad(fz, z_leaf, v, retain_graph=True)[0] + g
+
+    from_zero = nlsolve(step, torch.zeros_like(g), lx.FixedPointIteration(), abstol=1e-12, reltol=0.0,
+                        maxiters=500, record_history=False)
+    assert from_zero.success
+    assert record["matvecs"] == products[0] - 1 and record["iterations"] == from_zero.iterations - 1
+    expected = torch.autograd.grad(fz, [x, *ps.values()], from_zero.z)
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+
+
+def test_adjoint_by_a_nonlinear_solver_meets_relative_and_absolute_tolerances():
+    """||g - (I - J)^T lambda|| <= max(atol, tol ||g||) per element, as GMRES; record["residual"] is relative."""
+    ps, x = cell_problem(seed=12, norm=0.9)
+    z_star = tight_fixed_point(ps, x)
+    z_leaf = z_star.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(cubic_loss(z_leaf), [z_leaf])
+    g_norm = torch.linalg.vector_norm(g, dim=1)
+    for tol, atol in ((1e-4, 0.0), (1e-4, 1e-3), (0.0, 1e-5)):
+        record: dict = {}
+        alg = SteadyStateAdjoint(solver=lx.FixedPointIteration(), tol=tol, atol=atol, maxiters=500)
+        torch.autograd.grad(cubic_loss(alg.attach_gradient(cell, z_star, x, ps, record=record)), [ps["W"]])
+        assert record["converged"] and record["iterations"] > 2
+        assert record["residual"] <= max(tol, atol / float(g_norm.min()))
+        if tol == 0.0:  # the absolute test alone is met exactly, not by a stricter one
+            assert record["residual"] > 0.1 * atol / float(g_norm.max())
+
+
+def test_adjoint_solver_failures_are_reported():
+    ps, x = cell_problem(norm=0.95, seed=4, n=8)
+    z_star = tight_fixed_point(ps, x)
+    alg = SteadyStateAdjoint(solver=lx.FixedPointIteration(), tol=1e-12, maxiters=1)
+    with pytest.warns(ConvergenceWarning, match=r"FixedPointIteration for the adjoint .* stopped after 1 "
+                                                r"iterations with relative residual"):
+        torch.autograd.grad(cubic_loss(alg.attach_gradient(cell, z_star, x, ps)), [ps["W"]])
+    alg = SteadyStateAdjoint(solver=lx.FixedPointIteration(), tol=1e-12, maxiters=1, on_failure="raise")
+    with pytest.raises(NonlinearSolveError, match="relative residual"):
+        torch.autograd.grad(cubic_loss(alg.attach_gradient(cell, z_star, x, ps)), [ps["W"]])
+    z = SteadyStateAdjoint(solver=lx.Anderson()).attach_gradient(cell, z_star, x, ps)
+    with pytest.raises(NonlinearSolveError, match="NaN/Inf"):
+        torch.autograd.grad((z * float("nan")).sum(), [ps["W"]])
+
+
+def test_adjoint_solver_option_is_checked():
+    with pytest.raises(TypeError, match=r"pass an instance, Anderson\(\)"):
+        SteadyStateAdjoint(solver=lx.Anderson)
+    with pytest.raises(TypeError, match="solver must be None"):
+        SteadyStateAdjoint(solver="anderson")
+    with pytest.raises(ValueError, match="abstol of its own"):
+        SteadyStateAdjoint(solver=lx.Anderson(abstol=1e-6))
+    with pytest.raises(ValueError, match="maxiters is given twice"):
+        SteadyStateAdjoint(solver=lx.Anderson(maxiters=5), maxiters=6)
+    assert SteadyStateAdjoint(solver=lx.Anderson()) == SteadyStateAdjoint(solver=lx.Anderson())
+    assert SteadyStateAdjoint(solver=lx.Anderson()) != SteadyStateAdjoint()
+    assert "solver=Anderson" in repr(SteadyStateAdjoint(solver=lx.Anderson()))
+
+
+def test_finite_check_survives_a_sum_that_overflows():
+    from pylux.sensitivity.steady_state import _all_finite
+    big = torch.full((4,), 3e38, dtype=torch.float32)  # finite entries, an infinite sum
+    assert _all_finite([big, torch.ones(2)]) and _all_finite([])
+    assert not _all_finite([big, torch.tensor([1.0, float("inf")])])
+    assert not _all_finite([torch.tensor([float("nan")])])
 
 
 # ------------------------------------------------------------------ the layers

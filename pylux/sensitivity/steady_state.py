@@ -53,7 +53,8 @@ import torch
 from ..core import tree_replace_at_paths
 from ..core.keywords import check_keywords
 from ..core.validation import check_choice, check_float, check_int
-from ..nonlinear import ConvergenceWarning, NonlinearReturnCode, NonlinearSolveError, gmres
+from ..nonlinear import (AbstractNonlinearSolver, ConvergenceWarning, NonlinearReturnCode, NonlinearSolveError,
+                         gmres, nlsolve)
 from ._params import check_no_hidden_parameters, grad_leaves, refuse_higher_order
 
 __all__ = ["AbstractImplicitSensitivity", "SteadyStateAdjoint", "JacobianFreeBackprop"]
@@ -153,7 +154,7 @@ class AbstractImplicitSensitivity(abc.ABC):
         :math:`\\lambda` itself is checked in ``_cotangent``; this catches a finite
         adjoint times a parameter derivative of ``f`` that is not finite.
         """
-        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        if not _all_finite(grads):
             raise NonlinearSolveError(
                 f"{type(self).__name__}: the gradient of {where} is NaN or Inf; the map's vector-Jacobian "
                 "product at the fixed point overflowed. Check the forward residual and the map's scale.",
@@ -167,7 +168,7 @@ class AbstractImplicitSensitivity(abc.ABC):
 
 
 class SteadyStateAdjoint(AbstractImplicitSensitivity):
-    """Implicit-function-theorem gradient of a fixed point, by GMRES on VJPs (see the module docstring).
+    """Implicit-function-theorem gradient of a fixed point, by GMRES (or a fixed-point solver) on VJPs.
 
     Solves :math:`(I - J)^\\top \\lambda = g` with :func:`pylux.nonlinear.gmres`;
     each GMRES iteration is one batched vector–Jacobian product of a single
@@ -176,30 +177,53 @@ class SteadyStateAdjoint(AbstractImplicitSensitivity):
     (up to ``tol``) at an exact fixed point; memory of one application of
     ``f`` plus the Krylov basis, whatever the forward solver did.
 
+    With ``solver`` (a nonlinear solver of :mod:`pylux.nonlinear`) the same
+    system is solved as the fixed point :math:`\\lambda = J^\\top \\lambda + g`
+    by :func:`pylux.nonlinear.nlsolve` on the same VJPs (the recurrent
+    backpropagation of Almeida 1987 and Pineda 1987, and the IFT backward of
+    Bai, Kolter & Koltun 2019 and torchdeq), started at
+    :math:`\\lambda_0 = g`: the first iterate of the fixed-point iteration
+    from 0, which this start saves. It keeps no Krylov basis (Anderson and
+    Broyden keep their own histories) and, for a contraction ``f`` as a DEQ
+    trains, converges at ``f``'s own rate; GMRES also solves systems where
+    :math:`J^\\top` is not a contraction. ``f`` is evaluated once in either case.
+
+    Both solvers stop an element when
+    :math:`\\lVert g - (I - J)^\\top \\lambda\\rVert \\le \\max(\\text{atol}, \\text{tol}\\lVert g\\rVert)`.
+    A nonlinear solver meets ``tol`` alone or ``atol`` alone exactly; given both,
+    it uses :math:`\\max(\\text{atol}\\,\\lVert g_b\\rVert / \\max_c \\lVert g_c\\rVert, \\text{tol}\\lVert g_b\\rVert)`
+    (never looser than asked), as nlsolve takes one absolute tolerance for the batch.
+
     Args:
-        tol: GMRES relative tolerance, ``||g - (I - J)^T lambda|| <= tol ||g||`` per batch element.
-        atol: GMRES absolute tolerance (default 0).
-        restart: Krylov dimension per GMRES cycle.
-        maxiters: total GMRES iterations (default ``10 * restart``).
+        tol: relative tolerance, ``||g - (I - J)^T lambda|| <= max(atol, tol ||g||)`` per batch element.
+        atol: absolute tolerance (default 0).
+        restart: Krylov dimension per GMRES cycle (GMRES only).
+        maxiters: total iterations (default: GMRES ``10 * restart``; a nonlinear
+            solver its own ``maxiters``, else 100).
+        solver: ``None`` (GMRES, the default) or a pylux nonlinear solver
+            (``FixedPointIteration()``, ``Anderson()``, ``Broyden()``, ...) without
+            tolerances of its own (they are this algorithm's ``tol`` and ``atol``).
         on_failure: ``"warn"`` or ``"raise"`` (:class:`~pylux.nonlinear.NonlinearSolveError`)
-            when GMRES stops above its tolerance (the message names the residual reached)
-            or the forward point is not a fixed point.
+            when the adjoint solve stops above its tolerance (the message names the residual
+            reached) or the forward point is not a fixed point.
 
     Raises:
-        TypeError: an unknown or misspelt option (named, with the closest valid one).
-        ValueError: an option out of range.
-        NonlinearSolveError (in backward): NaN/Inf in the adjoint or in the final parameter and
-            input gradients; non-convergence with ``"raise"``.
+        TypeError: an unknown or misspelt option (named, with the closest valid one); a
+            ``solver`` that is not a pylux nonlinear solver.
+        ValueError: an option out of range; a ``solver`` with its own ``abstol`` or ``reltol``.
+        NonlinearSolveError (in backward): NaN/Inf in the incoming gradient, the adjoint or in
+            the final parameter and input gradients; non-convergence with ``"raise"``.
 
     Each backward pass fills the ``record`` of its forward pass (a DEQ layer's
-    ``st["solution"].backward_stats``) with ``{"iterations", "matvecs",
-    "residual" (largest relative GMRES residual), "converged"}``.
+    ``st["solution"].backward_stats``) with ``{"iterations", "matvecs"
+    (vector-Jacobian products of the solve), "residual" (largest relative residual
+    ``||g - (I - J)^T lambda|| / ||g||``), "converged"}``.
     """
 
-    _option_names = ("tol", "atol", "restart", "maxiters", "on_failure")
+    _option_names = ("tol", "atol", "restart", "maxiters", "solver", "on_failure")
 
     def __init__(self, *, tol: float = 1e-6, atol: float = 0.0, restart: int = 20, maxiters: int | None = None,
-                 on_failure: str = "warn", **unknown) -> None:
+                 solver: AbstractNonlinearSolver | None = None, on_failure: str = "warn", **unknown) -> None:
         where = "SteadyStateAdjoint"
         check_keywords(unknown, where, self._option_names)
         super().__init__(on_failure)
@@ -209,8 +233,24 @@ class SteadyStateAdjoint(AbstractImplicitSensitivity):
             raise ValueError(f"{where}: tol and atol are both zero; give a positive tol (e.g. 1e-6).")
         self.restart = check_int(where, "restart", restart, 1)
         self.maxiters = check_int(where, "maxiters", maxiters, 1, allow_none=True)
+        if solver is not None:
+            if not isinstance(solver, AbstractNonlinearSolver):
+                hint = (f" (a class: pass an instance, {solver.__name__}())" if isinstance(solver, type) else "")
+                raise TypeError(f"{where}: solver must be None (GMRES) or a pylux nonlinear solver such as "
+                                f"FixedPointIteration() or Anderson(), got {type(solver).__name__}{hint}.")
+            own = [name for name in ("abstol", "reltol") if getattr(solver, name) is not None]
+            if own:
+                raise ValueError(f"{where}: the adjoint's tolerances are tol and atol; {solver!r} sets "
+                                 f"{' and '.join(own)} of its own. Give them to SteadyStateAdjoint instead.")
+            if self.maxiters is not None and solver.maxiters is not None and solver.maxiters != self.maxiters:
+                raise ValueError(f"{where}: maxiters is given twice, SteadyStateAdjoint(maxiters={self.maxiters}) "
+                                 f"and {solver!r}; give it in one place.")
+        self.solver = solver
 
     def _cotangent(self, fz, z, grad, where):
+        if self.solver is not None:
+            return self._fixed_point_cotangent(fz, z, grad, where)
+
         def matvec(v):
             (vjp,) = torch.autograd.grad(fz, z, grad_outputs=v, retain_graph=True, allow_unused=True)
             return v if vjp is None else v - vjp  # None: f does not depend on z, so J = 0
@@ -220,27 +260,75 @@ class SteadyStateAdjoint(AbstractImplicitSensitivity):
         relative = result.residual_norm / torch.where(scale > 0, scale, torch.ones_like(scale))
         # one read-back: the worst relative residual, and whether the adjoint and its residual are finite
         # (GMRES stops an element whose residual is NaN/Inf, e.g. from a NaN incoming gradient)
-        finite_all = torch.isfinite(result.x).all() & torch.isfinite(relative).all()
+        finite_all = torch.isfinite(result.x.sum()) & torch.isfinite(relative).all()  # see _all_finite
         worst, finite = torch.stack([relative.max(), finite_all.to(relative.dtype)]).tolist() \
             if relative.numel() else (0.0, 1.0)
+        finite = finite or _all_finite([result.x, relative])
         converged = bool(result.converged.all())
         stats = {"iterations": result.iterations, "matvecs": result.matvecs, "residual": worst,
                  "converged": converged}
         if not finite:
-            raise NonlinearSolveError(
-                f"SteadyStateAdjoint: the adjoint of {where} is NaN/Inf after {result.iterations} GMRES "
-                "iterations; the incoming gradient, f or its Jacobian is not finite at z*, or I - J is "
-                "singular there.", NonlinearReturnCode.Unstable, result.iterations)
+            self._raise_not_finite(where, f"{result.iterations} GMRES iterations", result.iterations)
         if not converged:
             failed = int((~result.converged).sum())
-            message = (f"SteadyStateAdjoint: GMRES for the adjoint of {where} stopped after {result.iterations} "
-                       f"iterations with relative residual {worst:.3e} > tol={self.tol:g} in {failed} of "
-                       f"{grad.shape[0]} batch elements; the gradient is inexact. Increase maxiters or "
-                       "restart, loosen tol, or regularise the Jacobian of f (jacobian_regularization).")
-            if self.on_failure == "raise":
-                raise NonlinearSolveError(message, NonlinearReturnCode.MaxIters, result.iterations)
-            warnings.warn(message, ConvergenceWarning, stacklevel=4)
+            self._flag_inexact(where, f"GMRES for the adjoint of {where} stopped after {result.iterations} "
+                                      "iterations", worst, failed, grad.shape[0], result.iterations, "restart")
         return result.x, stats
+
+    def _fixed_point_cotangent(self, fz, z, grad, where):
+        """:math:`\\lambda = J^\\top\\lambda + g` by nlsolve from :math:`\\lambda_0 = g` (see the class docstring)."""
+        batch = grad.shape[0]
+        scale = torch.linalg.vector_norm(grad.reshape(batch, math.prod(grad.shape[1:])), dim=1)
+        if not _all_finite([scale]):  # nlsolve refuses a non-finite start; name the cause here
+            self._raise_not_finite(where, "0 iterations (the incoming gradient is not finite)", 0)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        shape = (batch,) + (1,) * (grad.dim() - 1)
+        if self.tol > 0.0:
+            # nlsolve's test is abstol + reltol ||lambda||; on lambda / ||g_b|| (the system is linear) its
+            # abstol is the relative tolerance; an atol as well is met by its smallest share over the batch
+            unit = scale.reshape(shape)
+            rhs = grad / unit
+            abstol = max(self.tol, self.atol / float(scale.max()) if self.atol > 0.0 and batch else 0.0)
+        else:
+            unit, rhs, abstol = None, grad, self.atol
+
+        def step(v):
+            (vjp,) = torch.autograd.grad(fz, z, grad_outputs=v, retain_graph=True, allow_unused=True)
+            return rhs.clone() if vjp is None else vjp.add_(rhs)  # None: f does not depend on z, so J = 0
+
+        sol = nlsolve(step, rhs, self.solver, abstol=abstol, reltol=0.0, maxiters=self.maxiters,
+                      on_failure="ignore", record_history=False)
+        lam = sol.z if unit is None else sol.z * unit
+        relative = sol.residual if unit is not None else sol.residual / scale
+        finite_all = torch.isfinite(lam.sum()) & torch.isfinite(relative).all() & ~sol.unstable.any()
+        worst, finite = torch.stack([relative.max(), finite_all.to(relative.dtype)]).tolist() \
+            if relative.numel() else (0.0, 1.0)
+        finite = finite or (_all_finite([lam, relative]) and not bool(sol.unstable.any()))
+        converged = bool(sol.converged.all())
+        stats = {"iterations": sol.iterations, "matvecs": sol.nf, "residual": worst, "converged": converged}
+        name = type(self.solver).__name__
+        if not finite:
+            self._raise_not_finite(where, f"{sol.iterations} {name} iterations", sol.iterations)
+        if not converged:
+            failed = int((~sol.converged).sum())
+            self._flag_inexact(where, f"{name} for the adjoint of {where} stopped after {sol.iterations} "
+                                      "iterations", worst, failed, batch, sol.iterations, "another solver")
+        return lam, stats
+
+    def _raise_not_finite(self, where, after, iterations):
+        raise NonlinearSolveError(
+            f"SteadyStateAdjoint: the adjoint of {where} is NaN/Inf after {after}; the incoming gradient, f "
+            "or its Jacobian is not finite at z*, or I - J is singular there.", NonlinearReturnCode.Unstable,
+            iterations)
+
+    def _flag_inexact(self, where, what, worst, failed, batch, iterations, remedy):
+        message = (f"SteadyStateAdjoint: {what} with relative residual {worst:.3e} > tol={self.tol:g} "
+                   f"(atol={self.atol:g}) in {failed} of {batch} batch elements; the gradient is inexact. "
+                   f"Increase maxiters or {remedy}, loosen tol, or regularise the Jacobian of f "
+                   "(jacobian_regularization).")
+        if self.on_failure == "raise":
+            raise NonlinearSolveError(message, NonlinearReturnCode.MaxIters, iterations)
+        warnings.warn(message, ConvergenceWarning, stacklevel=5)
 
 
 class JacobianFreeBackprop(AbstractImplicitSensitivity):
@@ -268,6 +356,19 @@ class JacobianFreeBackprop(AbstractImplicitSensitivity):
 
     def _cotangent(self, fz, z, grad, where):
         return grad, {"iterations": 0, "matvecs": 0, "residual": 0.0, "converged": True}
+
+
+def _all_finite(tensors) -> bool:
+    """Whether every entry of every tensor is finite (one read-back when they are).
+
+    A sum is finite only if each summand is (an Inf or NaN entry makes it Inf or NaN), so one reduction
+    per tensor decides the common case; only a non-finite sum (a NaN/Inf entry, or finite entries whose
+    sum overflows) pays for the entrywise test, which costs several passes over the tensor on a CPU.
+    """
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors or bool(torch.stack([torch.isfinite(t.sum()) for t in tensors]).all()):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 class _ImplicitFunction(torch.autograd.Function):
