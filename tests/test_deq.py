@@ -306,8 +306,18 @@ def test_adjoint_solver_failures_are_reported():
     with pytest.raises(NonlinearSolveError, match="relative residual"):
         torch.autograd.grad(cubic_loss(alg.attach_gradient(cell, z_star, x, ps)), [ps["W"]])
     z = SteadyStateAdjoint(solver=lx.Anderson()).attach_gradient(cell, z_star, x, ps)
-    with pytest.raises(NonlinearSolveError, match="NaN/Inf"):
+    with pytest.raises(NonlinearSolveError, match="NaN/Inf after 0 iterations"):  # the incoming gradient
         torch.autograd.grad((z * float("nan")).sum(), [ps["W"]])
+
+    class _NaNBackward(torch.autograd.Function):
+        forward = staticmethod(lambda ctx, z: z.view_as(z))
+        backward = staticmethod(lambda ctx, grad: grad * float("nan"))
+
+    def nan_jacobian(z, x, ps):  # finite values, a NaN Jacobian
+        return cell(_NaNBackward.apply(z), x, ps)
+    z = SteadyStateAdjoint(solver=lx.FixedPointIteration()).attach_gradient(nan_jacobian, z_star, x, ps)
+    with pytest.raises(NonlinearSolveError, match="NaN/Inf after 0 FixedPointIteration iterations"):
+        torch.autograd.grad(cubic_loss(z), [ps["W"]])
 
 
 def test_adjoint_solver_option_is_checked():

@@ -300,11 +300,11 @@ class SteadyStateAdjoint(AbstractImplicitSensitivity):
                       on_failure="ignore", record_history=False)
         lam = sol.z if unit is None else sol.z * unit
         relative = sol.residual if unit is not None else sol.residual / scale
-        finite_all = torch.isfinite(lam.sum()) & torch.isfinite(relative).all() & ~sol.unstable.any()
-        worst, finite = torch.stack([relative.max(), finite_all.to(relative.dtype)]).tolist() \
-            if relative.numel() else (0.0, 1.0)
-        finite = finite or (_all_finite([lam, relative]) and not bool(sol.unstable.any()))
-        converged = bool(sol.converged.all())
+        # nlsolve tested every iterate's residual g(v) - v (finite only if both terms are): unless it
+        # marked an element unstable, lambda and its residual are finite, and no reduction needs to say so
+        finite = sol.retcode is not NonlinearReturnCode.Unstable
+        worst = float(relative.max()) if finite and batch else 0.0
+        converged = sol.retcode is NonlinearReturnCode.Success
         stats = {"iterations": sol.iterations, "matvecs": sol.nf, "residual": worst, "converged": converged}
         name = type(self.solver).__name__
         if not finite:
