@@ -85,11 +85,12 @@ def pylux_forward(name, g, z0):
     return sol.z, sol.iterations
 
 
-def injected_map(z, x, ps):
-    """``f(z, x, ps) = tanh(W z + U x + b)``, ``ps = (W, U, b)``: the map of :func:`cell` as the library's
-    sensitivity algorithms take it (every trainable tensor in ``ps``)."""
-    W, U, b = ps
-    return torch.tanh(torch.addmm(torch.addmm(b, x, U.t()), z, W.t()))
+def injected_map(z, injection, ps):
+    """``f(z, u, (W,)) = tanh(W z + u)`` with the input injection ``u = U x + b`` computed once, outside
+    ``f``, as :func:`cell` does: the map as the library's sensitivity algorithms take it (``W`` in the
+    parameter tree; ``U`` and ``b`` get their gradients through ``u``)."""
+    (W,) = ps
+    return torch.tanh(torch.addmm(injection, z, W.t()))
 
 
 def pylux_sensealg(backward):
@@ -113,8 +114,11 @@ def pylux_fwd_bwd(name, params, x, z0, backward=None):
     (``SteadyStateAdjoint.attach_gradient``, what a DEQ layer runs): one application of f at z*, in
     backward, whose graph serves both the adjoint's VJPs and the parameter gradient (torchdeq applies g
     at z* twice, once in forward for the parameter graph and again in backward for the VJPs)."""
-    z_star, iters = pylux_forward(name, cell(*(p.detach() for p in params), x), z0)
-    z = pylux_sensealg(backward or name).attach_gradient(injected_map, z_star, x, tuple(params))
+    W, U, b = params
+    injection = torch.addmm(b, x, U.t())  # once, as cell() computes it for torchdeq's rows
+    frozen = (injection.detach(), (W.detach(),))
+    z_star, iters = pylux_forward(name, lambda z: injected_map(z, *frozen), z0)
+    z = pylux_sensealg(backward or name).attach_gradient(injected_map, z_star, injection, (W,))
     loss = 0.5 * z.pow(2).sum()
     grads = torch.autograd.grad(loss, params)
     return grads, iters
