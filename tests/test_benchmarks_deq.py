@@ -45,7 +45,7 @@ def test_implicit_gradient_matches_dense_adjoint(solver, backward):
     td_grads, _ = dq.torchdeq_fwd_bwd(solver, params, x, z0)
     for got, want in zip(grads, reference):
         # the forward and backward stop at ||residual|| <= 1e-4 per sample; a gradient that skipped the
-        # adjoint solve (lambda = dL/dz) is off by about 100% here
+        # adjoint solve (lambda = dL/dz, JacobianFreeBackprop) is off by 28-31% here
         assert ((got - want).norm() / want.norm()).item() < 1e-4
     for got, want in zip(td_grads, reference):  # the peer it is timed against meets the same bound
         assert ((got - want).norm() / want.norm()).item() < 1e-4

@@ -15,7 +15,10 @@ with :math:`g = \\partial L / \\partial z^*` and :math:`J = \\partial f/\\partia
 matrix-free :func:`pylux.nonlinear.gmres`, whose products
 :math:`v \\mapsto v - J^\\top v` are vector–Jacobian products of ONE
 application of ``f`` at :math:`z^*` (one batched VJP per GMRES iteration),
-then spends one more VJP on :math:`\\theta` and :math:`x`. The cost of the
+then spends one more VJP on :math:`\\theta` and :math:`x`
+(``SteadyStateAdjoint(solver=...)`` instead iterates
+:math:`\\lambda = J^\\top\\lambda + g` with a nonlinear solver on the same
+VJPs, torchdeq's IFT backward). The cost of the
 backward pass is independent of how the forward pass found :math:`z^*` — by a
 nonlinear solver (a discrete DEQ) or by integrating
 :math:`\\dot z = f(z, x) - z` to its steady state (a continuous DEQ; Pal,
