@@ -20,7 +20,8 @@ from the controllers; the "pylux Tsit5 (default PI)" row adds pylux's own defaul
 gains, slower to grow the step from the initial guess: 38 NFE against 20 on P2).
 
 Columns: median wall time (ms) over ``--repeats`` interleaved rounds (every case of a problem runs
-once per round, so a slow period of a shared machine hits all alike), NFE (P1/P2: evaluations of f,
+once per round, so a slow period of a shared machine hits all alike; P4, whose cases take milliseconds,
+at least 15 rounds: with 5 its ratio moved by +-0.05 between runs), NFE (P1/P2: evaluations of f,
 forward + backward; P4: iterations), the error (P1/P2 forward: max abs error of z(t1) against a
 float64 torchdiffeq dopri8 solve at 1e-12; P2 gradients: relative error against pylux Direct in
 float64 at 1e-8; P4: max |z - z*| against a fixed point at 1e-8), the overhead per NFE
@@ -345,7 +346,7 @@ def main():
             rows += floor_rows(*floor_inputs, args.repeats)
     if "P4" in wanted:
         torch.set_default_device("cpu")  # deq_solvers builds its problem on the CPU
-        rows += deq_rows(max(args.repeats, 5))
+        rows += deq_rows(max(args.repeats, 15))  # P4 cases take milliseconds: enough rounds for a stable median
     add_ratios(rows)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.device}, float32, "
           f"median of {args.repeats} interleaved rounds; P2 weights x{args.scale:g}")
