@@ -7,6 +7,7 @@ accepted and rejected steps, the same values, and the counts of the traced loop.
 
 import importlib.util
 import pathlib
+import sys
 import warnings
 
 import pytest
@@ -24,6 +25,8 @@ def _stiff_benchmark():
     path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "stiff.py"
     spec = importlib.util.spec_from_file_location("bench_stiff_compiled", path)
     module = importlib.util.module_from_spec(spec)
+    # registered by name: dynamo resolves a traced function's globals by importing its module
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
