@@ -2,8 +2,29 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
+
+
+def pin_cores(threads: int) -> str:
+    """Restrict this process (and every thread it starts later) to its first ``threads`` CPUs.
+
+    ``torch.set_num_threads(n)`` bounds torch's intra-op pool, but XLA (JAX, hence diffrax) sizes its
+    own pool by the CPUs the process may run on and ignores ``OMP_NUM_THREADS``: on the 2-core CI
+    machine a diffrax row used both cores while every torch row used one. Pinning gives every
+    library the same ``threads`` cores; it also stops the scheduler from moving a single-threaded
+    torch row between cores (its f then times 1.7 ms instead of 2.5-4.4 ms on P2). Call it before
+    JAX runs anything (its pool is created with the backend). Returns the cores, for the header.
+    Where the platform cannot pin (no ``os.sched_setaffinity``), nothing changes and ``"unpinned"``
+    is returned.
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        return "unpinned"
+    allowed = sorted(os.sched_getaffinity(0))
+    chosen = allowed[:max(1, threads)]
+    os.sched_setaffinity(0, chosen)
+    return "cores " + ",".join(map(str, chosen))
 
 
 def interleaved(cases: dict, repeats: int, warmup: int = 3) -> dict:

@@ -289,6 +289,8 @@ def main():
     parser.add_argument("--solver", default="Tsit5", choices=sorted(SOLVERS),
                         help="pylux's method (the peers use dopri5 / Tsit5 as named)")
     args = parser.parse_args()
+    from _timing import pin_cores
+    cores = pin_cores(args.threads)  # diffrax's XLA pool would otherwise take every core of the machine
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     params, u0, d = make_problem(args.scale, torch.float32, device)
@@ -333,7 +335,7 @@ def main():
         results.update(extra)
         rows += [(name, None, None) for name in extra]
     print(f"Kelly MNIST neural ODE, batch {u0.shape[0]}, float32, weights x{args.scale:g}, tol {tol:g}, "
-          f"{args.threads} threads, {args.device}; pylux rows use {args.solver}")
+          f"{args.threads} threads on {cores}, {args.device}; pylux rows use {args.solver}")
     header = (f"{'method':40s} {'fwd NFE':>8s} {'bwd NFE':>8s} {'time ms':>9s} {'vs peer':>8s} "
               f"{'saved MB':>9s} {'peak MB':>9s} {'grad rel err':>12s}")
     print(header)

@@ -26,7 +26,8 @@ forward + backward; P4: iterations), the error (P1/P2 forward: max abs error of 
 float64 torchdiffeq dopri8 solve at 1e-12; P2 gradients: relative error against pylux Direct in
 float64 at 1e-8; P4: max |z - z*| against a fixed point at 1e-8), the overhead per NFE
 (P1/P2 forward: time / NFE / f's time) and the ratio of the time to the best peer of the same
-problem and mode (< 1: pylux faster). torchsde has no row among P1–P4 (benchmarks/sde_solve.py
+problem and mode (< 1: pylux faster). The process runs pinned to ``--threads`` cores (every library,
+JAX's thread pool included, gets the same cores: XLA ignores OMP_NUM_THREADS). torchsde has no row among P1–P4 (benchmarks/sde_solve.py
 compares SDE solvers). diffrax rows (jitted, float32) appear when JAX and diffrax are installed: P1/P2
 forward in the round-robin, P2 forward + backward (BacksolveAdjoint ± its seminorm,
 RecursiveCheckpointAdjoint) timed right after the torch rows; their NFE column gives steps.
@@ -323,6 +324,8 @@ def main():
     parser.add_argument("--compile", action="store_true", help="add the P1/P2 forward and P2 Direct/Backsolve rows with compile=True")
     parser.add_argument("--problems", default="P1,P2,P3,P4")
     args = parser.parse_args()
+    from _timing import pin_cores
+    cores = pin_cores(args.threads)  # diffrax's XLA pool would otherwise take every core of the machine
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*below what torch.float32 arithmetic can resolve")
     device = torch.device(args.device)
@@ -348,7 +351,7 @@ def main():
         torch.set_default_device("cpu")  # deq_solvers builds its problem on the CPU
         rows += deq_rows(max(args.repeats, 15))  # P4 cases take milliseconds: enough rounds for a stable median
     add_ratios(rows)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.device}, float32, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) on {cores}, {args.device}, float32, "
           f"median of {args.repeats} interleaved rounds; P2 weights x{args.scale:g}")
     print_table(rows)
 
