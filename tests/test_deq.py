@@ -685,3 +685,50 @@ def test_second_derivatives_through_the_implicit_gradient_raise(alg):
     z = alg.attach_gradient(cell, tight_fixed_point(ps, x), x, ps)
     with pytest.raises(NotImplementedError, match="second derivatives"):
         torch.autograd.grad((z ** 2).sum() + (ps["W"] ** 2).sum(), [ps["W"]], create_graph=True)
+
+
+def _sqrt_of_c_cell(z, x, ps):
+    # d/dc sqrt(c) is infinite at c = 0: the value and the z-products are finite, d/dc is 0 * inf = NaN.
+    return cell(z, x, ps) + 0.0 * torch.sqrt(ps["c"])
+
+
+@pytest.mark.parametrize("tol, atol", [(0.0, 1e-12), (1e-10, 0.0), (1e-10, 1e-12)])
+def test_fixed_point_adjoint_delivers_its_residual_with_the_gradient_check(tol, atol):
+    """The worst relative residual comes back with the final gradients' finiteness test, as a float equal to
+    max_b ||g_b - (I - J)^T lambda_b|| / ||g_b||, also when that test raises."""
+    ps, x = cell_problem(seed=13)
+    z_star = tight_fixed_point(ps, x)
+    alg = SteadyStateAdjoint(solver=lx.FixedPointIteration(), tol=tol, atol=atol, maxiters=500)
+    record: dict = {}
+    z = alg.attach_gradient(cell, z_star, x, ps, record=record)
+    grads = torch.autograd.grad(cubic_loss(z), [x, *ps.values()])
+    assert type(record["residual"]) is float and record["converged"]
+    # the same gradient from lambda solved to 1e-14 (the adjoint stopped at its tolerance, ~1e-10)
+    z_leaf = z_star.detach().requires_grad_(True)
+    fz = cell(z_leaf, x, ps)
+    (g,) = torch.autograd.grad(cubic_loss(z_leaf), [z_leaf])
+    lam = nlsolve(lambda v: torch.autograd.grad(fz, z_leaf, v, retain_graph=True)[0] + g, g,
+                  lx.FixedPointIteration(), abstol=1e-14, reltol=0.0, maxiters=2000).z
+    expected = torch.autograd.grad(fz, [x, *ps.values()], lam)
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+    assert 0.0 < record["residual"] <= max(tol, atol / float(torch.linalg.vector_norm(g, dim=1).min()))
+
+    bad = {**{k: v.detach().clone().requires_grad_(True) for k, v in ps.items()},
+           "c": torch.zeros(1, dtype=F64, requires_grad=True)}
+    record = {}
+    z = alg.attach_gradient(_sqrt_of_c_cell, z_star, x, bad, record=record)
+    with pytest.raises(NonlinearSolveError, match="SteadyStateAdjoint: the gradient of fixed point is NaN or Inf"):
+        torch.autograd.grad(cubic_loss(z), [bad["W"], bad["c"]])
+    assert type(record["residual"]) is float and math.isfinite(record["residual"]) and record["converged"]
+
+
+@pytest.mark.parametrize("tol", [0.0, 1e-10])
+def test_fixed_point_adjoint_names_a_non_finite_incoming_gradient(tol):
+    ps, x = cell_problem(seed=6)
+    alg = SteadyStateAdjoint(solver=lx.FixedPointIteration(), tol=tol, atol=1e-12)
+    z = alg.attach_gradient(cell, tight_fixed_point(ps, x), x, ps)
+    weight = torch.ones_like(z)
+    weight[1, 2] = float("nan")
+    with pytest.raises(NonlinearSolveError, match=r"0 iterations \(the incoming gradient is not finite\)"):
+        torch.autograd.grad((z * weight).sum(), [ps["W"]])

@@ -571,3 +571,37 @@ def test_messages_do_not_leak_regex_specials():
     # The advice attached to every return code is a full sentence.
     for code in NonlinearReturnCode:
         assert re.match(r"^[a-z].*\.$", code.advice)
+
+
+@pytest.mark.parametrize("damping", [1.0, 0.6])
+@pytest.mark.parametrize("record_history", [False, True])
+def test_residual_buffers_give_the_iterates_of_fresh_tensors(monkeypatch, damping, record_history):
+    """FixedPointIteration lets nlsolve write every F = g(z) - z and its norms into one buffer each; with
+    the solver's reads_residual_only off, each is a new tensor. The solves agree bit for bit."""
+    rates = torch.linspace(0.1, 0.9, 7, dtype=torch.float64).unsqueeze(1)
+    c = torch.randn(7, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    seen = []
+
+    def g(z):
+        seen.append(z.clone())
+        return rates * torch.tanh(z) + c
+
+    solver = FixedPointIteration(damping=damping)
+    kw = dict(abstol=1e-9, reltol=0.0, maxiters=400, record_history=record_history)
+    buffered = nlsolve(g, torch.zeros(7, 4, dtype=torch.float64), solver, **kw)
+    buffered_inputs, seen[:] = list(seen), []
+    monkeypatch.setattr(FixedPointIteration, "reads_residual_only", False)
+    fresh = nlsolve(g, torch.zeros(7, 4, dtype=torch.float64), solver, **kw)
+    assert buffered.success and len(set(buffered.sample_iterations.tolist())) > 3  # staggered freezing
+    assert (buffered.iterations, buffered.nf) == (fresh.iterations, fresh.nf)
+    assert len(buffered_inputs) == len(seen) == buffered.nf
+    assert all(torch.equal(a, b) for a, b in zip(buffered_inputs, seen))
+    for name in ("z", "residual", "relative_residual", "sample_iterations", "converged"):
+        assert torch.equal(getattr(buffered, name), getattr(fresh, name)), name
+    if record_history:
+        assert torch.equal(buffered.residual_history, fresh.residual_history)
+    # the residual returned is the one of the returned z, not a buffer a later solve overwrites
+    again = nlsolve(g, torch.ones(7, 4, dtype=torch.float64), solver, **kw)
+    expected = torch.linalg.vector_norm(g(buffered.z) - buffered.z, dim=1)
+    torch.testing.assert_close(buffered.residual, expected, rtol=0, atol=1e-15)
+    assert again.success

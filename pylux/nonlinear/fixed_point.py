@@ -26,6 +26,7 @@ class FixedPointIteration(AbstractNonlinearSolver):
     """
 
     _option_names = ("damping",)
+    reads_residual_only = True
 
     def __init__(self, *, damping: float = 1.0, maxiters=None, abstol=None, reltol=None, **unknown):
         self._set_common(maxiters, abstol, reltol, unknown)

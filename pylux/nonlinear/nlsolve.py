@@ -159,6 +159,14 @@ def nlsolve(g: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, solver:
             ``.iteration`` the first non-finite iteration), or ``MaxIters``
             with ``on_failure="raise"``.
     """
+    return _nlsolve(g, z0, solver, abstol, reltol, maxiters, on_failure, throw, check_every, record_history,
+                    unknown, start_is_finite=False)
+
+
+def _nlsolve(g, z0, solver, abstol, reltol, maxiters, on_failure, throw, check_every, record_history, unknown,
+             start_is_finite):
+    """:func:`nlsolve`; ``start_is_finite=True`` skips the finiteness test of ``z0`` (a read-back), for a
+    caller that has just established it (the steady-state adjoint tests its right-hand side)."""
     where = "nlsolve"
     check_keywords(unknown, where, _KEYWORDS)
     if not isinstance(solver, AbstractNonlinearSolver):
@@ -180,7 +188,7 @@ def nlsolve(g: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, solver:
     on_failure = failure_policy(where, on_failure, throw, default="warn")
     check_every = check_int(where, "check_every", check_every, 1)
     check_bool(where, "record_history", record_history)
-    _check_z0(where, z0)
+    _check_z0(where, z0, start_is_finite)
     with torch.no_grad():
         return _iterate(g, z0.detach(), solver, abstol, reltol, maxiters, on_failure, check_every,
                         record_history)
@@ -196,7 +204,7 @@ def _resolve(where, solver, name, given, default):
     return given
 
 
-def _check_z0(where, z0):
+def _check_z0(where, z0, known_finite=False):
     if not isinstance(z0, torch.Tensor):
         raise TypeError(f"{where}: z0 must be a torch.Tensor, got {type(z0).__name__}.")
     if not z0.is_floating_point():
@@ -205,7 +213,7 @@ def _check_z0(where, z0):
     if z0.dim() == 0:
         raise ValueError(f"{where}: z0 must have a leading batch dimension, got a 0-d tensor; "
                          "use z0.reshape(1, 1) for a single scalar problem.")
-    if z0.numel() == 0:
+    if z0.numel() == 0 or known_finite:
         return
     # A finite sum proves every entry finite in one pass (NaN and Inf propagate through it); only a
     # non-finite sum (which a large finite z0 may also overflow to) needs the per-element test.
@@ -300,13 +308,18 @@ class _Iteration:
         self.z = z
         self.gz = fn(z)
         self.nf = 1
-        self.F = self.gz - z
-        self.res = torch.linalg.vector_norm(self.F, dim=1)
-        self.tol = _tolerance(z, abstol, reltol)
         # With a check every iteration, ``converged`` is ``res <= tol`` at each check (a frozen element
         # keeps its residual, an unstable one keeps a non-finite one), so the check derives it, and the
         # iteration of convergence, itself; the steps do not track them.
         self.fused = check_every == 1 and _FUSED_CHECK
+        # Each residual and its norm go into one buffer when nothing outlives an iteration's copy: the
+        # solver reads F only during its step, and the fused check copies res into best_res (a history
+        # keeps every res). A fresh (B, N) tensor per iteration costs about as much as the subtraction
+        # itself on a CPU (its memory is not in cache).
+        self.F_buffer = torch.empty_like(z) if self.fused and solver.reads_residual_only else None
+        self.res_buffer = z.new_empty(batch) if self.fused and not record_history else None
+        self._residual()
+        self.tol = _tolerance(z, abstol, reltol)
         self.converged = torch.zeros(batch, dtype=torch.bool, device=device) if self.fused else self.res <= self.tol
         self.n_converged = self.n_unstable = 0
         if self.fused:
@@ -461,8 +474,7 @@ class _Iteration:
             keep = active.unsqueeze(1)
             self.z = torch.where(keep, z_new, self.z)
             self.gz = torch.where(keep, gz_new, self.gz)
-        self.F = self.gz - self.z
-        self.res = torch.linalg.vector_norm(self.F, dim=1)
+        self._residual()
         if self.reltol:
             self.tol = _tolerance(self.z, self.abstol, self.reltol)
         if self.history is not None:
@@ -472,6 +484,17 @@ class _Iteration:
         newly = ~self.converged & ~self.unstable & (self.res <= self.tol)
         self.converged_at.masked_fill_(newly, self.iterations)
         self.converged = self.converged | newly
+
+    def _residual(self) -> None:
+        """``F = gz - z`` and its row norms ``res``, into their buffers where there are buffers."""
+        if self.F_buffer is None:
+            self.F = self.gz - self.z
+        else:
+            self.F = torch.sub(self.gz, self.z, out=self.F_buffer)
+        if self.res_buffer is None:
+            self.res = torch.linalg.vector_norm(self.F, dim=1)
+        else:
+            self.res = torch.linalg.vector_norm(self.F, dim=1, out=self.res_buffer)
 
     def finish(self, shape: torch.Size) -> NonlinearSolution:
         """The result: converged elements at their converging iterate, the others at their best."""

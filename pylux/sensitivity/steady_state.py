@@ -57,7 +57,8 @@ from ..core import tree_replace_at_paths
 from ..core.keywords import check_keywords
 from ..core.validation import check_choice, check_float, check_int
 from ..nonlinear import (AbstractNonlinearSolver, ConvergenceWarning, NonlinearReturnCode, NonlinearSolveError,
-                         gmres, nlsolve)
+                         gmres)
+from ..nonlinear.nlsolve import _nlsolve
 from ._params import check_no_hidden_parameters, grad_leaves, refuse_higher_order
 
 __all__ = ["AbstractImplicitSensitivity", "SteadyStateAdjoint", "JacobianFreeBackprop"]
@@ -149,19 +150,32 @@ class AbstractImplicitSensitivity(abc.ABC):
             raise NonlinearSolveError(message, NonlinearReturnCode.MaxIters, 0)
         warnings.warn(message, ConvergenceWarning, stacklevel=3)
 
-    def _check_gradients(self, grads, where: str) -> None:
+    def _check_gradients(self, grads, where: str, stats: dict | None = None) -> None:
         """Raise if a final product :math:`\\lambda^\\top \\partial f/\\partial(\\theta, x)` is NaN or Inf.
 
         One host synchronisation per backward pass (FAULTS.md 17: NaN in the
         iterates, forward or backward, is raised, never passed on). The adjoint
         :math:`\\lambda` itself is checked in ``_cotangent``; this catches a finite
-        adjoint times a parameter derivative of ``f`` that is not finite.
+        adjoint times a parameter derivative of ``f`` that is not finite. A
+        ``stats["residual"]`` that ``_cotangent`` left on the device (a 0-d
+        tensor) comes back in the same transfer and is replaced by its float.
         """
-        if not _all_finite(grads):
-            raise NonlinearSolveError(
-                f"{type(self).__name__}: the gradient of {where} is NaN or Inf; the map's vector-Jacobian "
-                "product at the fixed point overflowed. Check the forward residual and the map's scale.",
-                NonlinearReturnCode.Unstable, 0)
+        pending = stats is not None and isinstance(stats.get("residual"), torch.Tensor)
+        tensors = [t for t in grads if t.numel()]
+        # A sum is finite only if each summand is (see _all_finite); the sums and the residual share
+        # one transfer, in float64 (the modulus of a complex sum: finite exactly when the sum is).
+        values = [(t.sum().abs() if t.is_complex() else t.sum()).to(torch.float64) for t in tensors]
+        if pending:
+            values.append(stats["residual"].to(torch.float64))
+        host = torch.stack(values).tolist() if values else []
+        if pending:
+            stats["residual"] = host.pop()
+        if all(math.isfinite(v) for v in host) or all(bool(torch.isfinite(t).all()) for t in tensors):
+            return
+        raise NonlinearSolveError(
+            f"{type(self).__name__}: the gradient of {where} is NaN or Inf; the map's vector-Jacobian "
+            "product at the fixed point overflowed. Check the forward residual and the map's scale.",
+            NonlinearReturnCode.Unstable, 0)
 
     @abc.abstractmethod
     def _cotangent(self, fz: torch.Tensor, z: torch.Tensor, grad: torch.Tensor,
@@ -279,19 +293,34 @@ class SteadyStateAdjoint(AbstractImplicitSensitivity):
         return result.x, stats
 
     def _fixed_point_cotangent(self, fz, z, grad, where):
-        """:math:`\\lambda = J^\\top\\lambda + g` by nlsolve from :math:`\\lambda_0 = g` (see the class docstring)."""
+        """:math:`\\lambda = J^\\top\\lambda + g` by nlsolve from :math:`\\lambda_0 = g` (see the class docstring).
+
+        Host synchronisations besides nlsolve's one per iteration: one for the
+        incoming gradient's finiteness (nlsolve, told it is finite, does not
+        test its start again); the worst relative residual stays on the device
+        for the backward pass's single check of the final gradients, unless
+        the solve failed and a message needs it now.
+        """
         batch = grad.shape[0]
         scale = torch.linalg.vector_norm(grad.reshape(batch, math.prod(grad.shape[1:])), dim=1)
-        if not _all_finite([scale]):  # nlsolve refuses a non-finite start; name the cause here
-            self._raise_not_finite(where, "0 iterations (the incoming gradient is not finite)", 0)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         shape = (batch,) + (1,) * (grad.dim() - 1)
+        used = torch.where(scale > 0, scale, torch.ones_like(scale))
+        # nlsolve refuses a non-finite start; name the cause here (one transfer, which with tol also
+        # brings the largest norm its abstol needs; a NaN norm is finite in ``used``, so test ``scale``)
+        if self.tol > 0.0 and batch:
+            largest, largest_used = torch.stack([scale.max(), used.max()]).tolist()
+            finite_start = math.isfinite(largest)
+        else:
+            finite_start = _all_finite([scale])
+        if not finite_start:
+            self._raise_not_finite(where, "0 iterations (the incoming gradient is not finite)", 0)
+        scale = used
         if self.tol > 0.0:
             # nlsolve's test is abstol + reltol ||lambda||; on lambda / ||g_b|| (the system is linear) its
             # abstol is the relative tolerance; an atol as well is met by its smallest share over the batch
             unit = scale.reshape(shape)
             rhs = grad / unit
-            abstol = max(self.tol, self.atol / float(scale.max()) if self.atol > 0.0 and batch else 0.0)
+            abstol = max(self.tol, self.atol / largest_used if self.atol > 0.0 and batch else 0.0)
         else:
             unit, rhs, abstol = None, grad, self.atol
 
@@ -299,20 +328,21 @@ class SteadyStateAdjoint(AbstractImplicitSensitivity):
             (vjp,) = torch.autograd.grad(fz, z, grad_outputs=v, retain_graph=True, allow_unused=True)
             return rhs.clone() if vjp is None else vjp.add_(rhs)  # None: f does not depend on z, so J = 0
 
-        sol = nlsolve(step, rhs, self.solver, abstol=abstol, reltol=0.0, maxiters=self.maxiters,
-                      on_failure="ignore", record_history=False)
+        sol = _nlsolve(step, rhs, self.solver, abstol, 0.0, self.maxiters, "ignore", None, 1, False, {},
+                       start_is_finite=True)
         lam = sol.z if unit is None else sol.z * unit
         relative = sol.residual if unit is not None else sol.residual / scale
         # nlsolve tested every iterate's residual g(v) - v (finite only if both terms are): unless it
         # marked an element unstable, lambda and its residual are finite, and no reduction needs to say so
         finite = sol.retcode is not NonlinearReturnCode.Unstable
-        worst = float(relative.max()) if finite and batch else 0.0
         converged = sol.retcode is NonlinearReturnCode.Success
+        worst = relative.max() if finite and batch else 0.0
         stats = {"iterations": sol.iterations, "matvecs": sol.nf, "residual": worst, "converged": converged}
         name = type(self.solver).__name__
         if not finite:
             self._raise_not_finite(where, f"{sol.iterations} {name} iterations", sol.iterations)
         if not converged:
+            stats["residual"] = worst = float(worst)
             failed = int((~sol.converged).sum())
             self._flag_inexact(where, f"{name} for the adjoint of {where} stopped after {sol.iterations} "
                                       "iterations", worst, failed, batch, sol.iterations, "another solver")
@@ -369,7 +399,8 @@ def _all_finite(tensors) -> bool:
     sum overflows) pays for the entrywise test, which costs several passes over the tensor on a CPU.
     """
     tensors = [t for t in tensors if t.numel()]
-    if not tensors or bool(torch.stack([torch.isfinite(t.sum()) for t in tensors]).all()):
+    flags = [torch.isfinite(t.sum()) for t in tensors]
+    if not flags or bool(flags[0] if len(flags) == 1 else torch.stack(flags).all()):
         return True
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
@@ -412,8 +443,10 @@ class _ImplicitFunction(torch.autograd.Function):
             wrt = ([x_] if x_needs else []) + ps_
             grads = torch.autograd.grad(fz, wrt, grad_outputs=lam, allow_unused=True) if wrt else ()
         grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, wrt)]
-        if record is not None:
-            record.update(stats)
-        alg._check_gradients(grads, where)
+        try:
+            alg._check_gradients(grads, where, stats)
+        finally:
+            if record is not None:
+                record.update(stats)
         grad_x = grads.pop(0) if x_needs else None
         return (None, None, None, None, None, None, None, grad_x, *grads)
