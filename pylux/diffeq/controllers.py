@@ -48,6 +48,7 @@ __all__ = [
     "ControllerState",
     "clamp_step",
     "initial_step_size",
+    "hairer_initial_step",
 ]
 
 
@@ -306,6 +307,57 @@ class ConstantStepSize(AbstractController):
         return "ConstantStepSize()"
 
 
+#: :func:`hairer_initial_step` status codes
+INITIAL_STEP_OK, INITIAL_F0_NONFINITE, INITIAL_SCALE_UNUSABLE = 0, 1, 2
+
+
+def hairer_initial_step(vf, t0: torch.Tensor, u0: torch.Tensor, f0: torch.Tensor, span, order: int, abstol,
+                        reltol, norm, dtmax: float, direction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hairer's starting step size as tensors, with no host synchronisation (so that a compiled loop can
+    compute it in its graph); :func:`initial_step_size` gives the formula and reads this back.
+
+    ``vf(u, t)`` evaluates the field, ``t0`` is a 0-d time tensor, ``span = |t1 - t0|`` (a float or a 0-d
+    tensor) and ``direction`` the sign of ``t1 - t0``. Returns ``(h, status)``: the magnitude ``h`` as a
+    float64 0-d tensor and a 0-d int64 status, :data:`INITIAL_STEP_OK`, :data:`INITIAL_F0_NONFINITE`
+    (``f(u0, t0)`` has NaN/Inf) or :data:`INITIAL_SCALE_UNUSABLE` (``abstol + reltol |u0|`` is zero or
+    underflows; ``h`` is then NaN). The second evaluation of ``vf`` always happens (at ``u0`` itself when
+    the status is not OK, so that a failing solve never feeds NaN to the field). The scalar arithmetic is
+    float64, as the host floats of the eager heuristic were; ``u0 + h0 f0`` is formed in ``u0``'s dtype.
+    """
+    f64 = torch.float64
+    scale = u0.abs() * reltol + abstol
+    d0 = _scaled_norm(norm, u0 / scale).detach().to(f64)
+    d1 = _scaled_norm(norm, f0 / scale).detach().to(f64)
+    f0_finite = torch.isfinite(f0).all()
+    scale_usable = torch.isfinite(d0) & torch.isfinite(d1)
+    status = torch.where(f0_finite, torch.where(scale_usable, INITIAL_STEP_OK, INITIAL_SCALE_UNUSABLE),
+                         INITIAL_F0_NONFINITE)
+    usable = status == INITIAL_STEP_OK
+    span = torch.as_tensor(span, dtype=f64, device=u0.device)
+    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
+    h0 = torch.minimum(torch.minimum(h0, span), torch.full_like(h0, dtmax))
+    h0 = torch.where(usable, h0, torch.full_like(h0, 1e-6))
+    signed_h0 = direction * h0
+    u1 = torch.where(usable, u0 + signed_h0.to(u0.dtype) * f0, u0)
+    t_probe = (t0.to(f64) + signed_h0).to(t0.dtype)
+    d2 = _scaled_norm(norm, (vf(u1, t_probe) - f0) / scale).detach().to(f64) / h0
+    largest = torch.maximum(d1, d2)
+    h1 = torch.where(largest <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / largest) ** (1.0 / order))
+    h = torch.minimum(torch.minimum(100.0 * h0, h1), torch.minimum(span, torch.full_like(h0, dtmax)))
+    h = torch.where(torch.isfinite(d2), h, h0)
+    return torch.where(status == INITIAL_SCALE_UNUSABLE, torch.full_like(h, math.nan), h), status
+
+
+def initial_step_problem(status: int, u0: torch.Tensor, abstol) -> str:
+    """The message of a :func:`hairer_initial_step` status (``""`` for OK)."""
+    if status == INITIAL_F0_NONFINITE:
+        return "f(u0, t0) is NaN or Inf"
+    if status == INITIAL_SCALE_UNUSABLE:
+        return (f"the error scale abstol + reltol |u0| is zero or too small for "
+                f"{str(u0.dtype).replace('torch.', '')} (abstol = {abstol!r}); raise abstol")
+    return ""
+
+
 def initial_step_size(field, t0: float, u0: torch.Tensor, t1: float, order: int, abstol, reltol,
                       norm, f0: torch.Tensor, dtmax: float, time_dtype: torch.dtype = torch.float64
                       ) -> tuple[float, str]:
@@ -317,10 +369,11 @@ def initial_step_size(field, t0: float, u0: torch.Tensor, t1: float, order: int,
         h0 = 0.01 d0 / d1   (1e-6 if d0 or d1 < 1e-5)
         d2 = ||(f(t0 + h0, u0 + h0 f0) - f0) / sc|| / h0
         h1 = (0.01 / max(d1, d2))^(1/p)   (max(1e-6, 1e-3 h0) if max(d1, d2) <= 1e-15)
-        h  = min(100 h0, h1, |t1 - t0|, dtmax)
+        h  = min(100 h0, h1, |t1 - t0|, dtmax)   (h0 if d2 is not finite)
 
-    Costs one evaluation of ``field`` (``f0`` is given) and two host
-    synchronisations, once per solve. The norms are formed as
+    Costs one evaluation of ``field`` (``f0`` is given) and one host
+    synchronisation, once per solve (:func:`hairer_initial_step` computes it;
+    a compiled whole loop runs that in its graph instead). The norms are formed as
     ``m ||x / m||`` with ``m = max |x|`` (a norm is homogeneous), so a tiny
     ``abstol`` over a zero state component cannot overflow them.
 
@@ -329,28 +382,12 @@ def initial_step_size(field, t0: float, u0: torch.Tensor, t1: float, order: int,
         when ``f(u0, t0)`` is NaN/Inf or the error scale itself is unusable.
     """
     direction = 1.0 if t1 >= t0 else -1.0
-    span = abs(t1 - t0)
-    scale = u0.abs() * reltol + abstol
-    d0, d1, f0_finite = torch.stack([_scaled_norm(norm, u0 / scale), _scaled_norm(norm, f0 / scale),
-                                     torch.isfinite(f0).all().to(u0.dtype)]).detach().tolist()
-    if not f0_finite:
-        return math.nan, "f(u0, t0) is NaN or Inf"
-    if not (math.isfinite(d0) and math.isfinite(d1)):
-        return math.nan, (f"the error scale abstol + reltol |u0| is zero or too small for "
-                          f"{str(u0.dtype).replace('torch.', '')} (abstol = {abstol!r}); raise abstol")
-    h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
-    h0 = min(h0, span, dtmax)
-    u1 = u0 + (direction * h0) * f0
-    t_probe = time_scalar(t0 + direction * h0, time_dtype, u0.device)
-    f1 = field.vf(u1, t_probe) if hasattr(field, "vf") else field(u1, t_probe)
-    d2 = float(_scaled_norm(norm, (f1 - f0) / scale).detach()) / h0
-    if not math.isfinite(d2):
-        return h0, ""
-    if max(d1, d2) <= 1e-15:
-        h1 = max(1e-6, h0 * 1e-3)
-    else:
-        h1 = (0.01 / max(d1, d2)) ** (1.0 / order)
-    return min(100.0 * h0, h1, span, dtmax), ""
+    vf = field.vf if hasattr(field, "vf") else field
+    h, status = hairer_initial_step(vf, time_scalar(t0, time_dtype, u0.device), u0, f0, abs(t1 - t0), order,
+                                    abstol, reltol, norm, dtmax, direction)
+    h, status = torch.stack([h, status.to(h.dtype)]).tolist()
+    problem = initial_step_problem(int(status), u0, abstol)
+    return (math.nan, problem) if problem else (h, "")
 
 
 def _scaled_norm(norm, x: torch.Tensor) -> torch.Tensor:
