@@ -320,27 +320,28 @@ class _Iteration:
         self.res_buffer = z.new_empty(batch) if self.fused and not record_history else None
         self._residual()
         self.tol = _tolerance(z, abstol, reltol)
-        self.converged = torch.zeros(batch, dtype=torch.bool, device=device) if self.fused else self.res <= self.tol
+        # Rows of one allocation each (the flags and counters start at zero; each row is replaced or
+        # updated in place on its own).
+        no, self.unstable = torch.zeros(2, batch, dtype=torch.bool, device=device).unbind(0)
+        self.converged = no if self.fused else self.res <= self.tol
         self.n_converged = self.n_unstable = 0
         if self.fused:
             # The check is one comparison of res against the rows (tol, best_res, largest finite value):
             # converged, improved, finite (res >= 0, so only NaN and +inf exceed the largest float).
             self.checks = torch.empty(3, batch, dtype=torch.bool, device=device)
             self.check_rows = self.checks.unbind(0)
-            self.bounds = self.res.new_empty(3, batch)
-            self.bounds[2] = torch.finfo(self.res.dtype).max
+            self.bounds = self.res.new_full((3, batch), torch.finfo(self.res.dtype).max)
+            tol_row, self.best_res, _ = self.bounds.unbind(0)
             if not reltol:
-                self.bounds[0] = abstol
+                tol_row.fill_(abstol)
+            self.best_res.copy_(self.res)
+        else:
+            self.best_res = self.res
         self.active = self.frozen_rows = None
         self.copy_frozen = True
-        self.converged_at = torch.zeros(batch, dtype=torch.long, device=device)
-        self.unstable = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.unstable_at = torch.zeros(batch, dtype=torch.long, device=device)
+        self.converged_at, self.unstable_at = torch.zeros(2, batch, dtype=torch.long, device=device).unbind(0)
         self.first_window = None  # (last check before, check that found) the first non-finite residual
-        self.best_z, self.best_res = z, self.res
-        if self.fused:
-            self.best_res = self.bounds[1]
-            self.best_res.copy_(self.res)
+        self.best_z = z
         self.history = [self.res] if record_history else None
         self.state = solver.init(z, self.gz, maxiters)
         self.iterations = 0
@@ -414,7 +415,8 @@ class _Iteration:
             torch.where(improved, res, self.best_res, out=self.best_res)
         changed = n_converged != self.n_converged
         if changed:
-            self.converged_at.masked_fill_(converged & ~self.converged, self.iterations)
+            # The converged set only grows (see above), so the newly converged are the exclusive or.
+            self.converged_at.masked_fill_(converged ^ self.converged, self.iterations)
             self.converged = converged.clone()
             self.n_converged = n_converged
         n_bad = self.batch - n_finite - self.n_unstable
@@ -430,7 +432,7 @@ class _Iteration:
         if n_frozen == self.batch:
             return True
         if changed:
-            frozen = self.converged | self.unstable
+            frozen = self.converged | self.unstable if self.n_unstable else self.converged
             self.active = ~frozen
             # Freezing copies the smaller set of rows (an index copy is several times cheaper than a
             # where over the whole batch when few rows are copied).
