@@ -605,3 +605,25 @@ def test_residual_buffers_give_the_iterates_of_fresh_tensors(monkeypatch, dampin
     expected = torch.linalg.vector_norm(g(buffered.z) - buffered.z, dim=1)
     torch.testing.assert_close(buffered.residual, expected, rtol=0, atol=1e-15)
     assert again.success
+
+
+@pytest.mark.parametrize("solver", [FixedPointIteration(), Anderson(memory=3)], ids=repr)
+def test_a_solution_reached_by_freezing_shares_memory_with_nothing_g_saw(solver):
+    """The last steps of a staggered solve freeze rows into a tensor of the solve's own, which is returned
+    without a copy; the solution must still share no memory with z0 or anything g received or returned."""
+    rates = torch.linspace(0.1, 0.9, 6, dtype=torch.float64).unsqueeze(1)
+    c = torch.randn(6, 3, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    seen = []
+
+    def g(z):
+        out = rates * torch.tanh(z) + c
+        seen.extend([z, out])
+        return out
+
+    z0 = torch.zeros(6, 3, dtype=torch.float64)
+    sol = nlsolve(g, z0, solver, abstol=1e-10, reltol=0.0, maxiters=300)
+    assert sol.success and len(set(sol.sample_iterations.tolist())) > 3
+    assert sol.iterations > int(sol.sample_iterations.min())  # the solve went on with frozen rows
+    storage = sol.z.untyped_storage().data_ptr()
+    assert all(t.untyped_storage().data_ptr() != storage for t in [z0, *seen])
+    torch.testing.assert_close(sol.residual, torch.linalg.vector_norm(g(sol.z) - sol.z, dim=1), rtol=0, atol=0)

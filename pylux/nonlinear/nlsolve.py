@@ -166,7 +166,8 @@ def nlsolve(g: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, solver:
 def _nlsolve(g, z0, solver, abstol, reltol, maxiters, on_failure, throw, check_every, record_history, unknown,
              start_is_finite):
     """:func:`nlsolve`; ``start_is_finite=True`` skips the finiteness test of ``z0`` (a read-back), for a
-    caller that has just established it (the steady-state adjoint tests its right-hand side)."""
+    caller that has established it or handles a non-finite start itself (such a start is then found
+    unstable at iteration 0, the element frozen at ``z0``; the steady-state adjoint names its cause)."""
     where = "nlsolve"
     check_keywords(unknown, where, _KEYWORDS)
     if not isinstance(solver, AbstractNonlinearSolver):
@@ -345,6 +346,7 @@ class _Iteration:
         self.history = [self.res] if record_history else None
         self.state = solver.init(z, self.gz, maxiters)
         self.iterations = 0
+        self.z_owned = False
         self.last_check = 0
         self.some_frozen = check_every > 1
 
@@ -468,6 +470,8 @@ class _Iteration:
         z_new, gz_new, self.state, used = self.solver.step(self.fn, self.z, self.gz, self.F, self.state, active)
         self.nf += used
         self.iterations += 1
+        # z_owned: z is a tensor the freezing made, which nothing outside the solve can hold
+        self.z_owned = active is not None
         if active is None:
             self.z, self.gz = z_new, gz_new
         elif self.fused:
@@ -513,9 +517,10 @@ class _Iteration:
         else:
             retcode = NonlinearReturnCode.MaxIters
         if retcode is NonlinearReturnCode.Success:
-            # What the selections below give when every element converged (z copied: it may be a view
-            # of z0 or a tensor g returned).
-            z_out, res_out, sample_iterations = self.z.clone(), self.res, self.converged_at
+            # What the selections below give when every element converged (z copied unless the freezing
+            # made it: it may be a view of z0 or a tensor g returned).
+            z_out = self.z if self.z_owned else self.z.clone()
+            res_out, sample_iterations = self.res, self.converged_at
         else:
             z_out = torch.where(converged.unsqueeze(1), self.z, self.best_z)
             res_out = torch.where(converged, self.res, self.best_res)

@@ -302,26 +302,24 @@ class SteadyStateAdjoint(AbstractImplicitSensitivity):
     def _fixed_point_cotangent(self, fz, z, grad, where):
         """:math:`\\lambda = J^\\top\\lambda + g` by nlsolve from :math:`\\lambda_0 = g` (see the class docstring).
 
-        Host synchronisations besides nlsolve's one per iteration: one for the
-        incoming gradient's finiteness (nlsolve, told it is finite, does not
-        test its start again); the worst relative residual stays on the device
+        Host synchronisations besides nlsolve's one per iteration: with ``tol``,
+        one that brings the largest norm of the incoming gradient (and says
+        whether it is finite); the worst relative residual stays on the device
         for the backward pass's single check of the final gradients, unless
         the solve failed and a message needs it now.
         """
         batch = grad.shape[0]
-        scale = torch.linalg.vector_norm(grad.reshape(batch, math.prod(grad.shape[1:])), dim=1)
+        norms = torch.linalg.vector_norm(grad.reshape(batch, math.prod(grad.shape[1:])), dim=1)
         shape = (batch,) + (1,) * (grad.dim() - 1)
-        used = torch.where(scale > 0, scale, torch.ones_like(scale))
-        # nlsolve refuses a non-finite start; name the cause here (one transfer, which with tol also
-        # brings the largest norm its abstol needs; a NaN norm is finite in ``used``, so test ``scale``)
+        scale = torch.where(norms > 0, norms, torch.ones_like(norms))
+        # A non-finite incoming gradient is named here. With tol, the transfer of the largest norm that
+        # abstol needs tests it (a NaN norm is finite in ``scale``: test ``norms``). Without, nothing is
+        # transferred: nlsolve (not testing its start) finds a non-finite g unstable at iteration 0, and
+        # only then is g tested, for the message.
         if self.tol > 0.0 and batch:
-            largest, largest_used = torch.stack([scale.max(), used.max()]).tolist()
-            finite_start = math.isfinite(largest)
-        else:
-            finite_start = _all_finite([scale])
-        if not finite_start:
-            self._raise_not_finite(where, "0 iterations (the incoming gradient is not finite)", 0)
-        scale = used
+            largest, largest_used = torch.stack([norms.max(), scale.max()]).tolist()
+            if not math.isfinite(largest):
+                self._raise_not_finite(where, "0 iterations (the incoming gradient is not finite)", 0)
         if self.tol > 0.0:
             # nlsolve's test is abstol + reltol ||lambda||; on lambda / ||g_b|| (the system is linear) its
             # abstol is the relative tolerance; an atol as well is met by its smallest share over the batch
@@ -344,6 +342,8 @@ class SteadyStateAdjoint(AbstractImplicitSensitivity):
         # nlsolve tested every iterate's residual g(v) - v (finite only if both terms are): unless it
         # marked an element unstable, lambda and its residual are finite, and no reduction needs to say so
         finite = sol.retcode is not NonlinearReturnCode.Unstable
+        if not finite and not _all_finite([norms]):
+            self._raise_not_finite(where, "0 iterations (the incoming gradient is not finite)", 0)
         converged = sol.retcode is NonlinearReturnCode.Success
         worst = relative.max() if finite and batch else 0.0
         stats = {"iterations": sol.iterations, "matvecs": sol.nf, "residual": worst, "converged": converged}
