@@ -576,8 +576,9 @@ def test_messages_do_not_leak_regex_specials():
 @pytest.mark.parametrize("damping", [1.0, 0.6])
 @pytest.mark.parametrize("record_history", [False, True])
 def test_residual_buffers_give_the_iterates_of_fresh_tensors(monkeypatch, damping, record_history):
-    """FixedPointIteration lets nlsolve write every F = g(z) - z and its norms into one buffer each; with
-    the solver's reads_residual_only off, each is a new tensor. The solves agree bit for bit."""
+    """FixedPointIteration lets nlsolve write every F = g(z) - z and its norms into one buffer each and, once
+    most rows are frozen, update its own g(z) in place; with the solver's holds_no_iterates off, each is a
+    new tensor. The solves agree bit for bit (the map sees the same iterates)."""
     rates = torch.linspace(0.1, 0.9, 7, dtype=torch.float64).unsqueeze(1)
     c = torch.randn(7, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     seen = []
@@ -590,7 +591,7 @@ def test_residual_buffers_give_the_iterates_of_fresh_tensors(monkeypatch, dampin
     kw = dict(abstol=1e-9, reltol=0.0, maxiters=400, record_history=record_history)
     buffered = nlsolve(g, torch.zeros(7, 4, dtype=torch.float64), solver, **kw)
     buffered_inputs, seen[:] = list(seen), []
-    monkeypatch.setattr(FixedPointIteration, "reads_residual_only", False)
+    monkeypatch.setattr(FixedPointIteration, "holds_no_iterates", False)
     fresh = nlsolve(g, torch.zeros(7, 4, dtype=torch.float64), solver, **kw)
     assert buffered.success and len(set(buffered.sample_iterations.tolist())) > 3  # staggered freezing
     assert (buffered.iterations, buffered.nf) == (fresh.iterations, fresh.nf)

@@ -25,10 +25,11 @@ systems, rank-one updates) is per row, vectorised over the batch.
 ``state`` may hold preallocated buffers that ``step`` updates in place; the
 tensors ``step`` returns are never views of them.
 
-A solver whose ``step`` keeps no reference to ``F`` beyond the call (and never
-returns it or a view of it) sets ``reads_residual_only = True``; ``nlsolve``
-then writes every residual into one buffer instead of a new tensor per
-iteration.
+A solver whose ``step`` keeps no reference to ``z``, ``gz`` or ``F`` beyond
+the call and returns none of them (nor a view of one), except that ``z_new``
+may be ``gz`` itself, sets ``holds_no_iterates = True``; ``nlsolve`` then
+writes every residual into one buffer instead of a new tensor per iteration,
+and updates the frozen rows of a ``gz`` of its own in place.
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ class AbstractNonlinearSolver(abc.ABC):
 
     _option_names: tuple[str, ...] = ()
     _common_names = ("maxiters", "abstol", "reltol")
-    #: ``step`` only reads ``F`` during the call (see the module docstring); ``False`` is always safe.
-    reads_residual_only = False
+    #: ``step`` holds none of its inputs beyond the call (see the module docstring); ``False`` is always safe.
+    holds_no_iterates = False
 
     def _set_common(self, maxiters, abstol, reltol, unknown: dict) -> None:
         where = type(self).__name__

@@ -26,7 +26,7 @@ class FixedPointIteration(AbstractNonlinearSolver):
     """
 
     _option_names = ("damping",)
-    reads_residual_only = True
+    holds_no_iterates = True
 
     def __init__(self, *, damping: float = 1.0, maxiters=None, abstol=None, reltol=None, **unknown):
         self._set_common(maxiters, abstol, reltol, unknown)

@@ -317,7 +317,7 @@ class _Iteration:
         # solver reads F only during its step, and the fused check copies res into best_res (a history
         # keeps every res). A fresh (B, N) tensor per iteration costs about as much as the subtraction
         # itself on a CPU (its memory is not in cache).
-        self.F_buffer = torch.empty_like(z) if self.fused and solver.reads_residual_only else None
+        self.F_buffer = torch.empty_like(z) if self.fused and solver.holds_no_iterates else None
         self.res_buffer = z.new_empty(batch) if self.fused and not record_history else None
         self._residual()
         self.tol = _tolerance(z, abstol, reltol)
@@ -346,7 +346,7 @@ class _Iteration:
         self.history = [self.res] if record_history else None
         self.state = solver.init(z, self.gz, maxiters)
         self.iterations = 0
-        self.z_owned = False
+        self.z_owned = self.gz_owned = False
         self.last_check = 0
         self.some_frozen = check_every > 1
 
@@ -474,8 +474,16 @@ class _Iteration:
         self.z_owned = active is not None
         if active is None:
             self.z, self.gz = z_new, gz_new
+            self.gz_owned = False
         elif self.fused:
-            self.z, self.gz = self._freeze(z_new, self.z), self._freeze(gz_new, self.gz)
+            z = self._freeze(z_new, self.z)  # first: z_new may be the current gz, which may change next
+            if self.gz_owned and not self.copy_frozen:
+                # gz is the freezing's own and the solver holds nothing: its active rows are replaced in place
+                rows = self.frozen_rows
+                self.gz.index_copy_(0, rows, gz_new.index_select(0, rows))
+            else:
+                self.gz = self._freeze(gz_new, self.gz)
+            self.z, self.gz_owned = z, self.solver.holds_no_iterates
         else:
             keep = active.unsqueeze(1)
             self.z = torch.where(keep, z_new, self.z)
