@@ -628,3 +628,32 @@ def test_a_solution_reached_by_freezing_shares_memory_with_nothing_g_saw(solver)
     storage = sol.z.untyped_storage().data_ptr()
     assert all(t.untyped_storage().data_ptr() != storage for t in [z0, *seen])
     torch.testing.assert_close(sol.residual, torch.linalg.vector_norm(g(sol.z) - sol.z, dim=1), rtol=0, atol=0)
+
+
+def test_relative_residual_is_computed_on_access_with_its_zero_cases():
+    """residual / ||z|| per element: inf where z = 0 and the residual is not, 0 where both are (and for a
+    batch of size-0 elements); read from the solution when first asked, the same tensor after that."""
+    shift = torch.tensor([[0.0, 0.0], [1.0, -2.0], [0.0, 0.0]], dtype=torch.float64)
+    scale = torch.tensor([[0.0], [0.5], [1.0]], dtype=torch.float64)
+
+    def g(z):
+        return scale * z + shift
+
+    # element 0: g = 0, so z0 = 0 is the fixed point (residual 0, ||z|| 0); element 1: a contraction;
+    # element 2: g(z) = z, fixed everywhere, z0 = 0 included
+    z0 = torch.zeros(3, 2, dtype=torch.float64)
+    sol = nlsolve(g, z0, FixedPointIteration(), abstol=1e-12, reltol=0.0, maxiters=200)
+    assert sol.success
+    first = sol.relative_residual
+    assert first is sol.relative_residual
+    znorm = torch.linalg.vector_norm(sol.z, dim=1)
+    assert first[0].item() == 0.0 and first[2].item() == 0.0  # residual 0 at z = 0
+    assert first[1].item() == sol.residual[1].item() / znorm[1].item()
+    # z = 0 with a non-zero residual: no iteration allowed, g(0) = shift
+    stuck = nlsolve(lambda z: z + shift, z0, FixedPointIteration(), abstol=1e-12, reltol=0.0, maxiters=0,
+                    on_failure="ignore")
+    assert stuck.relative_residual.tolist() == [0.0, math.inf, 0.0]
+    empty = nlsolve(g, torch.zeros(0, 2, dtype=torch.float64), FixedPointIteration())
+    assert empty.relative_residual.shape == (0,)
+    sized_zero = nlsolve(lambda z: z, torch.zeros(3, 0), FixedPointIteration())
+    assert sized_zero.relative_residual.tolist() == [0.0, 0.0, 0.0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -45,7 +46,8 @@ class NonlinearSolution:
             trials included; one per batched call). ``nfe`` is the same number
             under its older name.
         residual: ``(B,)`` absolute residuals ``||g(z) - z||`` of the returned ``z``.
-        relative_residual: ``(B,)`` ``residual / ||z||`` (``inf`` where ``z = 0`` and the residual is not).
+        relative_residual: ``(B,)`` ``residual / ||z||`` (``inf`` where ``z = 0`` and the residual is not),
+            computed on first access (a property: most callers never read it).
         converged: ``(B,)`` bool, whether each element met ``abstol + reltol ||z||``.
         sample_iterations: ``(B,)`` iterations each element took to converge;
             for an unstable element, the iteration at which its residual was
@@ -63,7 +65,6 @@ class NonlinearSolution:
     iterations: int
     nf: int
     residual: torch.Tensor
-    relative_residual: torch.Tensor
     converged: torch.Tensor
     sample_iterations: torch.Tensor
     residual_history: torch.Tensor | None
@@ -72,6 +73,14 @@ class NonlinearSolution:
     reltol: float
     maxiters: int
     unstable: torch.Tensor
+
+    @functools.cached_property
+    def relative_residual(self) -> torch.Tensor:
+        """``(B,)`` ``residual / ||z||`` per batch element (see the class docstring)."""
+        batch = self.residual.shape[0]
+        if self.z.numel() == 0:
+            return self.residual.clone()  # zeros: nothing was evaluated
+        return _relative(self.residual, self.z.reshape(batch, -1))
 
     @property
     def success(self) -> bool:
@@ -281,7 +290,7 @@ def _empty_solution(z0, solver, abstol, reltol, maxiters, record_history):
     no = torch.zeros(batch, dtype=torch.bool, device=z0.device)
     zeros = z0.new_zeros(batch)
     history = zeros.unsqueeze(0) if record_history else None
-    return NonlinearSolution(z0.clone(), NonlinearReturnCode.Success, 0, 0, zeros, zeros, ~no,
+    return NonlinearSolution(z0.clone(), NonlinearReturnCode.Success, 0, 0, zeros, ~no,
                              torch.zeros(batch, dtype=torch.long, device=z0.device), history,
                              solver, abstol, reltol, maxiters, no)
 
@@ -536,7 +545,7 @@ class _Iteration:
                 converged, self.converged_at,
                 torch.where(unstable, unstable_at, torch.full_like(self.converged_at, self.iterations)))
         return NonlinearSolution(
-            z_out.reshape(shape), retcode, self.iterations, self.nf, res_out, _relative(res_out, z_out), converged,
+            z_out.reshape(shape), retcode, self.iterations, self.nf, res_out, converged,
             sample_iterations, history, self.solver, self.abstol, self.reltol, self.maxiters, unstable)
 
 
