@@ -68,6 +68,9 @@ import pylux as lx  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import interleaved  # noqa: E402
 
+#: the cores the process is pinned to (set when run as a script)
+CORES = "unpinned"
+
 DT = torch.float64
 REFERENCE_RTOL = 1e-12
 
@@ -370,7 +373,7 @@ def main(argv=None):
     for key in args.problems.split(","):
         rows += problem_rows(makers[key](), tols, repeats, torchdiffeq=not args.quick, compiled=args.compile)
     load_after = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else ["?"]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), float64, median of {repeats} "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) on {CORES}, float64, median of {repeats} "
           f"interleaved round(s); load average before {' '.join(load)}, after {' '.join(load_after)}\n")
     print_table(rows)
     summary = equal_error(rows)
@@ -379,4 +382,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from _timing import pin_cores
+    # every solver on the same cores, one row at a time; not in main(), which the tests call in-process
+    CORES = pin_cores(int(sys.argv[sys.argv.index("--threads") + 1]) if "--threads" in sys.argv else 1)
     main()

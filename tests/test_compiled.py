@@ -251,3 +251,45 @@ def test_captured_loop_compiles_with_the_python_wrapper_where_the_cpp_wrapper_fa
     assert (comp.stats.naccept, comp.stats.nreject, comp.stats.nf) == (
         eager.stats.naccept, eager.stats.nreject, eager.stats.nf)
     torch.testing.assert_close(comp.u, eager.u, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.slow
+def test_whole_loop_forms_hairers_step_in_its_graph(monkeypatch):
+    """The compiled loop computes the first step itself (no eager heuristic, no read-back for it), with the
+    eager solve's steps and evaluations; a solve that falls back computes it eagerly. Compiles: slow."""
+    import importlib
+    integrate = importlib.import_module("pylux.diffeq.integrate")
+    prob = spiral_problem()
+    eager = lx.solve(prob, lx.Tsit5(), reltol=1e-6, abstol=1e-6, saveat=[0.5, 1.5])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the eager initial-step heuristic ran")
+    with monkeypatch.context() as patched:
+        patched.setattr(integrate, "initial_step_size", refuse)
+        sol = lx.solve(prob, lx.Tsit5(), reltol=1e-6, abstol=1e-6, saveat=[0.5, 1.5], compile=True)
+    assert sol.solver.compiled_steps == sol.stats.naccept + sol.stats.nreject > 5
+    assert (sol.stats.naccept, sol.stats.nreject, sol.stats.nf) == (
+        eager.stats.naccept, eager.stats.nreject, eager.stats.nf)
+    torch.testing.assert_close(sol.u, eager.u, rtol=1e-12, atol=1e-12)
+    # a solve the whole loop refuses (every step recorded) runs step by step from the eager heuristic
+    stepwise = lx.solve(prob, lx.Tsit5(), reltol=1e-6, abstol=1e-6, save_everystep=True, compile=True)
+    reference = lx.solve(prob, lx.Tsit5(), reltol=1e-6, abstol=1e-6, save_everystep=True)
+    assert stepwise.t[1] == reference.t[1]  # the first step: both from the eager heuristic, to the last bit
+    # later steps carry the compiled stages' rounding (fused kernels), ~1e-11 here
+    torch.testing.assert_close(stepwise.t, reference.t, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failure", ["nan f0", "zero error scale"])
+def test_whole_loop_initial_step_failures_read_as_eagerly(failure):
+    """Hairer's step in the graph reports an unusable start with the eager messages. Compiles: slow."""
+    if failure == "nan f0":
+        prob = lx.ODEProblem(lambda u, p, t: u * float("nan"), torch.ones(2, dtype=F64), (0.0, 1.0))
+        kwargs, match = {}, "f\\(u0, t0\\) is NaN or Inf"
+    else:
+        # an abstol below float32's range is 0 in the state's dtype: a zero component has a zero scale
+        prob = lx.ODEProblem(lambda u, p, t: -u, torch.tensor([1.0, 0.0]), (0.0, 1.0))
+        kwargs, match = dict(abstol=1e-300, reltol=1e-6), "abstol \\+ reltol \\|u0\\| is zero.*raise abstol"
+    for compile in (False, True):
+        with pytest.raises(lx.diffeq.UnstableError, match=match):
+            lx.solve(prob, lx.Tsit5(), saveat=[1.0], compile=compile, **kwargs)

@@ -445,3 +445,63 @@ def test_per_component_abstol_tensor():
     coarse = de.solve(prob, reltol=1e-6, abstol=loose)
     assert coarse.stats.naccept < fine.stats.naccept / 3
     assert coarse.u[-1, 0].item() == pytest.approx(math.exp(-1), rel=1e-5)
+
+
+def _hairer_by_hand(f, t0, u0, t1, order, abstol, reltol, dtmax):
+    """Hairer, Nørsett & Wanner, Solving ODEs I, II.4 (p. 169), in host floats with an RMS norm."""
+    u = [float(x) for x in u0.reshape(-1)]
+    direction = 1.0 if t1 >= t0 else -1.0
+
+    def rms(values):
+        return math.sqrt(sum(v * v for v in values) / len(values))
+    f0 = [float(x) for x in f(u0, None, torch.tensor(t0, dtype=F64)).reshape(-1)]
+    sc = [abstol + abs(x) * reltol for x in u]
+    d0, d1 = rms([x / s for x, s in zip(u, sc)]), rms([x / s for x, s in zip(f0, sc)])
+    h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
+    h0 = min(h0, abs(t1 - t0), dtmax)
+    u1 = torch.tensor([x + direction * h0 * y for x, y in zip(u, f0)], dtype=u0.dtype).reshape(u0.shape)
+    f1 = [float(x) for x in f(u1, None, torch.tensor(t0 + direction * h0, dtype=F64)).reshape(-1)]
+    d2 = rms([(a - b) / s for a, b, s in zip(f1, f0, sc)]) / h0
+    h1 = max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1.0 / order)
+    return min(100 * h0, h1, abs(t1 - t0), dtmax)
+
+
+def _still(u, p, t):
+    return torch.zeros_like(u)
+
+
+@pytest.mark.parametrize("case", ["forward", "backward", "dtmax", "tiny state", "constant field"])
+def test_initial_step_follows_hairers_formula(case):
+    u0, t0, t1, dtmax, f = torch.tensor([1.0, 1.0], dtype=F64), 0.0, 10.0, math.inf, lotka_volterra
+    if case == "backward":
+        t0, t1 = 10.0, 0.0
+    elif case == "dtmax":
+        dtmax = 1e-4
+    elif case == "tiny state":
+        u0 = torch.tensor([1e-9, 0.0], dtype=F64)  # d0 < 1e-5: h0 = 1e-6
+    elif case == "constant field":
+        f = _still  # f1 - f0 = 0: d2 = 0, and d1 = 0 as well: the max(1e-6, 1e-3 h0) branch
+    h, problem = de.initial_step_size(lambda u, t: f(u, None, t), t0, u0, t1, 5, 1e-6, 1e-3,
+                                      de.rms_norm, f(u0, None, torch.tensor(t0, dtype=F64)), dtmax)
+    assert problem == ""
+    assert h == pytest.approx(_hairer_by_hand(f, t0, u0, t1, 5, 1e-6, 1e-3, dtmax), rel=1e-12)
+
+
+def test_initial_step_statuses_and_messages():
+    u0 = torch.tensor([1.0, 0.0], dtype=F64)
+    t0 = torch.zeros((), dtype=F64)
+    calls = []
+
+    def vf(u, t):
+        calls.append(u.clone())
+        return -u
+    bad_f0 = torch.tensor([float("nan"), 1.0], dtype=F64)
+    h, status = de.hairer_initial_step(vf, t0, u0, bad_f0, 1.0, 5, 1e-6, 1e-3, de.rms_norm, math.inf, 1.0)
+    assert int(status) == 1 and math.isfinite(float(h))
+    assert torch.equal(calls[-1], u0)  # the second evaluation is taken at u0, never at u0 + h0 * NaN
+    h, status = de.hairer_initial_step(vf, t0, u0, -u0, 1.0, 5, 0.0, 1e-3, de.rms_norm, math.inf, 1.0)
+    assert int(status) == 2 and math.isnan(float(h))  # abstol 0 over a zero component: the scale is 0
+    h, problem = de.initial_step_size(vf, 0.0, u0, 1.0, 5, 0.0, 1e-3, de.rms_norm, -u0, math.inf)
+    assert math.isnan(h) and "abstol + reltol |u0| is zero" in problem and "raise abstol" in problem
+    h, problem = de.initial_step_size(vf, 0.0, u0, 1.0, 5, 1e-6, 1e-3, de.rms_norm, bad_f0, math.inf)
+    assert math.isnan(h) and problem == "f(u0, t0) is NaN or Inf"

@@ -26,7 +26,7 @@ keyword checker); it imports no higher pylux package.
 
 from .callbacks import AbstractTerminationCallback, TerminateSteadyState, TerminateWhen
 from .controllers import (AbstractController, ConstantStepSize, ControllerState, IController, PIController,
-                          initial_step_size)
+                          hairer_initial_step, initial_step_size)
 from .integrate import integrate
 from .interpolation import AbstractInterpolant, DenseOutput, HermiteInterpolant, StageInterpolant
 from .multistep import VCAB3
@@ -67,6 +67,7 @@ __all__ = [
     # step-size control and norms
     "AbstractController", "PIController", "IController", "ConstantStepSize", "ControllerState",
     "initial_step_size",
+    "hairer_initial_step",
     "rms_norm", "max_norm", "SemiNorm", "MixedNorm", "scaled_error_norm",
     # output
     "Solution", "SolverStats", "ReturnCode", "SolverError", "MaxItersError", "DtLessThanMinError",

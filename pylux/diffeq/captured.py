@@ -8,9 +8,10 @@ and the ends — the loop itself moves to the device: a
 solver (:meth:`ExplicitRungeKutta.step`, traced), the scaled error norm, the
 controller's proposal, accept/reject by ``torch.where``, the dense-output
 values at the ``saveat`` times the step passes, and the stopping conditions.
-The host starts it (Hairer's initial step, the first evaluation of ``f``
-checked as in every solve) and reads it back once at the end: the solve costs
-one graph launch and one synchronisation instead of one of each per step,
+The host starts it (the first evaluation of ``f``, checked as in every solve;
+Hairer's initial step is formed in the graph, one more evaluation there) and
+reads it back once at the end: the solve costs one graph launch and one
+synchronisation instead of one of each per step,
 which is where a small problem spends its time (``benchmarks/suite.py`` P1).
 
 The body reproduces the eager loop's rules (:mod:`pylux.diffeq.integrate`)
@@ -61,7 +62,8 @@ import warnings
 import torch
 from torch.utils._pytree import tree_leaves
 
-from .controllers import IController, PIController
+from .controllers import (INITIAL_F0_NONFINITE, INITIAL_SCALE_UNUSABLE, INITIAL_STEP_OK, IController, PIController,
+                          hairer_initial_step, initial_step_problem)
 from .norms import scaled_error_norm
 from ._device import time_scalar
 from .jacobian import StiffState
@@ -72,7 +74,7 @@ from .terms import BoundTerm
 __all__ = ["captured_run", "capture_refusal"]
 
 # loop status codes (device int64)
-_RUNNING, _DONE, _MAXITERS, _DTMIN, _UNSTABLE, _RESOLUTION, _SOLVER_REJECTS = range(7)
+_RUNNING, _DONE, _MAXITERS, _DTMIN, _UNSTABLE, _RESOLUTION, _SOLVER_REJECTS, _F0_NONFINITE, _SCALE_UNUSABLE = range(9)
 
 #: compiled whole-solve functions, per configuration of constants (tensors are arguments)
 _CACHE: dict = {}
@@ -137,7 +139,7 @@ def _controller_update(controller, E, dt_step, qold, accept):
 
 
 def _build(base, controller, reltol, norm, direction, dtmin, dtmax, maxiters, n_targets, shrink, streak_max,
-           make_state, reject_shrink):
+           make_state, reject_shrink, initial_order):
     dense_rows = getattr(base.tableau, "dense", None)  # a Runge–Kutta interpolant's weight polynomials
     P_host = None
     if dense_rows is not None:
@@ -156,6 +158,13 @@ def _build(base, controller, reltol, norm, direction, dtmin, dtmax, maxiters, n_
         u_init, k_init = torch.where(never, k0, u0), torch.where(never, u0, k0)
         saved0 = torch.where(never, k_init.reshape(1, -1), u0.new_zeros((n_targets, u0.numel())))
         written0 = torch.zeros(n_targets, dtype=torch.bool, device=u0.device)
+        status0 = zero.clone()
+        if initial_order is not None:  # Hairer's first step in the graph: no eager evaluation or read-back
+            h, problem = hairer_initial_step(term.vf, t0, u0, k0, (t1 - t0).abs(), initial_order, abstol, reltol,
+                                             norm, dtmax, direction)
+            dt0 = (direction * h).to(t0.dtype)
+            status0 = torch.where(problem == INITIAL_STEP_OK, _RUNNING,
+                                  torch.where(problem == INITIAL_F0_NONFINITE, _F0_NONFINITE, _SCALE_UNUSABLE))
 
         def cond(t, dt, u, k, qold, nacc, nrej, streak, status, saved, written):
             return status == _RUNNING
@@ -215,7 +224,7 @@ def _build(base, controller, reltol, norm, direction, dtmin, dtmax, maxiters, n_
         from torch._higher_order_ops.while_loop import while_loop
         # loop inputs must not alias one another (t0 and dt0 are views of one transfer)
         return while_loop(cond, body, (t0.clone(), dt0.clone(), u_init, k_init, qold0, zero, zero.clone(),
-                                       zero.clone(), zero.clone(), saved0, written0))
+                                       zero.clone(), status0, saved0, written0))
     return whole_solve
 
 
@@ -257,10 +266,12 @@ def _compiled(key, build_args, mode, device_type: str = "cpu", cpp_wrapper: bool
     return _CACHE[cache_key]
 
 
-def captured_run(loop, out, dt: float) -> bool:
+def captured_run(loop, out, dt: float | None) -> bool:
     """Run ``loop``'s solve (a :class:`pylux.diffeq.integrate._Loop` after its first step) as one compiled
-    while-loop; fill ``out`` and the loop's saver. ``False`` (nothing done) when the solve is not eligible
-    or the loop does not compile (then with one warning, and the step-by-step path runs)."""
+    while-loop; fill ``out`` and the loop's saver. ``dt`` is the first step, or ``None`` for Hairer's, which
+    the graph then forms (:func:`~pylux.diffeq.controllers.hairer_initial_step`: one more evaluation of
+    ``f``, counted). ``False`` (nothing done) when the solve is not eligible or the loop does not compile
+    (then with one warning, and the step-by-step path runs)."""
     from .integrate import MAX_NONFINITE_STREAK, NONFINITE_SHRINK, STATUS_REJECT_SHRINK
 
     solver, options, field = loop.solver, loop.options, loop.field
@@ -296,14 +307,16 @@ def captured_run(loop, out, dt: float) -> bool:
         method_key = (base, evaluator.structure, evaluator.use_autodiff, evaluator.direction)
     key = (type(base), id(base.tableau), method_key, controller, options.reltol, _norm_key(options.norm),
            loop.direction, options.dtmin, options.dtmax, options.maxiters, len(targets_host), solver.mode,
-           device.type)
+           device.type, dt is None)
+    initial_order = base.order if dt is None else None
     build_args = (base, controller, options.reltol, options.norm, loop.direction, options.dtmin,
                   options.dtmax, options.maxiters, len(targets_host), NONFINITE_SHRINK, MAX_NONFINITE_STREAK,
-                  make_state, STATUS_REJECT_SHRINK)
+                  make_state, STATUS_REJECT_SHRINK, initial_order)
     abstol = options.abstol
     abstol = abstol if isinstance(abstol, torch.Tensor) else torch.full((), float(abstol), dtype=u0.dtype,
                                                                          device=device)
-    times = torch.tensor([t0, dt, t1] + targets_host, dtype=time_dtype).to(device)
+    # deferred, the graph ignores its dt input: the span stands in (a NaN would be a guard of its own)
+    times = torch.tensor([t0, t1 - t0 if dt is None else dt, t1] + targets_host, dtype=time_dtype).to(device)
     plain = BoundTerm(field.term, field.p)  # a counter's changing integer would be a guard
     refused = _REFUSED.get(key)
     if refused is not None:
@@ -341,6 +354,8 @@ def captured_run(loop, out, dt: float) -> bool:
     host = torch.stack([t.double(), dt_last.double(), nacc.double(), nrej.double(), status.double()]).tolist()
     t_end, dt_end, n_acc, n_rej, code = host[0], host[1], int(host[2]), int(host[3]), int(host[4])
     trials = n_acc + n_rej
+    if dt is None:
+        field.count += 1  # the initial-step heuristic's evaluation at u0 + h0 f0
     step_counts = getattr(base, "step_counts", None)
     if step_counts is not None:  # a Rosenbrock step: its f evaluations, its linearisation's, its solves
         nfe, nsolve = step_counts
@@ -360,13 +375,16 @@ def captured_run(loop, out, dt: float) -> bool:
             loop.saver.blocks.append(saved.index_select(0, index).reshape((len(inside),) + tuple(u0.shape)))
     out.t, out.u, out.dt, out.naccept, out.nreject = t_end, u, dt_end, n_acc, n_rej
     out.solver_state = RKState(k) if step_counts is None else loop.state.advanced(k, None)
-    _set_return_code(out, code, options, t_end, dt_end)
+    _set_return_code(out, code, options, t_end, dt_end, u0)
     solver.compiled_steps += n_acc + n_rej
     return True
 
 
-def _set_return_code(out, code: int, options, t: float, dt: float) -> None:
-    if code == _MAXITERS:
+def _set_return_code(out, code: int, options, t: float, dt: float, u0: torch.Tensor) -> None:
+    if code in (_F0_NONFINITE, _SCALE_UNUSABLE):
+        status = INITIAL_F0_NONFINITE if code == _F0_NONFINITE else INITIAL_SCALE_UNUSABLE
+        out.stop(ReturnCode.Unstable, initial_step_problem(status, u0, options.abstol))
+    elif code == _MAXITERS:
         out.stop(ReturnCode.MaxIters)
     elif code == _DTMIN:
         out.stop(ReturnCode.DtLessThanMin, f"the next step dt = {dt!r} is below dtmin = {options.dtmin!r}")

@@ -406,13 +406,22 @@ class _Loop:
         self.termination = tuple(cb for cb in options.callbacks if not isinstance(cb, AbstractEventCallback))
         self.events: EventHandler | None = None
 
-    def first_step(self, out: _Outcome) -> float | None:
-        """The signed first ``dt`` (Hairer's heuristic unless given), and the solver's initial state."""
+    def first_step(self, out: _Outcome, defer: bool = False) -> float | None:
+        """The signed first ``dt`` (Hairer's heuristic unless given), and the solver's initial state.
+
+        With ``defer`` (a compiled whole loop that forms Hairer's step in its own graph) the heuristic is
+        left out: ``dt`` comes back as NaN, the solver starts from the span as its provisional step (the
+        solvers read only its sign) and :meth:`deferred_step` computes it if the loop does not run."""
         options, field, u0, t0 = self.options, self.field, self.u0, self.t0
         f0 = None
         needs_f0 = (options.dt is None and field.control_is_time) or (self.solver.needs_f0 and field.control_is_time)
         if needs_f0:
             f0 = field.vf(u0, time_scalar(t0, *self.time))
+        if defer:
+            self.f0 = f0
+            dt = self.direction * abs(self.t1 - t0)
+            self.state = self.solver.init(field, time_scalar(t0, *self.time), u0, time_scalar(dt, *self.time), f0)
+            return math.nan
         if options.dt is None:
             ode_field = field
             if not field.control_is_time:
@@ -432,15 +441,35 @@ class _Loop:
         self.cstate = self.controller.start(t0, self.t1, dt, options.time_dtype)
         return dt
 
+    def deferred_step(self, out: _Outcome) -> float | None:
+        """Hairer's first ``dt`` after :meth:`first_step` deferred it (the whole loop did not run); the
+        controller starts from it. ``None`` (``out`` stopped) when the heuristic finds no usable step."""
+        options = self.options
+        dt_abs, problem = initial_step_size(self.field, self.t0, self.u0, self.t1, self.solver.order,
+                                            options.abstol, options.reltol, options.norm, self.f0, options.dtmax,
+                                            options.time_dtype)
+        if problem:
+            out.stop(ReturnCode.Unstable, problem)
+            return None
+        dt = self.direction * dt_abs
+        self.cstate = self.controller.start(self.t0, self.t1, dt, options.time_dtype)
+        return dt
+
     def run(self) -> _Outcome:
         out = _Outcome(self.t0, self.u0, 0.0)
-        dt = self.first_step(out)
+        whole_loop = getattr(self.solver, "run_whole_loop", None)  # compile=True: the loop as one graph
+        # the compiled loop forms Hairer's step in its graph: no eager evaluation or read-back for it
+        defer = whole_loop is not None and self.options.dt is None and self.field.control_is_time
+        dt = self.first_step(out, defer)
         if dt is None:
             return out
         out.dt = dt
-        whole_loop = getattr(self.solver, "run_whole_loop", None)  # compile=True: the loop as one graph
-        if whole_loop is not None and whole_loop(self, out, dt):
+        if whole_loop is not None and whole_loop(self, out, None if defer else dt):
             return out
+        if defer:
+            dt = out.dt = self.deferred_step(out)
+            if dt is None:
+                return out
         if len(self.termination) != len(self.options.callbacks):
             self.events = EventHandler(self.options.callbacks, self.solver, self.u0, self.t0, self.t1, self.time)
             out.events = self.events.log
