@@ -576,15 +576,18 @@ def test_messages_do_not_leak_regex_specials():
 @pytest.mark.parametrize("damping", [1.0, 0.6])
 @pytest.mark.parametrize("record_history", [False, True])
 def test_residual_buffers_give_the_iterates_of_fresh_tensors(monkeypatch, damping, record_history):
-    """FixedPointIteration lets nlsolve write every F = g(z) - z and its norms into one buffer each and, once
-    most rows are frozen, update its own g(z) in place; with the solver's holds_no_iterates off, each is a
-    new tensor. The solves agree bit for bit (the map sees the same iterates)."""
+    """FixedPointIteration lets nlsolve write every F = g(z) - z and its norms into one buffer each; with
+    the solver's holds_no_iterates off, each is a new tensor. The solves agree bit for bit (the map sees
+    the same iterates), and no tensor the map was given changes after its call."""
     rates = torch.linspace(0.1, 0.9, 7, dtype=torch.float64).unsqueeze(1)
     c = torch.randn(7, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     seen = []
 
+    given = []
+
     def g(z):
         seen.append(z.clone())
+        given.append((z, z.clone()))
         return rates * torch.tanh(z) + c
 
     solver = FixedPointIteration(damping=damping)
@@ -597,6 +600,7 @@ def test_residual_buffers_give_the_iterates_of_fresh_tensors(monkeypatch, dampin
     assert (buffered.iterations, buffered.nf) == (fresh.iterations, fresh.nf)
     assert len(buffered_inputs) == len(seen) == buffered.nf
     assert all(torch.equal(a, b) for a, b in zip(buffered_inputs, seen))
+    assert all(torch.equal(z, copy) for z, copy in given)  # nothing g was given was changed afterwards
     for name in ("z", "residual", "relative_residual", "sample_iterations", "converged"):
         assert torch.equal(getattr(buffered, name), getattr(fresh, name)), name
     if record_history:

@@ -28,8 +28,9 @@ tensors ``step`` returns are never views of them.
 A solver whose ``step`` keeps no reference to ``z``, ``gz`` or ``F`` beyond
 the call and returns none of them (nor a view of one), except that ``z_new``
 may be ``gz`` itself, sets ``holds_no_iterates = True``; ``nlsolve`` then
-writes every residual into one buffer instead of a new tensor per iteration,
-and updates the frozen rows of a ``gz`` of its own in place.
+writes every residual into one buffer instead of a new tensor per iteration
+(the residual is never passed to ``g``, so no tensor ``g`` was given changes
+later).
 """
 
 from __future__ import annotations

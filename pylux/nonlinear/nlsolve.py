@@ -355,7 +355,7 @@ class _Iteration:
         self.history = [self.res] if record_history else None
         self.state = solver.init(z, self.gz, maxiters)
         self.iterations = 0
-        self.z_owned = self.gz_owned = False
+        self.z_owned = False
         self.last_check = 0
         self.some_frozen = check_every > 1
 
@@ -483,16 +483,10 @@ class _Iteration:
         self.z_owned = active is not None
         if active is None:
             self.z, self.gz = z_new, gz_new
-            self.gz_owned = False
         elif self.fused:
-            z = self._freeze(z_new, self.z)  # first: z_new may be the current gz, which may change next
-            if self.gz_owned and not self.copy_frozen:
-                # gz is the freezing's own and the solver holds nothing: its active rows are replaced in place
-                rows = self.frozen_rows
-                self.gz.index_copy_(0, rows, gz_new.index_select(0, rows))
-            else:
-                self.gz = self._freeze(gz_new, self.gz)
-            self.z, self.gz_owned = z, self.solver.holds_no_iterates
+            # New tensors, never an update in place: the step may have passed the current gz to g as its
+            # proposal (the fixed-point iteration does), and g may keep what it was given.
+            self.z, self.gz = self._freeze(z_new, self.z), self._freeze(gz_new, self.gz)
         else:
             keep = active.unsqueeze(1)
             self.z = torch.where(keep, z_new, self.z)
