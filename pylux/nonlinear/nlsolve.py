@@ -457,8 +457,8 @@ class _Iteration:
         """``torch.where(active, new, old)`` row-wise, by copying the rows in ``frozen_rows``."""
         rows = self.frozen_rows
         if self.copy_frozen:
-            return new.clone().index_copy_(0, rows, old.index_select(0, rows))
-        return old.clone().index_copy_(0, rows, new.index_select(0, rows))
+            return new.index_copy(0, rows, old.index_select(0, rows))
+        return old.index_copy(0, rows, new.index_select(0, rows))
 
     def track_best(self) -> None:
         """Between checks: keep each element's lowest-residual iterate, without a transfer."""

@@ -168,10 +168,12 @@ class AbstractImplicitSensitivity(abc.ABC):
         pending = stats is not None and isinstance(stats.get("residual"), torch.Tensor)
         tensors = [t for t in grads if t.numel()]
         # A sum is finite only if each summand is (see _all_finite); the sums and the residual share
-        # one transfer, in float64 (the modulus of a complex sum: finite exactly when the sum is).
-        values = [(t.sum().abs() if t.is_complex() else t.sum()).to(torch.float64) for t in tensors]
+        # one transfer (the modulus of a complex sum: finite exactly when the sum is).
+        values = [t.sum().abs() if t.is_complex() else t.sum() for t in tensors]
         if pending:
-            values.append(stats["residual"].to(torch.float64))
+            values.append(stats["residual"])
+        if len({v.dtype for v in values}) > 1:  # stacked in one dtype (exact: float64 holds every value)
+            values = [v.to(torch.float64) for v in values]
         host = torch.stack(values).tolist() if values else []
         if pending:
             stats["residual"] = host.pop()
