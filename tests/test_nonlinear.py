@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 import warnings
@@ -661,3 +662,33 @@ def test_relative_residual_is_computed_on_access_with_its_zero_cases():
     assert empty.relative_residual.shape == (0,)
     sized_zero = nlsolve(lambda z: z, torch.zeros(3, 0), FixedPointIteration())
     assert sized_zero.relative_residual.tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_check_on_numpy_views_gives_the_solve_of_the_torch_check(monkeypatch, dtype):
+    """On a CPU the fused convergence check compares and counts on NumPy views of its buffers; with those
+    views off it uses torch operations. Staggered convergence, a non-monotone residual and NaN rows
+    give the same solution bit for bit."""
+    nlsolve_module = importlib.import_module("pylux.nonlinear.nlsolve")
+    J = torch.tensor([[0.5, 4.0], [0.0, 0.5]], dtype=dtype)
+    scale = torch.tensor([1.0, 0.3, 0.1, 1e-3, 0.2, 0.7], dtype=dtype).unsqueeze(1)
+    c = torch.tensor([[1.0, 1.0], [0.0, 1.0], [1.0, 0.0], [3.0, -1.0], [0.5, 0.5], [2.0, 0.0]], dtype=dtype)
+
+    def g(z):
+        out = scale * (z @ J.t()) + c
+        out[5] = out[5] + torch.sqrt(z[5, :1] - 1.0)  # NaN from the first step (z = 0 under the root)
+        return out
+
+    def solve():
+        return nlsolve(g, torch.zeros(6, 2, dtype=dtype), FixedPointIteration(), abstol=1e-5, reltol=0.0,
+                       maxiters=40, record_history=False, on_failure="ignore")
+
+    views = solve()
+    monkeypatch.setattr(nlsolve_module, "_HOST_DTYPES", ())
+    plain = solve()
+    assert views.retcode is plain.retcode is NonlinearReturnCode.Unstable
+    assert views.unstable.tolist() == [False] * 5 + [True]
+    assert (views.iterations, views.nf) == (plain.iterations, plain.nf)
+    for name in ("z", "residual", "converged", "sample_iterations", "unstable"):
+        a, b = getattr(views, name), getattr(plain, name)
+        assert torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)), name
