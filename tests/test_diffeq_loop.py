@@ -429,8 +429,8 @@ def test_one_host_synchronisation_per_step(monkeypatch):
                    callback=de.TerminateSteadyState(1e-12, 0.0))
     steps = sol.stats.naccept + sol.stats.nreject
     assert steps == ref.stats.naccept + ref.stats.nreject and sol.stats.nreject > 0
-    # one per trial step (error norm and termination flag together) + one for the initial-step heuristic
-    assert counter.count == steps + 1
+    # one per trial step (error norm and termination flag together) + two in the initial-step heuristic
+    assert counter.count == steps + 2
     counter.count = 0
     de.solve(prob, de.RK4(), dt=0.01, adaptive=False)
     assert counter.count == 1  # fixed steps: only the final finiteness check
@@ -485,6 +485,12 @@ def test_initial_step_follows_hairers_formula(case):
                                       de.rms_norm, f(u0, None, torch.tensor(t0, dtype=F64)), dtmax)
     assert problem == ""
     assert h == pytest.approx(_hairer_by_hand(f, t0, u0, t1, 5, 1e-6, 1e-3, dtmax), rel=1e-12)
+    # the tensor form a compiled loop runs in its graph: the same step, with no read-back
+    direction = 1.0 if t1 >= t0 else -1.0
+    h_graph, status = de.hairer_initial_step(lambda u, t: f(u, None, t), torch.tensor(t0, dtype=F64), u0,
+                                             f(u0, None, torch.tensor(t0, dtype=F64)), abs(t1 - t0), 5, 1e-6,
+                                             1e-3, de.rms_norm, dtmax, direction)
+    assert int(status) == 0 and float(h_graph) == pytest.approx(h, rel=1e-14)
 
 
 def test_initial_step_statuses_and_messages():

@@ -313,8 +313,8 @@ INITIAL_STEP_OK, INITIAL_F0_NONFINITE, INITIAL_SCALE_UNUSABLE = 0, 1, 2
 
 def hairer_initial_step(vf, t0: torch.Tensor, u0: torch.Tensor, f0: torch.Tensor, span, order: int, abstol,
                         reltol, norm, dtmax: float, direction: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hairer's starting step size as tensors, with no host synchronisation (so that a compiled loop can
-    compute it in its graph); :func:`initial_step_size` gives the formula and reads this back.
+    """Hairer's starting step size as tensors, with no host synchronisation, for a compiled loop's graph:
+    the formula of :func:`initial_step_size` (which the eager loop uses: its probe time is a host float).
 
     ``vf(u, t)`` evaluates the field, ``t0`` is a 0-d time tensor, ``span = |t1 - t0|`` (a float or a 0-d
     tensor) and ``direction`` the sign of ``t1 - t0``. Returns ``(h, status)``: the magnitude ``h`` as a
@@ -371,23 +371,41 @@ def initial_step_size(field, t0: float, u0: torch.Tensor, t1: float, order: int,
         h1 = (0.01 / max(d1, d2))^(1/p)   (max(1e-6, 1e-3 h0) if max(d1, d2) <= 1e-15)
         h  = min(100 h0, h1, |t1 - t0|, dtmax)   (h0 if d2 is not finite)
 
-    Costs one evaluation of ``field`` (``f0`` is given) and one host
-    synchronisation, once per solve (:func:`hairer_initial_step` computes it;
-    a compiled whole loop runs that in its graph instead). The norms are formed as
-    ``m ||x / m||`` with ``m = max |x|`` (a norm is homogeneous), so a tiny
-    ``abstol`` over a zero state component cannot overflow them.
+    Costs one evaluation of ``field`` (``f0`` is given) and two host
+    synchronisations, once per solve: the probe time ``t0 + h0`` is a host
+    float, as every time the eager loop gives a field (one that reads its time
+    on the host, such as an interpolating adjoint's backward field looking up the
+    forward dense output, then needs no read-back of its own). A compiled whole
+    loop forms the same step in its graph instead (:func:`hairer_initial_step`).
+    The norms are formed as ``m ||x / m||`` with ``m = max |x|`` (a norm is
+    homogeneous), so a tiny ``abstol`` over a zero state component cannot overflow them.
 
     Returns:
         ``(h, problem)``: the magnitude ``h > 0`` and ``""``, or ``(nan, why)``
         when ``f(u0, t0)`` is NaN/Inf or the error scale itself is unusable.
     """
     direction = 1.0 if t1 >= t0 else -1.0
-    vf = field.vf if hasattr(field, "vf") else field
-    h, status = hairer_initial_step(vf, time_scalar(t0, time_dtype, u0.device), u0, f0, abs(t1 - t0), order,
-                                    abstol, reltol, norm, dtmax, direction)
-    h, status = torch.stack([h, status.to(h.dtype)]).tolist()
-    problem = initial_step_problem(int(status), u0, abstol)
-    return (math.nan, problem) if problem else (h, "")
+    span = abs(t1 - t0)
+    scale = u0.abs() * reltol + abstol
+    d0, d1, f0_finite = torch.stack([_scaled_norm(norm, u0 / scale), _scaled_norm(norm, f0 / scale),
+                                     torch.isfinite(f0).all().to(u0.dtype)]).detach().tolist()
+    if not f0_finite:
+        return math.nan, initial_step_problem(INITIAL_F0_NONFINITE, u0, abstol)
+    if not (math.isfinite(d0) and math.isfinite(d1)):
+        return math.nan, initial_step_problem(INITIAL_SCALE_UNUSABLE, u0, abstol)
+    h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
+    h0 = min(h0, span, dtmax)
+    u1 = u0 + (direction * h0) * f0
+    t_probe = time_scalar(t0 + direction * h0, time_dtype, u0.device)
+    f1 = field.vf(u1, t_probe) if hasattr(field, "vf") else field(u1, t_probe)
+    d2 = float(_scaled_norm(norm, (f1 - f0) / scale).detach()) / h0
+    if not math.isfinite(d2):
+        return h0, ""
+    if max(d1, d2) <= 1e-15:
+        h1 = max(1e-6, h0 * 1e-3)
+    else:
+        h1 = (0.01 / max(d1, d2)) ** (1.0 / order)
+    return min(100.0 * h0, h1, span, dtmax), ""
 
 
 def _scaled_norm(norm, x: torch.Tensor) -> torch.Tensor:

@@ -431,11 +431,18 @@ class _Backward:
         z = self.forward_state(t) if self.alg._interpolates else aug[:n_z].view(shape)
         a_z = aug[zc:zc + n_z].view(shape)
         out, grads = self._vjp(z, t, a_z, with_params=bool(self.theta_channels))
-        pieces = [out.reshape(-1).detach().to(aug.dtype)] if not self.alg._interpolates else []
-        pieces.append(_neg_flat(grads[0], n_z, aug))
+        # each piece written once into the result (negated and cast in the same pass), not negated into
+        # copies that a cat then copies again: two passes over the state fewer per evaluation
+        result = torch.empty_like(aug)
+        if zc:
+            result[:zc].copy_(out.reshape(-1).detach())
+        _write_negated(result, zc, n_z, grads[0])
+        offset = zc + n_z
         if self.theta_channels:
-            pieces += [_neg_flat(g, x.numel(), aug) for g, x in zip(grads[1:], self.params)]
-        return torch.cat(pieces)
+            for g, x in zip(grads[1:], self.params):
+                _write_negated(result, offset, x.numel(), g)
+                offset += x.numel()
+        return result
 
     def _forward_step_at(self, t: float) -> float | None:
         """|dt| of the forward step that started at or last before ``t`` (None: use the heuristic)."""
@@ -639,9 +646,16 @@ class _TracedDense:
         return (self.states[j] + weights.unsqueeze(1).bmm(self.stages[j]).squeeze(1)).squeeze(0)
 
 
-def _neg_flat(g, n: int, like: torch.Tensor) -> torch.Tensor:
-    # in the augmented state's dtype: a float64 parameter of a float32 model must not promote it
-    return -g.reshape(-1).to(like.dtype) if g is not None else torch.zeros(n, dtype=like.dtype, device=like.device)
+def _write_negated(result: torch.Tensor, offset: int, n: int, g) -> None:
+    """``result[offset:offset + n] = -g`` (zeros for an unused ``g``), in ``result``'s dtype: a float64
+    parameter of a float32 model must not promote the augmented state."""
+    view = result[offset:offset + n]
+    if g is None:
+        view.zero_()
+    elif g.dtype == result.dtype:
+        torch.neg(g.reshape(-1), out=view)
+    else:  # neg's out= does not cast
+        view.copy_(g.reshape(-1)).neg_()
 
 
 def _flat_or_zero(g, n: int, dtype, device) -> torch.Tensor:
