@@ -12,7 +12,9 @@ Rows:
   the schedule the paper compares against (diffrax's RecursiveCheckpointAdjoint): stores k
   states, recomputes the minimal r n - binom(k + r, k + 1) steps, gradient = plain backprop's;
 * with --uniform: backprop through k uniform segments with torch.utils.checkpoint;
-* plain backprop (DirectAdjoint), everything stored.
+* plain backprop (DirectAdjoint), everything stored;
+* with --compile: ReversibleAdjoint under ``solve(..., compile=True)``, whose backward sweep runs
+  each step as one compiled graph (the forward solve stays eager), the same gradient.
 
 Columns: wall time of one forward+backward (median of --repeats), recomputed steps,
 memory, and the loss after --train-steps Adam steps (lr 1e-2) from the same initialisation.
@@ -29,7 +31,7 @@ reversible version 4 forward and 4 + 2 VJPs backward. float64 by default (--dtyp
 steps for ReversibleAdjoint, plain backprop and binomial checkpointing (--curve-checkpoints),
 printed and plotted to --plot (PNG, if matplotlib is installed).
 
-    python benchmarks/reversible.py [--repeats 3] [--train-steps 20] [--threads 1] [--steps 1000]
+    python benchmarks/reversible.py [--repeats 3] [--train-steps 20] [--threads 1] [--steps 1000] [--compile]
                                     [--steps-list 100,250,500,1000] [--plot reversible_runtime.png]
 """
 
@@ -67,13 +69,13 @@ def field_of(model, st):
     return f
 
 
-def solve_loss(sensealg, steps: int = STEPS):
+def solve_loss(sensealg, steps: int = STEPS, compile: bool = False):
     """The white-dwarf loss with ``steps`` midpoint steps under ``sensealg`` (None: plain backprop)."""
     def loss_fn(model, ps, st, data):
         t_data, u_data = data
         prob = lx.ODEProblem(field_of(model, st), u_data[0], (0.0, T1), ps)
         sol = lx.solve(prob, lx.Midpoint(), dt=T1 / steps, adaptive=False, saveat=t_data.tolist(),
-                       sensealg=sensealg)
+                       sensealg=sensealg, compile=compile)
         return (sol.u - u_data).pow(2).mean(), st, {}
     return loss_fn
 
@@ -126,6 +128,7 @@ def step_cost(loss_fn, model, ps0, st, data, repeats, peak: bool = False):
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             return loss_fn(model, ps, st, data)
     grads, _, _, state = lx.training.compute_gradients(counted_loss, data, state)
+    lx.training.compute_gradients(loss_fn, data, state)  # warm-up without the hooks (a compiled row compiles here)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -186,6 +189,8 @@ def main():
     parser.add_argument("--uniform", action="store_true",
                         help="also time uniform-segment checkpointing with torch.utils.checkpoint")
     parser.add_argument("--no-peak", action="store_true", help="skip the profiler's peak-memory measurement")
+    parser.add_argument("--compile", action="store_true",
+                        help="add ReversibleAdjoint with compile=True (its backward sweep compiled; ~1 min to compile)")
     parser.add_argument("--steps-list", default="",
                         help="comma list of step counts for the runtime-vs-steps curve (empty: skip)")
     parser.add_argument("--curve-checkpoints", type=int, default=8)
@@ -201,6 +206,9 @@ def main():
 
     rows = [("DirectAdjoint (store all)", solve_loss(None, steps), 0, True),
             ("ReversibleAdjoint", solve_loss(lx.ReversibleAdjoint(coupling=0.999), steps), None, True)]
+    if args.compile:  # the backward sweep compiled (the forward runs eagerly); same gradient as the row above
+        rows.append(("ReversibleAdjoint compile=True", solve_loss(lx.ReversibleAdjoint(coupling=0.999), steps,
+                                                                 compile=True), None, True))
     for k in (int(x) for x in args.checkpoints.split(",")):
         rows.append((f"DirectAdjoint(checkpoints={k})", solve_loss(lx.DirectAdjoint(checkpoints=k), steps),
                      binomial_cost(steps, k), args.train_all))

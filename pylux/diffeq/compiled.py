@@ -230,6 +230,6 @@ def compiled_solver(solver, options, sensealg, compile, device: torch.device) ->
     if sensealg is not None and not (getattr(sensealg, "differentiates_solver", False)
                                      or getattr(sensealg, "compiles_backward", False)):
         raise NotImplementedError(f"solve: compile=True runs under sensealg=None, DirectAdjoint(), "
-                                  f"BacksolveAdjoint(), InterpolatingAdjoint() or QuadratureAdjoint(), not "
-                                  f"{sensealg!r}; pass compile=False for this sensealg")
+                                  f"BacksolveAdjoint(), InterpolatingAdjoint(), QuadratureAdjoint() or "
+                                  f"ReversibleAdjoint(), not {sensealg!r}; pass compile=False for this sensealg")
     return CompiledSolver(solver, options, mode)

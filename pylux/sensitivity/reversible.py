@@ -38,6 +38,8 @@ are states of the discrete solve (no interpolation) and their gradients are exac
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..core import tree_replace_at_paths
@@ -101,6 +103,7 @@ class ReversibleAdjoint(AbstractSensitivityAlgorithm):
         self.solver = solver
         self.coupling = float(coupling)
         self.backprop = backprop
+        self._compile_mode: str | None = None  # set per solve by solve(..., compile=...)
 
     def __repr__(self) -> str:
         base = f"{self.solver!r}, " if self.solver is not None else ""
@@ -109,7 +112,16 @@ class ReversibleAdjoint(AbstractSensitivityAlgorithm):
     #: an SDE solved with ReversibleHeun: the same reconstruction (Kidger et al. 2021)
     handles_sde = True
 
+    #: ``solve(..., compile=True)``: the backward sweep's steps run as one compiled graph each
+    compiles_backward = True
+
     def solve_with(self, problem: ODEProblem, solver, options: SolveOptions) -> Solution:
+        compile_mode = None
+        if getattr(solver, "compiled", False):  # solve(..., compile=True): the sweep compiles, the forward runs eagerly
+            compile_mode, solver = solver.mode, solver.base
+            if isinstance(problem, SDEProblem):
+                raise NotImplementedError("ReversibleAdjoint: compile=True is not supported for SDEs (the "
+                                          "reversible Heun sweep runs eagerly); pass compile=False")
         base = self.solver if self.solver is not None else solver
         if isinstance(problem, SDEProblem):
             self._refuse_unsupported(options)
@@ -122,7 +134,11 @@ class ReversibleAdjoint(AbstractSensitivityAlgorithm):
         # the accepted steps' t and dt are what the backward pass needs (host floats)
         options = options.replace(save_steps=True)
         if self.backprop:
+            if compile_mode is not None:
+                raise NotImplementedError("ReversibleAdjoint(backprop=True) differentiates the eager solve; "
+                                          "pass compile=False")
             return integrate(problem.term.bind(problem.p), problem.u0, *problem.tspan, reversible, options)
+        self._compile_mode = compile_mode
         return apply_adjoint_function(_ReversibleFunction, self, problem, reversible, options)
 
     @staticmethod
@@ -161,6 +177,7 @@ class _ReversibleFunction(torch.autograd.Function):
             z = state.z if state is not None else y
         holder["solution"] = sol
         ctx.alg, ctx.problem, ctx.reversible, ctx.paths = alg, problem, reversible, paths
+        ctx.compile_mode = alg._compile_mode
         ctx.steps, ctx.times, ctx.t0 = _steps_of(sol), sol.t.tolist(), problem.tspan[0]
         ctx.time = (options.time_dtype, u0.device)
         ctx.backward_stats = holder["backward_stats"]
@@ -215,18 +232,37 @@ def _reverse_sweep(ctx, field, y, z, grad_at, params, ps_, counter):
     accumulate inside autograd's engine (``backward(inputs=...)`` into the leaves' ``.grad``;
     the backward step's contribution enters with a negated cotangent), so the Python side does
     a handful of state-sized operations per step; every step's time tensors come from one
-    transfer before the sweep.
+    transfer before the sweep. Under ``compile=True`` every step but the last (eager: it checks
+    the field) is one call of :func:`_sweep_step` compiled, the same arithmetic with
+    ``torch.func.vjp`` in place of the tape.
     """
     base, lam = ctx.reversible.base, ctx.reversible.coupling
     a_y = torch.zeros_like(y)
     a_z = torch.zeros_like(y)
     for leaf in ps_:
         leaf.grad = None
+    compiled = _compiled_sweep_step(ctx.compile_mode) if ctx.compile_mode is not None else None
+    compiled_theta = None
+    nf_per_advance = 0
     last = True  # the last step: z holds Z_{N-1} already and the adjoint of Z_N is zero
     for (t, dt, t_new), (t_, dt_, t_new_, minus_dt_) in zip(reversed(ctx.steps), reversed(_sweep_times(ctx))):
         g = grad_at.pop(t_new, None)
         if g is not None:
             a_y = a_y + g
+        if compiled is not None and not last:
+            try:
+                y, z, a_y, a_z, theta = compiled(base, lam, ctx.problem.f, ctx.problem.p, ctx.paths, y, z, a_y, a_z,
+                                                 t_, dt_, t_new_, minus_dt_, tuple(params))
+            except Exception as err:  # noqa: BLE001 - any compile failure means: the eager sweep
+                first_line = (str(err).strip().splitlines() or [""])[0][:200]
+                warnings.warn(f"ReversibleAdjoint: the backward step could not be compiled ({type(err).__name__}: "
+                              f"{first_line}); running it eagerly", RuntimeWarning, stacklevel=4)
+                compiled = None
+            else:
+                compiled_theta = theta if compiled_theta is None else [a + b for a, b in zip(compiled_theta, theta)]
+                counter["nf"] += 2 * nf_per_advance
+                counter["nvjp"] += 2
+                continue
         if last:
             z0 = z.detach().requires_grad_(True)
             a_y_total = a_y + a_z
@@ -239,7 +275,7 @@ def _reverse_sweep(ctx, field, y, z, grad_at, params, ps_, counter):
             torch.autograd.backward(back, -a_z, inputs=[y1, *ps_])
             counter["nvjp"] += 1
             a_y_total = a_y + a_z + y1.grad
-        fwd = base.advance(field, t_, z0, dt_)[0]  # the increment only: an FSAL method skips f(u_new)
+        fwd, nf_per_advance = base.advance(field, t_, z0, dt_)  # the increment only: an FSAL method skips f(u_new)
         # adjoint of Y_{n+1} = λ(Y_n - Z_n) + fwd(Z_n)
         torch.autograd.backward(fwd, a_y_total, inputs=[z0, *ps_])
         counter["nvjp"] += 1
@@ -248,7 +284,45 @@ def _reverse_sweep(ctx, field, y, z, grad_at, params, ps_, counter):
         z0 = z0.detach()
         y, z = (y - fwd.detach()) / lam + z0, z0  # Y_n = (Y_{n+1} - fwd(Z_n)) / λ + Z_n
     a_theta = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in ps_]
+    if compiled_theta is not None:
+        a_theta = [a + b for a, b in zip(a_theta, compiled_theta)]
     return a_y, a_z, a_theta, y, z
+
+
+#: ``torch.compile``d :func:`_sweep_step`, per compile mode
+_COMPILED_SWEEP: dict = {}
+
+
+def _compiled_sweep_step(mode: str):
+    if mode not in _COMPILED_SWEEP:
+        _COMPILED_SWEEP[mode] = torch.compile(_sweep_step, fullgraph=True, dynamic=False,
+                                              mode=None if mode == "default" else mode)
+    return _COMPILED_SWEEP[mode]
+
+
+def _sweep_step(base, lam, f, p_tree, paths, y, z, a_y, a_z, t, dt, t_new, minus_dt, params):
+    """One step of the reverse sweep (any but the last) as a pure function, for ``torch.compile``.
+
+    From :math:`(Y_{n+1}, Z_{n+1})` and the adjoints :math:`(a_Y, a_Z)` (the saved-time cotangent
+    already in :math:`a_Y`): :math:`Z_n = Z_{n+1} - Y_{n+1} + \Psi_{-h}(t_{n+1}, Y_{n+1})`,
+    :math:`\bar a = a_Y + a_Z - J_{\Psi_{-h}}^T a_Z`, :math:`a_Y' = \lambda \bar a`,
+    :math:`a_Z' = a_Z - a_Y' + J_{\Psi_h}(Z_n)^T \bar a`,
+    :math:`Y_n = (Y_{n+1} - \Psi_h(t_n, Z_n)) / \lambda + Z_n`; the parameters' share is
+    :math:`-J_{\theta,\Psi_{-h}}^T a_Z + J_{\theta,\Psi_h}^T \bar a`. Returns
+    ``(Y_n, Z_n, a_Y', a_Z', parameter share)``.
+    """
+    def increment(u, time, step, ps):
+        p = tree_replace_at_paths(p_tree, paths, list(ps)) if paths else p_tree
+        return base.advance(lambda v, tv: f(v, p, tv), time, u, step)[0]
+
+    back, back_vjp = torch.func.vjp(lambda u, ps: increment(u, t_new, minus_dt, ps), y, params)
+    z0 = z - y + back
+    g_y, g_back = back_vjp(-a_z)
+    a_total = a_y + a_z + g_y
+    fwd, fwd_vjp = torch.func.vjp(lambda u, ps: increment(u, t, dt, ps), z0, params)
+    g_z0, g_fwd = fwd_vjp(a_total)
+    a_y_new = lam * a_total
+    return (y - fwd) / lam + z0, z0, a_y_new, a_z - a_y_new + g_z0, [a + b for a, b in zip(g_back, g_fwd)]
 
 
 def _sweep_times(ctx):
