@@ -8,16 +8,16 @@ import time
 
 
 def pin_cores(threads: int) -> str:
-    """Restrict this process (and every thread it starts later) to its first ``threads`` CPUs.
+    """Restrict the calling thread, and the threads it starts afterwards, to the first ``threads`` CPUs.
 
     ``torch.set_num_threads(n)`` bounds torch's intra-op pool, but XLA (JAX, hence diffrax) sizes its
     own pool by the CPUs the process may run on and ignores ``OMP_NUM_THREADS``: on the 2-core CI
-    machine a diffrax row used both cores while every torch row used one. Pinning gives every
-    library the same ``threads`` cores; it also stops the scheduler from moving a single-threaded
-    torch row between cores (its f then times 1.7 ms instead of 2.5-4.4 ms on P2). Call it before
-    JAX runs anything (its pool is created with the backend). Returns the cores, for the header.
-    Where the platform cannot pin (no ``os.sched_setaffinity``), nothing changes and ``"unpinned"``
-    is returned.
+    machine a diffrax row used both cores while every torch row used one. Pinning the main thread at
+    start-up, before JAX runs anything (its pool starts with the backend and inherits the CPUs),
+    gives every library the same ``threads`` cores; threads already running keep theirs. It also
+    stops the scheduler from moving a single-threaded torch row between cores (its f then times
+    1.7 ms instead of 2.5-4.4 ms on P2). Returns the cores, for the header; where the platform
+    cannot pin (no ``os.sched_setaffinity``), nothing changes and ``"unpinned"`` is returned.
     """
     if not hasattr(os, "sched_setaffinity"):
         return "unpinned"

@@ -384,5 +384,7 @@ def main(argv=None):
 if __name__ == "__main__":
     from _timing import pin_cores
     # every solver on the same cores, one row at a time; not in main(), which the tests call in-process
-    CORES = pin_cores(int(sys.argv[sys.argv.index("--threads") + 1]) if "--threads" in sys.argv else 1)
+    threads = argparse.ArgumentParser(add_help=False)
+    threads.add_argument("--threads", type=int, default=1)
+    CORES = pin_cores(threads.parse_known_args()[0].threads)
     main()

@@ -320,3 +320,16 @@ def test_reversible_adjoint_compiled_sweep_equals_eager():
     assert comp_stats == eager_stats and eager_stats["nsteps"] > 5
     for a, c in zip(eager, comp):
         torch.testing.assert_close(c, a, rtol=1e-12, atol=1e-12)
+
+
+def test_a_refused_whole_loop_with_an_unusable_start_fails_as_eagerly():
+    """The whole loop refuses (every step recorded), so the deferred heuristic runs eagerly and fails: the
+    error reads as the eager one, dt = 0.0 included (no compilation: fast)."""
+    prob = lx.ODEProblem(lambda u, p, t: u * float("nan"), torch.ones(2, dtype=F64), (0.0, 1.0))
+    errors = []
+    for compile in (False, True):
+        with pytest.raises(lx.diffeq.UnstableError, match="f\\(u0, t0\\) is NaN or Inf") as caught:
+            lx.solve(prob, lx.Tsit5(), save_everystep=True, compile=compile)
+        errors.append(caught.value)
+    assert str(errors[0]) == str(errors[1]) and "dt = None" not in str(errors[1])
+    assert getattr(errors[1], "dt", 0.0) == getattr(errors[0], "dt", 0.0) == 0.0

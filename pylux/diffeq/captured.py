@@ -270,7 +270,8 @@ def captured_run(loop, out, dt: float | None) -> bool:
     """Run ``loop``'s solve (a :class:`pylux.diffeq.integrate._Loop` after its first step) as one compiled
     while-loop; fill ``out`` and the loop's saver. ``dt`` is the first step, or ``None`` for Hairer's, which
     the graph then forms (:func:`~pylux.diffeq.controllers.hairer_initial_step`: one more evaluation of
-    ``f``, counted). ``False`` (nothing done) when the solve is not eligible or the loop does not compile
+    ``f``, counted, also on an unusable start, where it is taken at ``u0`` and the eager heuristic would
+    have stopped before it). ``False`` (nothing done) when the solve is not eligible or the loop does not compile
     (then with one warning, and the step-by-step path runs)."""
     from .integrate import MAX_NONFINITE_STREAK, NONFINITE_SHRINK, STATUS_REJECT_SHRINK
 
@@ -383,6 +384,7 @@ def captured_run(loop, out, dt: float | None) -> bool:
 def _set_return_code(out, code: int, options, t: float, dt: float, u0: torch.Tensor) -> None:
     if code in (_F0_NONFINITE, _SCALE_UNUSABLE):
         status = INITIAL_F0_NONFINITE if code == _F0_NONFINITE else INITIAL_SCALE_UNUSABLE
+        out.dt = 0.0  # no step was proposed (the eager first step's failure reads the same)
         out.stop(ReturnCode.Unstable, initial_step_problem(status, u0, options.abstol))
     elif code == _MAXITERS:
         out.stop(ReturnCode.MaxIters)

@@ -320,8 +320,9 @@ def hairer_initial_step(vf, t0: torch.Tensor, u0: torch.Tensor, f0: torch.Tensor
     tensor) and ``direction`` the sign of ``t1 - t0``. Returns ``(h, status)``: the magnitude ``h`` as a
     float64 0-d tensor and a 0-d int64 status, :data:`INITIAL_STEP_OK`, :data:`INITIAL_F0_NONFINITE`
     (``f(u0, t0)`` has NaN/Inf) or :data:`INITIAL_SCALE_UNUSABLE` (``abstol + reltol |u0|`` is zero or
-    underflows; ``h`` is then NaN). The second evaluation of ``vf`` always happens (at ``u0`` itself when
-    the status is not OK, so that a failing solve never feeds NaN to the field). The scalar arithmetic is
+    underflows); ``h`` is NaN unless the status is OK, as the eager heuristic's. The second evaluation
+    of ``vf`` always happens (at ``u0`` itself when the status is not OK, so that a failing solve never
+    feeds NaN to the field). The scalar arithmetic is
     float64, as the host floats of the eager heuristic were; ``u0 + h0 f0`` is formed in ``u0``'s dtype.
     """
     f64 = torch.float64
@@ -345,7 +346,7 @@ def hairer_initial_step(vf, t0: torch.Tensor, u0: torch.Tensor, f0: torch.Tensor
     h1 = torch.where(largest <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / largest) ** (1.0 / order))
     h = torch.minimum(torch.minimum(100.0 * h0, h1), torch.minimum(span, torch.full_like(h0, dtmax)))
     h = torch.where(torch.isfinite(d2), h, h0)
-    return torch.where(status == INITIAL_SCALE_UNUSABLE, torch.full_like(h, math.nan), h), status
+    return torch.where(usable, h, torch.full_like(h, math.nan)), status
 
 
 def initial_step_problem(status: int, u0: torch.Tensor, abstol) -> str:

@@ -467,9 +467,11 @@ class _Loop:
         if whole_loop is not None and whole_loop(self, out, None if defer else dt):
             return out
         if defer:
-            dt = out.dt = self.deferred_step(out)
-            if dt is None:
+            dt = self.deferred_step(out)
+            if dt is None:  # out.dt stays 0.0, as when the eager first step fails
+                out.dt = 0.0
                 return out
+            out.dt = dt
         if len(self.termination) != len(self.options.callbacks):
             self.events = EventHandler(self.options.callbacks, self.solver, self.u0, self.t0, self.t1, self.time)
             out.events = self.events.log

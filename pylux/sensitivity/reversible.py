@@ -241,7 +241,10 @@ def _reverse_sweep(ctx, field, y, z, grad_at, params, ps_, counter):
     a_z = torch.zeros_like(y)
     for leaf in ps_:
         leaf.grad = None
-    compiled = _compiled_sweep_step(ctx.compile_mode) if ctx.compile_mode is not None else None
+    refusal_key = (ctx.compile_mode, getattr(ctx.problem.f, "__code__", type(ctx.problem.f)))
+    compiled = None
+    if ctx.compile_mode is not None and refusal_key not in _SWEEP_REFUSED:
+        compiled = _compiled_sweep_step(ctx.compile_mode)
     compiled_theta = None
     nf_per_advance = 0
     last = True  # the last step: z holds Z_{N-1} already and the adjoint of Z_N is zero
@@ -257,9 +260,10 @@ def _reverse_sweep(ctx, field, y, z, grad_at, params, ps_, counter):
                 first_line = (str(err).strip().splitlines() or [""])[0][:200]
                 warnings.warn(f"ReversibleAdjoint: the backward step could not be compiled ({type(err).__name__}: "
                               f"{first_line}); running it eagerly", RuntimeWarning, stacklevel=4)
+                _SWEEP_REFUSED.add(refusal_key)
                 compiled = None
             else:
-                compiled_theta = theta if compiled_theta is None else [a + b for a, b in zip(compiled_theta, theta)]
+                compiled_theta = list(theta) if compiled_theta is None else [a + b for a, b in zip(compiled_theta, theta)]
                 counter["nf"] += 2 * nf_per_advance
                 counter["nvjp"] += 2
                 continue
@@ -292,34 +296,46 @@ def _reverse_sweep(ctx, field, y, z, grad_at, params, ps_, counter):
 #: ``torch.compile``d :func:`_sweep_step`, per compile mode
 _COMPILED_SWEEP: dict = {}
 
+#: the fields whose sweep step failed to compile, per mode (their later sweeps run eagerly, unwarned)
+_SWEEP_REFUSED: set = set()
+
 
 def _compiled_sweep_step(mode: str):
     if mode not in _COMPILED_SWEEP:
+        # no CUDA graphs ("reduce-overhead"): each step's outputs are the next step's inputs and the parameter
+        # shares are kept across steps, which CUDA graphs' static output buffers would overwrite
         _COMPILED_SWEEP[mode] = torch.compile(_sweep_step, fullgraph=True, dynamic=False,
-                                              mode=None if mode == "default" else mode)
+                                              mode=None if mode in ("default", "reduce-overhead") else mode)
     return _COMPILED_SWEEP[mode]
 
 
 def _sweep_step(base, lam, f, p_tree, paths, y, z, a_y, a_z, t, dt, t_new, minus_dt, params):
-    """One step of the reverse sweep (any but the last) as a pure function, for ``torch.compile``.
+    r"""One step of the reverse sweep (any but the last) as a pure function, for ``torch.compile``.
 
-    From :math:`(Y_{n+1}, Z_{n+1})` and the adjoints :math:`(a_Y, a_Z)` (the saved-time cotangent
-    already in :math:`a_Y`): :math:`Z_n = Z_{n+1} - Y_{n+1} + \Psi_{-h}(t_{n+1}, Y_{n+1})`,
-    :math:`\bar a = a_Y + a_Z - J_{\Psi_{-h}}^T a_Z`, :math:`a_Y' = \lambda \bar a`,
-    :math:`a_Z' = a_Z - a_Y' + J_{\Psi_h}(Z_n)^T \bar a`,
-    :math:`Y_n = (Y_{n+1} - \Psi_h(t_n, Z_n)) / \lambda + Z_n`; the parameters' share is
-    :math:`-J_{\theta,\Psi_{-h}}^T a_Z + J_{\theta,\Psi_h}^T \bar a`. Returns
+    With the base method's step map :math:`S_h = \mathrm{id} + \Psi_h` (``base.advance``), from
+    :math:`(Y_{n+1}, Z_{n+1})` and the adjoints :math:`(a_Y, a_Z)` (the saved-time cotangent already
+    in :math:`a_Y`):
+
+    .. math::
+        Z_n = Z_{n+1} - Y_{n+1} + S_{-h}(t_{n+1}, Y_{n+1}), \qquad
+        \bar a = a_Y + a_Z - J_{S_{-h}}^T a_Z,
+
+        a_Y' = \lambda \bar a, \qquad a_Z' = a_Z - a_Y' + J_{S_h}(Z_n)^T \bar a, \qquad
+        Y_n = (Y_{n+1} - S_h(t_n, Z_n)) / \lambda + Z_n,
+
+    and the parameters' share :math:`-J_{\theta, S_{-h}}^T a_Z + J_{\theta, S_h}^T \bar a`: the loop body
+    of :func:`_reverse_sweep`, with ``torch.func.vjp`` in place of the tape. Returns
     ``(Y_n, Z_n, a_Y', a_Z', parameter share)``.
     """
-    def increment(u, time, step, ps):
+    def step_map(u, time, step, ps):
         p = tree_replace_at_paths(p_tree, paths, list(ps)) if paths else p_tree
         return base.advance(lambda v, tv: f(v, p, tv), time, u, step)[0]
 
-    back, back_vjp = torch.func.vjp(lambda u, ps: increment(u, t_new, minus_dt, ps), y, params)
+    back, back_vjp = torch.func.vjp(lambda u, ps: step_map(u, t_new, minus_dt, ps), y, params)
     z0 = z - y + back
     g_y, g_back = back_vjp(-a_z)
     a_total = a_y + a_z + g_y
-    fwd, fwd_vjp = torch.func.vjp(lambda u, ps: increment(u, t, dt, ps), z0, params)
+    fwd, fwd_vjp = torch.func.vjp(lambda u, ps: step_map(u, t, dt, ps), z0, params)
     g_z0, g_fwd = fwd_vjp(a_total)
     a_y_new = lam * a_total
     return (y - fwd) / lam + z0, z0, a_y_new, a_z - a_y_new + g_z0, [a + b for a, b in zip(g_back, g_fwd)]
