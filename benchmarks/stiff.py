@@ -37,13 +37,16 @@ reached by scipy's fastest method, pylux's fastest run (any method, any toleranc
 over scipy's fastest run with an error no larger.
 
     python benchmarks/stiff.py [--tols 1e-3,1e-5,1e-7] [--repeats 5] [--problems robertson,vdp,neural]
-                               [--batch 256] [--quick] [--compile]
+                               [--batch 256] [--quick] [--compile] [--methods NAME,NAME]
 
 ``--compile`` adds the four Rosenbrock rows with ``compile=True`` ("... compiled"): the whole adaptive loop —
 Jacobian, factorisation, stages, error norm, controller — as one compiled graph with one synchronisation per
 solve (pylux.diffeq.captured). Each loop is compiled once before the timed rounds (30-120 s per method and
 problem and tolerance); its Jacobian count includes a fresh
 Jacobian for every retried step (the eager loop reuses it).
+
+``--methods``: only the named rows (the names of the table's method column), e.g. one pylux row and the scipy rows on a
+finer tolerance grid.
 
 ``--quick``: one tolerance (1e-4), one timed round, a batch of 32, VdP on [0, 300] (no jump), no torchdiffeq
 row: seconds, for the tests. Timings on a shared machine are noisy; compare numbers from one run, and read
@@ -279,12 +282,27 @@ def cases_of(problem, tols, include_peers=True, torchdiffeq=True, compiled=False
     return cases
 
 
-def problem_rows(problem, tols, repeats, include_peers=True, torchdiffeq=True, compiled=False) -> list[dict]:
+def row_names(compiled: bool) -> list[str]:
+    """Every row name ``--methods`` accepts (the neural problem's names: the textbook problems have the same
+    rows but the torchdiffeq one)."""
+    names = list(pylux_methods({"batched": True, "jac": None}))
+    if compiled:
+        names += [f"{name} compiled" for name in COMPILED_ROWS]
+    return names + [f"scipy {m}" for m in ("BDF", "Radau", "LSODA")] + ["torchdiffeq implicit_adams"]
+
+
+def problem_rows(problem, tols, repeats, include_peers=True, torchdiffeq=True, compiled=False,
+                 methods=None) -> list[dict]:
+    """Every case of ``problem`` at every tolerance, timed interleaved; ``methods`` (row names) keeps only those."""
     problem["ref"] = reference(problem)
     cases = cases_of(problem, tols, include_peers, torchdiffeq, compiled)
+    if methods is not None:
+        cases = {key: run for key, run in cases.items() if key[0] in methods}
     if compiled:  # compile each loop once before the timed rounds (the warm-up round would time it)
         for tol in tols[:1]:
             for name in COMPILED_ROWS:
+                if (f"{name} compiled", tol) not in cases:
+                    continue
                 start = time.perf_counter()
                 cases[f"{name} compiled", tol]()
                 print(f"{problem['name']}: {name} compile=True, first solve (compilation) "
@@ -358,7 +376,16 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true",
                         help="add the Rosenbrock rows with compile=True (the whole loop as one graph; "
                              "compiling takes 30-120 s per method and problem, not timed)")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated row names to run (e.g. 'pylux Rodas5P + jac compiled,scipy LSODA'); "
+                             "default: every row")
     args = parser.parse_args(argv)
+    methods = None
+    if args.methods is not None:
+        methods = set(name.strip() for name in args.methods.split(","))
+        known = set(row_names(args.compile))
+        if methods - known:
+            parser.error(f"unknown methods {sorted(methods - known)}; choose from {sorted(known)}")
     torch.set_num_threads(args.threads)
     tols = [1e-4] if args.quick else [float(x) for x in args.tols.split(",")]
     repeats = 1 if args.quick else args.repeats
@@ -371,7 +398,8 @@ def main(argv=None):
     load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else ["?"]
     rows = []
     for key in args.problems.split(","):
-        rows += problem_rows(makers[key](), tols, repeats, torchdiffeq=not args.quick, compiled=args.compile)
+        rows += problem_rows(makers[key](), tols, repeats, torchdiffeq=not args.quick, compiled=args.compile,
+                             methods=methods)
     load_after = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else ["?"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) on {CORES}, float64, median of {repeats} "
           f"interleaved round(s); load average before {' '.join(load)}, after {' '.join(load_after)}\n")

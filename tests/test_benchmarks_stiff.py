@@ -104,3 +104,23 @@ def test_unknown_problem_is_refused():
     with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
         bench.main(["--quick", "--problems", "robertson,brusselator"])
     assert "unknown problems ['brusselator']" in err.getvalue()
+
+
+def test_methods_keeps_only_the_named_rows():
+    bench = _load()
+    threads = torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            rows, summary = bench.main(["--quick", "--problems", "vdp", "--methods", "pylux Rodas5P, scipy LSODA"])
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["method"] for r in rows] == ["pylux Rodas5P", "scipy LSODA"]
+    assert [s["scipy"]["method"] for s in summary] == ["scipy LSODA"]
+
+
+def test_unknown_method_is_refused_with_the_choices():
+    bench = _load()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
+        bench.main(["--quick", "--methods", "pylux Rodas5P compiled"])   # a compiled row needs --compile
+    assert "unknown methods ['pylux Rodas5P compiled']" in err.getvalue() and "'scipy LSODA'" in err.getvalue()
