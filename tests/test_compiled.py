@@ -333,3 +333,25 @@ def test_a_refused_whole_loop_with_an_unusable_start_fails_as_eagerly():
         errors.append(caught.value)
     assert str(errors[0]) == str(errors[1]) and "dt = None" not in str(errors[1])
     assert getattr(errors[1], "dt", 0.0) == getattr(errors[0], "dt", 0.0) == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("whole_loop", [True, False])
+def test_a_tolerance_sweep_compiles_once(whole_loop):
+    """The tolerances are graph inputs, not constants: three tolerances, one graph (whole loop and per step),
+    and each solve takes the eager solve's steps. Compiles: slow."""
+    from torch._dynamo.utils import counters
+    prob = spiral_problem(batch=4)
+    save = dict(saveat=[1.5]) if whole_loop else dict(save_everystep=True)
+    graphs = None
+    for tol in (1e-5, 1e-6, 1e-7):
+        with torch.no_grad():
+            comp = lx.solve(prob, lx.Tsit5(), reltol=tol, abstol=tol, compile=True, **save)
+            eager = lx.solve(prob, lx.Tsit5(), reltol=tol, abstol=tol, **save)
+        assert comp.solver.fallback_reason is None and comp.solver.whole_loop_refusal is None
+        assert comp.solver.compiled_steps > 0 and (comp.solver.capture_refusal is None) == whole_loop
+        assert (comp.stats.naccept, comp.stats.nreject) == (eager.stats.naccept, eager.stats.nreject)
+        torch.testing.assert_close(comp.u[-1], eager.u[-1], rtol=1e-10, atol=1e-12)
+        if graphs is None:
+            graphs = counters["stats"]["unique_graphs"]
+        assert counters["stats"]["unique_graphs"] == graphs, tol

@@ -138,7 +138,7 @@ def _controller_update(controller, E, dt_step, qold, accept):
     return dt_step / q.to(dt_step.dtype), qold
 
 
-def _build(base, controller, reltol, norm, direction, dtmin, dtmax, maxiters, n_targets, shrink, streak_max,
+def _build(base, controller, norm, direction, dtmin, dtmax, maxiters, n_targets, shrink, streak_max,
            make_state, reject_shrink, initial_order):
     dense_rows = getattr(base.tableau, "dense", None)  # a Runge–Kutta interpolant's weight polynomials
     P_host = None
@@ -147,7 +147,7 @@ def _build(base, controller, reltol, norm, direction, dtmin, dtmax, maxiters, n_
         width = max(len(row) for row in P_rows)
         P_host = [row + [0.0] * (width - len(row)) for row in P_rows]
 
-    def whole_solve(term, u0, k0, t0, dt0, t1, abstol, targets):
+    def whole_solve(term, u0, k0, t0, dt0, t1, abstol, reltol, targets):
         t1, targets = t1.clone(), targets.clone()  # the loop's inputs may not alias (views of one transfer)
         P = torch.tensor(P_host, dtype=u0.dtype, device=u0.device) if P_host is not None else None
         zero = torch.zeros((), dtype=torch.int64, device=u0.device)
@@ -306,11 +306,12 @@ def captured_run(loop, out, dt: float | None) -> bool:
             return StiffState(k, None, evaluator)
         make_state = stiff_state
         method_key = (base, evaluator.structure, evaluator.use_autodiff, evaluator.direction)
-    key = (type(base), id(base.tableau), method_key, controller, options.reltol, _norm_key(options.norm),
+    # the tolerances are inputs, not constants: a sweep over tolerances compiles once
+    key = (type(base), id(base.tableau), method_key, controller, _norm_key(options.norm),
            loop.direction, options.dtmin, options.dtmax, options.maxiters, len(targets_host), solver.mode,
            device.type, dt is None)
     initial_order = base.order if dt is None else None
-    build_args = (base, controller, options.reltol, options.norm, loop.direction, options.dtmin,
+    build_args = (base, controller, options.norm, loop.direction, options.dtmin,
                   options.dtmax, options.maxiters, len(targets_host), NONFINITE_SHRINK, MAX_NONFINITE_STREAK,
                   make_state, STATUS_REJECT_SHRINK, initial_order)
     abstol = options.abstol
@@ -326,7 +327,8 @@ def captured_run(loop, out, dt: float | None) -> bool:
     from torch._dynamo.exc import BackendCompilerFailed
     from torch._inductor.exc import InductorError
     try:
-        args = (plain, u0, loop.state.f_at_u, times[0], times[1], times[2], abstol, times[3:])
+        reltol = torch.full((), float(options.reltol), dtype=u0.dtype, device=device)
+        args = (plain, u0, loop.state.f_at_u, times[0], times[1], times[2], abstol, reltol, times[3:])
         # the C++ wrapper cannot yet lower the loop's backward (its stacked per-iteration outputs)
         differentiated = torch.is_grad_enabled() and any(
             isinstance(x, torch.Tensor) and x.requires_grad for x in tree_leaves((field.p, args[1:])))

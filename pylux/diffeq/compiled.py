@@ -107,12 +107,23 @@ class CompiledSolver(AbstractSolver):
         self.mode = mode
         self.adaptive = options.controller.needs_error_estimate
         self.tolerances = (options.abstol, options.reltol, options.norm)
+        self._tolerance_inputs = None
         self.fallback_reason: str | None = None
         #: why this solve cannot run as one compiled loop (:mod:`pylux.diffeq.captured`), once it failed to compile
         self.whole_loop_refusal: str | None = None
         #: why the last solve did not qualify for the whole-loop path (:func:`pylux.diffeq.captured.capture_refusal`)
         self.capture_refusal: str | None = None
         self.compiled_steps = 0
+
+    def _tolerances_as_inputs(self, u: torch.Tensor):
+        """``(abstol, reltol, norm)`` with float tolerances as 0-d tensors in ``u``'s dtype: a float would be a
+        constant of the graph, and every tolerance of a sweep one more compilation."""
+        if self._tolerance_inputs is None:
+            abstol, reltol, norm = self.tolerances
+            if not isinstance(abstol, torch.Tensor):
+                abstol = torch.full((), float(abstol), dtype=u.dtype, device=u.device)
+            self._tolerance_inputs = (abstol, torch.full((), float(reltol), dtype=u.dtype, device=u.device), norm)
+        return self._tolerance_inputs
 
     def run_whole_loop(self, loop, out, dt) -> bool:
         """Run the solve as one compiled while-loop when eligible (:func:`pylux.diffeq.captured.captured_run`)."""
@@ -160,7 +171,7 @@ class CompiledSolver(AbstractSolver):
             return self.base.step(term, t, u, dt, state)
         if self.fallback_reason is not None or getattr(term, "count", 1) == 0 or not term.control_is_time:
             return self.base.step(term, t, u, dt, state)
-        abstol, reltol, norm = self.tolerances
+        abstol, reltol, norm = self._tolerances_as_inputs(u)
         cuda_graphs = self.mode == "reduce-overhead" and u.is_cuda
         # the graph sees the plain bound term: a counter's changing integer would be a guard that recompiles
         # every step, so the loop's evaluation count is advanced here instead
