@@ -41,9 +41,9 @@ over scipy's fastest run with an error no larger.
 
 ``--compile`` adds the four Rosenbrock rows with ``compile=True`` ("... compiled"): the whole adaptive loop —
 Jacobian, factorisation, stages, error norm, controller — as one compiled graph with one synchronisation per
-solve (pylux.diffeq.captured). Each loop is compiled once before the timed rounds (30-120 s per method and
-problem and tolerance); its Jacobian count includes a fresh
-Jacobian for every retried step (the eager loop reuses it).
+solve (pylux.diffeq.captured). Each loop is compiled once before the timed rounds (30-220 s per method and
+problem; the tolerances are inputs of the graph, so every tolerance runs the same compiled loop); its Jacobian count
+includes a fresh Jacobian for every retried step (the eager loop reuses it).
 
 ``--methods``: only the named rows (the names of the table's method column), e.g. one pylux row and the scipy rows on a
 finer tolerance grid.
@@ -375,7 +375,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="one tolerance, one round, small problems")
     parser.add_argument("--compile", action="store_true",
                         help="add the Rosenbrock rows with compile=True (the whole loop as one graph; "
-                             "compiling takes 30-120 s per method and problem, not timed)")
+                             "compiling takes 30-220 s per method and problem, not timed)")
     parser.add_argument("--methods", default=None,
                         help="comma-separated row names to run (e.g. 'pylux Rodas5P + jac compiled,scipy LSODA'); "
                              "default: every row")
