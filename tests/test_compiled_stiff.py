@@ -15,8 +15,10 @@ import torch
 
 import pylux as lx
 from pylux.diffeq.solution import DtLessThanMinError
-from pylux.diffeq.jacobian import (JacobianConfig, JacobianEvaluator, NewtonMatrix, StiffCounters, _small_lu,
-                                   _substitute)
+from pylux.diffeq.jacobian import (ENTRYWISE_LU_LIMIT, JacobianConfig, JacobianEvaluator, NewtonMatrix, StiffCounters,
+                                   _small_lu, _small_lu_by_entries, _small_lu_by_rows, _substitute)
+
+LU_FORMS = [_small_lu_by_entries, _small_lu_by_rows]
 
 DT = torch.float64
 
@@ -44,21 +46,23 @@ def forced(u, p, t):
     return -50.0 * (u - torch.cos(t)) + 0.1 * u * u
 
 
+@pytest.mark.parametrize("factor", LU_FORMS)
 @pytest.mark.parametrize("shape", [(5, 5), (7, 4, 4), (1, 1)])
-def test_substitution_on_small_lu_factors_solves_the_system(shape):
+def test_substitution_on_small_lu_factors_solves_the_system(shape, factor):
     g = torch.Generator().manual_seed(0)
     M = torch.randn(shape, generator=g, dtype=DT)  # pivoting matters: no diagonal dominance
     rhs = torch.randn(shape[:-1], generator=g, dtype=DT)
-    x = _substitute(*_small_lu(M), rhs)
+    x = _substitute(*factor(M), rhs)
     expected = torch.linalg.solve(M, rhs.unsqueeze(-1)).squeeze(-1)
     assert torch.allclose(x, expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("shape", [(5, 5), (7, 4, 4), (1, 1), (3, 2, 16, 16)])
-def test_small_lu_pivots_as_lapack_and_factorises(shape):
+@pytest.mark.parametrize("factor", LU_FORMS)
+@pytest.mark.parametrize("shape", [(5, 5), (7, 4, 4), (1, 1), (3, 2, 16, 16), (6, 8, 8)])
+def test_small_lu_pivots_as_lapack_and_factorises(shape, factor):
     g = torch.Generator().manual_seed(1)
     M = torch.randn(shape, generator=g, dtype=DT)
-    lu, order = _small_lu(M)
+    lu, order = factor(M)
     n = shape[-1]
     L = torch.tril(lu, -1) + torch.eye(n, dtype=DT)
     U = torch.triu(lu)
@@ -70,9 +74,27 @@ def test_small_lu_pivots_as_lapack_and_factorises(shape):
     assert torch.allclose((M @ x.unsqueeze(-1)).squeeze(-1), rhs, atol=1e-10)
 
 
-def test_small_lu_of_a_singular_block_is_not_finite():
+@pytest.mark.parametrize("factor", LU_FORMS)
+def test_small_lu_takes_the_first_of_equal_pivots_as_lapack(factor):
+    M = torch.tensor([[[1.0, 2.0, 0.0], [-1.0, 3.0, 1.0], [1.0, 0.0, 4.0]],
+                      [[0.0, 1.0, 1.0], [2.0, 1.0, 0.0], [-2.0, 5.0, 1.0]]], dtype=DT)
+    lu, order = factor(M)
+    lapack, pivots = torch.linalg.lu_factor(M)
+    assert torch.equal(order, torch.lu_unpack(lapack, pivots)[0].argmax(-2)) and torch.allclose(lu, lapack)
+
+
+def test_small_lu_factorises_small_blocks_entry_by_entry():
+    g = torch.Generator().manual_seed(2)
+    for n in (ENTRYWISE_LU_LIMIT, ENTRYWISE_LU_LIMIT + 1):
+        M = torch.randn(4, n, n, generator=g, dtype=DT)
+        expected = (_small_lu_by_entries if n <= ENTRYWISE_LU_LIMIT else _small_lu_by_rows)(M)
+        assert all(torch.equal(a, b) for a, b in zip(_small_lu(M), expected))
+
+
+@pytest.mark.parametrize("factor", LU_FORMS)
+def test_small_lu_of_a_singular_block_is_not_finite(factor):
     M = torch.stack([torch.eye(3, dtype=DT), torch.ones(3, 3, dtype=DT)])
-    lu, _ = _small_lu(M)
+    lu, _ = factor(M)
     assert torch.isfinite(lu[0]).all() and not torch.isfinite(lu[1]).all()
 
 

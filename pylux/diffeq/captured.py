@@ -34,9 +34,10 @@ The Rosenbrock methods (``Rosenbrock23()``, ``Rodas5P()``) run the same loop:
 their step has no iteration and no host decision, so the body is the eager
 :meth:`step` traced, with ``J`` and ``f_t`` formed in the graph
 (:meth:`pylux.diffeq.jacobian.JacobianEvaluator._traced`: the user's ``jac``, or
-forward mode), ``I - h gamma J`` factorised by ``lu_factor_ex`` and each stage
-solved by substitution on the factors unrolled over the block size
-(``TRACED_SUBSTITUTION_LIMIT``), which the compiler fuses with the stages. A
+forward mode), ``I - h gamma J`` factorised and each stage solved by
+substitution on the factors, both unrolled over the block size
+(``TRACED_SUBSTITUTION_LIMIT``; ``lu_factor_ex`` would be an external call per
+step), which the compiler fuses with the stages. A
 step the method rejects (a singular or non-finite Newton matrix) is retried at
 half the step, as in the eager loop. Before the loop a user ``jac`` is called
 once (its shape is checked) or ``f`` is evaluated once with autograd (a field

@@ -71,6 +71,8 @@ DENSE_LIMIT = 1024
 #: in a compiled step, systems of up to this many unknowns (per block) are solved by unrolled substitution
 #: on the LU factors, which the compiler fuses into the step's kernels; larger ones call ``lu_solve``
 TRACED_SUBSTITUTION_LIMIT = 16
+#: blocks up to this size are factorised entry by entry (:func:`_small_lu_by_entries`), larger ones row-block-wise
+ENTRYWISE_LU_LIMIT = 8
 STRUCTURES = ("auto", "dense", "batched", "matrix_free")
 SOURCES = ("auto", "autodiff", "finite_difference")
 
@@ -183,9 +185,46 @@ class NewtonMatrix:
 def _small_lu(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lu, order)`` with ``M[order] = L U`` per block (``lu`` packs the unit lower ``L`` and ``U``):
     Gaussian elimination with partial pivoting (the largest ``|entry|`` of the column below the diagonal,
-    as LAPACK's ``getrf``), unrolled over the (small, static) block size as gathers and outer-product
-    updates, which a compiled step fuses; ``lu_factor_ex`` would leave the graph for an external call
-    each step. A zero pivot leaves Inf/NaN in ``lu`` (the caller's ``ok`` flag)."""
+    as LAPACK's ``getrf``; the first of equals), unrolled over the (small, static) block size for a compiled
+    step to fuse; ``lu_factor_ex`` would leave the graph for an external call each step. A zero pivot
+    leaves Inf/NaN in ``lu`` (the caller's ``ok`` flag). Blocks up to ``ENTRYWISE_LU_LIMIT`` are eliminated
+    entry by entry (:func:`_small_lu_by_entries`), larger ones by gathers and outer-product updates
+    (:func:`_small_lu_by_rows`), whose graph grows with ``n`` rather than ``n^3``."""
+    if M.shape[-1] <= ENTRYWISE_LU_LIMIT:
+        return _small_lu_by_entries(M)
+    return _small_lu_by_rows(M)
+
+
+def _small_lu_by_entries(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_small_lu` with every entry of the block its own ``(*batch)`` tensor and the row swaps as
+    selects: the compiler fuses the whole elimination into one loop over the blocks, with the block in
+    registers (on 256 blocks of 8 x 8 in the compiled Rodas5P loop, 10-25 % less time per step than
+    :func:`_small_lu_by_rows`, whose gathers each re-read the block from memory)."""
+    n = M.shape[-1]
+    A = [[M[..., i, j] for j in range(n)] for i in range(n)]
+    order = [torch.full_like(M[..., 0, 0], i, dtype=torch.int64) for i in range(n)]
+    for k in range(n - 1):
+        best, p = A[k][k].abs(), torch.full_like(order[0], k)
+        for r in range(k + 1, n):
+            candidate = A[r][k].abs()
+            larger = candidate > best  # strictly: the first of equal entries, as LAPACK's idamax
+            best, p = torch.where(larger, candidate, best), torch.where(larger, r, p)
+        pivot_row, pivot_order = list(A[k]), order[k]
+        for r in range(k + 1, n):
+            take = p == r
+            pivot_row = [torch.where(take, A[r][j], pivot_row[j]) for j in range(n)]
+            pivot_order = torch.where(take, order[r], pivot_order)
+            A[r] = [torch.where(take, A[k][j], A[r][j]) for j in range(n)]
+            order[r] = torch.where(take, order[k], order[r])
+        A[k], order[k] = pivot_row, pivot_order
+        for r in range(k + 1, n):
+            multiplier = A[r][k] / A[k][k]
+            A[r] = A[r][:k] + [multiplier] + [A[r][j] - multiplier * A[k][j] for j in range(k + 1, n)]
+    return torch.stack([torch.stack(row, -1) for row in A], -2), torch.stack(order, -1)
+
+
+def _small_lu_by_rows(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_small_lu` by gathers of whole rows and outer-product updates of the trailing block."""
     n = M.shape[-1]
     A = M
     positions = torch.arange(n, device=M.device)
