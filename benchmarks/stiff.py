@@ -34,7 +34,8 @@ alike), the error at t1 against a scipy Radau solve at rtol = 1e-12 (atol scaled
 (tol times the solver's own scaled error measure, so error <= tol is the target), and the ratios of time and steps to
 scipy BDF at the same tolerance. The work-precision summary compares at equal error: for each error level
 reached by scipy's fastest method, pylux's fastest run (any method, any tolerance) with an error no larger,
-over scipy's fastest run with an error no larger.
+over scipy's fastest run with an error no larger; and the same levels on the work-precision curves, each method's
+time at the level interpolated log-log between its two runs that bracket it (``time_at_error``).
 
     python benchmarks/stiff.py [--tols 1e-3,1e-5,1e-7] [--repeats 5] [--problems robertson,vdp,neural]
                                [--batch 256] [--quick] [--compile] [--methods NAME,NAME]
@@ -338,6 +339,44 @@ def equal_error(rows) -> list[dict]:
     return out
 
 
+def time_at_error(runs, level: float) -> float | None:
+    """The time one method needs for an error of at most ``level``, from its runs at several tolerances
+    (rows with ``error`` and ``ms``): the fastest run with an error no larger, or, between the two runs whose
+    errors bracket ``level``, the log-log interpolation of time against error, whichever is less. ``None``
+    when no run is that accurate. No extrapolation: at a level looser than every run, the loosest run's time
+    (a bound from above)."""
+    runs = sorted(runs, key=lambda r: r["error"])
+    reached = [r["ms"] for r in runs if r["error"] <= level]
+    if not reached:
+        return None
+    best = min(reached)
+    for accurate, loose in zip(runs, runs[1:]):
+        if accurate["error"] <= level <= loose["error"] and 0 < accurate["error"] < loose["error"]:
+            w = (np.log(level) - np.log(accurate["error"])) / (np.log(loose["error"]) - np.log(accurate["error"]))
+            best = min(best, float(np.exp((1 - w) * np.log(accurate["ms"]) + w * np.log(loose["ms"]))))
+    return best
+
+
+def interpolated_equal_error(rows) -> list[dict]:
+    """:func:`equal_error` on the work-precision curves: at each level, each library's least
+    :func:`time_at_error` over its methods, so that neither side gains or loses by where its tolerance
+    grid happens to land."""
+    out = []
+    for s in equal_error(rows):
+        times = {}
+        for library in ("pylux", "scipy"):
+            mine = [r for r in rows if r["problem"] == s["problem"] and r["method"].startswith(library)]
+            by_method = {}
+            for r in mine:
+                by_method.setdefault(r["method"], []).append(r)
+            options = [(t, m) for m, runs in by_method.items() if (t := time_at_error(runs, s["level"])) is not None]
+            times[library] = min(options) if options else None
+        ratio = times["pylux"][0] / times["scipy"][0] if times["pylux"] and times["scipy"] else None
+        out.append(dict(problem=s["problem"], level=s["level"], pylux=times["pylux"], scipy=times["scipy"],
+                        ratio=ratio))
+    return out
+
+
 def _fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
@@ -363,6 +402,18 @@ def print_equal_error(summary):
         name = f"{mine['method']} @ {mine['tol']:.0e} ({mine['error']:.1e})" if mine else "none reaches it"
         print(f"| {s['problem']} | {s['level']:.1e} | {peer['method']} @ {peer['tol']:.0e} ({peer['error']:.1e}) "
               f"| {peer['ms']:.1f} | {name} | {_fmt(mine and mine['ms'], '.1f')} | {_fmt(s['ratio'], '.2f')} |")
+
+
+def print_interpolated(summary):
+    print("\nOn the work-precision curves (each method's time at the level, interpolated log-log between its two "
+          "runs that bracket it; see time_at_error):\n")
+    print("| problem | error level | scipy fastest | ms | pylux fastest | ms | pylux / scipy |")
+    print("|---|---:|---|---:|---|---:|---:|")
+    for s in summary:
+        peer, mine = s["scipy"], s["pylux"]
+        print(f"| {s['problem']} | {s['level']:.1e} | {peer[1] if peer else '-'} | {_fmt(peer and peer[0], '.1f')} "
+              f"| {mine[1] if mine else 'none reaches it'} | {_fmt(mine and mine[0], '.1f')} | "
+              f"{_fmt(s['ratio'], '.2f')} |")
 
 
 def main(argv=None):
@@ -406,6 +457,7 @@ def main(argv=None):
     print_table(rows)
     summary = equal_error(rows)
     print_equal_error(summary)
+    print_interpolated(interpolated_equal_error(rows))
     return rows, summary
 
 

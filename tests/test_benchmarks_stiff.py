@@ -124,3 +124,24 @@ def test_unknown_method_is_refused_with_the_choices():
     with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
         bench.main(["--quick", "--methods", "pylux Rodas5P compiled"])   # a compiled row needs --compile
     assert "unknown methods ['pylux Rodas5P compiled']" in err.getvalue() and "'scipy LSODA'" in err.getvalue()
+
+
+def test_time_at_error_interpolates_the_work_precision_curve_log_log():
+    bench = _load()
+    runs = [dict(error=1e-4, ms=10.0), dict(error=1e-6, ms=40.0), dict(error=1e-8, ms=20.0)]
+    assert bench.time_at_error(runs, 1e-9) is None                       # no run that accurate
+    assert bench.time_at_error(runs, 1e-3) == 10.0                       # looser than every run: no extrapolation
+    assert bench.time_at_error(runs, 1e-5) == pytest.approx(20.0)        # 1e-8's faster run beats the 10..40 curve
+    assert bench.time_at_error(runs[:2], 1e-5) == pytest.approx(20.0)    # halfway in log error: sqrt(10 * 40)
+    assert bench.time_at_error(runs[:2], 1e-4) == pytest.approx(10.0)
+
+
+def test_interpolated_summary_takes_each_librarys_fastest_method(quick):
+    bench, rows, summary, text = quick
+    inter = bench.interpolated_equal_error(rows)
+    assert [s["level"] for s in inter] == [s["level"] for s in summary]
+    for s, grid in zip(inter, summary):
+        assert s["scipy"][0] <= grid["scipy"]["ms"] and s["scipy"][1].startswith("scipy")
+        if grid["pylux"] is not None:
+            assert s["pylux"][0] <= grid["pylux"]["ms"] and s["ratio"] == pytest.approx(s["pylux"][0] / s["scipy"][0])
+    assert "On the work-precision curves" in text
