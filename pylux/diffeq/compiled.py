@@ -118,12 +118,14 @@ class CompiledSolver(AbstractSolver):
     def _tolerances_as_inputs(self, u: torch.Tensor):
         """``(abstol, reltol, norm)`` with float tolerances as 0-d tensors in ``u``'s dtype: a float would be a
         constant of the graph, and every tolerance of a sweep one more compilation."""
-        if self._tolerance_inputs is None:
+        where = (u.dtype, u.device)
+        if self._tolerance_inputs is None or self._tolerance_inputs[0] != where:
             abstol, reltol, norm = self.tolerances
             if not isinstance(abstol, torch.Tensor):
                 abstol = torch.full((), float(abstol), dtype=u.dtype, device=u.device)
-            self._tolerance_inputs = (abstol, torch.full((), float(reltol), dtype=u.dtype, device=u.device), norm)
-        return self._tolerance_inputs
+            reltol = torch.full((), float(reltol), dtype=u.dtype, device=u.device)
+            self._tolerance_inputs = (where, (abstol, reltol, norm))
+        return self._tolerance_inputs[1]
 
     def run_whole_loop(self, loop, out, dt) -> bool:
         """Run the solve as one compiled while-loop when eligible (:func:`pylux.diffeq.captured.captured_run`)."""
