@@ -170,9 +170,10 @@ def _pair(prob, solver_factory, **kwargs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,jac", [(lx.Rosenbrock23, "auto"), (lx.Rodas5P, robertson_jac)])
-def test_compiled_robertson_takes_the_eager_steps(method, jac):
-    eager, compiled = _pair(robertson_problem(), lambda: method(jac=jac), reltol=1e-5, abstol=1e-9,
+@pytest.mark.parametrize("method,jac,tgrad", [(lx.Rosenbrock23, "auto", None), (lx.Rodas5P, robertson_jac, None),
+                                              (lx.Rodas5P, robertson_jac, lambda u, p, t: torch.zeros_like(u))])
+def test_compiled_robertson_takes_the_eager_steps(method, jac, tgrad):
+    eager, compiled = _pair(robertson_problem(), lambda: method(jac=jac, tgrad=tgrad), reltol=1e-5, abstol=1e-9,
                             saveat=[1e-3, 0.4, 4.0, 40.0])
     s, e = compiled.stats, eager.stats
     assert (s.naccept, s.nreject) == (e.naccept, e.nreject)
@@ -184,7 +185,8 @@ def test_compiled_robertson_takes_the_eager_steps(method, jac):
     assert torch.equal(compiled.t, eager.t)
     trials = s.naccept + s.nreject
     nfe_step, nsolve_step = method.step_counts
-    per_linearisation = 1  # the autodiff forward pass (f_t from the same transform) or the difference in t
+    # the autodiff forward pass (f_t from the same transform) or the difference in t; a user jac and tgrad: none
+    per_linearisation = 0 if tgrad is not None else 1
     # the loop starts with f(u0) and Hairer's initial-step evaluation; an autodiff Jacobian is first checked
     # by one evaluation (a user jac by one call); every trial step forms J, a retried one as well
     checks = 0 if callable(jac) else 1

@@ -40,9 +40,11 @@ for a dense ``J``, ``d`` for a batched one), or a callable ``jac(u, p, t)``
 returning ``J`` — shape ``(n, n)`` (or ``(*u.shape, *u.shape)``) for
 ``"dense"``, ``(B, d, d)`` for ``"batched"`` — checked on its first call.
 
-``f_t`` comes from the dense Jacobian's graph, else from one one-sided
-difference in ``t`` taken in the direction of integration (exactly zero for an
-autonomous field): the field is never evaluated past the end of the span,
+``f_t`` (the Rosenbrock methods' time derivative) comes from a user
+``tgrad(u, p, t)`` when given (DifferentialEquations.jl's ``tgrad``: no
+evaluation of ``f``; return zeros for an autonomous field), else from the dense
+Jacobian's graph, else from one one-sided difference in ``t`` taken in the
+direction of integration (exactly zero for an autonomous field): the field is never evaluated past the end of the span,
 where it may not exist (the interpolating adjoints' backward field reads the
 forward dense output, which ends there). Under
 ``torch.no_grad`` the Jacobian is still formed (autograd is enabled locally);
@@ -90,12 +92,18 @@ class JacobianConfig:
         jac_structure: ``"auto"``, ``"dense"``, ``"batched"`` or ``"matrix_free"``.
         krylov_rtol: relative residual of the GMRES solves (matrix-free only).
         krylov_restart: GMRES restart length (matrix-free only).
+        tgrad: ``None`` (``f_t`` by autodiff or a difference in ``t``) or a callable ``tgrad(u, p, t)``
+            returning ``df/dt`` in ``u``'s shape.
     """
 
-    __slots__ = ("jac", "structure", "krylov_rtol", "krylov_restart")
+    __slots__ = ("jac", "structure", "krylov_rtol", "krylov_restart", "tgrad")
 
     def __init__(self, owner: str, jac: Any = "auto", jac_structure: str = "auto", krylov_rtol: float = 1e-7,
-                 krylov_restart: int = 30) -> None:
+                 krylov_restart: int = 30, tgrad: Callable | None = None) -> None:
+        if tgrad is not None and not callable(tgrad):
+            raise TypeError(f"{owner}: tgrad must be None or a callable tgrad(u, p, t) returning df/dt, got "
+                            f"{type(tgrad).__name__}")
+        self.tgrad = tgrad
         if not callable(jac):
             if not isinstance(jac, str):
                 raise TypeError(f"{owner}: jac must be one of {SOURCES} or a callable jac(u, p, t), got "
@@ -112,11 +120,12 @@ class JacobianConfig:
         self.krylov_restart = int(krylov_restart)
 
     def key(self) -> tuple:
-        return (self.jac, self.structure, self.krylov_rtol, self.krylov_restart)
+        return (self.jac, self.structure, self.krylov_rtol, self.krylov_restart, self.tgrad)
 
     def __repr__(self) -> str:
         jac = self.jac if isinstance(self.jac, str) else getattr(self.jac, "__name__", "callable")
-        return f"jac={jac!r}, jac_structure={self.structure!r}"
+        tgrad = "" if self.tgrad is None else f", tgrad={getattr(self.tgrad, '__name__', 'callable')!r}"
+        return f"jac={jac!r}, jac_structure={self.structure!r}{tgrad}"
 
 
 class NewtonMatrix:
@@ -350,7 +359,7 @@ class JacobianEvaluator:
         direction: the sign of the solve's steps (the side of ``t`` the time difference of ``f_t`` is taken on).
     """
 
-    __slots__ = ("config", "structure", "shape", "use_autodiff", "owner", "checked", "direction")
+    __slots__ = ("config", "structure", "shape", "use_autodiff", "owner", "checked", "tgrad_checked", "direction")
 
     def __init__(self, config: JacobianConfig, u0: torch.Tensor, owner: str, direction: float = 1.0) -> None:
         self.config, self.owner, self.shape = config, owner, tuple(u0.shape)
@@ -363,7 +372,7 @@ class JacobianEvaluator:
                              f"samples, got shape {tuple(u0.shape)}; use jac_structure='dense' or 'matrix_free'")
         self.structure = structure
         self.use_autodiff = config.jac in ("auto", "autodiff")
-        self.checked = False
+        self.checked = self.tgrad_checked = False
 
     def __call__(self, field, u: torch.Tensor, t: torch.Tensor, f_u: torch.Tensor, counters,
                  need_dfdt: bool) -> Linearization:
@@ -372,15 +381,17 @@ class JacobianEvaluator:
             return Linearization(self.structure, J, dfdt, u, t, f_u, field, self.config, self.use_autodiff)
         counters.njac += 1
         J = dfdt = None
-        jac = self.config.jac
+        jac, tgrad = self.config.jac, self.config.tgrad
         if self.structure != "matrix_free":
             if callable(jac):
                 J = self._user(jac, field, u, t)
             elif self.use_autodiff:
-                J, dfdt = self._autodiff(field, u, t, f_u, need_dfdt)
+                J, dfdt = self._autodiff(field, u, t, f_u, need_dfdt and tgrad is None)
             if J is None:
                 J = self._finite_difference(field, u, t, f_u, counters)
-        if need_dfdt and dfdt is None:
+        if need_dfdt and tgrad is not None:
+            dfdt = self._user_tgrad(tgrad, field, u, t)
+        elif need_dfdt and dfdt is None:
             dfdt = self._time_difference(field, u, t, f_u)
         return Linearization(self.structure, J, dfdt, u, t, f_u, field, self.config, self.use_autodiff)
 
@@ -390,7 +401,7 @@ class JacobianEvaluator:
         eager linearisation that precedes a compiled solve), else finite differences (``jac="finite_difference"``
         or an earlier fallback), else forward mode (``torch.func.jvp``; a dense ``f_t`` from the same
         transform, a batched one from the time difference of the eager path)."""
-        jac = self.config.jac
+        jac, tgrad = self.config.jac, self.config.tgrad
         dfdt = None
         if callable(jac):
             n = u.numel()
@@ -401,9 +412,12 @@ class JacobianEvaluator:
         elif self.structure == "dense":
             def vf(x, s):
                 return field.vf(x, s)
-            J, dfdt = torch.func.jacfwd(vf, argnums=(0, 1))(u, t)
+            if tgrad is None:
+                J, dfdt = torch.func.jacfwd(vf, argnums=(0, 1))(u, t)
+                dfdt = dfdt.reshape(u.shape).to(u.dtype)
+            else:
+                J = torch.func.jacfwd(vf, argnums=0)(u, t)
             J = J.reshape(u.numel(), u.numel())
-            dfdt = dfdt.reshape(u.shape).to(u.dtype)
         else:
             d = u.shape[-1]
             basis = torch.eye(d, dtype=u.dtype, device=u.device).unsqueeze(1).expand((d,) + tuple(u.shape))
@@ -411,7 +425,9 @@ class JacobianEvaluator:
             def column(v):
                 return torch.func.jvp(lambda x: field.vf(x, t), (u,), (v,))[1]
             J = torch.func.vmap(column)(basis).permute(1, 2, 0)  # (d_in, B, d_out) -> blocks (B, d_out, d_in)
-        if need_dfdt and dfdt is None:
+        if need_dfdt and tgrad is not None:
+            dfdt = tgrad(u, field.p, t).reshape(u.shape)
+        elif need_dfdt and dfdt is None:
             step = torch.clamp(t.abs(), min=1.0) * (self.direction * math.sqrt(torch.finfo(u.dtype).eps))
             dfdt = (field.vf(u, t + step) - f_u) / step.to(u.dtype)
         return J, dfdt
@@ -421,6 +437,8 @@ class JacobianEvaluator:
         ``jac``'s shape, dtype and device (one call), and whether ``f``'s output carries an autograd graph
         to ``u`` (one evaluation; forward mode through a field that detaches would give a zero Jacobian
         silently): if not, finite differences, or the error of ``jac="autodiff"``."""
+        if self.config.tgrad is not None:
+            self._user_tgrad(self.config.tgrad, field, u, t)
         if callable(self.config.jac):
             self._user(self.config.jac, field, u, t)
             return
@@ -443,13 +461,15 @@ class JacobianEvaluator:
 
     def traced_nfe(self, u: torch.Tensor) -> int:
         """Evaluations of ``f`` in one linearisation of :meth:`_traced`, counted as the eager path counts
-        them (the forward pass of an autodiff Jacobian is one; the difference in ``t`` is one)."""
+        them (the forward pass of an autodiff Jacobian is one; the difference in ``t`` is one, none with a
+        user ``tgrad``)."""
+        difference = 0 if self.config.tgrad is not None else 1
         if callable(self.config.jac):
-            return 1
+            return difference
         if not self.use_autodiff:
             columns = u.shape[-1] if self.structure == "batched" else u.numel()
-            return columns + 1
-        return 1 if self.structure == "dense" else 2
+            return columns + difference
+        return 1 if self.structure == "dense" else 1 + difference
 
     # --- J ------------------------------------------------------------------------------------
     def _autodiff(self, field, u, t, f_u, need_dfdt):
@@ -561,6 +581,20 @@ class JacobianEvaluator:
         return J.reshape(expected)
 
     # --- f_t ----------------------------------------------------------------------------------
+    def _user_tgrad(self, tgrad: Callable, field, u, t) -> torch.Tensor:
+        """The user's ``tgrad(u, p, t)``, its shape, dtype and device checked on the first call."""
+        out = tgrad(u, field.p, t)
+        if not self.tgrad_checked:
+            if not isinstance(out, torch.Tensor):
+                raise JacobianShapeError(f"{self.owner}: tgrad(u, p, t) must return a tensor, got "
+                                         f"{type(out).__name__}")
+            if out.shape != u.shape or out.dtype != u.dtype or out.device != u.device:
+                raise JacobianShapeError(
+                    f"{self.owner}: tgrad(u, p, t) returned {tuple(out.shape)} {out.dtype} on {out.device}; it must "
+                    f"return df/dt like u: {tuple(u.shape)} {u.dtype} on {u.device}")
+            self.tgrad_checked = True
+        return out
+
     def _time_difference(self, field, u, t, f_u) -> torch.Tensor:
         """``f_t`` by a one-sided difference toward the step (exactly zero for an autonomous field): one
         evaluation. At the start of a backward solve a forward difference would reach past the span."""

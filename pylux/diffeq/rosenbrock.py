@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ import torch
 from ._device import host_time
 from .integrate import stiffness_estimate
 from .interpolation import AbstractInterpolant, HermiteInterpolant, linear_combination
-from .jacobian import AbstractStiffSolver, StiffState
+from .jacobian import AbstractStiffSolver, JacobianConfig, StiffState
 from .solvers import StepResult, StepStatus, _stage_times, as_step_times, step_scale
 from .tableau import TableauError
 from .terms import as_bound_term
@@ -278,6 +278,11 @@ class _RosenbrockBase(AbstractStiffSolver):
     #: (evaluations of f, linear solves) of one step with f(u, t) known, besides its linearisation
     step_counts = (0, 0)
 
+    def __init__(self, *, jac: Any = "auto", jac_structure: str = "auto", krylov_rtol: float = 1e-7,
+                 tgrad: Callable | None = None) -> None:
+        super().__init__(jac=jac, jac_structure=jac_structure, krylov_rtol=krylov_rtol)
+        self.jacobian = JacobianConfig(type(self).__name__, jac, jac_structure, krylov_rtol, tgrad=tgrad)
+
     def _start(self, term, t, u, dt, state: StiffState):
         """The common start of a step: times, ``f(u, t)`` (FSAL when known) and the linearisation at
         ``(u, t)``, reused when retrying from the same point."""
@@ -328,6 +333,9 @@ class Rosenbrock23(_RosenbrockBase):
             ``"autodiff"``, ``"finite_difference"`` or ``jac(u, p, t)``;
             ``jac_structure="auto"``, ``"dense"``, ``"batched"`` (a ``(B, d)`` state of
             independent samples) or ``"matrix_free"`` (GMRES on JVPs).
+        tgrad: ``tgrad(u, p, t)`` returning ``df/dt`` in ``u``'s shape (zeros for an autonomous
+            field), as DifferentialEquations.jl's ``ODEFunction(tgrad=...)``: saves the one evaluation of
+            ``f`` per Jacobian that the difference in ``t`` costs. Default: autodiff or that difference.
 
     ``sol.stats`` gains ``njac``, ``nw``, ``nsolve`` (see :class:`~pylux.diffeq.jacobian.StiffCounters`).
     """
