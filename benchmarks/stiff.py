@@ -15,7 +15,8 @@ Every solver gets the exact Jacobian: pylux by autodiff (``jac_structure="batche
 BSR matrix, LSODA the same matrix in its banded packed format: a block-diagonal matrix with 8 x 8 blocks is
 banded with lband = uband = 7). The rows "pylux Rosenbrock23 + jac" and "pylux Rodas5P + jac" give pylux the same
 analytic Jacobian as a torch function ``jac(u, p, t)`` (the autodiff Jacobian is half of a Rosenbrock step's
-time on the textbook problems); "pylux AutoSwitch" switches between Tsit5 and Rosenbrock23,
+time on the textbook problems) and, the three fields being autonomous, ``tgrad = 0`` (scipy's methods never form
+``f_t``; without ``tgrad`` a Rosenbrock method takes it by one more evaluation of ``f`` per Jacobian); "pylux AutoSwitch" switches between Tsit5 and Rosenbrock23,
 "pylux AutoSwitch(Rodas5P)" between Tsit5 and Rodas5P. torchdiffeq has no stiff solver: its methods are
 explicit Runge-Kutta and Adams-Bashforth-Moulton ('implicit_adams' corrects with a fixed-point iteration; the
 fixed grid stays stable only for small h |lambda|: here it returns NaN at h = 0.5 / max(lambda) and
@@ -247,9 +248,15 @@ def error(u, problem) -> float:
 
 # --- the cases of one problem --------------------------------------------------------------------
 
+def autonomous(u, p, t):
+    """``tgrad`` of the three (autonomous) fields: ``df/dt = 0``."""
+    return torch.zeros_like(u)
+
+
 def pylux_methods(problem) -> dict:
     """pylux's rows: Jacobians by autodiff, and (``+ jac``) the Rosenbrock methods given the problem's
-    Jacobian ``jac(u, p, t)``, as scipy is (the solver's own cost without the autodiff Jacobian)."""
+    Jacobian ``jac(u, p, t)``, as scipy is (the solver's own cost without the autodiff Jacobian), and
+    ``tgrad = 0``."""
     structure = "batched" if problem["batched"] else "dense"
     jac = problem["jac"]
     return {
@@ -258,8 +265,8 @@ def pylux_methods(problem) -> dict:
         "pylux Kvaerno5": lambda: lx.Kvaerno5(jac_structure=structure),
         "pylux AutoSwitch": lambda: lx.AutoSwitch(stiff=lx.Rosenbrock23(jac_structure=structure)),
         "pylux AutoSwitch(Rodas5P)": lambda: lx.AutoSwitch(stiff=lx.Rodas5P(jac_structure=structure)),
-        "pylux Rosenbrock23 + jac": lambda: lx.Rosenbrock23(jac=jac, jac_structure=structure),
-        "pylux Rodas5P + jac": lambda: lx.Rodas5P(jac=jac, jac_structure=structure),
+        "pylux Rosenbrock23 + jac": lambda: lx.Rosenbrock23(jac=jac, jac_structure=structure, tgrad=autonomous),
+        "pylux Rodas5P + jac": lambda: lx.Rodas5P(jac=jac, jac_structure=structure, tgrad=autonomous),
     }
 
 

@@ -76,9 +76,9 @@ def test_rosenbrock_rows_factorise_once_per_trial_step(quick):
             assert r["steps"] <= r["njac"] <= r["nlu"], r          # a retry from the same point reuses J
         if r["method"].startswith("pylux Rosenbrock23"):
             # FSAL: 2 f per trial; an autodiff dense Jacobian costs the forward pass its rows backpropagate
-            # through (f_t from the same graph), a batched one also a difference in t, a user jac only that
-            # difference; 2 at the start (f(u0) and the initial step size heuristic)
-            per_jacobian = 2 if r["problem"] == PROBLEMS[2] and "+ jac" not in r["method"] else 1
+            # through (f_t from the same graph), a batched one also a difference in t, a user jac with the
+            # user's tgrad none; 2 at the start (f(u0) and the initial step size heuristic)
+            per_jacobian = 0 if "+ jac" in r["method"] else 2 if r["problem"] == PROBLEMS[2] else 1
             assert r["nfe"] == 2 * (r["steps"] + r["rejected"]) + per_jacobian * r["njac"] + 2, r
 
 
