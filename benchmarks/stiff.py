@@ -399,28 +399,33 @@ def print_table(rows):
               f"{_fmt(r['time_vs_bdf'], '.2f')} | {_fmt(r['steps_vs_bdf'], '.2f')} |")
 
 
-def print_equal_error(summary):
-    print("\nAt equal error (fastest run of each library with error <= the level; level = the error of "
-          "scipy's fastest method at each tolerance):\n")
+def _print_summary(title, lines):
+    """One equal-error table: ``lines`` yields ``(problem, level, scipy cell, scipy ms, pylux cell, pylux ms,
+    ratio)``."""
+    print(f"\n{title}\n")
     print("| problem | error level | scipy fastest | ms | pylux fastest | ms | pylux / scipy |")
     print("|---|---:|---|---:|---|---:|---:|")
-    for s in summary:
-        peer, mine = s["scipy"], s["pylux"]
-        name = f"{mine['method']} @ {mine['tol']:.0e} ({mine['error']:.1e})" if mine else "none reaches it"
-        print(f"| {s['problem']} | {s['level']:.1e} | {peer['method']} @ {peer['tol']:.0e} ({peer['error']:.1e}) "
-              f"| {peer['ms']:.1f} | {name} | {_fmt(mine and mine['ms'], '.1f')} | {_fmt(s['ratio'], '.2f')} |")
+    for problem, level, peer, peer_ms, mine, mine_ms, ratio in lines:
+        print(f"| {problem} | {level:.1e} | {peer} | {_fmt(peer_ms, '.1f')} | {mine} | {_fmt(mine_ms, '.1f')} | "
+              f"{_fmt(ratio, '.2f')} |")
+
+
+def print_equal_error(summary):
+    def run(r):
+        return f"{r['method']} @ {r['tol']:.0e} ({r['error']:.1e})"
+    _print_summary("At equal error (fastest run of each library with error <= the level; level = the error of "
+                   "scipy's fastest method at each tolerance):",
+                   ((s["problem"], s["level"], run(s["scipy"]), s["scipy"]["ms"],
+                     run(s["pylux"]) if s["pylux"] else "none reaches it", s["pylux"] and s["pylux"]["ms"], s["ratio"])
+                    for s in summary))
 
 
 def print_interpolated(summary):
-    print("\nOn the work-precision curves (each method's time at the level, interpolated log-log between its two "
-          "runs that bracket it; see time_at_error):\n")
-    print("| problem | error level | scipy fastest | ms | pylux fastest | ms | pylux / scipy |")
-    print("|---|---:|---|---:|---|---:|---:|")
-    for s in summary:
-        peer, mine = s["scipy"], s["pylux"]
-        print(f"| {s['problem']} | {s['level']:.1e} | {peer[1] if peer else '-'} | {_fmt(peer and peer[0], '.1f')} "
-              f"| {mine[1] if mine else 'none reaches it'} | {_fmt(mine and mine[0], '.1f')} | "
-              f"{_fmt(s['ratio'], '.2f')} |")
+    _print_summary("On the work-precision curves (each method's time at the level, interpolated log-log between its "
+                   "two runs that bracket it; see time_at_error):",
+                   ((s["problem"], s["level"], s["scipy"][1] if s["scipy"] else "-", s["scipy"] and s["scipy"][0],
+                     s["pylux"][1] if s["pylux"] else "none reaches it", s["pylux"] and s["pylux"][0], s["ratio"])
+                    for s in summary))
 
 
 def main(argv=None):
