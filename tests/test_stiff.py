@@ -436,3 +436,26 @@ def test_tgrad_of_the_wrong_shape_or_kind_is_refused():
     with pytest.raises(TypeError, match="tgrad must be None or a callable"):
         lx.Rosenbrock23(tgrad=0.0)
     assert "tgrad='_forced_tgrad'" in repr(lx.Rodas5P(tgrad=_forced_tgrad))
+
+
+@pytest.mark.parametrize("sensealg", [lx.InterpolatingAdjoint, lx.QuadratureAdjoint, lx.BacksolveAdjoint])
+def test_continuous_adjoints_do_not_apply_the_users_jac_and_tgrad_to_the_backward_field(sensealg):
+    """The user's jac and tgrad describe the forward field; the backward solve forms its own (regression:
+    they were applied to the augmented field, a shape error or a skewed gradient)."""
+    def loss(alg, solver):
+        p = torch.tensor(-2.0, dtype=DT, requires_grad=True)
+        f = lambda u, p, t: p * u + torch.stack([torch.sin(3.0 * t), torch.cos(t)]).to(u.dtype)  # noqa: E731
+        prob = lx.ODEProblem(f, torch.tensor([1.0, 0.5], dtype=DT), (0.0, 1.0), p)
+        sol = lx.solve(prob, solver, reltol=1e-9, abstol=1e-11, sensealg=alg)
+        return torch.autograd.grad((sol.u[-1] ** 2).sum(), p)[0]
+    user = lx.Rodas5P(jac=lambda u, p, t: p * torch.eye(2, dtype=DT), tgrad=_forced_tgrad)
+    direct = loss(lx.DirectAdjoint(), lx.Rodas5P())
+    assert abs(float(loss(sensealg(), user)) - float(direct)) < 1e-6 * abs(float(direct))
+    assert user.for_another_field().jacobian.key()[::4] == ("auto", None) and user.jacobian.tgrad is _forced_tgrad
+
+
+def test_autoswitch_for_another_field_drops_its_stiff_methods_user_functions():
+    switch = lx.AutoSwitch(stiff=lx.Rodas5P(jac=lambda u, p, t: p * torch.eye(2, dtype=DT), tgrad=_forced_tgrad))
+    other = switch.for_another_field()
+    assert other.stiff.jacobian.jac == "auto" and other.stiff.jacobian.tgrad is None
+    assert callable(switch.stiff.jacobian.jac) and lx.AutoSwitch().for_another_field() == lx.AutoSwitch()

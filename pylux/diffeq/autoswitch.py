@@ -55,6 +55,8 @@ host transfer per step (it was computed a step earlier, so nothing waits for it)
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -184,6 +186,15 @@ class AutoSwitch(AbstractAdaptiveSolver):
     needs_f0 = True
     #: ``(abstol, reltol, norm, rho)`` of a bound solve whose stiff steps report ``E^rho``; None: ``E`` itself
     _stiff_error = None
+
+    def for_another_field(self) -> "AutoSwitch":
+        """This switch with both methods for a different field (:meth:`AbstractSolver.for_another_field`)."""
+        nonstiff, stiff = self.nonstiff.for_another_field(), self.stiff.for_another_field()
+        if nonstiff is self.nonstiff and stiff is self.stiff:
+            return self
+        other = copy.copy(self)
+        other.nonstiff, other.stiff = nonstiff, stiff
+        return other
 
     def __repr__(self) -> str:
         return f"AutoSwitch({self.nonstiff!r}, {self.stiff!r})"

@@ -54,6 +54,7 @@ backpropagation through a solve sees ``dJ/dp``.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Callable
 
@@ -668,6 +669,17 @@ class AbstractStiffSolver(AbstractAdaptiveSolver):
     def init(self, term, t0, u0, dt0, f0=None):
         direction = -1.0 if dt0 is not None and host_time(dt0) < 0 else 1.0
         return StiffState(f0, StiffCounters(), JacobianEvaluator(self.jacobian, u0, type(self).__name__, direction))
+
+    def for_another_field(self) -> "AbstractStiffSolver":
+        """A copy whose Jacobian is formed from the field it is given (``jac="auto"`` for a user ``jac``,
+        no user ``tgrad``): the user's functions describe the problem's own field only."""
+        config = self.jacobian
+        if not callable(config.jac) and config.tgrad is None:
+            return self
+        other = copy.copy(self)
+        other.jacobian = JacobianConfig(type(self).__name__, "auto" if callable(config.jac) else config.jac,
+                                        config.structure, config.krylov_rtol, config.krylov_restart)
+        return other
 
     def bind_options(self, options) -> "AbstractStiffSolver":
         return self

@@ -177,6 +177,11 @@ class AbstractSolver(abc.ABC):
         """OrdinaryDiffEq.jl's default PI controller for a method of this order."""
         return PIController.for_order(self.order)
 
+    def for_another_field(self) -> "AbstractSolver":
+        """This solver for a different vector field (an adjoint's augmented backward field): without the
+        functions the user wrote for the problem's own field (a stiff solver's ``jac`` and ``tgrad``)."""
+        return self
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 

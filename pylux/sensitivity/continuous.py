@@ -491,7 +491,7 @@ class _Backward:
         else:
             field = self.augmented
         nvjp_before = self.stats["nvjp"]
-        sol = integrate(field, aug, t_from, t_to, self.solver, self.back_options)
+        sol = integrate(field, aug, t_from, t_to, self.solver.for_another_field(), self.back_options)
         for key, value in (("nf", sol.stats.nf), ("naccept", sol.stats.naccept),
                            ("nreject", sol.stats.nreject)):
             self.stats[key] += value
