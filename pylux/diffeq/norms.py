@@ -151,7 +151,7 @@ def scaled_error_norm(error: torch.Tensor, u: torch.Tensor, u_new: torch.Tensor,
 
     Stays on the device and in the autograd graph (the error-estimate
     regularizer differentiates through it). ``abstol`` may be a float or a
-    tensor broadcastable to ``u``; ``reltol`` a float.
+    tensor broadcastable to ``u``; ``reltol`` a float or a 0-d tensor (a compiled graph's input).
     """
     scale = torch.maximum(u.abs(), u_new.abs())
     scale = scale.mul_(reltol).add_(abstol) if not scale.requires_grad else scale * reltol + abstol
