@@ -13,8 +13,9 @@ Rows:
   states, recomputes the minimal r n - binom(k + r, k + 1) steps, gradient = plain backprop's;
 * with --uniform: backprop through k uniform segments with torch.utils.checkpoint;
 * plain backprop (DirectAdjoint), everything stored;
-* with --compile: ReversibleAdjoint under ``solve(..., compile=True)``, whose backward sweep runs
-  each step as one compiled graph (the forward solve stays eager), the same gradient.
+* with --compile: ReversibleAdjoint under ``solve(..., compile=True)``: each forward step (the pending
+  backward increment, the base step and the new pair) and each backward-sweep step runs as one
+  compiled graph, the same gradient to round-off.
 
 Columns: wall time of one forward+backward (median of --repeats), recomputed steps,
 memory, and the loss after --train-steps Adam steps (lr 1e-2) from the same initialisation.
@@ -190,7 +191,7 @@ def main():
                         help="also time uniform-segment checkpointing with torch.utils.checkpoint")
     parser.add_argument("--no-peak", action="store_true", help="skip the profiler's peak-memory measurement")
     parser.add_argument("--compile", action="store_true",
-                        help="add ReversibleAdjoint with compile=True (its backward sweep compiled; ~1 min to compile)")
+                        help="add ReversibleAdjoint with compile=True (its forward and backward steps compiled; ~1 min to compile)")
     parser.add_argument("--steps-list", default="",
                         help="comma list of step counts for the runtime-vs-steps curve (empty: skip)")
     parser.add_argument("--curve-checkpoints", type=int, default=8)
@@ -206,7 +207,7 @@ def main():
 
     rows = [("DirectAdjoint (store all)", solve_loss(None, steps), 0, True),
             ("ReversibleAdjoint", solve_loss(lx.ReversibleAdjoint(coupling=0.999), steps), None, True)]
-    if args.compile:  # the backward sweep compiled (the forward runs eagerly); same gradient as the row above
+    if args.compile:  # forward steps and backward sweep compiled; the gradient of the row above to round-off
         rows.append(("ReversibleAdjoint compile=True", solve_loss(lx.ReversibleAdjoint(coupling=0.999), steps,
                                                                  compile=True), None, True))
     for k in (int(x) for x in args.checkpoints.split(",")):

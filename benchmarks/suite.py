@@ -9,7 +9,7 @@ Problems (float32 unless noted; the problem code is imported from the single-top
   x ``--scale``): the forward solve, and forward + backward of mean(z(1)^2) for pylux DirectAdjoint,
   BacksolveAdjoint ± seminorm, InterpolatingAdjoint, ReversibleAdjoint, DirectAdjoint(checkpoints=8)
   beside torchdiffeq odeint / odeint_adjoint ± seminorm and torchode AutoDiffAdjoint; with ``--compile``
-  also DirectAdjoint and BacksolveAdjoint under ``compile=True``.
+  also DirectAdjoint, BacksolveAdjoint and ReversibleAdjoint under ``compile=True``.
 * P3 the floor of P2: one evaluation of f and one vector–Jacobian product of f (u and parameters).
 * P4 the DEQ z = tanh(Wz + Ux + b) at tol 1e-4 (deq_solvers.py): Broyden, Anderson and
   fixed-point iteration, forward and forward + implicit backward, pylux and torchdeq.
@@ -190,7 +190,7 @@ def forward_rows(key, problem, repeats, compile: bool):
 
 def training_rows(inputs, tol, repeats, compile=False):
     """P2 forward + backward of every sensealg and peer (node_train_step's runners) on
-    ``inputs = nts.make_problem(...)``; with ``compile``, also pylux Direct and Backsolve with
+    ``inputs = nts.make_problem(...)``; with ``compile``, also pylux Direct, Backsolve and Reversible with
     ``compile=True`` (compiled before the timing)."""
     params, u0, d = inputs
     field = nts.kelly_field(d)
@@ -199,7 +199,8 @@ def training_rows(inputs, tol, repeats, compile=False):
     compiled = {}
     if compile:
         for name, alg in (("pylux DirectAdjoint compile=True", lx.DirectAdjoint()),
-                          ("pylux BacksolveAdjoint compile=True", lx.BacksolveAdjoint())):
+                          ("pylux BacksolveAdjoint compile=True", lx.BacksolveAdjoint()),
+                          ("pylux ReversibleAdjoint compile=True", lx.ReversibleAdjoint())):
             compiled[name] = nts.pylux_step(alg, tol, compile=True)
             start = time.perf_counter()
             nts.train_step(compiled[name], params, u0, field)
@@ -224,6 +225,7 @@ def training_rows(inputs, tol, repeats, compile=False):
              "pylux InterpolatingAdjoint": "backsolve",
              "pylux BacksolveAdjoint(seminorm)": "backsolve seminorm",
              "pylux DirectAdjoint compile=True": "backprop", "pylux BacksolveAdjoint compile=True": "backsolve",
+             "pylux ReversibleAdjoint compile=True": "backprop",
              "torchdiffeq odeint_adjoint(seminorm)": "backsolve seminorm"}
     cases = {name: (lambda run=run: nts.train_step(run, params, u0, field)) for name, run in runs.items()}
     results = interleaved(cases, repeats)
@@ -321,7 +323,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--scale", type=float, default=1.0, help="P2 weights x scale (3: a harder field)")
-    parser.add_argument("--compile", action="store_true", help="add the P1/P2 forward and P2 Direct/Backsolve rows with compile=True")
+    parser.add_argument("--compile", action="store_true", help="add the P1/P2 forward and P2 Direct/Backsolve/Reversible rows with compile=True")
     parser.add_argument("--problems", default="P1,P2,P3,P4")
     args = parser.parse_args()
     from _timing import pin_cores

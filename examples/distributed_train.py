@@ -59,40 +59,42 @@ def main(argv: list[str] | None = None) -> dict:
     rank, world = lxd.initialize(args.backend)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     start = time.perf_counter()
-    try:
-        x_train, y_train = load_digits("train")
-        x_test, y_test = load_digits("test", device=device)
-        loader = lxd.DistributedLoader(torch.utils.data.TensorDataset(x_train, y_train), args.batch_size, seed=0)
-        model = build_model()
-        # a different seed per rank on purpose: DistributedTrainState broadcasts rank 0's parameters
-        ps, st = lx.setup(torch.Generator().manual_seed(rank), model, device=device)
-        ts = lxd.DistributedTrainState(model, ps, st, Adam(1e-2))
+    # on an error no teardown: destroying the group while a peer sits in a collective deadlocks, and
+    # the launcher ends the other ranks
+    x_train, y_train = load_digits("train")
+    x_test, y_test = load_digits("test", device=device)
+    loader = lxd.DistributedLoader(torch.utils.data.TensorDataset(x_train, y_train), args.batch_size, seed=0)
+    model = build_model()
+    # a different seed per rank on purpose: DistributedTrainState broadcasts rank 0's parameters
+    ps, st = lx.setup(torch.Generator().manual_seed(rank), model, device=device)
+    ts = lxd.DistributedTrainState(model, ps, st, Adam(1e-2))
+    if rank == 0:
+        print(f"{world} process(es), backend {dist.get_backend()}, {len(loader)} steps per epoch of "
+              f"{args.batch_size} images per process", flush=True)
+    for epoch in range(args.epochs):
+        losses, nfes = [], []
+        for x, y in loader:
+            _, loss, stats, ts = single_train_step(loss_fn, (x.to(device), y.to(device)), ts)
+            losses.append(loss)
+            nfes.append(stats["nfe"])
+        summary = lxd.reduce_statistics({"loss": torch.stack(losses).mean(), "nfe": sum(nfes) / len(nfes)})
+        with torch.no_grad():
+            logits, _ = model(x_test, ts.ps, lx.testmode(ts.st))
+            accuracy = (logits.argmax(dim=1) == y_test).double().mean().item()
         if rank == 0:
-            print(f"{world} process(es), backend {dist.get_backend()}, {len(loader)} steps per epoch of "
-                  f"{args.batch_size} images per process", flush=True)
-        for epoch in range(args.epochs):
-            losses, nfes = [], []
-            for x, y in loader:
-                _, loss, stats, ts = single_train_step(loss_fn, (x.to(device), y.to(device)), ts)
-                losses.append(loss)
-                nfes.append(stats["nfe"])
-            summary = lxd.reduce_statistics({"loss": torch.stack(losses).mean(), "nfe": sum(nfes) / len(nfes)})
-            with torch.no_grad():
-                logits, _ = model(x_test, ts.ps, lx.testmode(ts.st))
-                accuracy = (logits.argmax(dim=1) == y_test).double().mean().item()
-            if rank == 0:
-                print(f"epoch {epoch + 1}: loss {float(summary['loss']):.4f}, forward NFE per step (mean over "
-                      f"ranks) {summary['nfe']:.1f}, test accuracy {100 * accuracy:.1f}%", flush=True)
-        # every rank holds the same parameters: check it once, cheaply
-        checksum = lx.flatten(ts.ps)[0].double().sum()
-        spread = lxd.reduce_statistics({"max": checksum}, "max")["max"] - \
-            lxd.reduce_statistics({"min": checksum}, "min")["min"]
-        elapsed = time.perf_counter() - start
-        if rank == 0:
-            print(f"parameters agree across ranks to {float(spread):.1e}; time {elapsed:.1f} s")
-        return {"test_accuracy": accuracy, "spread": float(spread), "time_s": elapsed}
-    finally:
-        dist.destroy_process_group()
+            print(f"epoch {epoch + 1}: loss {float(summary['loss']):.4f}, forward NFE per step (mean over "
+                  f"ranks) {summary['nfe']:.1f}, test accuracy {100 * accuracy:.1f}%", flush=True)
+    # every rank holds the same parameters: check it once, cheaply
+    checksum = lx.flatten(ts.ps)[0].double().sum()
+    spread = lxd.reduce_statistics({"max": checksum}, "max")["max"] - \
+        lxd.reduce_statistics({"min": checksum}, "min")["min"]
+    elapsed = time.perf_counter() - start
+    if rank == 0:
+        print(f"parameters agree across ranks to {float(spread):.1e}; time {elapsed:.1f} s")
+    # every rank enters the teardown together: a destroy racing a peer's exit can hang (pytorch#75097)
+    dist.barrier()
+    dist.destroy_process_group()
+    return {"test_accuracy": accuracy, "spread": float(spread), "time_s": elapsed}
 
 
 if __name__ == "__main__":

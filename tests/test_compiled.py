@@ -296,10 +296,47 @@ def test_whole_loop_initial_step_failures_read_as_eagerly(failure):
             lx.solve(prob, lx.Tsit5(), saveat=[1.0], compile=compile, **kwargs)
 
 
+def test_reversible_pair_whose_field_cannot_compile_falls_back_with_one_warning():
+    prob = lx.ODEProblem(branching, spiral_problem().u0, (0.0, 1.5), {"A": SPIRAL})
+    pair = lx.diffeq.Reversible(lx.Tsit5())
+    eager = lx.solve(prob, pair, reltol=1e-6, abstol=1e-6, saveat=[1.5])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sol = lx.solve(prob, pair, reltol=1e-6, abstol=1e-6, saveat=[1.5], compile=True)
+    ours = [w for w in caught if "could not be compiled" in str(w.message)]
+    assert len(ours) == 1 and sol.solver.compiled_steps == 0
+    torch.testing.assert_close(sol.u, eager.u, rtol=0, atol=0)
+    assert (sol.stats.nf, sol.stats.naccept) == (eager.stats.nf, eager.stats.naccept)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base", [lx.Tsit5(), lx.RK4()])
+def test_compiled_reversible_pair_equals_eager(base):
+    """Reversible(Tsit5()) adaptive and Reversible(RK4()) at a fixed dt with compile=True: every trial step
+    compiled, the eager solve's steps and counts, its solution to round-off. Compiles: slow."""
+    prob = spiral_problem(batch=4)
+    kwargs = dict(reltol=1e-6, abstol=1e-6) if base.error_order else dict(dt=0.05)
+    pair = lx.diffeq.Reversible(base, 0.999)
+    eager = lx.solve(prob, pair, saveat=[0.5, 1.5], **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        comp = lx.solve(prob, pair, saveat=[0.5, 1.5], compile=True, **kwargs)
+    assert comp.solver.fallback_reason is None
+    # f's first evaluation runs eagerly (checked as in an eager solve): the initial-step heuristic's, or a
+    # fixed-dt solve's first step
+    first_eager = 0 if base.error_order else 1
+    assert comp.solver.compiled_steps == comp.stats.naccept + comp.stats.nreject - first_eager
+    assert (comp.stats.naccept, comp.stats.nreject, comp.stats.nf) == \
+        (eager.stats.naccept, eager.stats.nreject, eager.stats.nf)
+    torch.testing.assert_close(comp.u, eager.u, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(comp.t, eager.t, rtol=0, atol=0)
+
+
 @pytest.mark.slow
 def test_reversible_adjoint_compiled_sweep_equals_eager():
-    """compile=True under ReversibleAdjoint: every backward step but the last one compiled, the gradient of
-    the eager sweep to round-off and the same counts; a cotangent at every saved time. Compiles: slow."""
+    """compile=True under ReversibleAdjoint: the forward steps and every backward step but the last one
+    compiled, the gradient of the eager sweep to round-off and the same counts; a cotangent at every saved
+    time. Compiles: slow."""
     g = torch.Generator().manual_seed(0)
     W = (0.5 * torch.randn(3, 3, generator=g, dtype=F64)).requires_grad_(True)
     b = (0.1 * torch.randn(3, generator=g, dtype=F64)).requires_grad_(True)
@@ -315,8 +352,12 @@ def test_reversible_adjoint_compiled_sweep_equals_eager():
             sol = lx.solve(prob, lx.Tsit5(), sensealg=lx.ReversibleAdjoint(), saveat=[0.5, 1.0, 2.0],
                            reltol=1e-6, abstol=1e-6, compile=compile)
             grads = torch.autograd.grad((sol.u ** 2).sum(), [u0, W, b])
-        results[compile] = grads, dict(sol.backward_stats)
-    (eager, eager_stats), (comp, comp_stats) = results[False], results[True]
+        results[compile] = grads, dict(sol.backward_stats), sol
+    (eager, eager_stats, eager_sol), (comp, comp_stats, comp_sol) = results[False], results[True]
+    assert isinstance(comp_sol.solver, CompiledSolver) and comp_sol.solver.compiled_steps >= eager_stats["nsteps"] - 1
+    torch.testing.assert_close(comp_sol.u, eager_sol.u, rtol=1e-12, atol=1e-12)
+    for stats in (comp_stats, eager_stats):  # the pair rebuilds u0 to round-off either way
+        assert stats.pop("reconstruction_error") < 1e-12
     assert comp_stats == eager_stats and eager_stats["nsteps"] > 5
     for a, c in zip(eager, comp):
         torch.testing.assert_close(c, a, rtol=1e-12, atol=1e-12)

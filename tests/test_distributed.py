@@ -2,6 +2,7 @@
 DDP over a StatefulLayer agrees, NFE statistics are reduced, the loader shards, errors are clear."""
 
 import os
+import time
 
 import pytest
 import torch
@@ -53,49 +54,68 @@ def node_inputs():
 def _worker(rank, init_file, out_dir):
     torch.set_num_threads(1)
     lxd.initialize("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        results = {}
-        model, x, y = model_and_data()
-        # each rank initialises differently: the train state starts from rank 0's parameters
-        ps, st = lx.setup(torch.Generator().manual_seed(rank), model, dtype=DT)
-        for name, optimizer in (("adam", Adam(0.05)), ("torch_sgd", None)):
-            if optimizer is None:
-                optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.2, momentum=0.9)
-            ts = lxd.DistributedTrainState(model, ps, st, optimizer)
-            for _ in range(STEPS):
-                _, loss, stats, ts = single_train_step(ce_loss, (shard(x, rank), shard(y, rank)), ts)
-            results[name] = ts.params.clone()
-        # DDP over the StatefulLayer bridge with torch.optim.SGD
-        layer = lx.StatefulLayer(model, ps, st)
-        ddp = torch.nn.parallel.DistributedDataParallel(layer)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.2, momentum=0.9)
+    # on an error no teardown: destroying the group while a peer sits in a collective deadlocks, and
+    # the launcher ends the other ranks
+    results = {}
+    model, x, y = model_and_data()
+    # each rank initialises differently: the train state starts from rank 0's parameters
+    ps, st = lx.setup(torch.Generator().manual_seed(rank), model, dtype=DT)
+    for name, optimizer in (("adam", Adam(0.05)), ("torch_sgd", None)):
+        if optimizer is None:
+            optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.2, momentum=0.9)
+        ts = lxd.DistributedTrainState(model, ps, st, optimizer)
         for _ in range(STEPS):
-            opt.zero_grad()
-            F.cross_entropy(ddp(shard(x, rank)), shard(y, rank)).backward()
-            opt.step()
-        results["ddp"] = lx.flatten(layer.ps)[0].clone()
-        # NFE statistics of a NeuralODE on this rank's shard, reduced across ranks
-        node = node_model()
-        nps, nst = lx.setup(torch.Generator().manual_seed(0), node, dtype=DT)
-        _, nst = node(shard(node_inputs(), rank), nps, nst)
-        results["nfe"] = nst["nfe"]
-        results["reduced"] = {op: lxd.reduce_statistics({"nfe": nst["nfe"], "t": torch.tensor(nst["nfe"]),
-                                                         "flag": True}, op) for op in ("mean", "sum", "max")}
-        # the loader: disjoint shards per epoch, reshuffled from epoch to epoch
-        loader = lxd.DistributedLoader(torch.utils.data.TensorDataset(torch.arange(10)), batch_size=2, seed=1)
-        results["epochs"] = [[int(i) for (batch,) in loader for i in batch] for _ in range(2)]
-        results["synced"] = lxd.synchronize({"w": torch.full((2,), float(rank), dtype=DT), "k": rank})
-        with pytest.raises(ValueError, match="op must be one of"):
-            lxd.reduce_statistics({"a": 1}, "median")
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+            _, loss, stats, ts = single_train_step(ce_loss, (shard(x, rank), shard(y, rank)), ts)
+        results[name] = ts.params.clone()
+    # DDP over the StatefulLayer bridge with torch.optim.SGD
+    layer = lx.StatefulLayer(model, ps, st)
+    ddp = torch.nn.parallel.DistributedDataParallel(layer)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.2, momentum=0.9)
+    for _ in range(STEPS):
+        opt.zero_grad()
+        F.cross_entropy(ddp(shard(x, rank)), shard(y, rank)).backward()
+        opt.step()
+    results["ddp"] = lx.flatten(layer.ps)[0].clone()
+    # NFE statistics of a NeuralODE on this rank's shard, reduced across ranks
+    node = node_model()
+    nps, nst = lx.setup(torch.Generator().manual_seed(0), node, dtype=DT)
+    _, nst = node(shard(node_inputs(), rank), nps, nst)
+    results["nfe"] = nst["nfe"]
+    results["reduced"] = {op: lxd.reduce_statistics({"nfe": nst["nfe"], "t": torch.tensor(nst["nfe"]),
+                                                     "flag": True}, op) for op in ("mean", "sum", "max")}
+    # the loader: disjoint shards per epoch, reshuffled from epoch to epoch
+    loader = lxd.DistributedLoader(torch.utils.data.TensorDataset(torch.arange(10)), batch_size=2, seed=1)
+    results["epochs"] = [[int(i) for (batch,) in loader for i in batch] for _ in range(2)]
+    results["synced"] = lxd.synchronize({"w": torch.full((2,), float(rank), dtype=DT), "k": rank})
+    with pytest.raises(ValueError, match="op must be one of"):
+        lxd.reduce_statistics({"a": 1}, "median")
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    # every rank enters the teardown together: a destroy racing the peer's exit can hang (pytorch#75097)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+#: seconds the two ranks get; they take a few
+RANKS_DEADLINE_S = 240
 
 
 @pytest.fixture(scope="module")
 def worker_results(tmp_path_factory):
+    """The ranks' results, each saved by its rank; a rank that hangs is killed at the deadline (the test
+    fails unless every rank saved its results first: a hang in the teardown does not change them)."""
     out = tmp_path_factory.mktemp("distributed")
-    mp.spawn(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=True)
+    context = mp.start_processes(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + RANKS_DEADLINE_S
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            saved = [(out / f"rank{r}.pt").exists() for r in range(WORLD)]
+            if not all(saved):
+                pytest.fail(f"the {WORLD} gloo ranks did not finish within {RANKS_DEADLINE_S} s "
+                            f"(results saved: {saved})")
+            break
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

@@ -30,13 +30,16 @@ serves the rest. The Rosenbrock methods compile their whole loop or nothing:
 outside the whole-loop conditions (or under a sensitivity algorithm, or with
 inputs that need a gradient) their steps run eagerly, with one warning.
 
-Scope: explicit Runge–Kutta solvers (``Tsit5()``, ``DP5()``, ``BS3()``, …), ODE
-problems, and ``sensealg=None`` or ``DirectAdjoint()`` (autograd differentiates
-the compiled graph) or an algorithm that declares ``compiles_backward``
-(the continuous adjoints ``BacksolveAdjoint``, ``InterpolatingAdjoint``,
-``QuadratureAdjoint``: their forward solve and every backward solve of the
-augmented state run compiled, the vector–Jacobian products traced with
-``torch.func.vjp``).
+Scope: explicit Runge–Kutta solvers (``Tsit5()``, ``DP5()``, ``BS3()``, …) and their
+reversible pairs (``Reversible(Tsit5())``: a trial step completes the pending backward
+increment ``Z_n = Z_{n-1} + Y_n - S_{-h}(Y_n)``, takes the forward base step and forms
+``Y_{n+1}`` in one graph), ODE problems, and ``sensealg=None`` or ``DirectAdjoint()``
+(autograd differentiates the compiled graph) or an algorithm that declares
+``compiles_backward`` (the continuous adjoints ``BacksolveAdjoint``,
+``InterpolatingAdjoint``, ``QuadratureAdjoint``: their forward solve and every backward
+solve of the augmented state run compiled, the vector–Jacobian products traced with
+``torch.func.vjp``; ``ReversibleAdjoint``: its forward steps and every step of its
+reconstructing sweep but the last).
 """
 
 from __future__ import annotations
@@ -47,8 +50,9 @@ import torch
 
 from .captured import captured_run
 from .norms import scaled_error_norm
-from .solvers import AbstractSolver, ExplicitRungeKutta, RKState, StepResult
+from .solvers import AbstractSolver, ExplicitRungeKutta, RKState, StepResult, as_step_times, time_add
 from .interpolation import StageInterpolant
+from .reversible import Reversible, ReversibleState
 from .terms import BoundTerm, as_bound_term
 
 __all__ = ["CompiledSolver", "CompiledStepResult", "compiled_solver", "COMPILE_MODES"]
@@ -79,18 +83,29 @@ def _fused_step(base, term, t, u, dt, state, abstol, reltol, norm, adaptive):
             tuple(stiffness), result.nfe)
 
 
-def _compiled_function(mode: str):
-    if mode not in _COMPILED:
-        _COMPILED[mode] = torch.compile(_fused_step, fullgraph=True, dynamic=False,
-                                        mode=None if mode == "default" else mode)
-    return _COMPILED[mode]
+def _fused_reversible_step(solver, term, t, y, dt, z, pending, abstol, reltol, norm, adaptive):
+    """The reversible pair's trial step (:class:`~pylux.diffeq.Reversible`) and its scaled error norm: the
+    pending backward increment that completes ``Z_n``, the forward base step and ``Y_{n+1}``, one graph."""
+    result = solver.step(term, t, y, dt, ReversibleState(z, pending))
+    error = result.error_estimate
+    scaled = scaled_error_norm(error, *result.error_scale, abstol, reltol, norm) if adaptive else None
+    return result.u_new, error, scaled, result.solver_state_retry.z, result.nfe
+
+
+def _compiled_function(mode: str, fused=_fused_step):
+    key = (mode, fused)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fused, fullgraph=True, dynamic=False,
+                                       mode=None if mode == "default" else mode)
+    return _COMPILED[key]
 
 
 class CompiledSolver(AbstractSolver):
     """An explicit Runge–Kutta solver whose step runs as one compiled graph (see the module docstring).
 
     Args:
-        base: the explicit Runge–Kutta method.
+        base: the explicit Runge–Kutta method, or its reversible pair (:class:`~pylux.diffeq.Reversible`:
+            the pending backward increment, the forward base step and the new ``Y`` form one graph).
         options: the solve's :class:`~pylux.diffeq.options.SolveOptions` (tolerances and norm
             enter the compiled error norm).
         mode: a ``torch.compile`` mode (``"default"``, ``"reduce-overhead"``, ``"max-autotune"``).
@@ -100,7 +115,7 @@ class CompiledSolver(AbstractSolver):
 
     compiled = True
 
-    def __init__(self, base: ExplicitRungeKutta, options, mode: str = "default") -> None:
+    def __init__(self, base: ExplicitRungeKutta | Reversible, options, mode: str = "default") -> None:
         self.base = base
         self.order, self.error_order = base.order, base.error_order
         self.interpolation_order = base.interpolation_order
@@ -162,7 +177,7 @@ class CompiledSolver(AbstractSolver):
 
     def step(self, term, t, u, dt, state):
         term = as_bound_term(term)
-        if not isinstance(self.base, ExplicitRungeKutta):
+        if not isinstance(self.base, (ExplicitRungeKutta, Reversible)):
             # a stiff method compiles its whole loop or nothing: this solve needs the step-by-step loop
             if self.fallback_reason is None:
                 self.fallback_reason = (self.whole_loop_refusal or self.capture_refusal
@@ -178,11 +193,17 @@ class CompiledSolver(AbstractSolver):
         # the graph sees the plain bound term: a counter's changing integer would be a guard that recompiles
         # every step, so the loop's evaluation count is advanced here instead
         plain = BoundTerm(term.term, term.p)
+        reversible = isinstance(self.base, Reversible)
         try:
             if cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            out = _compiled_function(self.mode)(self.base, plain, t, u, dt, state, abstol, reltol, norm,
-                                                self.adaptive)
+            if reversible:
+                t, dt = as_step_times(t, dt, u)
+                out = _compiled_function(self.mode, _fused_reversible_step)(
+                    self.base, plain, t, u, dt, state.z, state.pending, abstol, reltol, norm, self.adaptive)
+            else:
+                out = _compiled_function(self.mode)(self.base, plain, t, u, dt, state, abstol, reltol, norm,
+                                                    self.adaptive)
         except Exception as err:  # noqa: BLE001 - any compile failure means: run eagerly
             result = self.base.step(term, t, u, dt, state)  # a genuine error of f is raised here, unchanged
             first_line = (str(err).strip().splitlines() or [""])[0][:200]
@@ -192,10 +213,16 @@ class CompiledSolver(AbstractSolver):
             return result
         if cuda_graphs:
             out = tuple(_copy_out(x) for x in out)
+        self.compiled_steps += 1
+        if reversible:
+            u_new, error, scaled, z, nfe = out
+            if hasattr(term, "count"):
+                term.count += nfe
+            return CompiledStepResult(u_new, error, solver_state_new=ReversibleState(z, (time_add(t, dt), dt)),
+                                      nfe=nfe, solver_state_retry=ReversibleState(z), scaled_error=scaled)
         u_new, error, scaled, stages, k_new, stiffness, nfe = out
         if hasattr(term, "count"):
             term.count += nfe
-        self.compiled_steps += 1
         return CompiledStepResult(
             u_new, error, dense_info=StageInterpolant(u, dt, list(stages), self.base.tableau),
             solver_state_new=RKState(k_new), nfe=nfe, du_new=k_new,
@@ -232,11 +259,11 @@ def compiled_solver(solver, options, sensealg, compile, device: torch.device) ->
         mode = compile
     else:
         raise ValueError(f"solve: compile must be True, False or one of {COMPILE_MODES}, got {compile!r}")
-    if not (isinstance(solver, ExplicitRungeKutta) or getattr(solver, "captures_whole_loop", False)):
+    if not (isinstance(solver, (ExplicitRungeKutta, Reversible)) or getattr(solver, "captures_whole_loop", False)):
         raise TypeError(f"solve: compile=True compiles explicit Runge–Kutta steps (Tsit5(), DP5(), BS3(), RK4(), "
-                        f"...) and Rosenbrock loops (Rosenbrock23(), Rodas5P()), got {solver!r}; solve it with "
-                        "compile=False")
-    if not isinstance(solver, ExplicitRungeKutta) and sensealg is not None:
+                        f"..., and their Reversible(...) pairs) and Rosenbrock loops (Rosenbrock23(), Rodas5P()), "
+                        f"got {solver!r}; solve it with compile=False")
+    if getattr(solver, "captures_whole_loop", False) and sensealg is not None:
         raise NotImplementedError(f"solve: compile=True with {type(solver).__name__} runs forward solves only "
                                   f"(sensealg=None, under torch.no_grad or for inputs that need no gradient), not "
                                   f"under {sensealg!r}; pass compile=False to differentiate a stiff solve")

@@ -45,6 +45,7 @@ import torch
 from ..core import tree_replace_at_paths
 from ..diffeq import AbstractSensitivityAlgorithm, ODEProblem, Reversible, Solution, integrate
 from ..diffeq._device import time_vector
+from ..diffeq.compiled import CompiledSolver
 from ..diffeq.options import SolveOptions
 from ..diffeq.sde import SDEProblem
 from ..diffeq.solvers import ExplicitRungeKutta
@@ -112,12 +113,12 @@ class ReversibleAdjoint(AbstractSensitivityAlgorithm):
     #: an SDE solved with ReversibleHeun: the same reconstruction (Kidger et al. 2021)
     handles_sde = True
 
-    #: ``solve(..., compile=True)``: the backward sweep's steps run as one compiled graph each
+    #: ``solve(..., compile=True)``: every forward step and every backward-sweep step runs as one compiled graph
     compiles_backward = True
 
     def solve_with(self, problem: ODEProblem, solver, options: SolveOptions) -> Solution:
         compile_mode = None
-        if getattr(solver, "compiled", False):  # solve(..., compile=True): the sweep compiles, the forward runs eagerly
+        if getattr(solver, "compiled", False):  # solve(..., compile=True): the forward steps and the sweep's compile
             compile_mode, solver = solver.mode, solver.base
             if isinstance(problem, SDEProblem):
                 raise NotImplementedError("ReversibleAdjoint: compile=True is not supported for SDEs (the "
@@ -139,6 +140,8 @@ class ReversibleAdjoint(AbstractSensitivityAlgorithm):
                                           "pass compile=False")
             return integrate(problem.term.bind(problem.p), problem.u0, *problem.tspan, reversible, options)
         self._compile_mode = compile_mode
+        if compile_mode is not None:
+            reversible = CompiledSolver(reversible, options, compile_mode)
         return apply_adjoint_function(_ReversibleFunction, self, problem, reversible, options)
 
     @staticmethod
@@ -176,7 +179,8 @@ class _ReversibleFunction(torch.autograd.Function):
             # cotangent, the adjoint of Z_N, is zero: the solution is Y alone)
             z = state.z if state is not None else y
         holder["solution"] = sol
-        ctx.alg, ctx.problem, ctx.reversible, ctx.paths = alg, problem, reversible, paths
+        pair = reversible.base if isinstance(reversible, CompiledSolver) else reversible
+        ctx.alg, ctx.problem, ctx.reversible, ctx.paths = alg, problem, pair, paths
         ctx.compile_mode = alg._compile_mode
         ctx.steps, ctx.times, ctx.t0 = _steps_of(sol), sol.t.tolist(), problem.tspan[0]
         ctx.time = (options.time_dtype, u0.device)
