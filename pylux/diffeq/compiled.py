@@ -214,15 +214,14 @@ class CompiledSolver(AbstractSolver):
         if cuda_graphs:
             out = tuple(_copy_out(x) for x in out)
         self.compiled_steps += 1
-        if reversible:
-            u_new, error, scaled, z, nfe = out
-            if hasattr(term, "count"):
-                term.count += nfe
-            return CompiledStepResult(u_new, error, solver_state_new=ReversibleState(z, (time_add(t, dt), dt)),
-                                      nfe=nfe, solver_state_retry=ReversibleState(z), scaled_error=scaled)
-        u_new, error, scaled, stages, k_new, stiffness, nfe = out
+        nfe = out[-1]
         if hasattr(term, "count"):
             term.count += nfe
+        if reversible:
+            u_new, error, scaled, z, _ = out
+            return CompiledStepResult(u_new, error, solver_state_new=ReversibleState(z, (time_add(t, dt), dt)),
+                                      nfe=nfe, solver_state_retry=ReversibleState(z), scaled_error=scaled)
+        u_new, error, scaled, stages, k_new, stiffness, _ = out
         return CompiledStepResult(
             u_new, error, dense_info=StageInterpolant(u, dt, list(stages), self.base.tableau),
             solver_state_new=RKState(k_new), nfe=nfe, du_new=k_new,
