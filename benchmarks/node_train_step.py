@@ -191,7 +191,7 @@ def diffrax_rows(params, u0, d, tol, solver_name, repeats):
             start = time.perf_counter()
             jax.block_until_ready(step(p))
             times.append(time.perf_counter() - start)
-        torch_grads = [torch.from_numpy(__import__("numpy").asarray(grads[k])) for k in params]
+        torch_grads = [torch.from_numpy(__import__("numpy").asarray(grads[k])).to(u0.device) for k in params]
         out[name] = dict(grads=torch_grads, nfe_f=int(steps), nfe_b=-1, time=statistics.median(times),
                          saved=float("nan"), peak=None)
     return out

@@ -111,7 +111,7 @@ def reference(problem):
                                   method="dopri8", rtol=1e-12, atol=1e-12)[-1]
 
 
-def pylux_forward(problem, solver, compile=False, controller=None):
+def pylux_forward(problem, solver, compile=False, controller=None, tstops=None):
     """(z(t1), NFE) of a pylux forward solve; the NFE from pylux's own counter (a Python counter inside a
     compiled field would be a guard that recompiles every step). ``controller`` defaults to
     ``IController()``, the integral control every peer row uses; the "default PI" row shows pylux's own
@@ -122,7 +122,7 @@ def pylux_forward(problem, solver, compile=False, controller=None):
         problem["pylux_f"] = lambda u, p, t: field(u, t)
     prob = de.ODEProblem(problem["pylux_f"], problem["u0"], (0.0, problem["t1"]))
     sol = de.solve(prob, solver, reltol=problem["tol"], abstol=problem["tol"], saveat=[problem["t1"]],
-                   compile=compile, controller=controller)
+                   compile=compile, controller=controller, tstops=tstops)
     return sol.u[-1], sol.stats.nf
 
 
@@ -156,7 +156,7 @@ def diffrax_forward(problem):
 
     def call():
         y1, steps = jax.block_until_ready(run(y0))
-        return torch.from_numpy(np.asarray(y1)), 6 * int(steps) + 2
+        return torch.from_numpy(np.asarray(y1)).to(problem["u0"].device), 6 * int(steps) + 2
     call()  # compile outside the timing
     return call
 
@@ -176,6 +176,13 @@ def forward_rows(key, problem, repeats, compile: bool):
             pylux_forward(problem, de.Tsit5(), compile=True)
         print(f"{key}: compile=True first solve (compilation) {time.perf_counter() - start:.1f} s")
         cases["pylux Tsit5 compile=True"] = lambda: pylux_forward(problem, de.Tsit5(), compile=True)
+        # a tstop keeps the step-by-step loop (one compiled step per launch; CUDA graphs on CUDA) instead
+        # of the whole loop in one graph: which of the two compiled paths is faster on this device
+        midway = (problem["t1"] / 2,)
+        with torch.no_grad():
+            pylux_forward(problem, de.Tsit5(), compile=True, tstops=midway)
+        cases["pylux Tsit5 compile=True per step (tstop t1/2)"] = lambda: pylux_forward(
+            problem, de.Tsit5(), compile=True, tstops=midway)
     if have_diffrax():
         cases["diffrax Tsit5 (jit)"] = diffrax_forward(problem)
     with torch.no_grad():
@@ -333,29 +340,60 @@ def main():
     device = torch.device(args.device)
     wanted = set(args.problems.split(","))
     rows = []
-    # problems first (their generators live on the CPU), then the peers' runners make their time tensors
-    # with torch.tensor(...) on the default device
-    p1 = spiral(device) if "P1" in wanted else None
-    p2 = kelly(args.scale, device) if "P2" in wanted else None
-    train_inputs = nts.make_problem(args.scale, torch.float32, device) if wanted & {"P2", "P3"} else None
+    header = (f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) on {cores}, {args.device}, float32, "
+              f"median of {args.repeats} interleaved rounds; P2 weights x{args.scale:g}")
+    failed = []
+
+    def part(name, make_rows):
+        """One problem's rows, printed as soon as they are measured (a run stopped at a time limit keeps
+        what it finished); a problem that raises is reported with its traceback and the others still run."""
+        try:
+            new_rows = make_rows()
+        except Exception:  # noqa: BLE001 - a benchmark run reports every problem it can
+            import traceback
+            print(f"{name} failed:\n{traceback.format_exc()}", flush=True)
+            failed.append(name)
+            return
+        rows.extend(new_rows)
+        add_ratios(rows)
+        print(f"{name} done", flush=True)
+        print_table(new_rows)
+
+    # the peers' runners make their time tensors with torch.tensor(...) on the default device; the problems
+    # are built with the CPU as the default (their generators live there) and moved to ``device``
     torch.set_default_device(device)
-    if p1 is not None:
-        rows += forward_rows("P1", p1, args.repeats, args.compile)[0]
-    if p2 is not None:
-        rows += forward_rows("P2", p2, args.repeats, args.compile)[0]
-    if train_inputs is not None:
-        train, floor_inputs = training_rows(train_inputs, 1e-5, args.repeats, args.compile)
-        if "P2" in wanted:
-            rows += train
-        if "P3" in wanted:
-            rows += floor_rows(*floor_inputs, args.repeats)
+    if "P1" in wanted:
+        part("P1", lambda: forward_rows("P1", built_on_cpu(spiral, device), args.repeats, args.compile)[0])
+    if "P2" in wanted:
+        part("P2 forward", lambda: forward_rows("P2", built_on_cpu(kelly, args.scale, device), args.repeats,
+                                                args.compile)[0])
+    if "P2" in wanted:
+        part("P2 training", lambda: training_rows(built_on_cpu(nts.make_problem, args.scale, torch.float32, device),
+                                                  1e-5, args.repeats, args.compile)[0])
+    if "P3" in wanted:
+        part("P3", lambda: floor_rows(*training_inputs(args, device), args.repeats))
     if "P4" in wanted:
         torch.set_default_device("cpu")  # deq_solvers builds its problem on the CPU
-        rows += deq_rows(max(args.repeats, 15))  # P4 cases take milliseconds: enough rounds for a stable median
+        part("P4 (on the CPU)" if device.type != "cpu" else "P4",
+             lambda: deq_rows(max(args.repeats, 15)))  # P4 cases take milliseconds: enough rounds for a stable median
     add_ratios(rows)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) on {cores}, {args.device}, float32, "
-          f"median of {args.repeats} interleaved rounds; P2 weights x{args.scale:g}")
+    print(header)
     print_table(rows)
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+        sys.exit(1)
+
+
+def built_on_cpu(make, *args):
+    """``make(*args)`` with the CPU as torch's default device (the problems draw from CPU generators)."""
+    with torch.device("cpu"):
+        return make(*args)
+
+
+def training_inputs(args, device):
+    """P3's inputs: the Kelly parameters, batch and field of the P2 training rows."""
+    params, u0, d = built_on_cpu(nts.make_problem, args.scale, torch.float32, device)
+    return params, u0, nts.kelly_field(d)
 
 
 if __name__ == "__main__":
