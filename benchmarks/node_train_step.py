@@ -23,7 +23,7 @@ Run twice: as is, and with --scale 3 (weights x3: at random initialisation the u
 solve takes only a few steps).
 
     python benchmarks/node_train_step.py [--scale 3] [--solver Tsit5|DP5] [--repeats 3] [--threads 2]
-                                         [--device cpu] [--torchode-backsolve] [--diffrax]
+                                         [--device cpu] [--torchode-backsolve] [--diffrax] [--retain-memory]
 
 (--diffrax needs `pip install diffrax`, which brings JAX; it is not part of the bench extra.)
 
@@ -288,7 +288,11 @@ def main():
                         help="also time diffrax (JAX, jitted) backsolve ± seminorm and recursive checkpointing")
     parser.add_argument("--solver", default="Tsit5", choices=sorted(SOLVERS),
                         help="pylux's method (the peers use dopri5 / Tsit5 as named)")
+    parser.add_argument("--retain-memory", action="store_true",
+                        help="lx.retain_freed_cpu_memory() first (every row alike)")
     args = parser.parse_args()
+    if args.retain_memory:
+        lx.retain_freed_cpu_memory()
     from _timing import pin_cores
     cores = pin_cores(args.threads)  # diffrax's XLA pool would otherwise take every core of the machine
     torch.set_num_threads(args.threads)

@@ -93,7 +93,6 @@ Timings on a shared machine are noisy; compare numbers from the same run.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 from collections import OrderedDict

@@ -33,7 +33,11 @@ forward in the round-robin, P2 forward + backward (BacksolveAdjoint ± its semin
 RecursiveCheckpointAdjoint) timed right after the torch rows; their NFE column gives steps.
 
     python benchmarks/suite.py [--repeats 3] [--threads 1] [--compile] [--scale 1] [--device cpu]
-                               [--problems P1,P2,P3,P4]
+                               [--problems P1,P2,P3,P4] [--retain-memory]
+
+``--retain-memory`` calls :func:`pylux.retain_freed_cpu_memory` first (glibc keeps freed blocks in the
+process instead of faulting fresh pages in for every step's tensors); it applies to every library of the
+run alike.
 
 Timings on a shared machine are noisy; compare numbers from the same run.
 """
@@ -332,7 +336,11 @@ def main():
     parser.add_argument("--scale", type=float, default=1.0, help="P2 weights x scale (3: a harder field)")
     parser.add_argument("--compile", action="store_true", help="add the P1/P2 forward and P2 Direct/Backsolve/Reversible rows with compile=True")
     parser.add_argument("--problems", default="P1,P2,P3,P4")
+    parser.add_argument("--retain-memory", action="store_true",
+                        help="lx.retain_freed_cpu_memory() first: freed CPU tensors stay in the process (every library "
+                             "of the run alike); without it glibc's defaults fault fresh pages in every step")
     args = parser.parse_args()
+    retained = lx.retain_freed_cpu_memory() if args.retain_memory else False
     from _timing import pin_cores
     cores = pin_cores(args.threads)  # diffrax's XLA pool would otherwise take every core of the machine
     torch.set_num_threads(args.threads)
@@ -341,7 +349,8 @@ def main():
     wanted = set(args.problems.split(","))
     rows = []
     header = (f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) on {cores}, {args.device}, float32, "
-              f"median of {args.repeats} interleaved rounds; P2 weights x{args.scale:g}")
+              f"median of {args.repeats} interleaved rounds; P2 weights x{args.scale:g}; "
+              f"freed CPU memory {'retained (lx.retain_freed_cpu_memory)' if retained else 'per glibc defaults'}")
     failed = []
 
     def part(name, make_rows):

@@ -143,7 +143,7 @@ def floor_step(nfe, ps, counter):
         leaves = lx.core.tree_leaves(vf)
         for leaf in leaves:
             leaf.grad = None
-        z, total = z0, 0.0
+        z = z0
         for _ in range(nfe):
             counter[0] += 1
             out = (field(z, vf, st)[0].view(B, H, C) @ dx).squeeze(-1)

@@ -14,6 +14,7 @@ from .core import (
     apply,
     flatten,
     parameter_count,
+    retain_freed_cpu_memory,
     setup,
     state_count,
     testmode,

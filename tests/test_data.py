@@ -84,7 +84,7 @@ def test_spirals_geometry_and_determinism():
     x, y = spirals(101, shuffle=False, dtype=torch.float64)
     assert x.shape == (101, 2) and y.shape == (101,) and y.dtype == torch.int64
     assert int((y == 0).sum()) == 51 and int((y == 1).sum()) == 50
-    arm0, arm1 = x[y == 0], x[y == 1]
+    arm0 = x[y == 0]
     assert torch.allclose(arm0.norm(dim=1), torch.linspace(0.05, 1.0, 51, dtype=torch.float64))
     even, _ = spirals(100, shuffle=False, dtype=torch.float64)
     assert torch.allclose(even[50:], -even[:50])  # arm 1 is arm 0 rotated by pi

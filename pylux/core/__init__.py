@@ -1,4 +1,5 @@
-"""pylux.core: the layer protocol, setup, parameter trees, flat parameter vectors and random keys.
+"""pylux.core: the layer protocol, setup, parameter trees, flat parameter vectors, random keys, and the
+process-wide CPU memory setting solver loops want (:func:`retain_freed_cpu_memory`).
 
 This package depends on torch only; every other pylux package builds on it.
 """
@@ -16,6 +17,7 @@ from .layer import (
     testmode,
     trainmode,
 )
+from .memory import retain_freed_cpu_memory
 from .random import KEY_BOUND, check_key, draw_key, key_generator, split_key
 from .tree import (
     TreeStructureError,
@@ -34,8 +36,8 @@ from .tree import (
 
 __all__ = [
     "AbstractContainerLayer", "AbstractLayer", "KEY_BOUND", "LayerError", "TreeStructureError", "Unflatten",
-    "apply", "check_generator", "check_key", "draw_key", "flatten", "key_generator", "parameter_count", "setup",
-    "split_key", "state_count", "testmode", "trainmode", "tree_check_structure", "tree_children",
+    "apply", "check_generator", "check_key", "draw_key", "flatten", "key_generator", "parameter_count",
+    "retain_freed_cpu_memory", "setup", "split_key", "state_count", "testmode", "trainmode", "tree_check_structure", "tree_children",
     "tree_global_norm", "tree_leaves", "tree_leaves_with_path", "tree_map", "tree_map_with_path",
     "tree_rebuild_node", "tree_replace_at_paths", "tree_to", "tree_zeros_like",
 ]

@@ -203,7 +203,6 @@ class AutoSwitch(AbstractAdaptiveSolver):
         return self.nonstiff.default_controller()
 
     def bind_options(self, options) -> "AutoSwitch":
-        import copy
         bound = copy.copy(self)
         for name in ("nonstiff", "stiff"):
             solver = getattr(self, name)

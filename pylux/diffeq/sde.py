@@ -26,7 +26,6 @@ rejected step of an adaptive solve, queries that same path.
 
 from __future__ import annotations
 
-import abc
 import math
 from typing import Any, Callable
 
@@ -35,7 +34,7 @@ import torch
 from ._device import host_time
 from .interpolation import AbstractInterpolant, linear_combination
 from .problem import check_state, parse_tspan
-from .solvers import AbstractAdaptiveSolver, AbstractSolver, StepResult, as_step_times, step_scale, time_add
+from .solvers import AbstractSolver, StepResult, as_step_times, step_scale, time_add
 from .terms import ControlTerm, MultiTerm, ODETerm, as_bound_term
 
 __all__ = ["SDEProblem", "AbstractSDESolver", "EulerMaruyama", "EulerHeun", "Milstein", "ReversibleHeun",

@@ -28,7 +28,7 @@ their coefficients instead of multiplying every stage by it.
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 
