@@ -31,7 +31,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
     shift 2
     echo "=== $name (limit ${limit}s): $*"
     local start=$SECONDS
-    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
     echo "=== $name: exit $rc after $((SECONDS - start)) s"
     tail -n 40 "$OUT/$name.log"
@@ -40,13 +40,13 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
 nvidia-smi -L || true
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 
-step suite 330 $PY benchmarks/suite.py --device cuda --compile --repeats 5 --threads 8
+step suite 310 $PY benchmarks/suite.py --device cuda --compile --repeats 5 --threads 8
 
-step cuda_tests 110 $PY -m pytest -q -m "slow or not slow" tests/test_compiled.py \
+step cuda_tests 150 $PY -m pytest -v --durations=0 -m "slow or not slow" tests/test_compiled.py \
     tests/test_interop.py::test_device_loader_prefetches_to_cuda tests/test_nn.py \
     -k cuda
 
-step interop 25 $PY - <<'EOF'
+step interop 20 $PY - <<'EOF'
 import torch
 import cupy
 from pylux.interop import DeviceLoader, from_torch, to_torch
@@ -69,5 +69,5 @@ assert float(t[0]) == 42.0, "the CuPy array does not share memory with the tenso
 print("DLPack torch <-> CuPy: zero-copy both ways (same device pointer, writes visible)")
 EOF
 
-step node_train_step 90 $PY benchmarks/node_train_step.py --device cuda --diffrax --repeats 3 --threads 8
+step node_train_step 75 $PY benchmarks/node_train_step.py --device cuda --diffrax --repeats 3 --threads 8
 echo "logs in $OUT"

@@ -291,8 +291,7 @@ def main():
     parser.add_argument("--retain-memory", action="store_true",
                         help="lx.retain_freed_cpu_memory() first (every row alike)")
     args = parser.parse_args()
-    if args.retain_memory:
-        lx.retain_freed_cpu_memory()
+    retained = lx.retain_freed_cpu_memory() if args.retain_memory else False
     from _timing import pin_cores
     cores = pin_cores(args.threads)  # diffrax's XLA pool would otherwise take every core of the machine
     torch.set_num_threads(args.threads)
@@ -339,7 +338,8 @@ def main():
         results.update(extra)
         rows += [(name, None, None) for name in extra]
     print(f"Kelly MNIST neural ODE, batch {u0.shape[0]}, float32, weights x{args.scale:g}, tol {tol:g}, "
-          f"{args.threads} threads on {cores}, {args.device}; pylux rows use {args.solver}")
+          f"{args.threads} threads on {cores}, {args.device}; pylux rows use {args.solver}; freed CPU memory "
+          f"{'retained (lx.retain_freed_cpu_memory)' if retained else 'per glibc defaults'}")
     header = (f"{'method':40s} {'fwd NFE':>8s} {'bwd NFE':>8s} {'time ms':>9s} {'vs peer':>8s} "
               f"{'saved MB':>9s} {'peak MB':>9s} {'grad rel err':>12s}")
     print(header)

@@ -398,7 +398,8 @@ def test_a_tolerance_sweep_compiles_once(whole_loop):
         assert counters["stats"]["unique_graphs"] == graphs, tol
 
 
-# --- CUDA (skipped where there is no GPU): compile=True means mode="reduce-overhead" there (CUDA graphs) ----
+# --- CUDA (skipped where there is no GPU): compile=True means mode="reduce-overhead" there, CUDA graphs for the
+# per-step path; the whole loop's graph runs without them (its while loop reads its predicate on the host) ----
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -426,14 +427,18 @@ def test_cuda_whole_loop_equals_eager_on_the_device():
 def test_cuda_graph_steps_equal_eager_and_saved_values_survive_the_replays():
     """A tstop keeps the per-step loop (capture_refusal): every trial step is one CUDA-graph replay, whose
     outputs live in static buffers the next replay overwrites; the saveat values, interpolated from the
-    stages of the steps that pass them, must be read from copies. (The step sequence equals the eager one up
-    to the cancellation in the error estimate, ~1e-11 relative in dt: values at fixed times agree to ~1e-12.)"""
+    stages of the steps that pass them, must be read from copies; so must the state saved where a step ends on
+    a saveat time (the tstop at 0.75). (The step sequence equals the eager one up to the cancellation in the
+    error estimate, ~1e-11 relative in dt: values at fixed times agree to ~1e-12.)"""
+    from torch._dynamo.utils import counters
     prob = cuda_spiral_problem()
-    kw = dict(reltol=1e-8, abstol=1e-8, saveat=[0.25 * i for i in range(1, 7)], tstops=(0.7,))
+    kw = dict(reltol=1e-8, abstol=1e-8, saveat=[0.25 * i for i in range(1, 7)], tstops=(0.75,))
     eager = lx.solve(prob, lx.Tsit5(), **kw)
+    skips_before = counters["inductor"]["cudagraph_skips"]
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         comp = lx.solve(prob, lx.Tsit5(), compile=True, **kw)
+    assert counters["inductor"]["cudagraph_skips"] == skips_before, "the step ran without CUDA graphs"
     assert comp.solver.fallback_reason is None and comp.solver.mode == "reduce-overhead"
     assert "step-by-step" in comp.solver.capture_refusal
     assert comp.solver.compiled_steps == comp.stats.naccept + comp.stats.nreject > 10
@@ -457,6 +462,7 @@ def test_cuda_compiled_gradients_equal_eager(make_sensealg):
             grads = torch.autograd.grad((sol.u ** 2).sum(), [prob.u0, prob.p["A"]])
         results[compile] = sol, grads
     (eager, g_eager), (comp, g_comp) = results[False], results[True]
+    assert isinstance(comp.solver, CompiledSolver) and comp.solver.compiled_steps > 10
     torch.testing.assert_close(comp.u, eager.u, rtol=1e-10, atol=1e-10)
     for a, b in zip(g_comp, g_eager):
         assert a.is_cuda and b.abs().max() > 1e-2

@@ -39,7 +39,9 @@ def _faults_per_step(mode):
     # glibc's initial mmap threshold (128 KiB), held fixed: glibc adapts it upwards to the largest block freed
     # so far, and whether that has happened by the loop varies from one process start to the next; fixed, it
     # is the state of a process whose history never raised it, every time
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    # (and no preloaded allocator nor other malloc settings from the calling environment)
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith("MALLOC_")}
+    env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     out = subprocess.run([sys.executable, "-c", LOOP, mode], capture_output=True, text=True, timeout=120, check=True,
                          env=env)
     applied, faults = out.stdout.split()
@@ -61,8 +63,55 @@ def test_other_c_libraries_are_left_alone(monkeypatch):
     assert lx.retain_freed_cpu_memory() is False
 
 
-@pytest.mark.parametrize("bad, error, match", [(-1, ValueError, ">= 0 bytes"), (1.5, TypeError, "an int"),
-                                               (True, TypeError, "an int"), ("1G", TypeError, "an int")])
+@pytest.mark.parametrize("confstr", [lambda name: None, lambda name: "musl 1.2", "raise"])
+def test_only_glibc_is_taken_for_glibc(monkeypatch, confstr):
+    """musl (also behind a glibc-compatibility shim that exports gnu_get_libc_version) reports no glibc version."""
+    def raising(name):
+        raise ValueError("unrecognized configuration name")
+    monkeypatch.setattr(memory.sys, "platform", "linux")
+    monkeypatch.setattr(memory.os, "confstr", raising if confstr == "raise" else confstr)
+    assert memory._glibc() is None
+
+
+class RecordingLibc:
+    """Stands in for glibc: records the mallopt calls, refusing the mmap thresholds above ``mmap_ceiling``."""
+
+    def __init__(self, mmap_ceiling=None):
+        self.calls, self.mmap_ceiling = [], mmap_ceiling
+
+    def mallopt(self, option, value):
+        self.calls.append((option, value))
+        refused = option == memory._M_MMAP_THRESHOLD and self.mmap_ceiling is not None and value > self.mmap_ceiling
+        return 0 if refused else 1
+
+
+def test_sizes_beyond_a_c_int_are_capped_not_wrapped(monkeypatch):
+    # ctypes passes a Python int to a C int modulo 2**32 without a word: 2**32 + 5 would set 5 bytes
+    libc = RecordingLibc()
+    monkeypatch.setattr(memory, "_glibc", lambda: libc)
+    assert lx.retain_freed_cpu_memory(1 << 40) is True
+    assert libc.calls == [(memory._M_MMAP_THRESHOLD, 2 ** 31 - 1), (memory._M_TRIM_THRESHOLD, 2 ** 31 - 1)]
+
+
+def test_an_older_glibc_gets_its_ceiling_for_the_mmap_threshold(monkeypatch):
+    libc = RecordingLibc(mmap_ceiling=32 << 20)
+    monkeypatch.setattr(memory, "_glibc", lambda: libc)
+    assert lx.retain_freed_cpu_memory() is True
+    assert libc.calls == [(memory._M_MMAP_THRESHOLD, 1 << 30), (memory._M_MMAP_THRESHOLD, 32 << 20),
+                          (memory._M_TRIM_THRESHOLD, 1 << 30)]
+
+
+@pytest.mark.parametrize("bad, error, match", [(-1, ValueError, ">= 33554432 bytes"), (1 << 20, ValueError, "32 MiB"),
+                                               (1.5, TypeError, "an integer"), (True, TypeError, "an integer"),
+                                               ("1G", TypeError, "an integer")])
 def test_bad_retained_sizes_are_refused(bad, error, match):
     with pytest.raises(error, match=match):
         lx.retain_freed_cpu_memory(bad)
+
+
+def test_numpy_integers_are_sizes(monkeypatch):
+    import numpy as np
+    libc = RecordingLibc()  # the test process's own malloc is left as it is
+    monkeypatch.setattr(memory, "_glibc", lambda: libc)
+    assert lx.retain_freed_cpu_memory(np.int64(1 << 30)) is True
+    assert libc.calls[-1] == (memory._M_TRIM_THRESHOLD, 1 << 30)

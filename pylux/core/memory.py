@@ -16,7 +16,8 @@ allocator passes allocations straight to malloc and keeps no cache of its own.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import operator
+import os
 import sys
 
 __all__ = ["retain_freed_cpu_memory"]
@@ -24,32 +25,46 @@ __all__ = ["retain_freed_cpu_memory"]
 # glibc's mallopt parameter numbers (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-#: glibc's ceiling for M_MMAP_THRESHOLD on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX)
+#: the ceiling of glibc's adaptive mmap threshold on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX), and of what
+#: older glibc releases accept from mallopt
 _MMAP_THRESHOLD_MAX = 4 * 1024 * 1024 * 8
+#: the least ``max_retained``: a P2 step frees some 20 state-sized tensors (~32 MB); a heap that keeps less
+#: gives part of every step back and faults it in again (``max_retained=0`` faulted more than glibc's defaults)
+MIN_RETAINED = _MMAP_THRESHOLD_MAX
+_C_INT_MAX = 2 ** 31 - 1
 
 
 def _glibc():
-    """The process's glibc, or ``None`` where the C library is another (macOS, Windows, musl)."""
+    """The process's own C library when it is glibc (``mallopt`` bound from the running process), else ``None``
+    (macOS, Windows, musl, also with glibc-compatibility shims, which ``confstr`` does not report as glibc)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.gnu_get_libc_version.restype = ctypes.c_char_p
-        libc.gnu_get_libc_version()
+        version = os.confstr("CS_GNU_LIBC_VERSION")
+    except (ValueError, OSError, AttributeError):
+        return None
+    if not version or not version.startswith("glibc"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
     except (OSError, AttributeError):
         return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return libc
 
 
 def retain_freed_cpu_memory(max_retained: int = 1 << 30) -> bool:
     """Keep the memory that freed CPU tensors leave inside the process, so the next solver step reuses warm pages.
 
-    Sets glibc malloc's ``M_MMAP_THRESHOLD`` to its ceiling (32 MiB on 64-bit systems: blocks up to that size come
-    from the heap, not from fresh ``mmap`` regions) and ``M_TRIM_THRESHOLD`` to ``max_retained`` (the heap keeps up
-    to that many free bytes at its top instead of returning them to the kernel); see this module's docstring for
-    why a solver loop needs it. Equivalent to starting Python with
-    ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=<max_retained>``, and close to what linking jemalloc or
-    tcmalloc (``LD_PRELOAD``) does for PyTorch on the CPU.
+    Sets glibc malloc's ``M_TRIM_THRESHOLD`` to ``max_retained`` (the heap keeps up to that many free bytes at its
+    top instead of returning them to the kernel) and ``M_MMAP_THRESHOLD`` to the same (blocks up to that size come
+    from the heap, not from fresh ``mmap`` regions; older glibc releases accept at most 32 MiB there, and then a
+    tensor larger than 32 MiB still gets fresh pages at every allocation); see this module's docstring for why a
+    solver loop needs it. Both are capped at 2**31 - 1 bytes (mallopt takes a C int). Equivalent to starting
+    Python with ``MALLOC_MMAP_THRESHOLD_=<max_retained> MALLOC_TRIM_THRESHOLD_=<max_retained>``; linking jemalloc
+    or tcmalloc (``LD_PRELOAD``) is another way to the same end, and under such a preload this function still
+    sets glibc's parameters, which then govern nothing.
 
     Measured (``python benchmarks/cpu_memory.py``: 4 fresh processes of each kind, alternating, one thread, P2
     Kelly field of ``benchmarks/suite.py``): the eager forward solve 0.86x the time (79.0 -> 68.3 ms), the
@@ -64,18 +79,25 @@ def retain_freed_cpu_memory(max_retained: int = 1 << 30) -> bool:
     application or a script; a library should leave the choice to its user.
 
     Args:
-        max_retained: bytes of free heap kept in the process (``M_TRIM_THRESHOLD``), an int ≥ 0.
+        max_retained: bytes of free heap kept in the process, an integer ≥ ``MIN_RETAINED`` (32 MiB: less gives
+            part of every step's memory back).
 
     Returns:
         ``True`` when applied; ``False`` where the C library is not glibc (macOS, Windows, musl), and nothing changed.
     """
-    if isinstance(max_retained, bool) or not isinstance(max_retained, int):
-        raise TypeError(f"retain_freed_cpu_memory: max_retained must be an int (bytes), got {max_retained!r}")
-    if max_retained < 0:
-        raise ValueError(f"retain_freed_cpu_memory: max_retained must be >= 0 bytes, got {max_retained}")
+    try:
+        size = operator.index(max_retained)
+    except TypeError:
+        size = None
+    if size is None or isinstance(max_retained, bool):
+        raise TypeError(f"retain_freed_cpu_memory: max_retained must be an integer (bytes), got {max_retained!r}")
+    if size < MIN_RETAINED:
+        raise ValueError(f"retain_freed_cpu_memory: max_retained must be >= {MIN_RETAINED} bytes (32 MiB), got "
+                         f"{size}: a smaller heap gives part of every solver step's memory back")
     libc = _glibc()
     if libc is None:
         return False
-    # mallopt returns 1 on success, 0 when glibc refuses the value
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(
-        libc.mallopt(_M_TRIM_THRESHOLD, min(max_retained, 2 ** 31 - 1)))
+    size = min(size, _C_INT_MAX)
+    # mallopt returns 1 on success, 0 when glibc refuses the value (older releases cap the mmap threshold)
+    mmap_set = libc.mallopt(_M_MMAP_THRESHOLD, size) or libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+    return bool(mmap_set) and bool(libc.mallopt(_M_TRIM_THRESHOLD, size))
