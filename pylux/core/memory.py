@@ -66,10 +66,10 @@ def retain_freed_cpu_memory(max_retained: int = 1 << 30) -> bool:
     or tcmalloc (``LD_PRELOAD``) is another way to the same end, and under such a preload this function still
     sets glibc's parameters, which then govern nothing.
 
-    Measured (``python benchmarks/cpu_memory.py``: 4 fresh processes of each kind, alternating, one thread, P2
-    Kelly field of ``benchmarks/suite.py``): the eager forward solve 0.86x the time (79.0 -> 68.3 ms), the
-    ``compile=True`` solve 0.84x (58.2 -> 48.7 ms), a DirectAdjoint training step 0.98x, minor page faults
-    0.07x. glibc raises its mmap threshold to the largest block freed so far, so a process whose history has
+    Measured (``python benchmarks/cpu_memory.py``, two runs: 4 fresh processes of each kind, alternating, one
+    thread, the P2 Kelly field of ``benchmarks/suite.py``): the eager forward solve 0.86-0.89x the time
+    (79.0 -> 68.3 ms, 75.5 -> 67.6 ms), the ``compile=True`` solve 0.84-0.90x (58.2 -> 48.7 ms, 53.3 -> 47.9 ms),
+    a DirectAdjoint training step 0.98x, minor page faults 0.07x. glibc raises its mmap threshold to the largest block freed so far, so a process whose history has
     already freed a larger block can behave much like this setting (in ``benchmarks/suite.py``, a long run,
     ``--retain-memory`` made no difference beyond the run-to-run noise): the setting makes that case certain.
 
