@@ -191,7 +191,8 @@ def diffrax_rows(params, u0, d, tol, solver_name, repeats):
             start = time.perf_counter()
             jax.block_until_ready(step(p))
             times.append(time.perf_counter() - start)
-        torch_grads = [torch.from_numpy(__import__("numpy").asarray(grads[k])).to(u0.device) for k in params]
+        # copies (np.array): JAX's buffers are read-only, which torch.from_numpy warns about
+        torch_grads = [torch.from_numpy(__import__("numpy").array(grads[k])).to(u0.device) for k in params]
         out[name] = dict(grads=torch_grads, nfe_f=int(steps), nfe_b=-1, time=statistics.median(times),
                          saved=float("nan"), peak=None)
     return out

@@ -25,7 +25,7 @@ at least 15 rounds: with 5 its ratio moved by +-0.05 between runs), NFE (P1/P2: 
 forward + backward; P4: iterations), the error (P1/P2 forward: max abs error of z(t1) against a
 float64 torchdiffeq dopri8 solve at 1e-12; P2 gradients: relative error against pylux Direct in
 float64 at 1e-8; P4: max |z - z*| against a fixed point at 1e-8), the overhead per NFE
-(P1/P2 forward: time / NFE / f's time) and the ratio of the time to the best peer of the same
+(P1/P2 forward: time / NFE / f's time, f timed in the same rounds) and the ratio of the time to the best peer of the same
 problem and mode (< 1: pylux faster). The process runs pinned to ``--threads`` cores (every library,
 JAX's thread pool included, gets the same cores: XLA ignores OMP_NUM_THREADS). torchsde has no row among P1–P4 (benchmarks/sde_solve.py
 compares SDE solvers). diffrax rows (jitted, float32) appear when JAX and diffrax are installed: P1/P2
@@ -167,14 +167,26 @@ def diffrax_output(out, device):
     evaluations per step, plus f(t0) and the one evaluation of the initial-step heuristic."""
     import numpy as np
     y1, steps = out
-    return torch.from_numpy(np.asarray(y1)).to(device), 6 * int(steps) + 2
+    return torch.from_numpy(np.array(y1)).to(device), 6 * int(steps) + 2  # a copy: JAX's buffer is read-only
+
+
+#: the case of the f floor among the forward solves, and its evaluations per round
+F_FLOOR, F_FLOOR_CALLS = "f floor", 10
 
 
 def forward_rows(key, problem, repeats, compile: bool):
-    """P1/P2 forward: every library's solve, timed interleaved, with error and overhead per NFE."""
+    """P1/P2 forward: every library's solve, timed interleaved, with error and overhead per NFE. The f floor
+    (the time of one f) is timed in the same rounds as the solves: timed apart, a slow period of a shared
+    machine moved the overhead column by +-40 % (P2 compile=True 0.96 in one run, 1.4 against P3's f)."""
     problem["ref"] = reference(problem)
-    f_ms = interleaved({"f": lambda: problem["field"](problem["u0"], torch.zeros(()))}, 20)["f"][0]
-    cases = {"pylux Tsit5": lambda: pylux_forward(problem, de.Tsit5()),
+    t0 = torch.zeros(())
+
+    def f_floor():  # F_FLOOR_CALLS evaluations of f per round, in the same rounds as the solves
+        for _ in range(F_FLOOR_CALLS):
+            out = problem["field"](problem["u0"], t0)
+        return out
+    cases = {F_FLOOR: f_floor,
+             "pylux Tsit5": lambda: pylux_forward(problem, de.Tsit5()),
              "pylux Tsit5 (default PI)": lambda: pylux_forward(problem, de.Tsit5(),
                                                                controller=de.Tsit5().default_controller()),
              "torchdiffeq dopri5": lambda: ode_solve.run_torchdiffeq(problem),
@@ -196,6 +208,7 @@ def forward_rows(key, problem, repeats, compile: bool):
         cases["diffrax Tsit5 (jit)"] = diffrax_forward(problem)
     with torch.no_grad():
         results = interleaved(cases, repeats)
+    f_ms = results.pop(F_FLOOR)[0] / F_FLOOR_CALLS
     rows = []
     for name, (ms, out) in results.items():
         u1, nfe = diffrax_output(out, problem["u0"].device) if name.startswith("diffrax") else out
