@@ -200,8 +200,10 @@ def forward_rows(key, problem, repeats, compile: bool):
         # a tstop keeps the step-by-step loop (one compiled step per launch; CUDA graphs on CUDA) instead
         # of the whole loop in one graph: which of the two compiled paths is faster on this device
         midway = (problem["t1"] / 2,)
+        start = time.perf_counter()
         with torch.no_grad():
             pylux_forward(problem, de.Tsit5(), compile=True, tstops=midway)
+        print(f"{key}: compile=True per step, first solve (compilation) {time.perf_counter() - start:.1f} s")
         cases["pylux Tsit5 compile=True per step (tstop t1/2)"] = lambda: pylux_forward(
             problem, de.Tsit5(), compile=True, tstops=midway)
     if have_diffrax():
