@@ -81,8 +81,9 @@ def main():
     for i, name in enumerate(ROWS):
         a = [r[i] for r in results["defaults"]]
         b = [r[i] for r in results["retained"]]
+        ratio = statistics.median(b) / statistics.median(a)
         print(f"| {name} | {statistics.median(a):.1f} ({min(a):.1f}-{max(a):.1f}) | "
-              f"{statistics.median(b):.1f} ({min(b):.1f}-{max(b):.1f}) | {statistics.median(b) / statistics.median(a):.2f} |")
+              f"{statistics.median(b):.1f} ({min(b):.1f}-{max(b):.1f}) | {ratio:.2f} |")
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ at least 15 rounds: with 5 its ratio moved by +-0.05 between runs), NFE (P1/P2: 
 forward + backward; P4: iterations), the error (P1/P2 forward: max abs error of z(t1) against a
 float64 torchdiffeq dopri8 solve at 1e-12; P2 gradients: relative error against pylux Direct in
 float64 at 1e-8; P4: max |z - z*| against a fixed point at 1e-8), the overhead per NFE
-(P1/P2 forward: time / NFE / f's time, f timed in the same rounds) and the ratio of the time to the best peer of the same
-problem and mode (< 1: pylux faster). The process runs pinned to ``--threads`` cores (every library,
+(P1/P2 forward: time / NFE / f's time, f timed in the same rounds) and the ratio of the time to the
+best peer of the same problem and mode (< 1: pylux faster). The process runs pinned to ``--threads`` cores (every library,
 JAX's thread pool included, gets the same cores: XLA ignores OMP_NUM_THREADS). torchsde has no row among P1–P4 (benchmarks/sde_solve.py
 compares SDE solvers). diffrax rows (jitted, float32) appear when JAX and diffrax are installed: P1/P2
 forward in the round-robin, P2 forward + backward (BacksolveAdjoint ± its seminorm,

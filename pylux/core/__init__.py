@@ -37,7 +37,8 @@ from .tree import (
 __all__ = [
     "AbstractContainerLayer", "AbstractLayer", "KEY_BOUND", "LayerError", "TreeStructureError", "Unflatten",
     "apply", "check_generator", "check_key", "draw_key", "flatten", "key_generator", "parameter_count",
-    "retain_freed_cpu_memory", "setup", "split_key", "state_count", "testmode", "trainmode", "tree_check_structure", "tree_children",
+    "retain_freed_cpu_memory", "setup", "split_key", "state_count", "testmode", "trainmode", "tree_check_structure",
+    "tree_children",
     "tree_global_norm", "tree_leaves", "tree_leaves_with_path", "tree_map", "tree_map_with_path",
     "tree_rebuild_node", "tree_replace_at_paths", "tree_to", "tree_zeros_like",
 ]

@@ -69,9 +69,10 @@ def retain_freed_cpu_memory(max_retained: int = 1 << 30) -> bool:
     Measured (``python benchmarks/cpu_memory.py``, two runs: 4 fresh processes of each kind, alternating, one
     thread, the P2 Kelly field of ``benchmarks/suite.py``): the eager forward solve 0.86-0.89x the time
     (79.0 -> 68.3 ms, 75.5 -> 67.6 ms), the ``compile=True`` solve 0.84-0.90x (58.2 -> 48.7 ms, 53.3 -> 47.9 ms),
-    a DirectAdjoint training step 0.98x, minor page faults 0.07x. glibc raises its mmap threshold to the largest block freed so far, so a process whose history has
-    already freed a larger block can behave much like this setting (in ``benchmarks/suite.py``, a long run,
-    ``--retain-memory`` made no difference beyond the run-to-run noise): the setting makes that case certain.
+    a DirectAdjoint training step 0.98x, minor page faults 0.07x. glibc raises its mmap threshold to the
+    largest block freed so far, so a process whose history has already freed a larger block can behave much
+    like this setting (in ``benchmarks/suite.py``, a long run, ``--retain-memory`` made no difference beyond
+    the run-to-run noise): the setting makes that case certain.
 
     The setting is process-wide and stays until the process ends (glibc cannot restore its adaptive threshold):
     the process keeps up to ``max_retained`` freed bytes after a large temporary, as a GPU caching allocator
