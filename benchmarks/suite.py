@@ -217,7 +217,7 @@ def forward_rows(key, problem, repeats, compile: bool):
         err = (u1.double() - problem["ref"]).abs().max().item()
         rows.append(dict(problem=key, mode="forward", method=name, ms=ms, nfe=nfe, error=err,
                          overhead=ms / nfe / f_ms))
-    return rows, f_ms
+    return rows
 
 
 def training_rows(inputs, tol, repeats, compile=False):
@@ -273,7 +273,7 @@ def training_rows(inputs, tol, repeats, compile=False):
             err = max(float((g.double() - g_ref).norm() / g_ref.norm()) for g, g_ref in zip(out["grads"], ref))
             rows.append(dict(problem="P2", mode=f"fwd+bwd {diffrax_modes[name]}", method=name, ms=out["time"] * 1e3,
                              nfe=f"{out['nfe_f']} steps", error=err, overhead=None))
-    return rows, (params, u0, field)
+    return rows
 
 
 def floor_rows(params, u0, field, repeats):
@@ -394,12 +394,12 @@ def main():
     # are built with the CPU as the default (their generators live there) and moved to ``device``
     torch.set_default_device(device)
     if "P1" in wanted:
-        part("P1", lambda: forward_rows("P1", built_on_cpu(spiral, device), args.repeats, args.compile)[0])
+        part("P1", lambda: forward_rows("P1", built_on_cpu(spiral, device), args.repeats, args.compile))
     if "P2" in wanted:
         part("P2 forward", lambda: forward_rows("P2", built_on_cpu(kelly, args.scale, device), args.repeats,
-                                                args.compile)[0])
+                                                args.compile))
         part("P2 training", lambda: training_rows(built_on_cpu(nts.make_problem, args.scale, torch.float32, device),
-                                                  1e-5, args.repeats, args.compile)[0])
+                                                  1e-5, args.repeats, args.compile))
     if "P3" in wanted:
         part("P3", lambda: floor_rows(*training_inputs(args, device), args.repeats))
     if "P4" in wanted:

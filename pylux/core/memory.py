@@ -86,12 +86,13 @@ def retain_freed_cpu_memory(max_retained: int = 1 << 30) -> bool:
     Returns:
         ``True`` when applied; ``False`` where the C library is not glibc (macOS, Windows, musl), and nothing changed.
     """
+    bad_type = TypeError(f"retain_freed_cpu_memory: max_retained must be an integer (bytes), got {max_retained!r}")
+    if isinstance(max_retained, bool):
+        raise bad_type
     try:
         size = operator.index(max_retained)
     except TypeError:
-        size = None
-    if size is None or isinstance(max_retained, bool):
-        raise TypeError(f"retain_freed_cpu_memory: max_retained must be an integer (bytes), got {max_retained!r}")
+        raise bad_type from None
     if size < MIN_RETAINED:
         raise ValueError(f"retain_freed_cpu_memory: max_retained must be >= {MIN_RETAINED} bytes (32 MiB), got "
                          f"{size}: a smaller heap gives part of every solver step's memory back")
