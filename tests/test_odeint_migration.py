@@ -258,6 +258,43 @@ def test_jump_times_use_the_branch_being_integrated(reverse):
     torch.testing.assert_close(y[:, 0], torch.tensor([exact(t) for t in times], dtype=DT), rtol=2e-7, atol=0)
 
 
+@pytest.mark.parametrize("times, jumps", [([0.0, 1.0], [0.5]), ([0.0, 0.2, 1.0], [0.3, 0.5]),
+                                           ([1.0, 0.0], [0.5]), ([1.0, 0.2, 0.0], [0.5, 0.3])])
+def test_jump_times_return_one_row_per_output_time(times, jumps):
+    """Regression: a jump with no output time before the next one added the state at the jump as a row."""
+    def f(t, x):
+        return -0.5 * x if t < 0.5 else x ** 2
+
+    def exact(t):  # from x(0) = 0.8
+        x_half = 0.8 * math.exp(-0.25)
+        return 0.8 * math.exp(-0.5 * t) if t <= 0.5 else 1.0 / (1.0 / x_half - (t - 0.5))
+
+    x0 = torch.tensor([exact(times[0])], dtype=DT)
+    y = odeint(f, x0, torch.tensor(times, dtype=DT), options={"jump_t": jumps}, rtol=1e-9, atol=1e-9)
+    assert y.shape == (len(times), 1)
+    torch.testing.assert_close(y[:, 0], torch.tensor([exact(t) for t in times], dtype=DT), rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_jump_times_keep_a_float32_field_off_the_jump(reverse):
+    """Regression: the one-ulp nudge was taken in float64 time and lost when f received float32 ``t``, so f
+    was evaluated at the jump itself, on the wrong branch, and jump_t cost more evaluations than it saved."""
+    seen = []
+
+    def f(t, x):
+        seen.append((float(t), t.dtype))
+        return -0.5 * x if t < 0.5 else x ** 2
+
+    times = torch.tensor([1.0, 0.0] if reverse else [0.0, 1.0])
+    x0 = torch.tensor([1.0, 2.0]) if not reverse else torch.tensor([0.4, 0.5])
+    odeint(f, x0, times, rtol=1e-6, atol=1e-6, options={"jump_t": torch.tensor([0.5])})
+    with_jump = len(seen)
+    assert {dtype for _, dtype in seen} == {torch.float32} and 0.5 not in {t for t, _ in seen}
+    seen.clear()
+    odeint(f, x0, times, rtol=1e-6, atol=1e-6)
+    assert with_jump < len(seen)
+
+
 def test_argument_checks():
     f, y0, t, _ = construct("constant")
     with pytest.raises(ValueError, match=r"unknown method 'dopri6'; available: \['adaptive_heun', 'bosh3'"):

@@ -274,21 +274,25 @@ def odeint(func: Callable, y0: Any, t: Any, *, rtol: float = 1e-7, atol: float =
     jumps = _inside(options.get("jump_t") if adaptive else None, grid)
     bounds = [float(grid[0]), *jumps, float(grid[-1])]
     forward = bounds[-1] > bounds[0]
+    field_time_dtype = state_dtype if state_dtype.is_floating_point else time_dtype
     outputs, u = [], packing.y0
     for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         # one solve per interval between jumps of f, so no step straddles a jump
         inside = [s for s in grid.tolist() if (a < s <= b if forward else b <= s < a)]
         saveat = ([a] if k == 0 else []) + inside + ([] if inside and inside[-1] == b else [b])
-        # at a jump, f is evaluated one ulp inside the interval, on the side being integrated (torchdiffeq's jump_t)
-        end = torch.tensor(np.nextafter(b, a), dtype=time_dtype) if k < len(jumps) else None
-        begin = torch.tensor(np.nextafter(a, b), dtype=time_dtype) if k > 0 else None
+        # at a jump f sees times one ulp inside the interval, on the side being integrated (torchdiffeq's
+        # jump_t), in the dtype f receives: a float32 state would round a float64 nudge back onto the jump
+        lo, hi = torch.tensor(sorted((a, b)), dtype=field_time_dtype)
+        if k > 0:  # the interval starts at a jump
+            lo, hi = (torch.nextafter(lo, hi), hi) if forward else (lo, torch.nextafter(hi, lo))
+        if k < len(jumps):  # the interval ends at a jump
+            lo, hi = (lo, torch.nextafter(hi, lo)) if forward else (torch.nextafter(lo, hi), hi)
 
-        def field(u_, params, t_, a=a, b=b, begin=begin, end=end):
-            if end is not None:
-                t_ = torch.where(t_ == b, end.to(t_.device), t_)
-            if begin is not None:
-                t_ = torch.where(t_ == a, begin.to(t_.device), t_)
-            out = call(t_.to(state_dtype) if state_dtype.is_floating_point else t_, packing.split(u_), params)
+        def field(u_, params, t_, lo=lo, hi=hi):
+            t_ = t_.to(field_time_dtype)
+            if len(bounds) > 2:
+                t_ = torch.clamp(t_, lo.to(t_.device), hi.to(t_.device))
+            out = call(t_, packing.split(u_), params)
             return packing.join(out, "func")
 
         span = (torch.tensor(a, dtype=time_dtype), torch.tensor(b, dtype=time_dtype))
@@ -298,7 +302,7 @@ def odeint(func: Callable, y0: Any, t: Any, *, rtol: float = 1e-7, atol: float =
         sol = solve(ODEProblem(field, u, span, p), solver, saveat=torch.tensor(saveat, dtype=time_dtype),
                     sensealg=sensealg, **segment)
         u = sol.u[-1]
-        outputs.append(sol.u if not inside or inside[-1] == b else sol.u[:-1])
+        outputs.append(sol.u if inside and inside[-1] == b else sol.u[:-1])  # b was saved only to start the next
     out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
     return packing.split(out, (out.shape[0],)) if packing.is_tuple else out
 
