@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import numbers
 
-import numpy as np
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
