@@ -232,11 +232,51 @@ def test_dt_below_dtmin():
         de.solve(prob, dt=0.5, dtmin=0.1, reltol=1e-8)
 
 
+def test_dtmin_is_a_floor_that_a_growing_step_never_hits():
+    """Regression: a first step below dtmin (Hairer's guess here is 0.029) failed a benign solve after one
+    accepted step with a tiny error. dtmin is a floor (OrdinaryDiffEq.jl): the first step and every proposal
+    are raised to it, and only a rejected step at the floor ends the solve."""
+    prob = de.ODEProblem(decay, torch.ones(1, dtype=F64), (0.0, 10.0))
+    assert de.solve(prob, reltol=1e-6, abstol=1e-6, save_stats=True).stats.dt[0] < 0.05
+    for batch in ("joint", "per-sample"):
+        sol = de.solve(prob, reltol=1e-6, abstol=1e-6, dtmin=0.1, save_stats=batch == "joint", batch=batch)
+        assert sol.retcode == de.ReturnCode.Success
+        assert sol.u[-1, 0].item() == pytest.approx(math.exp(-10.0), abs=1e-6)
+        if batch == "joint":
+            assert sol.stats.dt[0] == 0.1 and min(sol.stats.dt[:-1].tolist()) >= 0.1
+    # an explicit adaptive dt below the floor is raised to it too
+    sol = de.solve(prob, dt=1e-3, reltol=1e-6, abstol=1e-6, dtmin=0.1, save_stats=True)
+    assert sol.stats.dt[0] == 0.1
+    # a step rejected at the floor ends the solve: u' = -100 u needs dt ~ 1e-3 at this tolerance
+    stiff = de.ODEProblem(lambda u, p, t: -100 * u, torch.ones(1, dtype=F64), (0.0, 1.0))
+    for batch in ("joint", "per-sample"):
+        sol = de.solve(stiff, reltol=1e-8, dtmin=0.1, throw=False, batch=batch)
+        assert sol.retcode == de.ReturnCode.DtLessThanMin and sol.stats.naccept == 0
+
+
+def test_the_time_resolution_floor_follows_t():
+    """Regression: the default dtmin was 4 ulps of max(|t0|, |t1|), so over (0, 1e12) a fast transient at
+    t = 0 (steps ~1e-12, far above float64's resolution there) failed. The floor is 4 ulps of the current |t|."""
+    lam = 1e12
+    prob = de.ODEProblem(lambda u, p, t: -lam * (u - 1.0), torch.zeros(1, dtype=F64), (0.0, 1e12))
+    for batch in ("joint", "per-sample"):
+        sol = de.solve(prob, de.Rodas5P() if batch == "joint" else de.Tsit5(), reltol=1e-6, abstol=1e-8,
+                       save_stats=batch == "joint", batch=batch, **({} if batch == "joint" else {"maxiters": 200}),
+                       throw=False)
+        if batch == "joint":
+            assert sol.retcode == de.ReturnCode.Success and sol.stats.dt[0] < 1e-11
+            assert sol.u[-1, 0].item() == pytest.approx(1.0, abs=1e-8)
+        else:  # an explicit method is stability-limited to dt ~ 3.5 / lam: it runs out of maxiters, not dtmin
+            assert sol.retcode == de.ReturnCode.MaxIters
+
+
 def test_float32_time_resolution_is_an_error_not_a_hang():
     t0 = torch.tensor(1e7, dtype=torch.float32)
     prob = de.ODEProblem(decay, torch.ones(2), (t0, t0 + 100))
     assert prob.time_dtype == torch.float32
-    with pytest.raises(de.DtLessThanMinError, match="t \\+ dt == t in float32 time"):
+    # an adaptive dt is raised to the floor, 4 ulps of |t|, where the first step is rejected
+    with pytest.raises(de.DtLessThanMinError, match="cannot shrink below 4.76.*, 4 ulps of t = 10000000.0 in "
+                                                    "float32 time .*a float64 tspan resolves smaller steps"):
         de.solve(prob, dt=0.01)
     with pytest.raises(de.DtLessThanMinError, match="t \\+ dt == t in float32 time"):
         de.solve(prob, de.RK4(), dt=0.01, adaptive=False)

@@ -134,6 +134,19 @@ def test_robertson_to_1e5(solver):
     assert rel.max() < 100 * tol
 
 
+@pytest.mark.parametrize("solver", [lx.Rodas5P, lx.Kvaerno5, lx.TRBDF2])
+def test_robertson_to_1e11(solver):
+    """Regression: the step floor was 4 ulps of t1 = 1e11 (8.9e-5) from t = 0 on, above the steps the
+    initial transient needs, so Rodas5P and TRBDF2 failed with DtLessThanMin. Reference: Hairer & Wanner's
+    test set values at t = 1e11 (scipy's Radau at rtol 1e-10 agrees to 9 digits)."""
+    ref = np.array([0.2083340149701255e-07, 0.8333360770334713e-13, 0.9999999791665050])
+    sol = lx.solve(lx.ODEProblem(robertson, torch.tensor([1.0, 0.0, 0.0], dtype=DT), (0.0, 1e11)), solver(),
+                   reltol=1e-6, abstol=1e-10, save_everystep=False)
+    assert sol.retcode == lx.ReturnCode.Success
+    rel = np.abs(sol.u[-1].numpy() - ref) / ref
+    assert rel[2] < 1e-9 and rel[:2].max() < 1e-2, rel
+
+
 @pytest.mark.parametrize("solver", [lx.Rodas5P, lx.Kvaerno5])
 def test_van_der_pol_mu_1000_against_radau(solver):
     mu, span, tol = 1000.0, (0.0, 300.0), 1e-6

@@ -19,7 +19,9 @@ exactly: the step that reaches within 1 % of ``t1`` ends on it; the
 controller formulas of :mod:`pylux.diffeq.controllers` on device scalars; a
 NaN/Inf error estimate rejects and shrinks ``dt`` by ``NONFINITE_SHRINK``, and
 ``MAX_NONFINITE_STREAK`` of them in a row end the solve as ``Unstable``; a
-proposal below ``dtmin`` ends it as ``DtLessThanMin``, as does ``t + dt == t``;
+proposal below the floor (``dtmin``, or 4 ulps of ``|t|`` if larger) is raised
+to it and a rejected step no longer than the floor ends the solve as
+``DtLessThanMin``, as does ``t + dt == t``;
 ``maxiters`` counts accepted and rejected steps. The step sequence equals the
 eager solve's up to the rounding of device against host time arithmetic.
 ``saveat`` values come from the method's own interpolant, so they equal the
@@ -68,6 +70,7 @@ from .controllers import (INITIAL_F0_NONFINITE, INITIAL_SCALE_UNUSABLE, INITIAL_
 from .norms import scaled_error_norm
 from ._device import time_scalar
 from .jacobian import StiffState
+from .options import RESOLUTION_ULPS, step_floor
 from .solvers import RKState
 from .solution import ReturnCode
 from .terms import BoundTerm
@@ -160,10 +163,15 @@ def _build(base, controller, norm, direction, dtmin, dtmax, maxiters, n_targets,
         saved0 = torch.where(never, k_init.reshape(1, -1), u0.new_zeros((n_targets, u0.numel())))
         written0 = torch.zeros(n_targets, dtype=torch.bool, device=u0.device)
         status0 = zero.clone()
+        resolution = RESOLUTION_ULPS * torch.finfo(t0.dtype).eps
+
+        def floor(t):  # options.step_floor on a device scalar
+            return torch.clamp(t.abs() * resolution, min=dtmin)
+
         if initial_order is not None:  # Hairer's first step in the graph: no eager evaluation or read-back
             h, problem = hairer_initial_step(term.vf, t0, u0, k0, (t1 - t0).abs(), initial_order, abstol, reltol,
                                              norm, dtmax, direction)
-            dt0 = (direction * h).to(t0.dtype)
+            dt0 = (direction * torch.maximum(h.to(t0.dtype), floor(t0))).to(t0.dtype)
             status0 = torch.where(problem == INITIAL_STEP_OK, _RUNNING,
                                   torch.where(problem == INITIAL_F0_NONFINITE, _F0_NONFINITE, _SCALE_UNUSABLE))
 
@@ -188,9 +196,10 @@ def _build(base, controller, norm, direction, dtmin, dtmax, maxiters, n_targets,
             dt_next, qold_new = _controller_update(controller, E, dt_step, qold, accept)
             dt_next = torch.where(finite, dt_next, dt_step * shrink)
             dt_next = torch.where(method_ok, dt_next, dt_step * reject_shrink)
-            dt_next = torch.clamp(dt_next.abs(), max=dtmax) * direction
+            at_floor = torch.minimum(dt_step.abs(), dt.abs()) <= floor(t)  # a rejection here cannot shrink it
             streak_new = torch.where(~method_ok, streak, torch.where(finite, torch.zeros_like(streak), streak + 1))
             t_out = torch.where(accept, t_new, t)
+            dt_next = torch.maximum(torch.clamp(dt_next.abs(), max=dtmax), floor(t_out).to(dt_next.dtype)) * direction
             u_out = torch.where(accept, u_new, u)
             k_out = torch.where(accept, result.solver_state_new.f_at_u, k)
             nacc_new = nacc + accept.to(torch.int64)
@@ -209,13 +218,11 @@ def _build(base, controller, norm, direction, dtmin, dtmax, maxiters, n_targets,
                 saved, written = saved.clone(), written.clone()
             running = t_out != t1
             new_status = torch.where(~moves, _RESOLUTION, _RUNNING)
-            new_status = torch.where((new_status == _RUNNING) & ~finite & ((streak_new >= streak_max)
-                                                                           | (dt_next.abs() < dtmin)),
+            new_status = torch.where((new_status == _RUNNING) & ~finite & ((streak_new >= streak_max) | at_floor),
                                      _UNSTABLE, new_status)
-            new_status = torch.where((new_status == _RUNNING) & running & ~method_ok & (dt_next.abs() < dtmin),
+            new_status = torch.where((new_status == _RUNNING) & running & ~method_ok & at_floor,
                                      _SOLVER_REJECTS, new_status)
-            new_status = torch.where((new_status == _RUNNING) & running & (dt_next.abs() < dtmin), _DTMIN,
-                                     new_status)
+            new_status = torch.where((new_status == _RUNNING) & running & ~accept & at_floor, _DTMIN, new_status)
             new_status = torch.where((new_status == _RUNNING) & running & (nacc_new + nrej_new >= maxiters),
                                      _MAXITERS, new_status)
             new_status = torch.where((new_status == _RUNNING) & ~running, _DONE, new_status)
@@ -392,7 +399,9 @@ def _set_return_code(out, code: int, options, t: float, dt: float, u0: torch.Ten
     elif code == _MAXITERS:
         out.stop(ReturnCode.MaxIters)
     elif code == _DTMIN:
-        out.stop(ReturnCode.DtLessThanMin, f"the next step dt = {dt!r} is below dtmin = {options.dtmin!r}")
+        floor = step_floor(options.dtmin, t, options.time_dtype)
+        out.stop(ReturnCode.DtLessThanMin, f"a step no longer than {floor!r} was rejected at t = {t!r} and the "
+                 f"step size cannot shrink below max(dtmin = {options.dtmin!r}, 4 ulps of |t|)")
     elif code == _RESOLUTION:
         out.stop(ReturnCode.DtLessThanMin, f"t + dt == t in {str(options.time_dtype).replace('torch.', '')} time")
     elif code == _SOLVER_REJECTS:

@@ -53,7 +53,7 @@ from .controllers import FixedTimeGrid, clamp_step, initial_step_size
 from .events import EventHandler, EventLog
 from .interpolation import AbstractInterpolant, DenseOutput
 from .norms import ScaledErrorNorm, scaled_error_norm
-from .options import SolveOptions
+from .options import SolveOptions, step_floor
 from .solution import ERROR_FOR_RETCODE, ReturnCode, Solution, SolverStats
 from .solvers import AbstractSolver, StepResult, StepStatus
 from .terms import BoundTerm, _FunctionTerm, as_bound_term
@@ -435,6 +435,8 @@ class _Loop:
                 return None
         else:
             dt_abs = min(options.dt, options.dtmax)
+        if self.adaptive:
+            dt_abs = max(dt_abs, self.floor(t0))  # a floor for every proposal, the first too
         dt = self.direction * dt_abs
         self.state = self.solver.init(field, time_scalar(t0, *self.time), u0,
                                       time_scalar(dt, *self.time), f0)
@@ -451,7 +453,7 @@ class _Loop:
         if problem:
             out.stop(ReturnCode.Unstable, problem)
             return None
-        dt = self.direction * dt_abs
+        dt = self.direction * max(dt_abs, self.floor(self.t0))
         self.cstate = self.controller.start(self.t0, self.t1, dt, options.time_dtype)
         return dt
 
@@ -509,10 +511,11 @@ class _Loop:
         if code == StepStatus.FAILURE:
             out.stop(ReturnCode.Failure, f"the step from t = {t!r} failed: {result.reason or 'no reason given'}")
             return dt
+        at_floor = min(abs(dt_step), abs(dt)) <= self.floor(t)  # a rejection here cannot shrink the step
         if code == StepStatus.REJECT:
-            return self.reject_status(out, result, dt_step)
+            return self.reject_status(out, result, dt_step, at_floor)
         if self.adaptive and not math.isfinite(e):
-            return self.reject_nonfinite(out, result, dt_step)
+            return self.reject_nonfinite(out, result, dt_step, at_floor)
         self.nonfinite_streak = 0
         if self.adaptive:
             self.last_error = e
@@ -531,7 +534,11 @@ class _Loop:
         else:
             out.nreject += 1
             self.state = _retry_state(result, self.state)
-        return self.bound_next(out, dt_next, e)
+            if self.adaptive and at_floor:
+                out.stop(ReturnCode.DtLessThanMin, f"the step of dt = {dt_step!r} was rejected and the step "
+                         f"size cannot shrink below {self._floor_detail(t)}; the last scaled error estimate was "
+                         f"{e:.3g}")
+        return self.bound_next(dt_next)
 
     def resolve_events(self, result: StepResult, t: float, t_new: float, fired: bool):
         """An accepted step whose events fired: ``(result, t_end, stop)`` after the events, the step cut at the
@@ -571,7 +578,7 @@ class _Loop:
         if t_new == stop and stop != self.t1:
             self.stop_index += 1
 
-    def reject_status(self, out, result, dt_step: float) -> float:
+    def reject_status(self, out, result, dt_step: float, at_floor: bool) -> float:
         """A step the solver itself rejected (e.g. Newton did not converge): shrink and retry."""
         out.nreject += 1
         self.state = _retry_state(result, self.state)
@@ -580,34 +587,43 @@ class _Loop:
                      f"({result.reason or 'no reason given'}) and fixed steps cannot be shrunk; use a "
                      "smaller dt or adaptive stepping")
             return dt_step
-        dt = dt_step * STATUS_REJECT_SHRINK
-        if abs(dt) < self.options.dtmin:
+        if at_floor:
             out.stop(ReturnCode.DtLessThanMin, f"the solver kept rejecting the step from t = {self.t!r} "
                      f"({result.reason or 'no reason given'}) down to dt = {dt_step!r}")
-        return dt
+        return self.bound_next(dt_step * STATUS_REJECT_SHRINK)
 
-    def reject_nonfinite(self, out, result, dt_step: float) -> float:
+    def reject_nonfinite(self, out, result, dt_step: float, at_floor: bool) -> float:
         out.nreject += 1
         self.nonfinite_streak += 1
         self.state = _retry_state(result, self.state)
-        dt = dt_step * NONFINITE_SHRINK
-        if self.nonfinite_streak >= MAX_NONFINITE_STREAK or abs(dt) < self.options.dtmin:
+        if self.nonfinite_streak >= MAX_NONFINITE_STREAK or at_floor:
             out.stop(ReturnCode.Unstable, f"the step from t = {self.t!r} produced NaN/Inf "
                      f"{self.nonfinite_streak} times in a row, shrinking dt down to {dt_step!r}")
-        return dt
+        return self.bound_next(dt_step * NONFINITE_SHRINK)
 
-    def bound_next(self, out, dt_next: float, e: float) -> float:
-        """Cap the proposal at dtmax; a proposal below dtmin ends the solve (adaptive steps only)."""
+    def floor(self, t: float) -> float:
+        """The shortest adaptive step from ``t`` (:func:`~pylux.diffeq.options.step_floor`)."""
+        return step_floor(self.options.dtmin, t, self.options.time_dtype)
+
+    def bound_next(self, dt_next: float) -> float:
+        """The next proposal from ``self.t`` with its size within ``[floor, dtmax]`` (adaptive steps only).
+
+        The floor (``dtmin``, or the time resolution at ``t`` if larger) works as in OrdinaryDiffEq.jl: a
+        proposal below it is raised to it, and the solve ends as ``DtLessThanMin`` only when a step no longer
+        than the floor is rejected (see :meth:`trial`)."""
         if not self.adaptive:
             return dt_next
-        options = self.options
-        if abs(dt_next) > options.dtmax:
-            dt_next = self.direction * options.dtmax
-        if self.t != self.t1 and abs(dt_next) < options.dtmin and out.retcode == ReturnCode.Success:
-            out.dt = dt_next
-            out.stop(ReturnCode.DtLessThanMin, f"the next step dt = {dt_next!r} is below dtmin = "
-                     f"{options.dtmin!r}; the last scaled error estimate was {e:.3g}")
-        return dt_next
+        return self.direction * min(max(abs(dt_next), self.floor(self.t)), self.options.dtmax)
+
+    def _floor_detail(self, t: float) -> str:
+        """What the floor at ``t`` is: the user's ``dtmin`` or the resolution of the time type there."""
+        dtmin, dtype = self.options.dtmin, self.options.time_dtype
+        floor = self.floor(t)
+        if floor > dtmin:
+            name = str(dtype).replace("torch.", "")
+            hint = "" if dtype == torch.float64 else "; a float64 tspan resolves smaller steps"
+            return f"{floor!r}, 4 ulps of t = {t!r} in {name} time (the resolution of the time type{hint})"
+        return f"dtmin = {dtmin!r}"
 
     def _time_resolution_detail(self) -> str:
         detail = f"t + dt == t in {str(self.options.time_dtype).replace('torch.', '')} time"

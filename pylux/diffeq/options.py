@@ -25,7 +25,10 @@ from .controllers import AbstractController, ConstantStepSize, IController, _rou
 from .norms import rms_norm
 from .solvers import AbstractAdaptiveSolver, AbstractSolver
 
-__all__ = ["SolveOptions", "make_options", "SOLVE_KEYWORDS", "check_keywords"]
+__all__ = ["SolveOptions", "make_options", "SOLVE_KEYWORDS", "check_keywords", "step_floor", "default_dtmin"]
+
+#: an adaptive step from ``t`` is never shorter than this many ulps of ``|t|`` (see :func:`step_floor`)
+RESOLUTION_ULPS = 4
 
 SOLVE_KEYWORDS = (
     "dt", "adaptive", "saveat", "tstops", "save_everystep", "save_start", "save_end", "dense", "reltol",
@@ -92,6 +95,23 @@ def _positive_float(name: str, value, *, allow_none: bool = False) -> float | No
 
 def _eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
+
+
+def step_floor(dtmin: float, t: float, time_dtype: torch.dtype) -> float:
+    """The shortest adaptive step from ``t``: ``max(dtmin, 4 ulps of |t|)``.
+
+    The second term is the resolution of the time type where the solve is (OrdinaryDiffEq.jl's
+    time-dependent ``max(eps(t), dtmin)``): near ``t = 0`` a stiff transient may take steps far below
+    the resolution at the end of a long span (Robertson to ``t = 1e11``). Proposals are raised to the
+    floor, and a rejected step no longer than it ends the solve as ``DtLessThanMin``.
+    """
+    return max(dtmin, RESOLUTION_ULPS * _eps(time_dtype) * abs(t))
+
+
+def default_dtmin(scale: float, time_dtype: torch.dtype) -> float:
+    """``dtmin`` when the user sets none: eps times the resolution floor at ``|t| = scale`` (the span), an
+    absolute floor far below any useful step, so repeated rejections at ``t = 0`` still end."""
+    return RESOLUTION_ULPS * _eps(time_dtype) ** 2 * scale
 
 
 def _check_tolerances(reltol, abstol, u0: torch.Tensor):
@@ -270,9 +290,8 @@ def _step_bounds(dtmin, dtmax, t0, t1, time_dtype):
     if dtmax is None:
         dtmax = span if span > 0 else math.inf
     dtmin = _positive_float("dtmin", dtmin, allow_none=True)
-    if dtmin is None:
-        # a few ulps of the largest time: below this, t + dt cannot be told from t
-        dtmin = 4 * _eps(time_dtype) * max(abs(t0), abs(t1)) if span > 0 else 0.0
+    if dtmin is None:  # the resolution of the time type is a floor of its own (step_floor)
+        dtmin = default_dtmin(span, time_dtype) if span > 0 else 0.0
     elif dtmin > dtmax:
         raise ValueError(f"solve: dtmin = {dtmin!r} exceeds dtmax = {dtmax!r}")
     return dtmin, dtmax

@@ -85,7 +85,7 @@ from .callbacks import AbstractEventCallback
 from .controllers import PIController
 from .interpolation import StageInterpolant, linear_combination
 from .norms import SemiNorm, max_norm, rms_norm
-from .options import make_options
+from .options import RESOLUTION_ULPS, make_options
 from .solution import ERROR_FOR_RETCODE, ReturnCode, Solution, SolverStats
 from .solvers import ExplicitRungeKutta
 
@@ -378,7 +378,7 @@ class PerSampleLoop:
             h1 = torch.where(dmax <= 1e-15, torch.clamp_min(h0 * 1e-3, 1e-6),
                              (0.01 / dmax) ** (1.0 / self.solver.order))
             h = torch.minimum(torch.minimum(100 * h0, h1), torch.minimum(span, self.dtmax))
-            return torch.where(torch.isfinite(d2), h, h0)
+            return torch.maximum(torch.where(torch.isfinite(d2), h, h0), self.floor(t0))
 
     def decide(self, error, dt_step, qold):
         """``(ok, finite, dt_next, qold_new)`` per sample: the controller's formula on ``(B,)`` tensors.
@@ -426,6 +426,8 @@ class PerSampleLoop:
             nfe.add_(running)
         else:
             dt = torch.minimum(torch.full_like(t, options.dt), self.dtmax)
+            if self.adaptive:
+                dt = torch.maximum(dt, self.floor(t))
         dt = d * dt
         if not self.adaptive:  # the grid t0 + i dt, the last step shortened (as FixedTimeGrid)
             ratio = ((t_end - t).abs() / dt.abs()).double()
@@ -439,7 +441,6 @@ class PerSampleLoop:
         running &= ~bad_start
         dt_report = dt.clone()
         dt.masked_fill_(~running, 0.0)  # a stopped sample takes zero steps
-        dtmax_low = -self.dtmax
         signed_times = d[:, None] * self.times
         pointer = (signed_times <= (d * t)[:, None]).sum(1)  # entries at t0 hold u0 already
         blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -466,7 +467,7 @@ class PerSampleLoop:
                 error = self.scaled_error(u, u_new, stages, h)
                 ok, finite, dt_next, qold_new = self.decide(error, dt_step, qold)
                 accept = running & ok
-                dt_next = torch.clamp(dt_next, min=dtmax_low, max=self.dtmax)
+                dt_next = self.bounded(dt_next, torch.where(accept, t_new, t))
             else:
                 accept = running.clone()
                 dt_next = dt
@@ -485,10 +486,11 @@ class PerSampleLoop:
             else:
                 k1_stale = accept
             running &= ~(accept & reach)
+            floor_rejected = self.floor_rejected(running, accept, dt, dt_step, t_start)
             qold, streak, dt, new_pointer, passed, (n_running, most, any_accepted, failing) = self.close_step(
                 running, accept, dt_next, t, signed_times, pointer, qold, streak,
                 qold_new if self.adaptive else None, finite if self.adaptive else None,
-                stuck if self.check_resolution else None)
+                stuck if self.check_resolution else None, floor_rejected)
             if most:
                 blocks.append(self.saved_values(u_start, u_new, t_start, t_new, h, stages, pointer, passed,
                                                 int(most)))
@@ -497,7 +499,7 @@ class PerSampleLoop:
             if failing:  # rare: a NaN/Inf step, or a step size below dtmin or the time resolution
                 dt_report = torch.where(running, dt_next, dt_report)
                 running, n_running = self.fail(code, running, finite if self.adaptive else None, streak,
-                                               dt_next, stuck if self.check_resolution else None)
+                                               floor_rejected, stuck if self.check_resolution else None)
                 dt.masked_fill_(~running, 0.0)
             if n_running and iteration >= options.maxiters:  # every running sample has tried maxiters steps
                 dt_report = torch.where(running, dt, dt_report)
@@ -510,18 +512,36 @@ class PerSampleLoop:
         self.result = (u, t, dt_report, code, naccept, trials - naccept, nfe)
         return self.assemble(blocks, pointer, code)
 
-    def close_step(self, running, accept, dt_next, t, signed_times, pointer, qold, streak, qold_new, finite, stuck):
+    def floor(self, t):
+        """``(B,)`` shortest steps from ``t``: ``max(dtmin, 4 ulps of |t|)`` per sample, as the joint loop's
+        (:func:`~pylux.diffeq.options.step_floor`)."""
+        return torch.maximum(self.dtmin, RESOLUTION_ULPS * torch.finfo(t.dtype).eps * t.abs())
+
+    def bounded(self, dt_next, t):
+        """The next proposals from ``t`` with their sizes within ``[floor, dtmax]``: the floor is raised to,
+        as in the joint loop (:meth:`~pylux.diffeq.integrate.Integrator.bound_next`)."""
+        return self.direction * torch.maximum(dt_next.abs().clamp(max=self.dtmax), self.floor(t))
+
+    def floor_rejected(self, running, accept, dt, dt_step, t):
+        """``(B,)``: the running samples whose rejected step from ``t`` was no longer than the floor there
+        (it cannot shrink)."""
+        if not self.adaptive:
+            return torch.zeros_like(running)
+        return running & ~accept & (torch.minimum(dt.abs(), dt_step.abs()) <= self.floor(t))
+
+    def close_step(self, running, accept, dt_next, t, signed_times, pointer, qold, streak, qold_new, finite, stuck,
+                   floor_rejected):
         """The bookkeeping after a step has moved its accepted samples (shared by every per-sample loop):
-        the controller's memory, the non-finite streak, the alarms (NaN/Inf, dt below dtmin, the time
-        resolution), the next ``dt`` (zero for a stopped sample), the saved times each sample passed, and
-        the step's one host transfer ``[n running, most times passed, n accepted, n alarms]``.
+        the controller's memory, the non-finite streak, the alarms (NaN/Inf, a rejected step at the dtmin
+        floor, the time resolution), the next ``dt`` (zero for a stopped sample), the saved times each sample
+        passed, and the step's one host transfer ``[n running, most times passed, n accepted, n alarms]``.
 
         Returns ``(qold, streak, dt, new_pointer, passed, counts)``.
         """
         if self.adaptive:
             qold = torch.where(accept, qold_new, qold)
             streak = (streak + 1).masked_fill_(finite, 0)
-            alarm = running & (~finite | (dt_next.abs() < self.dtmin))
+            alarm = running & (~finite | floor_rejected)
         else:
             alarm = torch.zeros_like(running)
         if self.check_resolution:
@@ -532,10 +552,10 @@ class PerSampleLoop:
         counts = torch.stack([running.sum(), passed.max(), accept.sum(), alarm.sum()]).tolist()
         return qold, streak, dt, new_pointer, passed, counts
 
-    def fail(self, code, running, finite, streak, dt_next, stuck):
-        """Mark the running samples that cannot go on: NaN/Inf too often or with a step below dtmin
-        (Unstable), or a finite step below dtmin or the time resolution (DtLessThanMin)."""
-        small = dt_next.abs() < self.dtmin
+    def fail(self, code, running, finite, streak, floor_rejected, stuck):
+        """Mark the running samples that cannot go on: NaN/Inf too often or at the dtmin floor (Unstable), or
+        a finite step rejected at the floor or below the time resolution (DtLessThanMin)."""
+        small = floor_rejected
         if finite is not None:
             unstable = running & ~finite & ((streak >= MAX_NONFINITE_STREAK) | small)
             too_small = running & finite & small
@@ -881,8 +901,9 @@ def _limits(dtmin, dtmax, t0, t1, time_dtype):
     else:
         dtmax_v = torch.full_like(span, float(dtmax))
     if dtmin is None:
-        eps = torch.finfo(time_dtype).eps
-        dtmin_v = torch.where(span > 0, 4 * eps * torch.maximum(t0.abs(), t1.abs()), torch.zeros_like(span))
+        # the time resolution at each t is a floor of its own (PerSampleLoop.floor)
+        dtmin_v = torch.where(span > 0, RESOLUTION_ULPS * torch.finfo(time_dtype).eps ** 2 * span,
+                              torch.zeros_like(span))
     else:
         dtmin_v = torch.full_like(span, float(dtmin))
         if bool((dtmin_v > dtmax_v).any()):

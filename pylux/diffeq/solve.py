@@ -139,8 +139,12 @@ def solve(prob: ODEProblem, solver: AbstractSolver | None = None, *, dt=None, ad
             solver's (OrdinaryDiffEq.jl's PI defaults for its order).
         norm: ``norm(x) -> 0-d tensor`` of the scaled error; default RMS;
             ``SemiNorm(mask)`` to control only some entries.
-        dtmin: the solve fails (DtLessThanMin) when the step must shrink below
-            it; default: 4 ulps of max(|t0|, |t1|).
+        dtmin: the floor of adaptive steps, as in OrdinaryDiffEq.jl: the first
+            step and every proposal are raised to ``max(dtmin, 4 ulps of |t|)``
+            (the second term is the time type's resolution where the solve is),
+            and a rejected step no longer than that floor ends the solve
+            (DtLessThanMin); default: only the resolution (and an absolute floor
+            of 4 eps^2 |t1 - t0|).
         dtmax: largest step (default ``|t1 - t0|``).
         maxiters: most trial steps (accepted + rejected) before MaxIters.
         callback: a termination callback (``TerminateSteadyState``,

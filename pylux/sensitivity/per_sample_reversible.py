@@ -154,6 +154,8 @@ class _ReversibleLoop(PerSampleLoop):
             running &= ~bad_start
         else:
             dt = torch.minimum(torch.full_like(t, options.dt), self.dtmax)
+            if self.adaptive:
+                dt = torch.maximum(dt, self.floor(t))
         dt = d * dt
         grid_dt = dt.clone()
         qold = torch.full_like(t, getattr(self.controller, "qoldinit", 1e-4)).to(y.dtype)
@@ -212,7 +214,7 @@ class _ReversibleLoop(PerSampleLoop):
                 # a step shortened to land on a stop time says nothing against the step proposed before
                 landed = accept & (t_new == stop) & (dt_step.abs() < dt.abs())
                 dt_next = torch.where(landed, d * torch.maximum(dt_next.abs(), dt.abs()), dt_next)
-                dt_next = torch.clamp(dt_next, min=-self.dtmax, max=self.dtmax)
+                dt_next = self.bounded(dt_next, torch.where(accept, t_new, t))
             else:
                 accept = running.clone()
                 dt_next = dt
@@ -227,10 +229,11 @@ class _ReversibleLoop(PerSampleLoop):
             pending, last_dt = accept, dt_step
             segment_count = segment_count + accept
             running &= ~(accept & (d * t >= signed_end))
+            floor_rejected = self.floor_rejected(running, accept, dt, dt_step, t)
             qold, streak, dt, new_pointer, passed, (n_running, most, any_pending, failing) = self.close_step(
                 running, accept, dt_next, t, signed_times, pointer, qold, streak,
                 qold_new if self.adaptive else None, finite if self.adaptive else None,
-                stuck if self.check_resolution else None)
+                stuck if self.check_resolution else None, floor_rejected)
             if most:
                 targets = self.saved_targets(pointer, passed, int(most))
                 blocks.append((targets, y_new.reshape(B, 1, -1).expand(B, int(most), -1).reshape(B * int(most), -1)))
@@ -240,7 +243,7 @@ class _ReversibleLoop(PerSampleLoop):
             if failing:
                 dt_report = torch.where(running, dt_next, dt_report)
                 running, n_running = self.fail(code, running, finite if self.adaptive else None, streak,
-                                               dt_next, stuck if self.check_resolution else None)
+                                               floor_rejected, stuck if self.check_resolution else None)
                 dt.masked_fill_(~running, 0.0)
             if n_running and iteration >= options.maxiters:
                 dt_report = torch.where(running, dt, dt_report)
