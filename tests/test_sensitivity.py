@@ -113,3 +113,20 @@ def test_sensealg_must_be_an_algorithm():
     prob = lx.ODEProblem(field, u0, (0.0, 1.0), {"W": W, "b": b})
     with pytest.raises(TypeError, match="sensealg must be a sensitivity algorithm"):
         lx.solve(prob, lx.Tsit5(), sensealg="backsolve")
+
+
+@pytest.mark.parametrize("sensealg", [None, lx.BacksolveAdjoint(), lx.InterpolatingAdjoint(), lx.QuadratureAdjoint(),
+                                      lx.ReversibleAdjoint(), lx.DirectAdjoint(checkpoints=2)],
+                         ids=["none", "backsolve", "interpolating", "quadrature", "reversible", "checkpointed"])
+def test_a_solve_that_saves_nothing_backpropagates_zero_gradients(sensealg):
+    """Regression (diffrax's SaveAt(t0=False, t1=False, ts=...) cases): saveat=[t1] with save_end=False
+    saves no row; backpropagating through the empty output raised IndexError under the continuous adjoints
+    and 'does not require grad' without one. Every gradient is exactly zero."""
+    u0 = torch.tensor([1.0, -0.5], dtype=F64, requires_grad=True)
+    p = torch.tensor([0.7], dtype=F64, requires_grad=True)
+    sol = lx.solve(lx.ODEProblem(lambda u, p, t: -p * u, u0, (0.0, 1.0), p), lx.Tsit5(), saveat=[1.0],
+                   save_end=False, sensealg=sensealg)
+    assert sol.u.shape == (0, 2) and sol.t.numel() == 0
+    g_u0, g_p = torch.autograd.grad(sol.u.sum(), (u0, p), allow_unused=True)
+    assert torch.equal(g_u0, torch.zeros(2, dtype=F64))
+    assert g_p is None or torch.equal(g_p, torch.zeros(1, dtype=F64))

@@ -705,7 +705,8 @@ def _finish(out: _Outcome, field: CountingField, u0, solver, options: SolveOptio
     if record is not None and out.solver_state is not None:  # the solver's own counters (Jacobians, LUs, ...)
         record(stats, out.solver_state)
     t_tensor = host_to_device(times, options.time_dtype, u0.device)
-    u_tensor = torch.cat(blocks) if blocks else u0.new_zeros((0,) + tuple(u0.shape))
+    # nothing saved: an empty slice of u0, so backpropagating through it gives u0 a zero gradient
+    u_tensor = torch.cat(blocks) if blocks else u0.unsqueeze(0)[:0]
     failed = not out.retcode.successful
     message = _failure_message(out, options) if failed else out.retcode.message
     sol = Solution(t_tensor, u_tensor, out.retcode, stats, message=message, dense=dense,

@@ -542,6 +542,9 @@ class _Backward:
         for row, i in enumerate(keep):
             grad_at[i] = grad_u[row]
         self.param_grads = [torch.zeros_like(x) for x in self.params]
+        if not times:  # the solve saved nothing: no output depends on u0 or the parameters
+            self.record.update(self.stats)
+            return [torch.zeros(self.shape, dtype=dtype, device=device), *self.param_grads]
         last = len(times) - 1
         pieces = [self.states[-1].reshape(-1)] if self.z_channels else []
         pieces.append(_flat_or_zero(grad_at[last], self.n_z, dtype, device))
