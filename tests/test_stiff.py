@@ -472,3 +472,18 @@ def test_autoswitch_for_another_field_drops_its_stiff_methods_user_functions():
     other = switch.for_another_field()
     assert other.stiff.jacobian.jac == "auto" and other.stiff.jacobian.tgrad is None
     assert callable(switch.stiff.jacobian.jac) and lx.AutoSwitch().for_another_field() == lx.AutoSwitch()
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 3), (2, 0)])
+@pytest.mark.parametrize("solver", [lambda: lx.Rodas5P(), lambda: lx.Rosenbrock23(), lambda: lx.Kvaerno5(),
+                                    lambda: lx.TRBDF2(), lambda: lx.ImplicitEuler(),
+                                    lambda: lx.Kvaerno5(jac_structure="matrix_free"), lambda: lx.AutoSwitch()],
+                         ids=["Rodas5P", "Rosenbrock23", "Kvaerno5", "TRBDF2", "ImplicitEuler", "matrix-free",
+                              "AutoSwitch"])
+def test_a_zero_size_state_solves_with_every_stiff_method(shape, solver):
+    """Regression (FAULTS 10, diffrax's empty-state case): the implicit methods raised from the Jacobian's
+    batched backward on zero rows and from the max of an empty Jacobian, where the explicit ones succeed."""
+    u0 = torch.zeros(shape, dtype=DT, requires_grad=True)
+    sol = lx.solve(lx.ODEProblem(lambda u, p, t: -u, u0, (0.0, 1.0)), solver(), saveat=[0.5, 1.0])
+    assert sol.retcode == lx.ReturnCode.Success and sol.u.shape == (2,) + shape
+    assert torch.autograd.grad(sol.u.sum(), u0)[0].shape == shape

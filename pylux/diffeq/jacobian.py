@@ -327,6 +327,8 @@ class Linearization:
         spectral radius; ``None`` without a matrix."""
         if self.structure == "matrix_free":
             return None
+        if self.J.numel() == 0:  # a zero-size state
+            return self.J.new_zeros(())
         return self.J.abs().sum(-1).amax()
 
 
@@ -514,6 +516,10 @@ class JacobianEvaluator:
         output component ``i`` the cotangent ``e_i`` in every sample at once (the rows of all ``B``
         blocks). A field whose backward has no batching rule falls back to one pass per row."""
         u_ = wrt[0]
+        if out.numel() == 0:  # a zero-size state: no rows to differentiate (autograd rejects empty batches)
+            n = 0 if dense else out.shape[-1]
+            return (u_.new_zeros((n,) + tuple(u_.shape)),
+                    wrt[1].new_zeros((n,) + tuple(wrt[1].shape)) if len(wrt) > 1 else None, n)
         if dense:
             n = out.numel()
             cotangents = torch.eye(n, dtype=out.dtype, device=out.device).reshape((n,) + tuple(out.shape))
