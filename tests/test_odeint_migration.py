@@ -295,6 +295,22 @@ def test_jump_times_keep_a_float32_field_off_the_jump(reverse):
     assert with_jump < len(seen)
 
 
+def test_torchdiffeq_step_callbacks_warn_that_they_are_not_called():
+    """Regression: func.callback_step (torchdiffeq's per-step hooks) was silently ignored."""
+    class Decay(torch.nn.Module):
+        def forward(self, t, y):
+            return -y
+
+    f, calls = Decay(), []
+    f.callback_step = lambda t0, y0, dt: calls.append(t0)
+    f.callback_accept_step_adjoint = lambda t0, y0, dt: calls.append(t0)
+    with pytest.warns(UserWarning, match=r"func.callback_step, func.callback_accept_step_adjoint are not called.*"
+                                         r"DiscreteCallback"):
+        y = odeint(f, torch.ones(2, dtype=DT), torch.tensor([0.0, 1.0], dtype=DT))
+    torch.testing.assert_close(y[-1], torch.full((2,), math.exp(-1.0), dtype=DT), rtol=1e-5, atol=0)
+    assert not calls
+
+
 def test_argument_checks():
     f, y0, t, _ = construct("constant")
     with pytest.raises(ValueError, match=r"unknown method 'dopri6'; available: \['adaptive_heun', 'bosh3'"):

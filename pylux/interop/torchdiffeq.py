@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 from typing import Any, Callable, Mapping, Sequence
 
@@ -242,6 +243,13 @@ def odeint(func: Callable, y0: Any, t: Any, *, rtol: float = 1e-7, atol: float =
                                   "callback=TerminateWhen(condition)) to stop at an event")
     if not isinstance(adjoint, bool):
         raise TypeError(f"odeint: adjoint must be True or False, got {adjoint!r}")
+    hooks = [name for name in _STEP_CALLBACKS if callable(getattr(func, name, None))]
+    if hooks:
+        # torchdiffeq calls these around each step; silently skipping them would hide a user's logic
+        warnings.warn(f"odeint: func.{', func.'.join(hooks)} {'is' if len(hooks) == 1 else 'are'} not called: "
+                      "pylux's odeint does not run torchdiffeq's step callbacks. Use pylux.solve with "
+                      "callback=DiscreteCallback(condition, affect) for per-step logic, or save_stats=True "
+                      "for each step's t and dt", UserWarning, stacklevel=2)
     solver, adaptive = _method(method)
     times = _times(t)
     packing = _Packing(y0)
@@ -304,6 +312,11 @@ def odeint(func: Callable, y0: Any, t: Any, *, rtol: float = 1e-7, atol: float =
         outputs.append(sol.u if inside and inside[-1] == b else sol.u[:-1])  # b was saved only to start the next
     out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
     return packing.split(out, (out.shape[0],)) if packing.is_tuple else out
+
+
+#: torchdiffeq's per-step hooks, looked up on ``func`` (and their adjoint-pass variants)
+_STEP_CALLBACKS = tuple(name + suffix for name in ("callback_step", "callback_accept_step", "callback_reject_step")
+                        for suffix in ("", "_adjoint"))
 
 
 def _inside(values: Any, grid: torch.Tensor) -> list[float]:
