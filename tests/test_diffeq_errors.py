@@ -254,6 +254,23 @@ def test_dtmin_is_a_floor_that_a_growing_step_never_hits():
         assert sol.retcode == de.ReturnCode.DtLessThanMin and sol.stats.naccept == 0
 
 
+def test_force_dtmin_accepts_steps_at_the_floor():
+    """force_dtmin=True (OrdinaryDiffEq.jl's, torchdiffeq's min_step): steps at the floor are accepted even
+    with an error above 1, so a tolerance no step of 0.5 meets gives the fixed-step solve with dt = 0.5."""
+    prob = de.ODEProblem(decay, torch.ones(3, dtype=F64), (0.0, 5.0))
+    forced = de.solve(prob, de.Tsit5(), reltol=1e-12, abstol=1e-12, dtmin=0.5, force_dtmin=True, save_stats=True)
+    fixed = de.solve(prob, de.Tsit5(), dt=0.5, adaptive=False)
+    assert forced.retcode == de.ReturnCode.Success and forced.stats.nreject == 0
+    assert forced.stats.dt.tolist() == [0.5] * 10
+    torch.testing.assert_close(forced.u[-1], fixed.u[-1], rtol=1e-14, atol=0)
+    with pytest.raises(de.DtLessThanMinError):  # without it, the first step at the floor ends the solve
+        de.solve(prob, de.Tsit5(), reltol=1e-12, abstol=1e-12, dtmin=0.5)
+    with pytest.raises(TypeError, match="force_dtmin must be True or False, got 'yes'"):
+        de.solve(prob, de.Tsit5(), dtmin=0.5, force_dtmin="yes")
+    with pytest.raises(NotImplementedError, match="force_dtmin=True is not supported with per-sample steps"):
+        de.solve(prob, de.Tsit5(), dtmin=0.5, force_dtmin=True, batch="per-sample")
+
+
 def test_the_time_resolution_floor_follows_t():
     """Regression: the default dtmin was 4 ulps of max(|t0|, |t1|), so over (0, 1e12) a fast transient at
     t = 0 (steps ~1e-12, far above float64's resolution there) failed. The floor is 4 ulps of the current |t|."""

@@ -111,6 +111,8 @@ def capture_refusal(solver, options, field) -> str | None:
         return "callbacks, tstops, save_everystep or dense output need the step-by-step loop"
     if options.save_stats or options.save_steps:
         return "per-step records need the step-by-step loop"
+    if options.force_dtmin:
+        return "force_dtmin needs the step-by-step loop"
     if len(options.saveat or ()) > MAX_CAPTURED_SAVEAT:
         return f"more than {MAX_CAPTURED_SAVEAT} saveat times"
     return None

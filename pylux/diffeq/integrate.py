@@ -520,6 +520,8 @@ class _Loop:
         if self.adaptive:
             self.last_error = e
         accept, dt_next, cstate_new = self.controller.decide(self.cstate, e if self.adaptive else None, dt_step)
+        if not accept and at_floor and self.options.force_dtmin:
+            accept = True  # the user's choice: a step at the floor goes on, its error uncontrolled
         if accept:
             if event_fired:
                 result, t_new, fired = self.resolve_events(result, t, t_new, fired)

@@ -32,7 +32,7 @@ RESOLUTION_ULPS = 4
 
 SOLVE_KEYWORDS = (
     "dt", "adaptive", "saveat", "tstops", "save_everystep", "save_start", "save_end", "dense", "reltol",
-    "abstol", "controller", "norm", "dtmin", "dtmax", "maxiters", "callback", "save_stats", "throw",
+    "abstol", "controller", "norm", "dtmin", "force_dtmin", "dtmax", "maxiters", "callback", "save_stats", "throw",
     "sensealg", "batch", "saveat_mask",
 )
 
@@ -71,6 +71,8 @@ class SolveOptions:
     save_steps: bool = False
     #: times the solve steps exactly onto (host floats inside tspan, in the direction of integration)
     tstops: tuple[float, ...] = ()
+    #: accept a step at the floor whatever its error estimate, instead of ending the solve
+    force_dtmin: bool = False
 
     def replace(self, **changes) -> "SolveOptions":
         """``dataclasses.replace`` with unknown field names rejected by name."""
@@ -312,7 +314,8 @@ def make_options(solver: AbstractSolver, u0: torch.Tensor, t0: float, t1: float,
                  time_dtype: torch.dtype = torch.float64, dt=None, adaptive=None, saveat=None,
                  save_everystep=None, save_start=None, save_end=None, dense=None, reltol=1e-3,
                  abstol=1e-6, controller=None, norm=None, dtmin=None, dtmax=None,
-                 maxiters=100_000, callback=None, save_stats=False, throw=True, tstops=None) -> SolveOptions:
+                 maxiters=100_000, callback=None, save_stats=False, throw=True, tstops=None,
+                 force_dtmin=False) -> SolveOptions:
     """Validate ``solve()``'s keywords and return the canonical :class:`SolveOptions`.
 
     Raises ``TypeError`` / ``ValueError`` with a message naming the keyword,
@@ -328,7 +331,7 @@ def make_options(solver: AbstractSolver, u0: torch.Tensor, t0: float, t1: float,
         saveat = _normalize_saveat(saveat, t0, t1, time_dtype)
     tstops = () if tstops is None else tuple(x for x in _normalize_saveat(tstops, t0, t1, time_dtype, "tstops")
                                              if x != t0 and x != t1)
-    for name, value in (("save_stats", save_stats), ("throw", throw)):
+    for name, value in (("save_stats", save_stats), ("throw", throw), ("force_dtmin", force_dtmin)):
         if not isinstance(value, bool):
             raise TypeError(f"solve: {name} must be True or False, got {value!r}")
     save_everystep, save_start, save_end, dense = _saving(solver, saveat, t0, t1, save_everystep, save_start,
@@ -346,4 +349,5 @@ def make_options(solver: AbstractSolver, u0: torch.Tensor, t0: float, t1: float,
         adaptive=adaptive, dt=dt, saveat=saveat, save_everystep=save_everystep,
         save_start=save_start, save_end=save_end, dense=dense, reltol=reltol, abstol=abstol,
         controller=controller, norm=norm, dtmin=dtmin, dtmax=dtmax, maxiters=maxiters,
-        callbacks=callbacks, save_stats=save_stats, throw=throw, time_dtype=time_dtype, tstops=tstops)
+        callbacks=callbacks, save_stats=save_stats, throw=throw, time_dtype=time_dtype, tstops=tstops,
+        force_dtmin=force_dtmin)

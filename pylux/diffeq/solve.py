@@ -86,7 +86,7 @@ def _sde_for_one_solve(prob: SDEProblem, solver, sensealg) -> SDEProblem:
 
 def solve(prob: ODEProblem, solver: AbstractSolver | None = None, *, dt=None, adaptive=None,
           saveat=None, tstops=None, save_everystep=None, save_start=None, save_end=None, dense=None,
-          reltol=1e-3, abstol=1e-6, controller=None, norm=None, dtmin=None, dtmax=None,
+          reltol=1e-3, abstol=1e-6, controller=None, norm=None, dtmin=None, force_dtmin=False, dtmax=None,
           maxiters=100_000, callback=None, save_stats=False, throw=True, sensealg=None,
           batch="joint", saveat_mask=None, compile=False, **unknown: Any) -> Solution:
     """Solve an :class:`ODEProblem` or :class:`SDEProblem`; names and defaults follow DifferentialEquations.jl.
@@ -145,6 +145,10 @@ def solve(prob: ODEProblem, solver: AbstractSolver | None = None, *, dt=None, ad
             and a rejected step no longer than that floor ends the solve
             (DtLessThanMin); default: only the resolution (and an absolute floor
             of 4 eps^2 |t1 - t0|).
+        force_dtmin: ``True`` accepts a step at the floor whatever its error
+            estimate (a NaN/Inf step is still rejected) instead of ending the
+            solve: OrdinaryDiffEq.jl's ``force_dtmin``, torchdiffeq's ``min_step``.
+            The accuracy of such steps is not controlled. Joint batches only.
         dtmax: largest step (default ``|t1 - t0|``).
         maxiters: most trial steps (accepted + rejected) before MaxIters.
         callback: a termination callback (``TerminateSteadyState``,
@@ -196,6 +200,9 @@ def solve(prob: ODEProblem, solver: AbstractSolver | None = None, *, dt=None, ad
         prob = _sde_for_one_solve(prob, solver, sensealg)
     check_sensealg(sensealg, "solve")
     if wants_batched_times(prob, batch, saveat, saveat_mask):
+        if force_dtmin is not False:
+            raise NotImplementedError("solve: force_dtmin=True is not supported with per-sample steps; pass "
+                                      "batch='joint', or a smaller dtmin")
         if compile is not False:
             raise NotImplementedError("solve: compile=True is not supported with per-sample times; pass compile=False")
         return solve_batched(
@@ -220,7 +227,7 @@ def solve(prob: ODEProblem, solver: AbstractSolver | None = None, *, dt=None, ad
         saveat=saveat, save_everystep=save_everystep, save_start=save_start, save_end=save_end,
         dense=dense, reltol=reltol, abstol=abstol, controller=controller, norm=norm, dtmin=dtmin,
         dtmax=dtmax, maxiters=maxiters, callback=termination, save_stats=save_stats, throw=throw,
-        tstops=tstops)
+        tstops=tstops, force_dtmin=force_dtmin)
     options = with_events(options, events, t0, t1, dtmin)
     solver = compiled_solver(solver, options, sensealg, compile, prob.u0.device)
     if sensealg is not None:

@@ -369,8 +369,8 @@ def _solve_keywords(options: dict, adaptive: bool, grid: torch.Tensor, packing: 
             kwargs["dt"] = abs(float(options["first_step"]))
         if options.get("max_num_steps") is not None:
             kwargs["maxiters"] = int(options["max_num_steps"])
-        if options.get("min_step"):
-            kwargs["dtmin"] = float(options["min_step"])
+        if options.get("min_step"):  # torchdiffeq accepts a step at min_step whatever its error
+            kwargs["dtmin"], kwargs["force_dtmin"] = float(options["min_step"]), True
         if options.get("max_step") is not None and math.isfinite(float(options["max_step"])):
             kwargs["dtmax"] = float(options["max_step"])
         stops = [s for s in _inside(options.get("step_t"), grid) if s not in _inside(options.get("jump_t"), grid)]
