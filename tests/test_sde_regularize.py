@@ -10,7 +10,7 @@ F64 = torch.float64
 
 
 def neural_sde(regularize, sensealg=None, solver=None):
-    layer = lx.NeuralSDE(nn.Dense(2, 2, torch.tanh), nn.Chain(nn.Dense(2, 2), nn.WrappedFunction(
+    layer = lx.NeuralSDE(nn.Dense(2, 2, torch.tanh), nn.Chain(nn.Scale(2), nn.WrappedFunction(
         lambda x: 0.2 * torch.sigmoid(x))), (0.0, 1.0), solver=solver or lx.SOSRI(), regularize=regularize,
         sensealg=sensealg, reltol=1e-2, abstol=1e-2)
     ps, st = lx.setup(torch.Generator().manual_seed(0), layer, dtype=F64)

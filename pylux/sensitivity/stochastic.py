@@ -16,11 +16,36 @@ symmetric in time, so the backward solve is the same kind of solve with
 negative steps (the increments are the path's, reversed). The diffusion term's
 products :math:`a_z^\top \partial g \circ dW` are vector–Jacobian products of
 :math:`\langle a_z, g\,dW\rangle`, so every noise type works. An Itô problem is
-first written in Stratonovich form, :math:`f - \tfrac12 (\partial_z g)\, g` (a
-Jacobian–vector product, differentiated by double backward): exact for scalar
-noise; for diagonal noise it equals the Itô–Stratonovich correction
-:math:`\tfrac12 g_i\, \partial g_i / \partial z_i` when each diffusion entry
-depends on its own state entry only (commutative noise), which is assumed.
+first written in Stratonovich form, :math:`f - \tfrac12 c` (Li et al. 2020, eq. 2
+and their Section 3: the adjoint SDE is derived for the Stratonovich form):
+
+* scalar noise (one Brownian motion): :math:`c = (\partial_z g)\, g`, a
+  Jacobian–vector product, exact;
+* diagonal noise: the Itô–Stratonovich correction is
+  :math:`c_i = g_i\, \partial g_i / \partial z_i`, the *diagonal* of
+  :math:`\partial_z g` times :math:`g`. An exact diagonal costs one VJP per state
+  entry, so the cheap :math:`(\partial_z g)\, g` is used, which equals it exactly
+  when each :math:`g_i` depends on its own entry :math:`z_i` only
+  (:math:`\partial g_i/\partial z_k = 0` for :math:`k \ne i`: ``sigma * z``, a
+  per-entry network). That assumption is *checked*, not trusted: at the initial
+  state (before the forward solve) and at the final state (before the backward
+  solve), two VJPs with fixed random vectors :math:`v_1, v_2` (entries of modulus
+  in [0.5, 1.5]) must give :math:`(J^\top v_1)/v_1 = (J^\top v_2)/v_2`
+  elementwise, to a relative 1e-6 in float64 (1e-3 in float32), as they do
+  exactly when :math:`J = \partial_z g` is diagonal; otherwise
+  ``NotImplementedError`` (pose the problem in Stratonovich form, or use
+  ``DirectAdjoint()``). A ``g`` that is diagonal at those two states but not
+  elsewhere is not detected;
+* additive noise (``noise="additive"``, ``g`` independent of ``z``, a matrix ``g``
+  with ``noise_dim`` included): the two calculi coincide, so no correction is
+  needed (a matrix ``g`` that does depend on ``z`` at the initial state is
+  refused as not additive; one of ``u``'s shape is treated as diagonal noise);
+* general noise: no cheap Stratonovich form, refused.
+
+The correction is formed by double backward, so it is differentiated too.
+The diffusion is checked for parameters hidden in a closure like the drift
+(:class:`~pylux.sensitivity.HiddenParameterError` at the initial state, before
+any work, and on the backward solve's first evaluation).
 
 Accuracy, stated plainly: :math:`z` is re-integrated backward with a
 low-order Stratonovich method with fixed steps:
@@ -45,22 +70,29 @@ import torch
 
 from ..core import tree_replace_at_paths
 from ..diffeq import ConstantStepSize, integrate
+from ..diffeq._device import time_scalar
 from ..diffeq.sde import EulerHeun, ReversibleHeun
 from ..diffeq.terms import AbstractTerm, MultiTerm, ODETerm
-from ._params import (BackwardStats, apply_adjoint_function, check_no_hidden_parameters, refuse_higher_order,
-                      solve_detached)
+from ._params import (BackwardStats, apply_adjoint_function, check_no_hidden_parameters, grad_leaves,
+                      refuse_higher_order, solve_detached)
 
 __all__ = ["stochastic_backsolve"]
 
 
 def stochastic_backsolve(alg, problem, solver, options):
     """Solve an SDE forward without autograd; gradients from the backward adjoint SDE (module docstring)."""
-    if problem.interpretation == "ito" and problem.noise_kind == "general":
+    if problem.interpretation == "ito" and problem.noise == "general":
         raise NotImplementedError("BacksolveAdjoint: an Itô SDE with general noise has no cheap Stratonovich "
                                   "form; pose it as interpretation='stratonovich' or use sensealg=DirectAdjoint()")
     if options.save_stats or options.dense or options.callbacks:
         raise NotImplementedError("BacksolveAdjoint on an SDE: save_stats, dense and callbacks need "
                                   "DirectAdjoint()")
+    if torch.is_grad_enabled():  # a gradient may be asked for: check g before any work
+        pairs = grad_leaves(problem.p)
+        paths = [path for path, _ in pairs]
+        p = tree_replace_at_paths(problem.p, paths, [x.detach() for _, x in pairs]) if paths else problem.p
+        t0 = time_scalar(problem.tspan[0], options.time_dtype, problem.u0.device)
+        _probe_diffusion(problem, problem.u0, p, t0, [], "at the initial state")
     return apply_adjoint_function(_StochasticAdjointFunction, alg, problem, solver, options.replace(save_steps=True))
 
 
@@ -84,6 +116,7 @@ class _StochasticAdjointFunction(torch.autograd.Function):
         refuse_higher_order("BacksolveAdjoint")
         u0, z_final, *params = ctx.saved_tensors
         sweep = _AdjointSweep(ctx, u0, params)
+        sweep.probe(z_final)  # before the backward solve: the diffusion at the final state
         grads = sweep.run(z_final, grad_u)
         ctx.backward_stats.update(sweep.stats)
         return (None, None, None, None, None, None, *grads)
@@ -101,6 +134,17 @@ class _AdjointSweep:
         forward = ctx.solver
         # reversible Heun: half of Heun's evaluations a step at the same strong order
         self.solver = forward if isinstance(forward, (EulerHeun, ReversibleHeun)) else ReversibleHeun()
+
+    def probe(self, z_final) -> None:
+        """The checks of :func:`_probe_diffusion` at ``z(t1)``, on the backward solve's parameter leaves.
+
+        Its one ``g`` evaluation and at most two VJPs are not in the counters (``ng``, ``nvjp`` count the
+        backward solve itself), as the probe at the initial state is not in the forward's."""
+        ctx = self.ctx
+        ps_ = [x.detach().requires_grad_(True) for x in self.params]
+        p = tree_replace_at_paths(ctx.problem.p, ctx.paths, ps_) if ctx.paths else ctx.problem.p
+        t1 = time_scalar(ctx.problem.tspan[1], ctx.options.time_dtype, z_final.device)
+        _probe_diffusion(ctx.problem, z_final.view(self.shape), p, t1, ps_, "at the final state")
 
     def run(self, z_final, grad_u):
         """From ``(z(t1), 0, 0)`` back to ``t0``, adding ``dL/du(t_k)`` to ``a_z`` at each saved time."""
@@ -161,15 +205,70 @@ def _augmented_term(problem, paths, params, shape, stats):
     return MultiTerm(ODETerm(drift), _AdjointDiffusion(problem, shape, leaves, stats)).bind(None)
 
 
+_PROBE_SEED = 20200820  # fixed: the probe never touches torch's global generator
+
+
+def _probe_diffusion(problem, z, p, t, leaves, where: str) -> None:
+    """Check ``g`` at one state before the expensive work: no parameter hidden in a closure, and, for an Itô
+    problem, that the Stratonovich conversion of :func:`_stratonovich_drift` is exact (module docstring).
+
+    One evaluation of ``g`` and, for Itô diagonal or additive noise that depends on ``z``, two VJPs and one
+    host synchronisation; nothing per step. ``leaves``: the parameter tensors ``g`` may use (those of ``p``
+    that require grad). Raises :class:`HiddenParameterError`, or ``NotImplementedError`` when ``g_i``
+    depends on entries ``z_k`` (``k != i``) under diagonal noise, or on ``z`` at all under additive noise
+    with a matrix ``g``.
+    """
+    with torch.enable_grad():
+        z = z.detach().requires_grad_(True)
+        g = problem.g(z, p, t)
+        if not isinstance(g, torch.Tensor):
+            return  # the solve itself reports a g that does not return a tensor
+        check_no_hidden_parameters(g, [z, *leaves], where="BacksolveAdjoint: g")
+        if problem.interpretation != "ito" or problem.noise == "scalar" or g.numel() == 0 or not g.requires_grad:
+            return
+        gen = torch.Generator().manual_seed(_PROBE_SEED)
+        vs = []
+        for _ in range(2):  # entries of modulus in [0.5, 1.5], random signs: never near zero
+            mag = 0.5 + torch.rand(g.shape, generator=gen, dtype=torch.float64)
+            sign = torch.where(torch.rand(g.shape, generator=gen, dtype=torch.float64) < 0.5, -1.0, 1.0)
+            vs.append((mag * sign).to(dtype=g.dtype, device=g.device))
+        (j1,) = torch.autograd.grad(g, z, grad_outputs=vs[0], retain_graph=True, allow_unused=True)
+        if j1 is None:
+            return  # g does not depend on z
+        if problem.noise_kind == "general":  # additive noise with a matrix g (general noise is refused earlier)
+            if bool((j1 != 0).any()):
+                raise NotImplementedError(
+                    f"BacksolveAdjoint: the SDE is declared noise='additive' but its diffusion g depends on the "
+                    f"state ({where}), and an Itô SDE with a state-dependent matrix g has no cheap Stratonovich "
+                    "form; make g independent of u, pose the SDE as interpretation='stratonovich' with noise="
+                    "'general', or use sensealg=DirectAdjoint()")
+            return
+        (j2,) = torch.autograd.grad(g, z, grad_outputs=vs[1], allow_unused=True)
+    # J^T v / v is diag(J) for both v exactly when J = dg/dz is diagonal (off-diagonal terms weigh v_k / v_i)
+    r1, r2 = j1 / vs[0], j2 / vs[1]
+    rtol = {torch.float64: 1e-6, torch.float32: 1e-3}.get(g.dtype, 1e-2)
+    scale = torch.maximum(r1.abs(), r2.abs())
+    if bool(((r1 - r2).abs() > rtol * (scale + scale.max())).any()):
+        raise NotImplementedError(
+            f"BacksolveAdjoint: an Itô SDE with diagonal noise whose diffusion g_i depends on other entries z_k "
+            f"(k != i) of the state (found {where}: dg/dz is not diagonal). The backsolve adjoint converts the Itô "
+            "SDE to Stratonovich form with the cheap correction (dg/dz) g, which equals the diagonal-noise "
+            "correction g_i dg_i/dz_i only when each g_i depends on z_i alone; the gradient would be silently "
+            "wrong. Instead pose the SDE in Stratonovich form (interpretation='stratonovich', with the drift "
+            "f_i - 1/2 g_i dg_i/dz_i written by hand; BacksolveAdjoint, or ReversibleAdjoint with ReversibleHeun(), "
+            "then differentiate it), or use sensealg=DirectAdjoint() on the Itô problem")
+
+
 def _stratonovich_drift(problem, z, p, t):
     """The drift of the Stratonovich form: ``f`` itself, or ``f - (1/2) c`` for an Itô problem with
     ``c = (dg/dz) g`` for scalar noise (one Brownian motion: a Jacobian–vector product) and
     ``c = diag(dg/dz) * g`` for diagonal noise, which equals ``(dg/dz) g`` when each ``g_i`` depends on
-    ``z_i`` alone (the commutative case the module docstring requires). Both are formed by double
-    backward, so the correction is differentiated too."""
+    ``z_i`` alone (the case the module docstring requires, checked by :func:`_probe_diffusion`); no
+    correction for additive noise. Both are formed by double backward, so the correction is
+    differentiated too."""
     f = problem.f(z, p, t)
-    if problem.interpretation == "stratonovich":
-        return f
+    if problem.interpretation == "stratonovich" or (problem.noise == "additive" and problem.noise_kind == "general"):
+        return f  # (additive noise with a matrix g: Itô = Stratonovich, checked by _probe_diffusion)
     g = problem.g(z, p, t)
     if not g.requires_grad:  # g independent of z and the parameters: additive noise, no correction
         return f
@@ -189,6 +288,7 @@ class _AdjointDiffusion(AbstractTerm):
         self.problem, self.shape, self.leaves, self.stats = problem, shape, leaves, stats
         self.control = problem.term.terms[1].control
         self.kind_term = problem.term.terms[1]
+        self.checked = False
 
     def vf(self, aug, _, t):
         n = math.prod(self.shape)
@@ -196,6 +296,9 @@ class _AdjointDiffusion(AbstractTerm):
         with torch.enable_grad():
             z = aug[:n].view(self.shape).detach().requires_grad_(True)
             g = self.problem.g(z, p, t)
+            if not self.checked:  # as the drift: a tensor reaching g through a closure would get no gradient
+                check_no_hidden_parameters(g, [z, *ps_], where="BacksolveAdjoint: g")
+                self.checked = True
         self.stats["ng"] += 1
         return (g, z, aug[n:2 * n].view(self.shape), ps_, aug)
 
