@@ -65,32 +65,29 @@ ones a further split of the leaf would use):
   are conditionally independent, *any set of query points in distinct leaves
   has exactly the joint law of Brownian motion*; at a leaf's midpoint this is
   the value a deeper tree with the same seed would sample.
-* with Lévy area, the first four terms of the polynomial expansion of the
-  path in shifted Legendre polynomials (Foster, Lyons & Oberhauser, "An
-  optimal polynomial approximation of Brownian motion", SIAM J. Numer. Anal.
-  2020), whose coefficients are independent Gaussians: ``ΔW`` and ``H`` from
-  the tree, the next two from ``Z₁, Z₂``,
+* with Lévy area, ``(W_t, J_t)`` from its exact conditional law given the
+  leaf's ``(W_a, W_b, H)``. Both are linear functionals of the path, so the
+  law is Gaussian, with the mean and covariance of Gaussian conditioning
+  (derived for this module from ``Cov(B_s, B_r) = min(s, r)`` on the leaf):
 
   .. math::
-      W_t = W_a + u ΔW + 6pH + \sqrt{ℓ}\left[\sqrt5\, p(1-2u) Z_1 - \sqrt7\, p(1-5p) Z_2\right],
+      W_t &= W_a + u ΔW + 6pH + \sqrt{ℓ}\, L_{11} Z_1, \\
+      J_t &= J_a + ℓ[u W_a + u²ΔW/2 + (3u² - 2u³)H] + ℓ^{3/2}(L_{21} Z_1 + L_{22} Z_2),
 
-  and ``J`` is its exact time integral,
-  ``J_t = J_a + ℓ[u W_a + u²ΔW/2 + (3u² - 2u³)H] + ℓ^{3/2}[√5 p²Z₁ - √7 p²(1-2u)Z₂]/2``.
-  The extra terms integrate to zero over the leaf, so ``J_b`` is unchanged,
-  and the returned Lévy area of any interval is exactly that of the returned
-  (continuous, piecewise-polynomial) path.
+  with ``L`` the Cholesky factor of the conditional covariance
+  ``[[p(1 - 3p), p²(1 - 2u)/2], [p²(1 - 2u)/2, p³/3]]`` (in units of the
+  leaf): ``L₁₁ = √(p(1 - 3p))``, ``L₂₁ = p²(1 - 2u)/(2L₁₁)``,
+  ``L₂₂ = √(p³/(12(1 - 3p)))``. At a leaf's midpoint these are the split's
+  ``(W_m, J_m)``: the values a deeper tree with the same seed samples.
+  A single point, and any set of points in distinct leaves, then has exactly
+  the joint law of ``(W, J)``, so the increments and Lévy areas of intervals
+  whose ends lie in distinct leaves are exact in law at any ``tol`` (as
+  diffrax's virtual Brownian tree).
 
-Only what lies inside a leaf is approximate. Without Lévy area, only two
-points strictly inside the *same* leaf: they share the leaf's normal, so an
-increment of length ``δ`` between them has a variance of order ``δ²/ℓ``
-rather than ``δ``. With Lévy area the truncated expansion also misses part of
-the variance at points inside a leaf: over an interval of ``n`` leaves whose
-ends fall inside leaves, the variance of ``ΔW`` is low by about ``6%/n`` and
-that of ``H`` by about ``20%/n`` (measured, averaged over where the ends fall:
-6% and 19% at ``n = 1``, 0.7% and 2% at ``n = 8``, under 0.1% and 0.2% at
-``n = 256``), and inside one leaf both are much too small. Choose ``tol``
-well below the steps a solver takes; the default resolves steps of
-``2**-12`` of the span to those last fractions.
+Only points strictly inside the *same* leaf are approximate: they share the
+leaf's normals, so an increment of length ``δ`` between them has a variance
+of order ``δ²/ℓ`` rather than ``δ``. Choose ``tol`` below the steps a solver
+takes (the default, ``2**-20`` of the span, is far below them).
 
 Properties: the same seed gives the same path on a device type, queries in
 any order give bitwise-identical values (the cache stores the results of the
@@ -416,11 +413,12 @@ class BrownianTree(AbstractControl):
         w_a, w_b, j_a, area = state
         w.add_(area, alpha=6.0 * p)
         j = torch.lerp(w_a, w_b, 0.5 * u).mul_(width * u).add_(area, alpha=width * u * u * (3.0 - 2.0 * u))
-        if p > 0.0:  # the next two Legendre modes of the bridge, from the leaf's own normals
+        if p > 0.0:  # the exact conditional law of (W_t, J_t), from the leaf's own normals
             z = self._normals((1 << self.depth) + offset, 2)
-            c2, c3 = math.sqrt(5.0 * width) * p, -math.sqrt(7.0 * width) * p
-            w.add_(z[0], alpha=c2 * (1.0 - 2.0 * u)).add_(z[1], alpha=c3 * (1.0 - 5.0 * p))
-            j.add_(z[0], alpha=0.5 * width * c2 * p).add_(z[1], alpha=0.5 * width * c3 * p * (1.0 - 2.0 * u))
+            l11 = math.sqrt(p * (1.0 - 3.0 * p))
+            l21, l22 = p * p * (1.0 - 2.0 * u) / (2.0 * l11), math.sqrt(p ** 3 / (12.0 * (1.0 - 3.0 * p)))
+            w.add_(z[0], alpha=math.sqrt(width) * l11)
+            j.add_(z[0], alpha=width ** 1.5 * l21).add_(z[1], alpha=width ** 1.5 * l22)
         return w, j.add_(j_a)
 
     def _remember(self, x: float, out: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
