@@ -109,6 +109,113 @@ def test_several_events_report_which_fired_in_time_order():
     assert sol.events.sample.tolist() == [0] * 4
 
 
+# --- several events in one step: a sample ends at its earliest terminating event ------------------
+
+def drift(u, p, t):
+    """u' = p (1 for p None): u is linear in t, so a step of any size is exact and accepted."""
+    return torch.ones_like(u) if p is None else p * torch.ones_like(u)
+
+
+def solve_drift(u0, t1, callbacks, p=None, **kwargs):
+    """One step (dt = 20 covers every crossing below, both time directions) unless an event cuts it; an event
+    that fires again and again runs into maxiters quickly."""
+    prob = de.ODEProblem(drift, torch.as_tensor(u0, dtype=F64), (0.0, t1), p)
+    return de.solve(prob, de.Tsit5(), dt=20.0, callback=callbacks, maxiters=100, **kwargs)
+
+
+@pytest.mark.parametrize("t1", [20.0, math.inf], ids=["finite_t1", "infinite_t1"])
+@pytest.mark.parametrize("d", [1, -1], ids=["forward", "backward"])
+@pytest.mark.parametrize("kind", ["t", "u"])
+def test_two_terminating_events_in_one_step_end_at_the_earliest(kind, d, t1):
+    # u(t) = t - 10 d: the crossings are at t = 10 d (listed first) and t = 5 d, inside the first step
+    if kind == "t":
+        late, early = (lambda u, t: t - 10.0 * d), (lambda u, t: t - 5.0 * d)
+    else:
+        late, early = (lambda u, t: u[0]), (lambda u, t: u[0] + 5.0 * d)
+    sol = solve_drift([-10.0 * d], d * t1, [de.ContinuousCallback(late, de.terminate),
+                                            de.ContinuousCallback(early, de.terminate)])
+    assert sol.retcode == de.ReturnCode.Terminated and sol.stats.naccept == 1
+    assert abs(sol.t[-1].item() - 5.0 * d) < 1e-12
+    assert abs(sol.u[-1, 0].item() + 5.0 * d) < 1e-12          # the state at the end time, not at t = 10 d
+    assert len(sol.events) == 1 and sol.events.callback.tolist() == [1] and sol.events.terminal.tolist() == [True]
+    assert abs(sol.events.t[0].item() - 5.0 * d) < 1e-12 and abs(sol.events.u[0].item() + 5.0 * d) < 1e-12
+
+
+def test_two_terminating_events_in_one_step_event_time_gradient():
+    # u' = p from -10: u crosses -5 at t* = 5 / p (the earlier) and 0 at 10 / p; dt*/dp = -5 / p^2
+    p = torch.tensor(1.25, dtype=F64, requires_grad=True)
+    sol = solve_drift([-10.0], 20.0, [de.ContinuousCallback(lambda u, t: u[0], de.terminate),
+                                      de.ContinuousCallback(lambda u, t: u[0] + 5.0, de.terminate)], p=p)
+    assert len(sol.events) == 1 and abs(sol.events.t[0].item() - 4.0) < 1e-12
+    grad, = torch.autograd.grad(sol.events.t[0], p, retain_graph=True)
+    assert abs(grad.item() + 5.0 / 1.25 ** 2) < 1e-9
+    # the event state u(t*) = -5 does not depend on p
+    grad_u, = torch.autograd.grad(sol.events.u[0][0], p)
+    assert abs(grad_u.item()) < 1e-9
+
+
+@pytest.mark.parametrize("d", [1, -1], ids=["forward", "backward"])
+def test_events_before_the_earliest_termination_fire_and_later_ones_do_not(d):
+    # u(t) = t - 10 d; at t = 3 d a non-terminating event adds 1; terminating events at 6 d and 5 d; a
+    # non-terminating one at 7 d (after the end, so neither applied nor logged)
+    bump = de.ContinuousCallback(lambda u, t: t - 3.0 * d, lambda u, t: u + 1.0)
+    late_stop = de.ContinuousCallback(lambda u, t: t - 6.0 * d, de.terminate)
+    after = de.ContinuousCallback(lambda u, t: t - 7.0 * d, lambda u, t: u + 100.0)
+    stop = de.ContinuousCallback(lambda u, t: t - 5.0 * d, de.terminate)
+    for t1 in (20.0, math.inf):
+        sol = solve_drift([-10.0 * d], d * t1, [bump, late_stop, after, stop])
+        assert sol.retcode == de.ReturnCode.Terminated
+        assert np.max(np.abs(sol.events.t.numpy() - [3.0 * d, 5.0 * d])) < 1e-12
+        assert sol.events.callback.tolist() == [0, 3] and sol.events.terminal.tolist() == [False, True]
+        assert abs(sol.t[-1].item() - 5.0 * d) < 1e-12
+        assert abs(sol.u[-1, 0].item() - (-5.0 * d + 1.0)) < 1e-12
+        assert abs(sol.events.u[0].item() + 7.0 * d) < 1e-12 and abs(sol.events.u[1].item() - sol.u[-1, 0].item()) < 1e-12
+
+
+@pytest.mark.parametrize("d", [1, -1], ids=["forward", "backward"])
+def test_per_sample_terminations_in_one_step_each_at_its_earliest(d):
+    # two samples, u(t) = t - 10 d each; per-sample crossings (in |t|): A at u = -s: 5 and 8, B at 7 and 6
+    A = de.ContinuousCallback(lambda u, t: u[..., 0] + d * torch.tensor([5.0, 2.0], dtype=F64), de.terminate)
+    B = de.ContinuousCallback(lambda u, t: t - d * torch.tensor([7.0, 6.0], dtype=F64), de.terminate)
+    sol = solve_drift([[-10.0 * d], [-10.0 * d]], d * 20.0, [A, B])
+    assert sol.retcode == de.ReturnCode.Terminated and sol.stats.naccept == 1
+    assert abs(sol.t[-1].item() - 6.0 * d) < 1e-12
+    assert torch.allclose(sol.u[-1], torch.tensor([[-5.0 * d], [-4.0 * d]], dtype=F64), atol=1e-12, rtol=0)
+    assert np.max(np.abs(sol.events.t.numpy() - [5.0 * d, 6.0 * d])) < 1e-12
+    assert sol.events.callback.tolist() == [0, 1] and sol.events.sample.tolist() == [0, 1]
+    # a whole-state termination at 7 after sample 0 froze at 5 (sample 1's A at 8 comes after the end)
+    C = de.ContinuousCallback(lambda u, t: t - 7.0 * d, de.terminate)
+    sol = solve_drift([[-10.0 * d], [-10.0 * d]], d * math.inf, [A, C])
+    assert abs(sol.t[-1].item() - 7.0 * d) < 1e-12
+    assert torch.allclose(sol.u[-1], torch.tensor([[-5.0 * d], [-3.0 * d]], dtype=F64), atol=1e-12, rtol=0)
+    assert np.max(np.abs(sol.events.t.numpy() - [5.0 * d, 7.0 * d])) < 1e-12
+    assert sol.events.callback.tolist() == [0, 1] and sol.events.terminal.all()
+    assert torch.allclose(sol.events.u[1], sol.u[-1], atol=1e-12, rtol=0)
+
+
+def test_an_affect_in_backward_time_fires_once():
+    # u(t) = 10 + t backward from 0: +1 at t = -3 (t-based), then +20 where u falls through 2 (t = -9); each
+    # fires once (the restarted condition is signed as it moves on backward in time), so u(-20) = 11
+    at_time = de.ContinuousCallback(lambda u, t: t + 3.0, lambda u, t: u + 1.0)
+    at_state = de.ContinuousCallback(lambda u, t: u[0] - 2.0, lambda u, t: u + 20.0)
+    sol = solve_drift([10.0], -20.0, [at_time, at_state])
+    assert sol.retcode == de.ReturnCode.Success
+    assert np.max(np.abs(sol.events.t.numpy() - [-3.0, -9.0])) < 1e-12 and sol.events.callback.tolist() == [0, 1]
+    assert abs(sol.u[-1, 0].item() - 11.0) < 1e-12
+
+
+def test_a_frozen_sample_has_no_later_events_in_the_same_step():
+    # sample 0 terminates at t = 3; its non-terminating event at t = 4 (same step) must not fire; sample 1's
+    # at t = 6 does (+100), and sample 1 runs on to t1 = 10
+    stop0 = de.ContinuousCallback(lambda u, t: t - torch.tensor([3.0, 50.0], dtype=F64), de.terminate)
+    kick = de.ContinuousCallback(lambda u, t: t - torch.tensor([4.0, 6.0], dtype=F64), lambda u, t: u + 100.0)
+    sol = solve_drift([[-10.0], [-10.0]], 10.0, [stop0, kick])
+    assert sol.retcode == de.ReturnCode.Success
+    assert np.max(np.abs(sol.events.t.numpy() - [3.0, 6.0])) < 1e-12
+    assert sol.events.callback.tolist() == [0, 1] and sol.events.sample.tolist() == [0, 1]
+    assert torch.allclose(sol.u[-1], torch.tensor([[-7.0], [100.0]], dtype=F64), atol=1e-10, rtol=0)
+
+
 # --- batches: every sample its own event times -----------------------------------------------------
 
 def pendulum(u, p, t):
@@ -265,6 +372,13 @@ def test_adjoints_that_do_not_see_events_refuse_them():
     h = torch.tensor(1.0, dtype=F64)
     with pytest.raises(NotImplementedError, match="DirectAdjoint"):
         falling_ball_impact(h, None, lx.InterpolatingAdjoint())
+
+
+def test_checkpointed_direct_adjoint_refusal_names_the_checkpoints():
+    h = torch.tensor(1.0, dtype=F64)
+    with pytest.raises(NotImplementedError, match=r"DirectAdjoint\(checkpoints=3\).*DirectAdjoint\(\) without "
+                                                  r"checkpoints"):
+        falling_ball_impact(h, None, lx.DirectAdjoint(checkpoints=3))
 
 
 # --- t0, infinite t1, tstops, discrete callbacks -----------------------------------------------------

@@ -12,9 +12,11 @@ The loop (:mod:`pylux.diffeq.integrate`) hands every trial step to an
 * :meth:`EventHandler.resolve` runs only for an accepted step whose flag is
   set: it locates each sample's event by the Illinois method on the dense
   output (:func:`illinois`), cuts the step at the earliest non-terminating
-  event, freezes terminated samples at their own event times, applies the
-  affects, re-initialises the solver at the new state, and records the
-  events (:class:`EventLog`) with event times differentiable by the implicit
+  event (or where every sample has terminated, if earlier), freezes each
+  terminated sample at its own earliest terminating event (later events of a
+  frozen sample neither fire nor are logged), applies the affects,
+  re-initialises the solver at the new state, and records the events
+  (:class:`EventLog`) with event times differentiable by the implicit
   function theorem.
 
 The math and the user-facing behaviour are documented on the callbacks.
@@ -32,6 +34,7 @@ from ._device import time_scalar, time_vector
 from .callbacks import AbstractEventCallback, AbstractTerminationCallback, ContinuousCallback, DiscreteCallback
 from .controllers import _round_time
 from .interpolation import AbstractInterpolant
+from .options import default_dtmin
 from .solvers import AbstractAdaptiveSolver, StepResult
 from .terms import BoundTerm
 
@@ -68,10 +71,15 @@ def check_event_solve(t1, termination, events, *, is_sde: bool, sensealg, solver
         raise NotImplementedError("solve: event callbacks (ContinuousCallback, DiscreteCallback) are not supported "
                                   "for SDE problems; use a termination callback (TerminateWhen) instead")
     if events and sensealg is not None and not sensealg.differentiates_solver:
+        # the capability is declared per instance (DirectAdjoint(checkpoints=c) does not differentiate the
+        # solver's own operations, DirectAdjoint() does), so the instance is named, with its settings
         raise NotImplementedError(
-            f"solve: event callbacks are not supported under {type(sensealg).__name__}: its backward pass does "
-            "not see the events (cut steps, affects, event times). Use sensealg=DirectAdjoint(), which "
-            "differentiates through them (event times by the implicit function theorem)")
+            f"solve: event callbacks are not supported under sensealg={_describe(sensealg)}: its backward pass "
+            "does not see the events (cut steps, affects, event times), since it recomputes or re-solves the "
+            "steps without a tape of the forward solve, as the adjoint methods and the checkpointed "
+            "DirectAdjoint(checkpoints=c) do. Use sensealg=DirectAdjoint() without checkpoints (or "
+            "sensealg=None), which backpropagates through the events (event times by the implicit function "
+            "theorem)")
     if not isinstance(t1, float) or math.isfinite(t1):
         return
     if not termination and not any(cb.terminates for cb in events):
@@ -86,13 +94,20 @@ def check_event_solve(t1, termination, events, *, is_sde: bool, sensealg, solver
                          "saved times as a sequence")
 
 
+def _describe(sensealg) -> str:
+    """The algorithm with its settings where it says them (its own ``repr``), else its class name."""
+    if type(sensealg).__repr__ is object.__repr__:
+        return f"{type(sensealg).__name__}()"
+    return repr(sensealg)
+
+
 def with_events(options, events: tuple, t0: float, t1: float, dtmin):
     """``options`` carrying the event callbacks too, with a finite default ``dtmin`` for an infinite ``t1``."""
     if not events and (not isinstance(t1, float) or math.isfinite(t1)):
         return options
     changes = {"callbacks": options.callbacks + tuple(events)}
     if dtmin is None and isinstance(t1, float) and not math.isfinite(t1):
-        changes["dtmin"] = 4 * torch.finfo(options.time_dtype).eps * max(abs(t0), 1.0)
+        changes["dtmin"] = default_dtmin(max(abs(t0), 1.0), options.time_dtype)
     return options.replace(**changes)
 
 
@@ -489,28 +504,69 @@ class EventHandler:
         return g[rows, torch.as_tensor(samples, device=g.device)].double().cpu().numpy()
 
     def _plan(self, found: list[_Found], t: float, t_new: float, u_new: torch.Tensor):
-        """Which located events fire in this step, where it ends, and whether the solve stops."""
+        """Which located events fire in this step, where it ends, and whether the solve stops.
+
+        The step ends at the earliest located non-terminating event (the others are found again after the
+        cut; it ends there even if that event's samples froze before it, and then nothing fires there), or
+        earlier where every sample is frozen by then. Terminating events up to there fire in time
+        order, each only while its samples are not yet all frozen: a sample terminates at its earliest event
+        and no later event of it fires or is logged (events at the same time all fire)."""
         d = self.direction
         moving = [f for f in found if not f.tracked.callback.terminates]
         t_cut = min((x for f in moving for x in f.times), key=lambda x: d * x, default=None)
-        freezing = [f if t_cut is None else f.subset([d * x <= d * t_cut for x in f.times])
-                    for f in found if f.tracked.callback.terminates]
-        freezing = [f for f in freezing if f.samples.size]
-        if freezing and self._all_frozen_after(freezing, u_new):
-            t_end = max((x for f in freezing for x in f.times), key=lambda x: d * x)
-            return _at(moving, t_end), freezing, t_end, True
-        return _at(moving, t_cut), freezing, (t_new if t_cut is None else t_cut), False
+        terminating = [f if t_cut is None else f.subset([d * x <= d * t_cut for x in f.times])
+                       for f in found if f.tracked.callback.terminates]
+        terminating = [f for f in terminating if f.samples.size]
+        at_cut = _at(moving, t_cut)
+        fires, t_all = self._fire_in_order(terminating + at_cut, u_new)
+        freezing = [s for s in (f.subset(k) for f, k in zip(terminating, fires)) if s.samples.size]
+        if t_all is not None:
+            # every sample is frozen at t_all: the solve ends there; later events do not happen
+            fired = [f.subset(k) for f, k in zip(at_cut, fires[len(terminating):])] if t_all == t_cut else []
+            return [f for f in fired if f.samples.size], freezing, t_all, True
+        fired = [f.subset(k) for f, k in zip(at_cut, fires[len(terminating):])]
+        return [f for f in fired if f.samples.size], freezing, (t_new if t_cut is None else t_cut), False
 
-    def _all_frozen_after(self, freezing: list[_Found], like: torch.Tensor) -> bool:
-        frozen = self.frozen if self.frozen is not None else torch.zeros_like(like, dtype=torch.bool)
-        for f in freezing:
-            frozen = frozen | f.tracked.mask(f.samples, like)
-        return bool(frozen.all())
+    def _fire_in_order(self, events: list[_Found], like: torch.Tensor):
+        """``(fires, t_all)``: per located event whether it fires, and the time at which every sample is frozen
+        (``None`` if not within ``events``). Walked in time order with a host record of the frozen state's
+        elements: an event fires unless its samples were all frozen strictly before it; a terminating one that
+        fires freezes them. A zero-size state is all frozen once any terminating event fires."""
+        d = self.direction
+        # a copy: the numpy view of a CPU tensor shares its memory, and this record is written to
+        frozen = (self.frozen.cpu().numpy().copy() if self.frozen is not None
+                  else np.zeros(tuple(like.shape), dtype=bool)).reshape(-1)
+        remaining = int(frozen.size - np.count_nonzero(frozen))
+        fires = [np.zeros(f.samples.size, dtype=bool) for f in events]
+        order = sorted(((d * x, k, i) for k, f in enumerate(events) for i, x in enumerate(f.times)),
+                       key=lambda e: e[0])
+        any_frozen = False
+        start = 0
+        while start < len(order):
+            stop = start
+            while stop < len(order) and order[stop][0] == order[start][0]:
+                stop += 1
+            group = order[start:stop]
+            for _, k, i in group:  # against the frozen state before this time
+                rows = frozen.reshape(events[k].tracked.n, -1)[events[k].samples[i]]
+                fires[k][i] = not rows.all() if frozen.size else not any_frozen
+            for _, k, i in group:
+                f = events[k]
+                if fires[k][i] and f.tracked.callback.terminates:
+                    rows = frozen.reshape(f.tracked.n, -1)
+                    remaining -= int(rows.shape[1] - np.count_nonzero(rows[f.samples[i]]))
+                    rows[f.samples[i]] = True
+                    any_frozen = True
+            if any_frozen and remaining == 0:
+                return fires, events[group[0][1]].times[group[0][2]]
+            start = stop
+        return fires, None
 
     def _restart_conditions(self, fired: list[_Found], field, u: torch.Tensor, t_end: float, recompute: bool) -> None:
         """Each condition's value where the next step starts. A fired sample within its band of zero is at
-        zero, signed as the condition moves on (``dg/dt`` along the solution), so the same event does not fire
-        again and the next crossing is found even past the step's first sampled point."""
+        zero, signed as the condition moves on (``dg/dt`` along the solution, negated backward in time), so
+        the same event does not fire again and the next crossing is found even past the step's first sampled
+        point."""
         t_tensor = time_scalar(t_end, *self.time)
         with torch.no_grad():
             for tr in self.continuous:
@@ -524,7 +580,8 @@ class EventHandler:
             idx = torch.as_tensor(f.samples, device=g.device)
             band = torch.as_tensor(2.0 * f.band, dtype=g.dtype, device=g.device)
             g_dot = _condition_rate(f.tracked.callback, u.detach(), t_tensor, f_u).reshape(-1)[idx].to(g.dtype)
-            signed_zero = torch.sign(g_dot) * torch.finfo(g.dtype).tiny
+            # the sign the condition moves into along the solve: dg/dt's, negated when integrating backward
+            signed_zero = torch.sign(self.direction * g_dot) * torch.finfo(g.dtype).tiny
             f.tracked.g_start = g.index_put((idx,), torch.where(g[idx].abs() <= band, signed_zero, g[idx]))
 
 
@@ -569,19 +626,26 @@ class _StepEvents:
         return t_star + shift.to(t_k.dtype), rows + f_k.reshape(tr.n, -1)[idx] * shift.to(rows.dtype)[:, None]
 
     def freeze(self, freezing: list[_Found]) -> None:
-        """Terminating events: each sample is held at its own event state from its event time on."""
-        for f in freezing:
+        """Terminating events, in time order: each sample is held at its own event state from its event time
+        on; elements already frozen (by another callback's earlier event) keep their held values."""
+        groups = sorted(((theta, f.tracked.index, f) for f in freezing for theta in set(f.thetas.tolist())),
+                        key=lambda g: g[:2])
+        for theta, _, f in groups:
             tr = f.tracked
-            for theta in sorted(set(f.thetas.tolist())):
-                pick = f.thetas == theta
-                t_star, rows = self.event_states(tr, theta, f.samples[pick])
-                self.entries.append((self._time(theta), t_star, tr, f.samples[pick], rows, True))
-                held = _put_rows(self.u, tr.n, f.samples[pick], rows)
-                theta_star = torch.full((tr.n,), math.inf, dtype=torch.float64, device=self.u.device)
-                theta_star[torch.as_tensor(f.samples[pick], device=self.u.device)] = theta
-                self.frozen_groups.append((theta_star, tr.shape + tr.trailing, held))
-                self.u = held
-            self._mark_frozen(tr.mask(f.samples, self.u))
+            pick = f.thetas == theta
+            samples = f.samples[pick]
+            t_star, rows = self.event_states(tr, theta, samples)
+            if self.frozen is not None:
+                idx = torch.as_tensor(samples, dtype=torch.long, device=self.u.device)
+                prior = self.frozen.expand_as(self.u).reshape(tr.n, -1)[idx]
+                rows = torch.where(prior, self.u.reshape(tr.n, -1)[idx], rows.to(self.u.dtype))
+            self.entries.append((self._time(theta), t_star, tr, samples, rows, True))
+            held = _put_rows(self.u, tr.n, samples, rows)
+            theta_star = torch.full((tr.n,), math.inf, dtype=torch.float64, device=self.u.device)
+            theta_star[torch.as_tensor(samples, device=self.u.device)] = theta
+            self.frozen_groups.append((theta_star, tr.shape + tr.trailing, held))
+            self.u = held
+            self._mark_frozen(tr.mask(samples, self.u))
 
     def _mark_frozen(self, mask: torch.Tensor) -> None:
         base = self.frozen if self.frozen is not None else torch.zeros_like(self.u, dtype=torch.bool)
