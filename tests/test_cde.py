@@ -158,3 +158,10 @@ def test_bad_input_is_refused_clearly():
         lx.NeuralCDE(_field(), H, C, reltoll=1e-3)
     with pytest.raises(TypeError, match="tstops"):
         lx.NeuralCDE(_field(), H, C, tstops=[0.5])
+    # regression (torchcde's test_grad_paths, checked by value): with times that require grad the span was
+    # cut from the graph and dL/dt came out wrong (here -8.4 where it is ~0); now refused
+    for interpolation in ("cubic", "linear"):
+        layer = lx.NeuralCDE(_field(), H, C, interpolation=interpolation)
+        ps_i, st_i = lx.setup(torch.Generator().manual_seed(6), layer)
+        with pytest.raises(LayerError, match=r"observation times are not supported.*times.detach\(\)"):
+            layer((t.clone().requires_grad_(True), x), ps_i, st_i)

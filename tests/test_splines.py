@@ -191,3 +191,18 @@ def test_float32_data_with_float64_solver_time():
     path = HermiteCubicSpline(x, t.float())
     out = path.derivative(torch.tensor(0.3, dtype=torch.float64))
     assert out.dtype == torch.float32 and out.shape == (2, 3)
+
+
+@pytest.mark.parametrize("cls", [CubicSpline, HermiteCubicSpline, LinearInterpolation])
+def test_padded_rows_return_to_the_last_observation_at_every_padded_knot(cls):
+    """The documented behaviour of ragged rows padded with NaN: linear stays constant after the last
+    observation; the cubic paths pass through it at every padded knot (they need not stay constant between)."""
+    t = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64)
+    x = torch.tensor([[0.0, 1.5, 0.5, 2.0, float("nan"), float("nan")]], dtype=torch.float64).unsqueeze(-1)
+    spline = cls(x, t)
+    for knot in (3.0, 4.0, 5.0):
+        assert spline.evaluate(knot).item() == pytest.approx(2.0, abs=1e-12)
+    if cls is LinearInterpolation:
+        assert spline.evaluate(3.5).item() == spline.evaluate(4.5).item() == pytest.approx(2.0, abs=1e-12)
+    with pytest.raises(ValueError, match="take one time \\(a scalar\\), got a tensor of shape \\(2,\\)"):
+        spline.evaluate(torch.tensor([0.5, 1.5]))

@@ -32,7 +32,11 @@ the linear and Hermite paths fill missing values by linear interpolation
 between observed ones. A leading (trailing) run of NaN takes the first (last)
 observed value, and a channel with no observation is zero. Ragged series in a
 batch: pad the values with NaN and continue each row's times increasingly;
-the path is then constant after the last observation.
+the linear path is then constant after the last observation, and the cubic
+ones return to that value at every padded knot (between them they overshoot
+it, the Hermite path by the slope it arrives with, the natural spline by its
+second-derivative continuity), so read a padded row's state at its last
+observation.
 
 Every control is differentiable in the data (the coefficients are tensors
 built from them) and is an :class:`~pylux.diffeq.AbstractControl`: usable in
@@ -310,6 +314,9 @@ class AbstractSplineControl(AbstractControl):
         times = self.times
         if not isinstance(t, torch.Tensor):
             t = torch.tensor(float(t), dtype=times.dtype, device=times.device)
+        if t.numel() != 1:
+            raise ValueError(f"{type(self).__name__}: evaluate/derivative take one time (a scalar), got a tensor "
+                             f"of shape {tuple(t.shape)}; evaluate the times one by one")
         t = t.to(device=times.device, dtype=times.dtype).reshape(())
         last = times.shape[-1] - 2
         if times.dim() == 1:

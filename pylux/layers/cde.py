@@ -145,6 +145,12 @@ class NeuralCDE(AbstractLayer):
 
     def forward(self, x, ps: Mapping, st: Mapping):
         control = self.control_of(x)
+        if control.times.requires_grad:
+            # the span and the knots the steps land on are host floats: only the coefficients' part of
+            # dL/dt would flow, and that partial gradient is wrong
+            raise LayerError("gradients with respect to the observation times are not supported: the solve's "
+                             "span and steps are taken at fixed times; pass times.detach() (gradients with "
+                             "respect to the observed values flow)")
         t0, t1 = control.interval
         z0, _ = self.initial(control.evaluate(control.times[..., 0].min()), ps["initial"], st["initial"])
         if tuple(z0.shape) != (control.batch_shape[0], self.hidden):
