@@ -393,3 +393,30 @@ def test_contradicting_controller_options_are_refused():
     with pytest.raises(ValueError, match="ConstantStepSize\\(\\) needs a step size"):
         lx.solve(prob, lx.Tsit5(), controller=de.ConstantStepSize())
     assert lx.solve(prob, lx.Tsit5(), dt=0.25, controller=de.ConstantStepSize()).stats.naccept == 4
+
+
+def test_a_diverging_reversible_pair_ends_as_unstable_instead_of_returning_a_wrong_solution():
+    """Regression (found porting torchcde's adjoint-vs-direct checks): for u' = -20 u the pair's parasitic
+    mode grows by about 0.999 exp(20 h) a step, and ReversibleAdjoint returned u(1) = 2.59 (exact 2.1e-9)
+    with retcode Success. The separation is tracked on the device and checked once at the end."""
+    prob = lx.ODEProblem(lambda u, p, t: -20.0 * u, torch.ones(1, dtype=F64), (0.0, 1.0))
+    kw = dict(reltol=1e-6, abstol=1e-6, saveat=[1.0])
+    with pytest.raises(lx.UnstableError, match=r"reversible pair \(Y, Z\) separated by .* times the tolerance"
+                                               r".*smaller coupling \(now 0.999"):
+        lx.solve(prob, lx.Tsit5(), sensealg=lx.ReversibleAdjoint(), **kw)
+    sol = lx.solve(prob, de.Reversible(lx.Tsit5()), throw=False, **kw)
+    assert sol.retcode == lx.ReturnCode.Unstable
+    # a contraction the pair survives (a = 1), and the coupling that damps the parasitic mode at a = 20
+    ok = lx.solve(lx.ODEProblem(lambda u, p, t: -u, torch.ones(1, dtype=F64), (0.0, 1.0)),
+                  de.Reversible(lx.Tsit5()), **kw)
+    assert ok.u[-1, 0].item() == pytest.approx(math.exp(-1.0), rel=1e-5)
+    damped = lx.solve(prob, de.Reversible(lx.Tsit5(), coupling=0.5), **kw)
+    assert damped.u[-1, 0].item() == pytest.approx(math.exp(-20.0), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_the_compiled_reversible_pair_reports_its_divergence_too():
+    prob = lx.ODEProblem(lambda u, p, t: -20.0 * u, torch.ones(1, dtype=F64), (0.0, 1.0))
+    with pytest.raises(lx.UnstableError, match=r"reversible pair \(Y, Z\) separated"):
+        lx.solve(prob, lx.Tsit5(), sensealg=lx.ReversibleAdjoint(), reltol=1e-6, abstol=1e-6, saveat=[1.0],
+                 compile=True)

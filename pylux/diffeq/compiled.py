@@ -89,7 +89,8 @@ def _fused_reversible_step(solver, term, t, y, dt, z, pending, abstol, reltol, n
     result = solver.step(term, t, y, dt, ReversibleState(z, pending))
     error = result.error_estimate
     scaled = scaled_error_norm(error, *result.error_scale, abstol, reltol, norm) if adaptive else None
-    return result.u_new, error, scaled, result.solver_state_retry.z, result.nfe
+    retry = result.solver_state_retry
+    return result.u_new, error, scaled, retry.z, retry.gap, result.nfe
 
 
 def _compiled_function(mode: str, fused=_fused_step):
@@ -170,6 +171,11 @@ class CompiledSolver(AbstractSolver):
             self.base = bind(options)
         return self
 
+    def diagnose(self, state, options) -> str | None:
+        """The base solver's check of a finished solve (the reversible pair's separation), if it has one."""
+        check = getattr(self.base, "diagnose", None)
+        return check(state, options) if check is not None else None
+
     def record_stats(self, stats, state) -> None:
         record = getattr(self.base, "record_stats", None)
         if record is not None:
@@ -218,9 +224,10 @@ class CompiledSolver(AbstractSolver):
         if hasattr(term, "count"):
             term.count += nfe
         if reversible:
-            u_new, error, scaled, z, _ = out
-            return CompiledStepResult(u_new, error, solver_state_new=ReversibleState(z, (time_add(t, dt), dt)),
-                                      nfe=nfe, solver_state_retry=ReversibleState(z), scaled_error=scaled)
+            u_new, error, scaled, z, gap, _ = out
+            gap = gap if state.gap is None else torch.maximum(gap, state.gap)  # the running maximum, outside
+            return CompiledStepResult(u_new, error, solver_state_new=ReversibleState(z, (time_add(t, dt), dt), gap),
+                                      nfe=nfe, solver_state_retry=ReversibleState(z, None, gap), scaled_error=scaled)
         u_new, error, scaled, stages, k_new, stiffness, _ = out
         return CompiledStepResult(
             u_new, error, dense_info=StageInterpolant(u, dt, list(stages), self.base.tableau),

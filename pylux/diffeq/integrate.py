@@ -486,6 +486,11 @@ class _Loop:
             dt = self.trial(out, dt)
         if not self.adaptive:
             self.check_fixed_steps(out)
+        diagnose = getattr(self.solver, "diagnose", None)  # a check only the finished solve can make
+        if diagnose is not None and out.retcode == ReturnCode.Success:
+            problem = diagnose(self.state, self.options)
+            if problem:
+                out.stop(ReturnCode.Unstable, problem)
         out.solver_state = self.state
         return out
 

@@ -29,6 +29,21 @@ is taken at the start of the next step (or by :meth:`Reversible.final_pair`
 after the last one), so a rejected trial step costs one base step. There is
 no interpolant: the loop steps exactly onto every ``saveat`` time, so the
 saved values are states of the discrete solve.
+
+*Stability.* On the linear test equation the pair's step matrix has
+determinant :math:`\lambda`, so besides the physical mode (about
+:math:`R(ah)`, the base method's stability function) it has a parasitic one of
+about :math:`\lambda / R(ah)`: where the solution contracts (:math:`|R| <
+\lambda`) the separation :math:`Y_n - Z_n` grows, by about :math:`\lambda
+e^{|a| h}` a step for ``u' = -a u``, and :math:`Y` stops being the solution.
+Step-size control cannot see this (it measures the forward increment only), so
+the largest separation at a step's start, :math:`\max_n \|Y_n - Z_n\|_\infty`,
+is kept on the device (one reduction a step, no synchronisation), and a solve
+whose separation ends above ``PAIR_SEPARATION_LIMIT`` times the tolerance
+``abstol + reltol max|Y|`` ends as ``Unstable`` (:meth:`Reversible.diagnose`)
+instead of returning a wrong ``Y``. A smaller coupling damps the parasitic mode
+(:math:`\lambda^n`); dissipative dynamics are better served by another
+sensitivity algorithm.
 """
 
 from __future__ import annotations
@@ -39,7 +54,10 @@ from .solvers import (AbstractAdaptiveSolver, AbstractSolver, ExplicitRungeKutta
                       time_add)
 from .terms import as_bound_term
 
-__all__ = ["Reversible", "ReversibleState"]
+__all__ = ["Reversible", "ReversibleState", "PAIR_SEPARATION_LIMIT"]
+
+#: a reversible solve whose pair separated by more than this many tolerances ends as Unstable
+PAIR_SEPARATION_LIMIT = 100.0
 
 
 class ReversibleState:
@@ -50,11 +68,23 @@ class ReversibleState:
     is formed when it is first needed.
     """
 
-    __slots__ = ("z", "pending")
+    __slots__ = ("z", "pending", "gap")
 
-    def __init__(self, z: torch.Tensor, pending: tuple | None = None) -> None:
+    def __init__(self, z: torch.Tensor, pending: tuple | None = None, gap: torch.Tensor | None = None) -> None:
         self.z = z
         self.pending = pending
+        #: ``[max_n |Y_n - Z_n|, max_n |Y_n|]`` over the steps so far (a device tensor; see the module docstring)
+        self.gap = gap
+
+
+def pair_gap(y: torch.Tensor, z: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+    """``[max |Y - Z|, max |Y|]`` at a step's start, combined with the running maximum ``previous``."""
+    y, z = y.detach(), z.detach()
+    if y.numel() == 0:
+        gap = y.new_zeros(2)
+    else:
+        gap = torch.stack(((y - z).abs().amax(), y.abs().amax()))
+    return gap if previous is None else torch.maximum(gap, previous.to(gap.dtype))
 
 
 def _base_step(base: ExplicitRungeKutta, term, t, u, dt) -> StepResult:
@@ -109,6 +139,23 @@ class Reversible(AbstractSolver):
         back, nfe = self.base.advance(term, t_new, y, -dt)  # no error estimate needed: FSAL's last stage is skipped
         return state.z + y - back, nfe
 
+    def diagnose(self, state: ReversibleState | None, options) -> str | None:
+        """Why a finished solve's ``Y`` cannot be trusted (``None`` when it can): the pair separated by more
+        than :data:`PAIR_SEPARATION_LIMIT` tolerances (module docstring, *Stability*). One synchronisation."""
+        if state is None or state.gap is None:
+            return None
+        separation, size = state.gap.tolist()
+        abstol = options.abstol
+        abstol = float(abstol.max()) if isinstance(abstol, torch.Tensor) else float(abstol)
+        ratio = separation / (abstol + float(options.reltol) * size)
+        if not ratio > PAIR_SEPARATION_LIMIT:
+            return None
+        return (f"the reversible pair (Y, Z) separated by {separation:.3g}, {ratio:.3g} times the tolerance "
+                f"abstol + reltol * max|Y|: its second half follows the time-reversed dynamics, which grow where "
+                f"the solution contracts (about coupling * exp(|a| h) a step for u' = -a u), so Y is no longer "
+                f"the solution. Use a smaller coupling (now {self.coupling}; e.g. coupling=0.5 in Reversible or "
+                "ReversibleAdjoint), or BacksolveAdjoint / DirectAdjoint for strongly dissipative dynamics")
+
     def final_pair(self, term, y: torch.Tensor, state: ReversibleState) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Y_N, Z_N)`` after the last accepted step (``(u0, u0)`` when no step was taken)."""
         if state is None:
@@ -123,11 +170,12 @@ class Reversible(AbstractSolver):
         lam = self.coupling
         # λY + (1-λ)Z + (step(Z) - Z) = λ(Y - Z) + step(Z)
         y_new = torch.add(forward.u_new, u - z, alpha=lam) if lam != 1.0 else forward.u_new + (u - z)
-        settled = ReversibleState(z)
+        gap = pair_gap(u, z, state.gap)
+        settled = ReversibleState(z, None, gap)
         return StepResult(
             y_new,
             dense_info=None,
-            solver_state_new=ReversibleState(z, (time_add(t, dt), dt)),
+            solver_state_new=ReversibleState(z, (time_add(t, dt), dt), gap),
             nfe=nfe + forward.nfe,
             solver_state_retry=settled,
             error_fn=forward.compute_error_estimate,

@@ -43,7 +43,8 @@ class ReturnCode(AbstractReturnCode):
                      "(t + dt == t). The solution may blow up in finite time, have a "
                      "discontinuity, or be very stiff. Check f near this t; try a smaller dtmin, "
                      "looser tolerances, or a float64 tspan")
-    Unstable = ("f produced NaN or Inf, and shrinking the step did not make it go away. Check f "
+    Unstable = ("f produced NaN or Inf and shrinking the step did not make it go away, or the solver "
+                "found its own result unreliable (as said before this). Check f "
                 "for overflow or invalid operations (log/sqrt of negatives, division by zero) "
                 "near this t, rescale the problem, or use float64")
     Failure = ("the solver's own step failed in a way a smaller step cannot fix (an implicit "
