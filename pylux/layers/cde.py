@@ -58,7 +58,13 @@ class NeuralCDE(AbstractLayer):
             dimension); default: ``z`` at the last knot only.
         stop_at_knots: step exactly onto every knot (``solve(tstops=...)``),
             where the control's derivative may jump; default: True for linear
-            interpolation, False for the C¹/C² splines.
+            interpolation, False for the C¹/C² splines. Known limitation: the
+            evaluation *at* a knot takes the slope of the piece after it (the
+            right derivative), which is wrong for the last stage of the step
+            that ends there, so with linear interpolation a fixed-step method
+            is only first-order accurate (RK4 error ~ dt) and an adaptive one
+            rejects more steps near the knots (it still meets its tolerance).
+            Prefer ``"hermite"`` or ``"cubic"`` where the order matters.
         **solve_kwargs: passed to :func:`pylux.solve` (``reltol``, ``abstol``, ``dt``, ...).
 
     Input: a spline control (:class:`~pylux.CubicSpline`, ...) with ``channels``
