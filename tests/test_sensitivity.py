@@ -130,3 +130,22 @@ def test_a_solve_that_saves_nothing_backpropagates_zero_gradients(sensealg):
     g_u0, g_p = torch.autograd.grad(sol.u.sum(), (u0, p), allow_unused=True)
     assert torch.equal(g_u0, torch.zeros(2, dtype=F64))
     assert g_p is None or torch.equal(g_p, torch.zeros(1, dtype=F64))
+
+
+def test_reversible_adjoint_refuses_a_backward_pass_that_cannot_rebuild_the_forward_solve():
+    """Regression (SciMLSensitivity's Lotka–Volterra adjoint case with coupling 0.5): the inverse step divides
+    by the coupling, so over many steps the reconstruction's round-off grows like coupling ** -n and the
+    gradients came back NaN (or garbage) without an error."""
+    p = torch.tensor([0.3], dtype=F64, requires_grad=True)
+    prob = lx.ODEProblem(lambda u, p, t: p * torch.sin(u), torch.ones(2, dtype=F64), (0.0, 1.0), p)
+    kw = dict(dt=1.0 / 200, adaptive=False, saveat=[1.0])
+    sol = lx.solve(prob, lx.RK4(), sensealg=lx.ReversibleAdjoint(), **kw)
+    g_rev, = torch.autograd.grad(sol.u.sum(), p)
+    g_direct, = torch.autograd.grad(lx.solve(prob, lx.RK4(), **kw).u.sum(), p)
+    torch.testing.assert_close(g_rev, g_direct, rtol=1e-3, atol=0)
+    for steps, nan in ((200, ""), (1200, " and the gradient is NaN/Inf")):
+        sol = lx.solve(prob, lx.RK4(), dt=1.0 / steps, adaptive=False, saveat=[1.0],
+                       sensealg=lx.ReversibleAdjoint(coupling=0.5))
+        with pytest.raises(FloatingPointError, match=r"could not rebuild the forward solve: .* misses u0 by .*"
+                                                     + nan.replace("/", ".") + r".*0.5 \*\* -" + str(steps)):
+            torch.autograd.grad(sol.u.sum(), p)

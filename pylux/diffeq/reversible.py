@@ -42,8 +42,10 @@ is kept on the device (one reduction a step, no synchronisation), and a solve
 whose separation ends above ``PAIR_SEPARATION_LIMIT`` times the tolerance
 ``abstol + reltol max|Y|`` ends as ``Unstable`` (:meth:`Reversible.diagnose`)
 instead of returning a wrong ``Y``. A smaller coupling damps the parasitic mode
-(:math:`\lambda^n`); dissipative dynamics are better served by another
-sensitivity algorithm.
+(:math:`\lambda^n`) but the inverse step divides by :math:`\lambda`, so the
+backward reconstruction's round-off grows like :math:`\lambda^{-n}`
+(``ReversibleAdjoint`` checks it): dissipative dynamics are better served by
+another sensitivity algorithm.
 """
 
 from __future__ import annotations
@@ -153,8 +155,10 @@ class Reversible(AbstractSolver):
         return (f"the reversible pair (Y, Z) separated by {separation:.3g}, {ratio:.3g} times the tolerance "
                 f"abstol + reltol * max|Y|: its second half follows the time-reversed dynamics, which grow where "
                 f"the solution contracts (about coupling * exp(|a| h) a step for u' = -a u), so Y is no longer "
-                f"the solution. Use a smaller coupling (now {self.coupling}; e.g. coupling=0.5 in Reversible or "
-                "ReversibleAdjoint), or BacksolveAdjoint / DirectAdjoint for strongly dissipative dynamics")
+                f"the solution. Dissipative dynamics are better served by BacksolveAdjoint, InterpolatingAdjoint "
+                f"or DirectAdjoint(checkpoints=...); a smaller coupling (now {self.coupling}) damps this mode but "
+                "multiplies the backward reconstruction's round-off by 1/coupling a step, so it suits short "
+                "solves only")
 
     def final_pair(self, term, y: torch.Tensor, state: ReversibleState) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Y_N, Z_N)`` after the last accepted step (``(u0, u0)`` when no step was taken)."""

@@ -38,6 +38,7 @@ are states of the discrete solve (no interpolation) and their gradients are exac
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -184,6 +185,10 @@ class _ReversibleFunction(torch.autograd.Function):
         ctx.compile_mode = alg._compile_mode
         ctx.steps, ctx.times, ctx.t0 = _steps_of(sol), sol.t.tolist(), problem.tspan[0]
         ctx.time = (options.time_dtype, u0.device)
+        abstol = options.abstol
+        ctx.tolerance = ((float(abstol.max()) if isinstance(abstol, torch.Tensor) else float(abstol))
+                         + float(options.reltol) * (float(u0.detach().abs().max()) if u0.numel() else 0.0))
+        ctx.coupling = pair.coupling
         ctx.backward_stats = holder["backward_stats"]
         ctx.save_for_backward(u0.detach(), y, z, *detached)
         return sol.u.detach()
@@ -204,9 +209,36 @@ class _ReversibleFunction(torch.autograd.Function):
         if grad_start is not None:
             grad_u0 = grad_u0 + grad_start
         error = torch.maximum((y - u0).abs().max(), (z - u0).abs().max()) if u0.numel() else u0.new_zeros(())
+        # one transfer: the reconstruction error and whether every gradient is finite (a sum is finite only
+        # if each summand is)
+        checks = torch.stack([error.double()] + [g.sum().double() for g in (grad_u0, *a_theta)
+                                                 if g is not None and g.numel()]).tolist()
         ctx.backward_stats.update(nf=counter["nf"], nvjp=counter["nvjp"], nsteps=len(ctx.steps),
-                                  reconstruction_error=float(error))
+                                  reconstruction_error=checks[0])
+        _check_reconstruction(checks, ctx.tolerance, ctx.coupling, len(ctx.steps))
         return (None, None, None, None, None, None, grad_u0, *a_theta)
+
+
+#: a backward pass whose rebuilt u0 misses the true one by more than this many tolerances is refused (generous:
+#: a moderate growth such as 0.99 ** -2345 passes, its error in backward_stats; an overflow does not)
+RECONSTRUCTION_LIMIT = 1e4
+
+
+def _check_reconstruction(checks: list[float], tolerance: float, coupling: float, steps: int) -> None:
+    """Raise if the reverse sweep did not rebuild the forward solve (``checks[0]``, the error of the rebuilt
+    ``(Y_0, Z_0)`` against ``u0``) or a gradient is NaN/Inf (``checks[1:]``, their sums): the inverse step
+    divides by the coupling, so its round-off grows like ``coupling ** -steps``."""
+    error = checks[0]
+    if math.isfinite(error) and error <= RECONSTRUCTION_LIMIT * tolerance and all(map(math.isfinite, checks)):
+        return
+    raise FloatingPointError(
+        f"ReversibleAdjoint: the backward pass could not rebuild the forward solve: the rebuilt initial state "
+        f"misses u0 by {error:.3g} (limit {RECONSTRUCTION_LIMIT:g} x the tolerance {tolerance:.3g})"
+        + ("" if all(map(math.isfinite, checks[1:])) else " and the gradient is NaN/Inf")
+        + f". Each inverse step divides by the coupling ({coupling}), so round-off grows like "
+        f"{coupling} ** -{steps} = 1e{-steps * math.log10(coupling):.0f}. Use a coupling closer to 1 (the "
+        "default 0.999), "
+        "or BacksolveAdjoint / InterpolatingAdjoint / DirectAdjoint(checkpoints=...) for this problem")
 
 
 def _steps_of(sol: Solution) -> list[tuple[float, float, float]]:
