@@ -59,7 +59,7 @@ from .terms import as_bound_term
 __all__ = ["Reversible", "ReversibleState", "PAIR_SEPARATION_LIMIT"]
 
 #: a reversible solve whose pair separated by more than this many tolerances ends as Unstable
-PAIR_SEPARATION_LIMIT = 100.0
+PAIR_SEPARATION_LIMIT = 1000.0
 
 
 class ReversibleState:
