@@ -518,8 +518,8 @@ class PerSampleLoop:
         return torch.maximum(self.dtmin, RESOLUTION_ULPS * torch.finfo(t.dtype).eps * t.abs())
 
     def bounded(self, dt_next, t):
-        """The next proposals from ``t`` with their sizes within ``[floor, dtmax]``: the floor is raised to,
-        as in the joint loop (:meth:`~pylux.diffeq.integrate.Integrator.bound_next`)."""
+        """The next proposals from ``t`` with their sizes within ``[floor, dtmax]`` (a proposal below the floor
+        is raised to it), as in the joint loop (``_Loop.bound_next`` in :mod:`pylux.diffeq.integrate`)."""
         return self.direction * torch.maximum(dt_next.abs().clamp(max=self.dtmax), self.floor(t))
 
     def floor_rejected(self, running, accept, dt, dt_step, t):
