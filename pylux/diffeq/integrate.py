@@ -487,7 +487,7 @@ class _Loop:
         if not self.adaptive:
             self.check_fixed_steps(out)
         diagnose = getattr(self.solver, "diagnose", None)  # a check only the finished solve can make
-        if diagnose is not None and out.retcode == ReturnCode.Success:
+        if diagnose is not None and out.retcode in (ReturnCode.Success, ReturnCode.Terminated):
             problem = diagnose(self.state, self.options)
             if problem:
                 out.stop(ReturnCode.Unstable, problem)

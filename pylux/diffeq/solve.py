@@ -199,8 +199,10 @@ def solve(prob: ODEProblem, solver: AbstractSolver | None = None, *, dt=None, ad
     if isinstance(prob, SDEProblem):
         prob = _sde_for_one_solve(prob, solver, sensealg)
     check_sensealg(sensealg, "solve")
+    if not isinstance(force_dtmin, bool):
+        raise TypeError(f"solve: force_dtmin must be True or False, got {force_dtmin!r}")
     if wants_batched_times(prob, batch, saveat, saveat_mask):
-        if force_dtmin is not False:
+        if force_dtmin:
             raise NotImplementedError("solve: force_dtmin=True is not supported with per-sample steps; pass "
                                       "batch='joint', or a smaller dtmin")
         if compile is not False:

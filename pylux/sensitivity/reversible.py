@@ -186,8 +186,11 @@ class _ReversibleFunction(torch.autograd.Function):
         ctx.steps, ctx.times, ctx.t0 = _steps_of(sol), sol.t.tolist(), problem.tspan[0]
         ctx.time = (options.time_dtype, u0.device)
         abstol = options.abstol
-        ctx.tolerance = ((float(abstol.max()) if isinstance(abstol, torch.Tensor) else float(abstol))
-                         + float(options.reltol) * (float(u0.detach().abs().max()) if u0.numel() else 0.0))
+        ctx.tolerances = (float(abstol.max()) if isinstance(abstol, torch.Tensor) else float(abstol),
+                          float(options.reltol))
+        # the reconstruction's round-off scales with the path's largest |Y| (the pair's record), not |u0|
+        gap = getattr(state, "gap", None)
+        ctx.size = gap[1] if gap is not None else (u0.detach().abs().amax() if u0.numel() else u0.new_zeros(()))
         ctx.coupling = pair.coupling
         ctx.backward_stats = holder["backward_stats"]
         ctx.save_for_backward(u0.detach(), y, z, *detached)
@@ -211,11 +214,14 @@ class _ReversibleFunction(torch.autograd.Function):
         error = torch.maximum((y - u0).abs().max(), (z - u0).abs().max()) if u0.numel() else u0.new_zeros(())
         # one transfer: the reconstruction error and whether every gradient is finite (a sum is finite only
         # if each summand is)
-        checks = torch.stack([error.double()] + [g.sum().double() for g in (grad_u0, *a_theta)
-                                                 if g is not None and g.numel()]).tolist()
+        checks = torch.stack([error.double(), ctx.size.double()]
+                             + [torch.isfinite(g).all().double() for g in (grad_u0, *a_theta)
+                                if g is not None and g.numel()]).tolist()
         ctx.backward_stats.update(nf=counter["nf"], nvjp=counter["nvjp"], nsteps=len(ctx.steps),
                                   reconstruction_error=checks[0])
-        _check_reconstruction(checks, ctx.tolerance, ctx.coupling, len(ctx.steps))
+        abstol, reltol = ctx.tolerances
+        _check_reconstruction(checks[0], abstol + reltol * checks[1], all(checks[2:]), ctx.coupling,
+                              len(ctx.steps))
         return (None, None, None, None, None, None, grad_u0, *a_theta)
 
 
@@ -224,21 +230,26 @@ class _ReversibleFunction(torch.autograd.Function):
 RECONSTRUCTION_LIMIT = 1e4
 
 
-def _check_reconstruction(checks: list[float], tolerance: float, coupling: float, steps: int) -> None:
-    """Raise if the reverse sweep did not rebuild the forward solve (``checks[0]``, the error of the rebuilt
-    ``(Y_0, Z_0)`` against ``u0``) or a gradient is NaN/Inf (``checks[1:]``, their sums): the inverse step
-    divides by the coupling, so its round-off grows like ``coupling ** -steps``."""
-    error = checks[0]
-    if math.isfinite(error) and error <= RECONSTRUCTION_LIMIT * tolerance and all(map(math.isfinite, checks)):
+def _check_reconstruction(error: float, tolerance: float, finite: bool, coupling: float, steps: int) -> None:
+    """Raise if the reverse sweep did not rebuild the forward solve (``error``, the distance of the rebuilt
+    ``(Y_0, Z_0)`` from ``u0``, against ``tolerance``) or a gradient is NaN/Inf (``finite`` False): the
+    inverse step divides by the coupling, so its round-off grows like ``coupling ** -steps``."""
+    rebuilt = math.isfinite(error) and error <= RECONSTRUCTION_LIMIT * tolerance
+    if rebuilt and finite:
         return
+    if rebuilt:  # the states were rebuilt: the NaN/Inf comes from f's derivatives, not from the coupling
+        raise FloatingPointError(
+            f"ReversibleAdjoint: the gradient is NaN/Inf although the backward pass rebuilt the forward solve "
+            f"(to {error:.3g}): a vector-Jacobian product of f overflowed or is undefined along the solution "
+            "(e.g. sqrt or log at 0). Check f's derivatives there")
+    advice = (f" Each inverse step divides by the coupling ({coupling}), so round-off grows like {coupling} ** "
+              f"-{steps} = 1e{-steps * math.log10(coupling):.0f}. Use a coupling closer to 1 (the default 0.999),"
+              " or" if coupling < 1 else " Use")
     raise FloatingPointError(
         f"ReversibleAdjoint: the backward pass could not rebuild the forward solve: the rebuilt initial state "
         f"misses u0 by {error:.3g} (limit {RECONSTRUCTION_LIMIT:g} x the tolerance {tolerance:.3g})"
-        + ("" if all(map(math.isfinite, checks[1:])) else " and the gradient is NaN/Inf")
-        + f". Each inverse step divides by the coupling ({coupling}), so round-off grows like "
-        f"{coupling} ** -{steps} = 1e{-steps * math.log10(coupling):.0f}. Use a coupling closer to 1 (the "
-        "default 0.999), "
-        "or BacksolveAdjoint / InterpolatingAdjoint / DirectAdjoint(checkpoints=...) for this problem")
+        + ("" if finite else " and the gradient is NaN/Inf") + "." + advice
+        + " BacksolveAdjoint / InterpolatingAdjoint / DirectAdjoint(checkpoints=...) for this problem")
 
 
 def _steps_of(sol: Solution) -> list[tuple[float, float, float]]:
