@@ -319,3 +319,14 @@ def test_refusals():
     sol = de.solve(prob, de.Tsit5(), batch="per-sample", sensealg=ReversibleAdjoint())
     with pytest.raises(HiddenParameterError):
         sol.u.sum().backward()
+
+
+def test_a_diverging_pair_ends_its_sample_as_unstable():
+    """Regression (found reviewing the joint fix): per sample, u' = -20 u returned u(1) = 2.59 (exact 2.1e-9)
+    with Success; the per-sample pair keeps the same separation record and check as the joint one."""
+    u0 = torch.ones(2, 1, dtype=torch.float64, requires_grad=True)
+    rate = torch.tensor([[20.0], [1.0]], dtype=torch.float64)
+    sol = de.solve(de.ODEProblem(lambda u, p, t: -rate * u, u0, (0.0, 1.0)), de.Tsit5(), batch="per-sample",
+                   sensealg=ReversibleAdjoint(), reltol=1e-6, abstol=1e-6, saveat=[1.0], throw=False)
+    assert sol.stats.retcode_per_sample == (de.ReturnCode.Unstable, de.ReturnCode.Success)
+    assert sol.u[-1, 1, 0].item() == pytest.approx(math.exp(-1.0), rel=1e-5)

@@ -85,6 +85,7 @@ from ..diffeq import Reversible
 from ..diffeq.interpolation import linear_combination
 from ..diffeq.per_sample import (_MAXITERS, _RUNNING, _SUCCESS, _UNSTABLE, BatchSolution, PerSampleLoop, PerSampleRun,
                                  register_per_sample_adjoint)
+from ..diffeq.reversible import PAIR_SEPARATION_LIMIT
 from ..diffeq.solvers import ExplicitRungeKutta
 from ._params import (BackwardStats, _refuse_closure_only_gradients, check_no_hidden_parameters, grad_leaves,
                       refuse_higher_order)
@@ -176,12 +177,21 @@ class _ReversibleLoop(PerSampleLoop):
         pending = torch.zeros_like(running)  # accepted last iteration: Z waits for its backward increment
         last_dt = torch.zeros_like(t)
         n_running, any_pending, iteration = int(running.sum()), False, 0
+        # per sample [max_n |Y_n - Z_n|, max_n |Y_n|] at the steps' starts (the joint pair's record, see
+        # pylux.diffeq.reversible's Stability): a diverging pair ends its sample as Unstable
+        gap_sep = torch.zeros(B, dtype=y.dtype, device=device)
+        gap_size = torch.zeros_like(gap_sep)
         while n_running:
             if any_pending:
                 need = pending & running
                 back, count = self.back_increment(y, t, torch.where(need, last_dt, torch.zeros_like(last_dt)))
                 z = torch.where(need.view(self.state_shape), z + y - back, z)
                 nfe.add_(need, alpha=count)
+            if y[0].numel():
+                gap_sep = torch.where(running, torch.maximum(gap_sep, (y - z).detach().abs().reshape(B, -1).amax(1)),
+                                      gap_sep)
+                gap_size = torch.where(running, torch.maximum(gap_size, y.detach().abs().reshape(B, -1).amax(1)),
+                                       gap_size)
             stop = self.times.gather(1, pointer.clamp(max=T - 1)[:, None]).squeeze(1) if T else t_end
             stop = torch.where(pointer < T, stop, t_end)
             if self.adaptive:
@@ -253,6 +263,9 @@ class _ReversibleLoop(PerSampleLoop):
         if not self.adaptive:
             bad = (code == _SUCCESS) & ~torch.isfinite(y.reshape(B, -1)).all(1)
             code.masked_fill_(bad, _UNSTABLE)
+        abstol = options.abstol.max() if isinstance(options.abstol, torch.Tensor) else options.abstol
+        diverged = gap_sep > PAIR_SEPARATION_LIMIT * (abstol + options.reltol * gap_size)
+        code.masked_fill_((code == _SUCCESS) & diverged, _UNSTABLE)
         self.pair = (y, z)
         self.column_step = column_step[:trash].view(B, T)
         self.result = (y, t, dt_report, code, naccept, trials - naccept, nfe)
