@@ -85,7 +85,7 @@ from .callbacks import AbstractEventCallback
 from .controllers import PIController
 from .interpolation import StageInterpolant, linear_combination
 from .norms import SemiNorm, max_norm, rms_norm
-from .options import RESOLUTION_ULPS, make_options
+from .options import RESOLUTION_ULPS, default_dtmin, make_options
 from .solution import ERROR_FOR_RETCODE, ReturnCode, Solution, SolverStats
 from .solvers import ExplicitRungeKutta
 
@@ -902,8 +902,7 @@ def _limits(dtmin, dtmax, t0, t1, time_dtype):
         dtmax_v = torch.full_like(span, float(dtmax))
     if dtmin is None:
         # the time resolution at each t is a floor of its own (PerSampleLoop.floor)
-        dtmin_v = torch.where(span > 0, RESOLUTION_ULPS * torch.finfo(time_dtype).eps ** 2 * span,
-                              torch.zeros_like(span))
+        dtmin_v = torch.where(span > 0, default_dtmin(span, time_dtype), torch.zeros_like(span))
     else:
         dtmin_v = torch.full_like(span, float(dtmin))
         if bool((dtmin_v > dtmax_v).any()):

@@ -45,7 +45,7 @@ and their Section 3: the adjoint SDE is derived for the Stratonovich form):
 The correction is formed by double backward, so it is differentiated too.
 The diffusion is checked for parameters hidden in a closure like the drift
 (:class:`~pylux.sensitivity.HiddenParameterError` at the initial state, before
-any work, and on the backward solve's first evaluation).
+any work, and at the final state before the backward solve).
 
 Accuracy, stated plainly: :math:`z` is re-integrated backward with a
 low-order Stratonovich method with fixed steps:
@@ -288,7 +288,6 @@ class _AdjointDiffusion(AbstractTerm):
         self.problem, self.shape, self.leaves, self.stats = problem, shape, leaves, stats
         self.control = problem.term.terms[1].control
         self.kind_term = problem.term.terms[1]
-        self.checked = False
 
     def vf(self, aug, _, t):
         n = math.prod(self.shape)
@@ -296,9 +295,6 @@ class _AdjointDiffusion(AbstractTerm):
         with torch.enable_grad():
             z = aug[:n].view(self.shape).detach().requires_grad_(True)
             g = self.problem.g(z, p, t)
-            if not self.checked:  # as the drift: a tensor reaching g through a closure would get no gradient
-                check_no_hidden_parameters(g, [z, *ps_], where="BacksolveAdjoint: g")
-                self.checked = True
         self.stats["ng"] += 1
         return (g, z, aug[n:2 * n].view(self.shape), ps_, aug)
 
